@@ -1,0 +1,4 @@
+//! shear: live backup of QEMU/KVM virtual machines.
+//!
+//! The library half of the `shear` binary: jobs, repository, CLI glue.
+#![forbid(unsafe_code)]

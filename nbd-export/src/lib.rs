@@ -1,0 +1,5 @@
+//! NBD client for reading frozen images exported by QEMU.
+//!
+//! `unsafe` is allowed only in the io_uring engine module.
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
