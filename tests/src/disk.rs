@@ -1,0 +1,234 @@
+//! Data disks for test VMs, made on the host without root (no loop mounts):
+//! `mkfs.ext4 -d` populates a filesystem from a staging directory;
+//! `debugfs` and `e2fsck -fn` inspect images offline.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::{herr, Result};
+
+/// Image format of a data disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskFormat {
+    /// qcow2 (the usual format of a managed VM disk).
+    Qcow2,
+    /// Raw file.
+    Raw,
+}
+
+impl DiskFormat {
+    /// QEMU driver name.
+    pub fn driver(self) -> &'static str {
+        match self {
+            DiskFormat::Qcow2 => "qcow2",
+            DiskFormat::Raw => "raw",
+        }
+    }
+}
+
+/// Bus the disk is attached to in the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskBus {
+    /// `virtio-blk-pci` (guest sees /dev/vdX).
+    VirtioBlk,
+    /// `scsi-hd` on a `virtio-scsi-pci` controller (guest sees /dev/sdX).
+    ScsiHd,
+}
+
+/// One data disk of a [`crate::VmConfig`].
+#[derive(Debug, Clone)]
+pub struct DiskSpec {
+    /// Device id (also names the nodes: `file-<id>`, `drv-<id>`).
+    pub id: String,
+    /// Image format.
+    pub format: DiskFormat,
+    /// Bus.
+    pub bus: DiskBus,
+    /// Virtual size in bytes.
+    pub size: u64,
+    /// Format it as ext4 on the host before the VM starts.
+    pub ext4: bool,
+    /// Files to put in the ext4 filesystem (path inside the fs, content).
+    pub files: Vec<(String, Vec<u8>)>,
+    /// Use this existing image instead of creating one.
+    pub image: Option<PathBuf>,
+}
+
+impl DiskSpec {
+    fn new(id: &str, format: DiskFormat, size: u64) -> Self {
+        DiskSpec {
+            id: id.to_string(),
+            format,
+            bus: DiskBus::VirtioBlk,
+            size,
+            ext4: false,
+            files: Vec::new(),
+            image: None,
+        }
+    }
+    /// A qcow2 disk of `size` bytes on virtio-blk.
+    pub fn qcow2(id: &str, size: u64) -> Self {
+        Self::new(id, DiskFormat::Qcow2, size)
+    }
+    /// A raw disk of `size` bytes on virtio-blk.
+    pub fn raw(id: &str, size: u64) -> Self {
+        Self::new(id, DiskFormat::Raw, size)
+    }
+    /// Attach as `scsi-hd` on virtio-scsi instead of virtio-blk.
+    pub fn scsi(mut self) -> Self {
+        self.bus = DiskBus::ScsiHd;
+        self
+    }
+    /// Format as ext4 (the guest mounts it read-write at /mnt/<dev>).
+    pub fn ext4(mut self) -> Self {
+        self.ext4 = true;
+        self
+    }
+    /// Put a file in the ext4 filesystem (implies `ext4()`).
+    pub fn file(mut self, path: &str, content: &[u8]) -> Self {
+        self.ext4 = true;
+        self.files.push((path.to_string(), content.to_vec()));
+        self
+    }
+    /// Use an existing image file (its format must match).
+    pub fn image(mut self, path: &Path) -> Self {
+        self.image = Some(path.to_path_buf());
+        self
+    }
+}
+
+fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .output()
+        .map_err(|e| herr!("cannot run {:?}: {e}", cmd.get_program()))?;
+    if !out.status.success() {
+        return Err(herr!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn tool(name: &str) -> PathBuf {
+    crate::prereq::find_tool(name).unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// Make a raw ext4 image of `size` bytes at `path` holding `files`.
+pub fn make_ext4_image(path: &Path, size: u64, files: &[(String, Vec<u8>)]) -> Result<()> {
+    let staging = tempfile::tempdir()?;
+    for (name, content) in files {
+        let rel = name.trim_start_matches('/');
+        if rel.split('/').any(|c| c == "..") {
+            return Err(herr!("bad file name {name}"));
+        }
+        let p = staging.path().join(rel);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(&p, content)?;
+    }
+    let f = std::fs::File::create(path)?;
+    f.set_len(size)?;
+    drop(f);
+    run(Command::new(tool("mkfs.ext4"))
+        .args(["-q", "-F", "-E", "root_owner=0:0", "-d"])
+        .arg(staging.path())
+        .arg(path))?;
+    Ok(())
+}
+
+/// Create the image for `spec` at `path`.
+pub(crate) fn create_disk(spec: &DiskSpec, path: &Path) -> Result<()> {
+    match (spec.format, spec.ext4) {
+        (DiskFormat::Raw, false) => {
+            let f = std::fs::File::create(path)?;
+            f.set_len(spec.size)?;
+        }
+        (DiskFormat::Raw, true) => make_ext4_image(path, spec.size, &spec.files)?,
+        (DiskFormat::Qcow2, false) => {
+            run(Command::new(tool("qemu-img"))
+                .args(["create", "-q", "-f", "qcow2"])
+                .arg(path)
+                .arg(spec.size.to_string()))?;
+        }
+        (DiskFormat::Qcow2, true) => {
+            let raw = path.with_extension("ext4.raw");
+            make_ext4_image(&raw, spec.size, &spec.files)?;
+            run(Command::new(tool("qemu-img"))
+                .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+                .arg(&raw)
+                .arg(path))?;
+            std::fs::remove_file(&raw)?;
+        }
+    }
+    Ok(())
+}
+
+/// Convert `image` (any format QEMU reads) to a raw file `out`.
+pub fn to_raw(image: &Path, out: &Path) -> Result<()> {
+    run(Command::new(tool("qemu-img"))
+        .args(["convert", "-q", "-O", "raw"])
+        .arg(image)
+        .arg(out))?;
+    Ok(())
+}
+
+/// Read a file out of an ext4 image (raw or qcow2) without mounting it.
+pub fn debugfs_cat(image: &Path, path_in_fs: &str) -> Result<Vec<u8>> {
+    let raw_tmp;
+    let raw = if is_qcow2(image)? {
+        raw_tmp = tempfile::NamedTempFile::new()?;
+        to_raw(image, raw_tmp.path())?;
+        raw_tmp.path().to_path_buf()
+    } else {
+        image.to_path_buf()
+    };
+    let out = Command::new(tool("debugfs"))
+        .args(["-R", &format!("cat {path_in_fs}")])
+        .arg(&raw)
+        .output()?;
+    if !out.status.success() {
+        return Err(herr!(
+            "debugfs cat {path_in_fs} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    if err.contains("File not found") {
+        return Err(herr!("{path_in_fs} not found in {}", image.display()));
+    }
+    Ok(out.stdout)
+}
+
+/// `e2fsck -fn` on an image (raw or qcow2): Ok when the filesystem is clean.
+pub fn e2fsck_clean(image: &Path) -> Result<()> {
+    let raw_tmp;
+    let raw = if is_qcow2(image)? {
+        raw_tmp = tempfile::NamedTempFile::new()?;
+        to_raw(image, raw_tmp.path())?;
+        raw_tmp.path().to_path_buf()
+    } else {
+        image.to_path_buf()
+    };
+    let out = Command::new(tool("e2fsck")).arg("-fn").arg(&raw).output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(herr!(
+            "e2fsck -fn {} exited {}: {}{}",
+            image.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+fn is_qcow2(image: &Path) -> Result<bool> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let mut f = std::fs::File::open(image)?;
+    Ok(f.read(&mut magic)? == 4 && &magic == b"QFI\xfb")
+}
