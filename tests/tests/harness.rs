@@ -10,6 +10,7 @@ use shear_tests::{
 };
 
 const MIB: u64 = 1 << 20;
+const MIBU: usize = 1 << 20;
 
 #[test]
 fn vm_boot_and_guest_ping() {
@@ -114,8 +115,6 @@ fn qemu_paused_mode_host_side_write_lands_on_disk() {
     let raw = vm.dir().join("d0.raw");
     shear_tests::disk::to_raw(&vm.disk_path("d0"), &raw).unwrap();
     let data = std::fs::read(&raw).unwrap();
-    assert!(data[MIB as usize..(MIB + 65536) as usize]
-        .iter()
-        .all(|&b| b == 0xab));
-    assert!(data[..MIB as usize].iter().all(|&b| b == 0));
+    assert!(data[MIBU..MIBU + 65536].iter().all(|&b| b == 0xab));
+    assert!(data[..MIBU].iter().all(|&b| b == 0));
 }
