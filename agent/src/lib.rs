@@ -2,3 +2,8 @@
 //!
 //! The library half of the `shear` binary: jobs, repository, CLI glue.
 #![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod job;
+pub mod repo;

@@ -1,14 +1,17 @@
 //! The `shear` command line.
 #![forbid(unsafe_code)]
 
+use std::process::ExitCode;
+
 use clap::Parser;
 
-/// Live backup of QEMU/KVM virtual machines.
-#[derive(Debug, Parser)]
-#[command(name = "shear", version, about)]
-struct Cli {}
-
-fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
-    Ok(())
+fn main() -> ExitCode {
+    let cli = shear::cli::Cli::parse();
+    match shear::cli::run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            shear::cli::print_error(&e);
+            ExitCode::FAILURE
+        }
+    }
 }

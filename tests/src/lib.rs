@@ -83,3 +83,23 @@ pub fn workspace_root() -> std::path::PathBuf {
     let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     manifest.parent().unwrap_or(manifest).to_path_buf()
 }
+
+/// The `shear` binary of this build (`target/<profile>/shear`). The
+/// workspace test run (`scripts/test`) builds it; when running one test of
+/// this package alone, build it first: `cargo build -p shear`.
+pub fn shear_bin() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test> → target/<profile>/shear
+    let profile_dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    let bin = profile_dir.join("shear");
+    assert!(
+        bin.is_file(),
+        "{} not built: run `cargo build -p shear` (scripts/test builds it)",
+        bin.display()
+    );
+    bin
+}

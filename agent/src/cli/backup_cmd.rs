@@ -1,0 +1,289 @@
+//! `shear backup` and the hidden `shear __watchdog`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+
+use crate::config::Config;
+use crate::job::backup::{
+    run_backup, BackupOptions, BackupReport, Cancel, Mode, DEFAULT_CBW_TIMEOUT_S,
+};
+use crate::job::chain;
+
+/// `shear backup …`
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// VM id(s) to back up, one after the other.
+    #[arg(required = true)]
+    pub vmids: Vec<String>,
+    /// Backup mode (vzdump's): snapshot (live), suspend, stop.
+    #[arg(long, value_enum, default_value_t = Mode::Snapshot)]
+    pub mode: Mode,
+    /// QMP socket (default: the config's template, Proxmox's layout).
+    #[arg(long)]
+    pub qmp: Option<PathBuf>,
+    /// qemu-guest-agent socket (default: the config's template).
+    #[arg(long)]
+    pub qga: Option<PathBuf>,
+    /// Where fleecing images go (default: <run_dir>/fleece).
+    #[arg(long)]
+    pub fleecing_dir: Option<PathBuf>,
+    /// Run directory (default: the config's, /run/shear).
+    #[arg(long, env = "SHEAR_RUN_DIR")]
+    pub run_dir: Option<PathBuf>,
+    /// Compression: zstd[:LEVEL] (default: the repository's level).
+    #[arg(long)]
+    pub compress: Option<String>,
+    /// Hash/compress worker threads (default: the number of cores).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// NBD connections per disk.
+    #[arg(long, default_value_t = 2)]
+    pub connections: usize,
+    /// Read bandwidth limit in KiB/s (0: none).
+    #[arg(long, default_value_t = 0)]
+    pub bwlimit: u64,
+    /// Disk to leave out (by name, e.g. scsi1); repeatable.
+    #[arg(long)]
+    pub exclude: Vec<String>,
+    /// Notes template: {{vmid}}, {{guestname}}, {{node}}.
+    #[arg(long, default_value = "")]
+    pub notes_template: String,
+    /// Seconds guest-fsfreeze-freeze may take before the guest is thawed and
+    /// the backup goes on crash-consistent.
+    #[arg(long, default_value_t = 10)]
+    pub freeze_timeout: u64,
+    /// copy-before-write timeout in seconds (a slower fleece write breaks the
+    /// snapshot, never the guest's write).
+    #[arg(long, default_value_t = DEFAULT_CBW_TIMEOUT_S)]
+    pub cbw_timeout: u32,
+    /// Stop mode: seconds the guest may take to shut down.
+    #[arg(long, default_value_t = 600)]
+    pub stop_timeout: u64,
+    /// One JSON document (an array with one entry per VM) on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_compress(s: Option<&str>) -> anyhow::Result<Option<i32>> {
+    let Some(s) = s else { return Ok(None) };
+    match s.split_once(':') {
+        None if s == "zstd" => Ok(None),
+        Some(("zstd", level)) => {
+            let l: i32 = level
+                .parse()
+                .with_context(|| format!("bad zstd level {level:?}"))?;
+            if !(1..=19).contains(&l) {
+                bail!("zstd level must be 1..=19, not {l}");
+            }
+            Ok(Some(l))
+        }
+        _ => bail!("--compress takes zstd or zstd:LEVEL, not {s:?}"),
+    }
+}
+
+/// Run `shear backup`.
+pub fn run(repo: crate::repo::Repository, args: &BackupArgs) -> anyhow::Result<ExitCode> {
+    if args.vmids.len() > 1 && (args.qmp.is_some() || args.qga.is_some()) {
+        bail!("--qmp/--qga name one VM's sockets: give a single VMID with them");
+    }
+    let cfg = Config::load()?;
+    let run_dir = args.run_dir.clone().unwrap_or_else(|| cfg.run_dir.clone());
+    let fleecing_dir = args
+        .fleecing_dir
+        .clone()
+        .unwrap_or_else(|| Config { run_dir: run_dir.clone(), ..cfg.clone() }.fleecing_dir());
+    let zstd_level = parse_compress(args.compress.as_deref())?;
+    let workers = args
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let held_hook = std::env::var_os("SHEAR_TEST_FROZEN_HOOK").map(PathBuf::from);
+    let repo = Arc::new(repo);
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let cancel = Cancel::default();
+    {
+        let cancel = cancel.clone();
+        rt.spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut int), Ok(mut term)) =
+                (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
+            else {
+                return;
+            };
+            loop {
+                let which = tokio::select! {
+                    _ = int.recv() => "SIGINT",
+                    _ = term.recv() => "SIGTERM",
+                };
+                eprintln!("shear: {which} received: stopping, releasing the guest and cleaning up");
+                cancel.cancel(which);
+            }
+        });
+    }
+
+    let mut reports: Vec<serde_json::Value> = Vec::new();
+    let mut failed = 0usize;
+    for vmid in &args.vmids {
+        crate::repo::VmId::new(vmid).with_context(|| format!("bad VM id {vmid:?}"))?;
+        let qmp = args.qmp.clone().unwrap_or_else(|| cfg.qmp_socket_for(vmid));
+        let qga = Some(args.qga.clone().unwrap_or_else(|| cfg.qga_socket_for(vmid)));
+        let opts = BackupOptions {
+            vmid: vmid.clone(),
+            qmp,
+            qga,
+            mode: args.mode,
+            run_dir: run_dir.clone(),
+            fleecing_dir: fleecing_dir.clone(),
+            zstd_level,
+            workers,
+            connections: args.connections,
+            bwlimit_kib: args.bwlimit,
+            exclude: args.exclude.clone(),
+            notes_template: args.notes_template.clone(),
+            node: cfg.node_name(),
+            freeze_timeout: Duration::from_secs(args.freeze_timeout),
+            cbw_timeout_s: args.cbw_timeout,
+            stop_timeout: Duration::from_secs(args.stop_timeout),
+            held_hook: held_hook.clone(),
+        };
+        if !args.json {
+            eprintln!("shear: backing up VM {vmid} ({} mode)", args.mode.as_str());
+        }
+        let result = rt.block_on(run_backup(repo.clone(), opts, cancel.clone()));
+        match result {
+            Ok(r) => {
+                if args.json {
+                    reports.push(serde_json::to_value(&r)?);
+                } else {
+                    print_human(&r);
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                let msg = chain(&e);
+                if args.json {
+                    reports.push(serde_json::json!({"vmid": vmid, "error": msg}));
+                } else {
+                    eprintln!("shear: backup of VM {vmid} FAILED: {msg}");
+                    eprintln!("shear: the guest was released and no backup was recorded");
+                }
+            }
+        }
+        if cancel.is_cancelled() {
+            break;
+        }
+    }
+    // A guard dropped on an error path thaws from a thread: let it finish.
+    guest_agent::wait_for_drop_thaws(Duration::from_secs(30));
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    #[allow(clippy::cast_precision_loss)]
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn print_human(r: &BackupReport) {
+    println!("backup {} committed", r.backup_id);
+    let window = r
+        .freeze_window_ms
+        .map_or_else(|| "not held".to_string(), |ms| format!("{ms} ms"));
+    println!(
+        "  mode {}, consistency {}, guest held {}",
+        r.mode.as_str(),
+        match r.consistency {
+            crate::repo::Consistency::Application => "application",
+            crate::repo::Consistency::Crash => "crash",
+        },
+        window
+    );
+    for d in &r.disks {
+        println!(
+            "  disk {}: {} virtual, {} read, {} skipped (holes/zeros), {} stored, {} deduplicated",
+            d.name,
+            human_bytes(d.virtual_size),
+            human_bytes(d.bytes_read),
+            human_bytes(d.bytes_skipped),
+            human_bytes(d.bytes_stored),
+            human_bytes(d.bytes_deduplicated)
+        );
+    }
+    #[allow(clippy::cast_precision_loss)]
+    let s = |ms: u64| ms as f64 / 1000.0;
+    println!(
+        "  took {:.2} s (setup {:.2} s, read {:.2} s)",
+        s(r.total_ms),
+        s(r.setup_ms),
+        s(r.read_ms)
+    );
+    for w in &r.warnings {
+        println!("  warning: {w}");
+    }
+}
+
+/// `shear __watchdog` (internal): see [`crate::job::watchdog`].
+#[derive(Debug, Args)]
+pub struct WatchdogArgs {
+    /// QMP socket.
+    #[arg(long)]
+    pub qmp: PathBuf,
+    /// qemu-ga socket.
+    #[arg(long)]
+    pub qga: Option<PathBuf>,
+}
+
+/// Run the watchdog process.
+pub fn watchdog(args: &WatchdogArgs) -> ExitCode {
+    let code = crate::job::watchdog::run(args.qmp.clone(), args.qga.clone());
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notes_template_renders_vzdump_variables() {
+        use crate::job::backup::render_notes;
+        assert_eq!(
+            render_notes("{{guestname}} ({{vmid}}) on {{node}}\\nnightly", "100", "web", "pve1"),
+            "web (100) on pve1\nnightly"
+        );
+    }
+
+    #[test]
+    fn compress_option_parses() {
+        assert_eq!(parse_compress(None).unwrap(), None);
+        assert_eq!(parse_compress(Some("zstd")).unwrap(), None);
+        assert_eq!(parse_compress(Some("zstd:3")).unwrap(), Some(3));
+        assert!(parse_compress(Some("zstd:0")).is_err());
+        assert!(parse_compress(Some("gzip")).is_err());
+    }
+}

@@ -1,0 +1,176 @@
+//! Agent configuration: `/etc/shear/shear.toml` (or `$SHEAR_CONFIG`).
+//!
+//! Every key is optional; the defaults follow Proxmox VE's layout so shear
+//! works on a PVE host without a config file.
+//!
+//! ```toml
+//! run_dir = "/run/shear"
+//! qmp_socket = "/var/run/qemu-server/{vmid}.qmp"
+//! qga_socket = "/var/run/qemu-server/{vmid}.qga"
+//! # fleecing_dir = "/var/lib/shear/fleece"   # default: <run_dir>/fleece
+//! # node = "pve1"                            # default: the host name
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Where the config file is looked for unless `$SHEAR_CONFIG` says otherwise.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/shear/shear.toml";
+
+/// The agent's configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Private run directory: run records, NBD sockets, default fleecing.
+    pub run_dir: PathBuf,
+    /// QMP socket template; `{vmid}` is replaced.
+    pub qmp_socket: String,
+    /// qemu-guest-agent socket template; `{vmid}` is replaced.
+    pub qga_socket: String,
+    /// Where fleecing images go (default `<run_dir>/fleece`).
+    pub fleecing_dir: Option<PathBuf>,
+    /// This host's name for notes templates (default: the host name).
+    pub node: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            run_dir: PathBuf::from("/run/shear"),
+            qmp_socket: "/var/run/qemu-server/{vmid}.qmp".into(),
+            qga_socket: "/var/run/qemu-server/{vmid}.qga".into(),
+            fleecing_dir: None,
+            node: None,
+        }
+    }
+}
+
+/// Config loading failures.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file exists but cannot be read.
+    #[error("cannot read config {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid config {path}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: toml::de::Error,
+    },
+}
+
+/// Longest config file accepted (it is tiny; anything bigger is a mistake).
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+impl Config {
+    /// Load `$SHEAR_CONFIG`, else [`DEFAULT_CONFIG_PATH`]; a missing file
+    /// means all defaults.
+    pub fn load() -> Result<Config, ConfigError> {
+        let path = std::env::var_os("SHEAR_CONFIG")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+        Self::load_from(&path)
+    }
+
+    /// Load one file; a missing file means all defaults.
+    pub fn load_from(path: &Path) -> Result<Config, ConfigError> {
+        use std::io::Read;
+        let file = match std::fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Config::default()),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.into(),
+                    source,
+                })
+            }
+        };
+        let mut text = String::new();
+        file.take(MAX_CONFIG_BYTES)
+            .read_to_string(&mut text)
+            .map_err(|source| ConfigError::Read {
+                path: path.into(),
+                source,
+            })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.into(),
+            source,
+        })
+    }
+
+    /// The QMP socket of `vmid`.
+    pub fn qmp_socket_for(&self, vmid: &str) -> PathBuf {
+        PathBuf::from(self.qmp_socket.replace("{vmid}", vmid))
+    }
+
+    /// The qemu-ga socket of `vmid`.
+    pub fn qga_socket_for(&self, vmid: &str) -> PathBuf {
+        PathBuf::from(self.qga_socket.replace("{vmid}", vmid))
+    }
+
+    /// Where fleecing images go.
+    pub fn fleecing_dir(&self) -> PathBuf {
+        self.fleecing_dir
+            .clone()
+            .unwrap_or_else(|| self.run_dir.join("fleece"))
+    }
+
+    /// This host's name.
+    pub fn node_name(&self) -> String {
+        if let Some(n) = &self.node {
+            return n.clone();
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .ok()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "localhost".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_proxmox_layout() {
+        let c = Config::default();
+        assert_eq!(
+            c.qmp_socket_for("100"),
+            Path::new("/var/run/qemu-server/100.qmp")
+        );
+        assert_eq!(
+            c.qga_socket_for("100"),
+            Path::new("/var/run/qemu-server/100.qga")
+        );
+        assert_eq!(c.fleecing_dir(), Path::new("/run/shear/fleece"));
+    }
+
+    #[test]
+    fn file_overrides_and_rejects_unknown_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("shear.toml");
+        std::fs::write(
+            &p,
+            "qmp_socket = \"/run/vm/{vmid}/mon.sock\"\nnode = \"pve7\"\n",
+        )
+        .unwrap();
+        let c = Config::load_from(&p).unwrap();
+        assert_eq!(c.qmp_socket_for("42"), Path::new("/run/vm/42/mon.sock"));
+        assert_eq!(c.node_name(), "pve7");
+        std::fs::write(&p, "qmp_sokcet = \"x\"\n").unwrap();
+        let err = Config::load_from(&p).unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
+        assert!(Config::load_from(&dir.path().join("absent.toml")).is_ok());
+    }
+}

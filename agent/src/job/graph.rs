@@ -1,0 +1,421 @@
+//! QEMU block-graph changes for a pull backup (design.md §2):
+//! fleece image → copy-before-write filter on the device's node → device
+//! `drive` swapped to the filter → `snapshot-access` on the filter → NBD
+//! export. Each change is first written to the [`RunRecord`]; [`undo`] takes
+//! them back in reverse order, which is the documented teardown order.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::record::{RunRecord, Step};
+use super::JobError;
+
+/// How long one QMP command of setup or teardown may take.
+pub const QMP_STEP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long `block-export-del` may take until `BLOCK_EXPORT_DELETED`.
+pub const EXPORT_DEL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One disk of the VM, as QEMU reports it.
+#[derive(Debug, Clone)]
+pub struct VmDisk {
+    /// Name used in the backup: the qdev id (`scsi0`, `virtio0`, `d0`), else
+    /// the BlockBackend name, else the node name.
+    pub name: String,
+    /// BlockBackend name (`drive-scsi0` on PVE; empty with `-blockdev`).
+    pub device: String,
+    /// qdev path (for `qom-set … drive`).
+    pub qdev: String,
+    /// The node the device uses now (the CBW filter's `file`).
+    pub node: String,
+    /// Image format driver of that node.
+    pub format: String,
+    /// Image file name.
+    pub filename: String,
+    /// Exact virtual size in bytes.
+    pub virtual_size: u64,
+    /// Read-only medium.
+    pub read_only: bool,
+}
+
+/// The disks of the VM (devices with a medium inserted).
+pub async fn discover_disks(qmp: &qmp::Qmp) -> Result<Vec<VmDisk>, JobError> {
+    let blocks = qmp
+        .query_block()
+        .await
+        .map_err(JobError::qmp("query-block"))?;
+    let mut disks = Vec::new();
+    for b in blocks {
+        let Some(node) = b.inserted else { continue };
+        let Some(qdev) = b.qdev.clone().filter(|q| !q.is_empty()) else {
+            continue;
+        };
+        let Some(image) = node.image.as_ref() else {
+            continue;
+        };
+        let name = qdev_id(&qdev)
+            .or_else(|| (!b.device.is_empty()).then(|| b.device.clone()))
+            .unwrap_or_else(|| node.node_name.clone());
+        disks.push(VmDisk {
+            name,
+            device: b.device.clone(),
+            qdev,
+            node: node.node_name.clone(),
+            format: node.drv.clone(),
+            filename: node.file.clone(),
+            virtual_size: image.virtual_size,
+            read_only: node.ro,
+        });
+    }
+    Ok(disks)
+}
+
+/// `/machine/peripheral/<id>[/virtio-backend]` → `<id>`.
+fn qdev_id(qdev: &str) -> Option<String> {
+    let rest = qdev.strip_prefix("/machine/peripheral/")?;
+    let id = rest.split('/').next()?;
+    (!id.is_empty()).then(|| id.to_string())
+}
+
+/// Node names for disk number `i` of a run tagged `tag`. QEMU limits node
+/// names to 31 characters, so they use the index, not the disk name.
+#[derive(Debug, Clone)]
+pub struct NodeNames {
+    /// Fleece image node.
+    pub fleece: String,
+    /// copy-before-write filter.
+    pub cbw: String,
+    /// snapshot-access node (what is exported).
+    pub access: String,
+    /// Export id.
+    pub export: String,
+}
+
+impl NodeNames {
+    /// Names for disk `i`.
+    pub fn new(tag: &str, i: usize) -> Self {
+        NodeNames {
+            fleece: format!("shear-fl{i}-{tag}"),
+            cbw: format!("shear-cbw{i}-{tag}"),
+            access: format!("shear-acc{i}-{tag}"),
+            export: format!("shear-exp{i}-{tag}"),
+        }
+    }
+}
+
+/// Applies steps, recording each before it is attempted.
+#[derive(Debug)]
+pub struct GraphBuilder<'a> {
+    qmp: &'a qmp::Qmp,
+    record: &'a mut RunRecord,
+    record_path: PathBuf,
+}
+
+impl<'a> GraphBuilder<'a> {
+    /// A builder writing to `record` at `record_path`.
+    pub fn new(qmp: &'a qmp::Qmp, record: &'a mut RunRecord, record_path: &Path) -> Self {
+        GraphBuilder {
+            qmp,
+            record,
+            record_path: record_path.to_path_buf(),
+        }
+    }
+
+    /// Append a step to the record and persist it (write-ahead).
+    pub fn log(&mut self, step: Step) -> Result<(), JobError> {
+        self.record.steps.push(step);
+        self.record
+            .save(&self.record_path)
+            .map_err(JobError::Record)
+    }
+
+    /// Drop a step that has been undone in the normal flow (thaw, cont).
+    pub fn forget(&mut self, step: &Step) -> Result<(), JobError> {
+        self.record.steps.retain(|s| s != step);
+        self.record
+            .save(&self.record_path)
+            .map_err(JobError::Record)
+    }
+
+    /// Create the fleece image (qcow2, exact virtual size) and add its node.
+    /// Done before the freeze: neither changes what the guest sees.
+    pub async fn add_fleece(
+        &mut self,
+        disk: &VmDisk,
+        names: &NodeNames,
+        path: &Path,
+    ) -> Result<(), JobError> {
+        self.log(Step::FleeceFile {
+            path: path.to_path_buf(),
+        })?;
+        create_qcow2(path, disk.virtual_size).await?;
+        self.log(Step::Node {
+            name: names.fleece.clone(),
+        })?;
+        self.qmp
+            .blockdev_add(json!({
+                "driver": "qcow2",
+                "node-name": names.fleece,
+                "discard": "unmap",
+                "file": {"driver": "file", "filename": path, "discard": "unmap"},
+            }))
+            .await
+            .map_err(JobError::qmp_at("blockdev-add fleece", &disk.name))
+    }
+
+    /// Insert the copy-before-write filter and point the device at it.
+    /// Must run while the guest is frozen or paused.
+    pub async fn insert_filter(
+        &mut self,
+        disk: &VmDisk,
+        names: &NodeNames,
+        cbw_timeout_s: u32,
+    ) -> Result<(), JobError> {
+        self.log(Step::Node {
+            name: names.cbw.clone(),
+        })?;
+        self.qmp
+            .blockdev_add(json!({
+                "driver": "copy-before-write",
+                "node-name": names.cbw,
+                "file": disk.node,
+                "target": names.fleece,
+                "on-cbw-error": "break-snapshot",
+                "cbw-timeout": cbw_timeout_s,
+            }))
+            .await
+            .map_err(JobError::qmp_at(
+                "blockdev-add copy-before-write",
+                &disk.name,
+            ))?;
+        self.log(Step::DriveSwap {
+            qdev: disk.qdev.clone(),
+            original: disk.node.clone(),
+            filter: names.cbw.clone(),
+        })?;
+        self.qmp
+            .qom_set(&disk.qdev, "drive", json!(names.cbw))
+            .await
+            .map_err(JobError::qmp_at("qom-set drive to the filter", &disk.name))
+    }
+
+    /// Add the snapshot-access node over the filter.
+    pub async fn add_access(&mut self, disk: &VmDisk, names: &NodeNames) -> Result<(), JobError> {
+        self.log(Step::Node {
+            name: names.access.clone(),
+        })?;
+        self.qmp
+            .blockdev_add(json!({
+                "driver": "snapshot-access",
+                "node-name": names.access,
+                "file": names.cbw,
+            }))
+            .await
+            .map_err(JobError::qmp_at("blockdev-add snapshot-access", &disk.name))
+    }
+
+    /// Start QEMU's NBD server on `socket` (one connection per export we
+    /// read; nobody else can reach the socket: its directory is 0700).
+    pub async fn start_nbd_server(&mut self, socket: &Path, max_conn: u32) -> Result<(), JobError> {
+        self.log(Step::NbdServer {
+            socket: socket.to_path_buf(),
+        })?;
+        let path = socket
+            .to_str()
+            .ok_or_else(|| JobError::Invalid(format!("socket path {socket:?} is not UTF-8")))?;
+        self.qmp
+            .nbd_server_start_unix(path, Some(max_conn))
+            .await
+            .map_err(JobError::qmp("nbd-server-start"))
+    }
+
+    /// Export the snapshot-access node read-only under a random name.
+    pub async fn add_export(
+        &mut self,
+        disk: &VmDisk,
+        names: &NodeNames,
+        export_name: &str,
+    ) -> Result<(), JobError> {
+        self.log(Step::Export {
+            id: names.export.clone(),
+        })?;
+        let exp = qmp::NbdExport::new(names.export.clone(), names.access.clone()).name(export_name);
+        self.qmp
+            .block_export_add(&exp)
+            .await
+            .map_err(JobError::qmp_at("block-export-add", &disk.name))
+    }
+}
+
+/// Create a qcow2 image of exactly `size` bytes with `qemu-img create`.
+async fn create_qcow2(path: &Path, size: u64) -> Result<(), JobError> {
+    let out = tokio::time::timeout(
+        QMP_STEP_TIMEOUT,
+        tokio::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536"])
+            .arg(path)
+            .arg(size.to_string())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .map_err(|_| JobError::Invalid(format!("qemu-img create {} timed out", path.display())))?
+    .map_err(|e| JobError::io(format!("running qemu-img create {}", path.display()), e))?;
+    if !out.status.success() {
+        return Err(JobError::Invalid(format!(
+            "qemu-img create {} failed: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// Undo every step of `record` in reverse order. Best effort: every step is
+/// attempted even when an earlier one fails; the first error is returned.
+/// Steps that never happened (or were already undone) are skipped.
+pub async fn undo(
+    qmp: Option<&qmp::Qmp>,
+    qga: Option<&Path>,
+    record: &mut RunRecord,
+    record_path: &Path,
+) -> Result<(), JobError> {
+    let mut first_err: Option<JobError> = None;
+    let mut keep = |e: JobError| {
+        tracing::warn!(error = %crate::job::chain(&e), "teardown step failed");
+        if first_err.is_none() {
+            first_err = Some(e);
+        }
+    };
+    while let Some(step) = record.steps.last().cloned() {
+        if let Err(e) = undo_step(qmp, qga, &step).await {
+            keep(e);
+        }
+        record.steps.pop();
+        if let Err(e) = record.save(record_path) {
+            keep(JobError::Record(e));
+        }
+    }
+    record.undone = true;
+    match first_err {
+        None => RunRecord::remove(record_path).map_err(JobError::Record),
+        Some(e) => Err(e),
+    }
+}
+
+async fn node_exists(qmp: &qmp::Qmp, name: &str) -> Result<bool, JobError> {
+    Ok(qmp
+        .query_named_block_nodes()
+        .await
+        .map_err(JobError::qmp("query-named-block-nodes"))?
+        .iter()
+        .any(|n| n.node_name == name))
+}
+
+async fn undo_step(
+    qmp: Option<&qmp::Qmp>,
+    qga: Option<&Path>,
+    step: &Step,
+) -> Result<(), JobError> {
+    let need_qmp = || {
+        qmp.ok_or_else(|| {
+            JobError::Invalid("QMP is not connected; cannot undo a graph step".into())
+        })
+    };
+    match step {
+        Step::FleeceFile { path } => match std::fs::remove_file(path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(JobError::io(
+                format!("removing fleece image {}", path.display()),
+                e,
+            )),
+        },
+        Step::Dir { path } => match std::fs::remove_dir_all(path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(JobError::io(format!("removing {}", path.display()), e)),
+        },
+        Step::Node { name } => {
+            let qmp = need_qmp()?;
+            if node_exists(qmp, name).await? {
+                qmp.blockdev_del(name)
+                    .await
+                    .map_err(JobError::qmp_at("blockdev-del", name))?;
+            }
+            Ok(())
+        }
+        Step::DriveSwap {
+            qdev,
+            original,
+            filter,
+        } => {
+            let qmp = need_qmp()?;
+            let current = match qmp.qom_get(qdev, "drive").await {
+                Ok(v) => v,
+                // The device is gone (hot-unplugged): nothing to swap back.
+                Err(e) if e.qemu_class() == Some("DeviceNotFound") => return Ok(()),
+                Err(e) => return Err(JobError::qmp_at("qom-get drive", qdev)(e)),
+            };
+            if current.as_str() == Some(filter.as_str()) {
+                qmp.qom_set(qdev, "drive", Value::from(original.as_str()))
+                    .await
+                    .map_err(JobError::qmp_at("qom-set drive back", qdev))?;
+            }
+            Ok(())
+        }
+        Step::Export { id } => {
+            let qmp = need_qmp()?;
+            let exists = qmp
+                .query_block_exports()
+                .await
+                .map_err(JobError::qmp("query-block-exports"))?
+                .iter()
+                .any(|e| &e.id == id);
+            if exists {
+                qmp.block_export_del_wait(id, qmp::ExportRemoveMode::Hard, EXPORT_DEL_TIMEOUT)
+                    .await
+                    .map_err(JobError::qmp_at("block-export-del", id))?;
+            }
+            Ok(())
+        }
+        Step::NbdServer { socket } => {
+            let qmp = need_qmp()?;
+            match qmp.nbd_server_stop().await {
+                Ok(()) => {}
+                // Not running (already stopped, or QEMU restarted).
+                Err(e) if e.qemu_class() == Some("GenericError") => {}
+                Err(e) => return Err(JobError::qmp("nbd-server-stop")(e)),
+            }
+            let _ = std::fs::remove_file(socket);
+            Ok(())
+        }
+        Step::Pause => {
+            let qmp = need_qmp()?;
+            let st = qmp
+                .query_status()
+                .await
+                .map_err(JobError::qmp("query-status"))?;
+            if st.status == qmp::RunState::Paused {
+                qmp.cont().await.map_err(JobError::qmp("cont"))?;
+            }
+            Ok(())
+        }
+        Step::ShutdownAction { restore } => {
+            let qmp = need_qmp()?;
+            qmp.execute_value("set-action", json!({"shutdown": restore}))
+                .await
+                .map(|_| ())
+                .map_err(JobError::qmp("set-action (restore shutdown action)"))
+        }
+        Step::Freeze => {
+            let Some(qga) = qga else {
+                return Err(JobError::Invalid(
+                    "the record holds a freeze but no qemu-ga socket is known".into(),
+                ));
+            };
+            super::freeze::thaw_recorded(qga).await
+        }
+    }
+}

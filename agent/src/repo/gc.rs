@@ -1,0 +1,232 @@
+//! Garbage collection: mark and sweep, safe while backups run (F-36, F-37).
+//!
+//! 1. Take `gc.lock` (one GC at a time).
+//! 2. Mark, under the *shared* repository lock (backups keep running): read
+//!    every committed manifest and index, collect the referenced digests.
+//!    Any unreadable manifest or index aborts GC before anything is deleted
+//!    (we cannot know what it references); so does any listing error (F-41).
+//! 3. Sweep, under the *exclusive* repository lock (no backup, restore or
+//!    verify runs; waits at most `wait`): mark again every backup committed
+//!    since step 2, then delete unreferenced chunks, temp files of
+//!    interrupted writes, abandoned snapshot directories (no manifest) and
+//!    half-deleted ones (`.trash-*`), and quarantined `.bad` chunks that
+//!    nothing references any more.
+//!
+//! No wall clock or atime is involved: a chunk a running backup deduplicated
+//! against is protected by that backup's shared lock, not by a timestamp.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::backend::{LockMode, LockWait};
+use super::error::{ErrorKind, RepoError, Result};
+use super::format::{Digest, ZERO_ENTRY};
+use super::names::BackupId;
+use super::{Repository, CHUNKS_KEY, GC_LOCK_KEY, TRASH_PREFIX, VM_BACKUPS_KEY};
+
+/// GC options.
+#[derive(Debug, Clone, Copy)]
+pub struct GcOptions {
+    /// How long to wait for running backups/restores before the sweep.
+    pub wait: Duration,
+    /// Only report what would be deleted.
+    pub dry_run: bool,
+}
+
+impl Default for GcOptions {
+    fn default() -> Self {
+        GcOptions {
+            wait: Duration::from_secs(3600),
+            dry_run: false,
+        }
+    }
+}
+
+/// What GC did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GcReport {
+    /// Committed backups marked.
+    pub backups_marked: u64,
+    /// Distinct chunks referenced.
+    pub chunks_referenced: u64,
+    /// Chunks kept (referenced and present).
+    pub chunks_kept: u64,
+    /// Unreferenced chunks deleted.
+    pub chunks_removed: u64,
+    /// Bytes freed by deleted chunks.
+    pub bytes_removed: u64,
+    /// Temp files removed.
+    pub temp_files_removed: u64,
+    /// Abandoned or half-deleted snapshot directories removed.
+    pub incomplete_backups_removed: u64,
+    /// Quarantined `.bad` chunks removed.
+    pub bad_chunks_removed: u64,
+}
+
+impl Repository {
+    /// Runs garbage collection (needs the key if encrypted: indexes are).
+    pub fn gc(&self, opts: &GcOptions) -> Result<GcReport> {
+        self.key_for_data()?;
+        let b = &self.inner.backend;
+        let _gc_lock = b
+            .lock(GC_LOCK_KEY, LockMode::Exclusive, LockWait::NoWait)
+            .map_err(|e| match e.kind() {
+                ErrorKind::Busy => RepoError::Busy {
+                    what: "another garbage collection is running".into(),
+                },
+                _ => e,
+            })?;
+        let mut report = GcReport::default();
+        let mut marked_ids: HashSet<BackupId> = HashSet::new();
+        let mut referenced: HashSet<Digest> = HashSet::new();
+        {
+            let _shared = self.lock_repo(LockMode::Shared, LockWait::Forever)?;
+            self.mark(&mut marked_ids, &mut referenced)?;
+        }
+        let _exclusive = self
+            .lock_repo(LockMode::Exclusive, LockWait::Timeout(opts.wait))
+            .map_err(|e| match e.kind() {
+                ErrorKind::Busy => RepoError::Busy {
+                    what: format!(
+                        "backups or restores kept running for {}s; garbage collection did not sweep (nothing deleted)",
+                        opts.wait.as_secs()
+                    ),
+                },
+                _ => e,
+            })?;
+        // Backups committed between the two phases.
+        self.mark(&mut marked_ids, &mut referenced)?;
+        report.backups_marked = marked_ids.len() as u64;
+        report.chunks_referenced = referenced.len() as u64;
+
+        // Sweep chunks.
+        for prefix in b.list(CHUNKS_KEY)?.into_iter().filter(|e| e.is_dir) {
+            let dir = format!("{CHUNKS_KEY}/{}", prefix.name);
+            for f in b.list(&dir)? {
+                if f.is_dir {
+                    continue;
+                }
+                let key = format!("{dir}/{}", f.name);
+                if b.is_temp_name(&f.name) {
+                    report.temp_files_removed += 1;
+                    if !opts.dry_run {
+                        b.delete(&key)?;
+                    }
+                    continue;
+                }
+                let (hex_part, bad) = match f.name.strip_suffix(".bad") {
+                    Some(h) => (h, true),
+                    None => (f.name.as_str(), false),
+                };
+                let mut digest = [0u8; 32];
+                if hex::decode_to_slice(hex_part, &mut digest).is_err() {
+                    continue; // not ours: leave it
+                }
+                let used = referenced.contains(&digest);
+                if bad {
+                    if !used {
+                        report.bad_chunks_removed += 1;
+                        if !opts.dry_run {
+                            b.delete(&key)?;
+                        }
+                    }
+                } else if used {
+                    report.chunks_kept += 1;
+                } else {
+                    report.chunks_removed += 1;
+                    report.bytes_removed += f.size;
+                    if !opts.dry_run {
+                        b.delete(&key)?;
+                    }
+                }
+            }
+        }
+
+        // Sweep backup directories: temp files, abandoned and trashed dirs.
+        for group in b.list(VM_BACKUPS_KEY)?.into_iter().filter(|e| e.is_dir) {
+            let gkey = format!("{VM_BACKUPS_KEY}/{}", group.name);
+            for snap in b.list(&gkey)? {
+                let skey = format!("{gkey}/{}", snap.name);
+                if !snap.is_dir {
+                    if b.is_temp_name(&snap.name) {
+                        report.temp_files_removed += 1;
+                        if !opts.dry_run {
+                            b.delete(&skey)?;
+                        }
+                    }
+                    continue;
+                }
+                if snap.name.starts_with(TRASH_PREFIX) {
+                    report.incomplete_backups_removed += 1;
+                    if !opts.dry_run {
+                        b.remove_tree(&skey)?;
+                    }
+                    continue;
+                }
+                let files = b.list(&skey)?;
+                if !files.iter().any(|f| f.name == super::MANIFEST_NAME) {
+                    // No writer is running (we hold the exclusive lock), so
+                    // a directory without a manifest is abandoned.
+                    report.incomplete_backups_removed += 1;
+                    if !opts.dry_run {
+                        b.remove_tree(&skey)?;
+                    }
+                    continue;
+                }
+                for f in files.iter().filter(|f| b.is_temp_name(&f.name)) {
+                    report.temp_files_removed += 1;
+                    if !opts.dry_run {
+                        b.delete(&format!("{skey}/{}", f.name))?;
+                    }
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Adds every committed backup not yet in `ids` to the mark set.
+    fn mark(&self, ids: &mut HashSet<BackupId>, referenced: &mut HashSet<Digest>) -> Result<()> {
+        for s in self.snapshot_dirs(None)? {
+            if !s.complete || ids.contains(&s.id) {
+                continue;
+            }
+            let m = match self.load_manifest(&s.id) {
+                Ok(m) => m,
+                // Pruned between listing and reading: nothing to mark.
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => {
+                    return Err(RepoError::corrupt(
+                        format!("backup {}", s.id),
+                        format!(
+                            "{e}; garbage collection stopped before deleting anything (forget or repair this backup)"
+                        ),
+                    ))
+                }
+            };
+            let mut gone = false;
+            for d in &m.disks {
+                let idx = match self.load_index(&s.id, d) {
+                    Ok(idx) => idx,
+                    Err(e) => {
+                        let mkey = format!("{}/{}", s.id.dir_key(), super::MANIFEST_NAME);
+                        if self.inner.backend.size(&mkey)?.is_none() {
+                            gone = true; // pruned while we read it
+                            break;
+                        }
+                        return Err(RepoError::corrupt(
+                            format!("backup {}", s.id),
+                            format!("{e}; garbage collection stopped before deleting anything"),
+                        ));
+                    }
+                };
+                referenced.extend(idx.entries.iter().filter(|e| **e != ZERO_ENTRY));
+            }
+            if !gone {
+                ids.insert(s.id);
+            }
+        }
+        Ok(())
+    }
+}

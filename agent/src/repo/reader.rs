@@ -1,0 +1,533 @@
+//! Reading backups and restoring disk images (raw or qcow2).
+//!
+//! Restore checks before it creates anything: the key (at open), the
+//! manifest, the index digest, and that the index folds to the manifest's
+//! image digest. While it writes, every chunk is decoded and re-hashed
+//! against its index entry; at the end the image digest is recomputed from
+//! the verified per-chunk digests and compared with the manifest. The output
+//! is written to a temp file opened `O_CREAT|O_EXCL|O_NOFOLLOW` in the target
+//! directory and moved into place only after success: a failed restore leaves
+//! no output, and `--force` replaces an existing *regular file* only then
+//! (F-46).
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::sync_channel;
+use std::time::{Duration, Instant};
+
+use super::backend::{LockGuard, LockMode, LockWait};
+use super::blob;
+use super::error::{ErrorKind, RepoError, Result};
+use super::format::{self, chunk_len, FixedIndex, ZERO_ENTRY};
+use super::manifest::{DiskEntry, Manifest};
+use super::names::{validate_name, BackupId};
+use super::qcow2::Qcow2Writer;
+use super::{Repository, MAX_CHUNK_BLOB};
+
+/// Output image format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageFormat {
+    /// Raw, sparse.
+    Raw,
+    /// qcow2 v3.
+    Qcow2,
+}
+
+impl ImageFormat {
+    /// File extension.
+    pub fn extension(self) -> &'static str {
+        match self {
+            ImageFormat::Raw => "raw",
+            ImageFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// Options of a restore.
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    /// Output format.
+    pub format: ImageFormat,
+    /// Replace an existing regular file.
+    pub force: bool,
+    /// Decoder threads (at least 1).
+    pub threads: usize,
+}
+
+impl Default for RestoreOptions {
+    fn default() -> Self {
+        RestoreOptions {
+            format: ImageFormat::Raw,
+            force: false,
+            threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+                .min(4),
+        }
+    }
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RestoreReport {
+    /// Disk name.
+    pub disk: String,
+    /// Output file.
+    pub path: PathBuf,
+    /// Virtual size.
+    pub virtual_size: u64,
+    /// Non-zero bytes decoded and written.
+    pub data_bytes: u64,
+    /// Zero chunks left as holes.
+    pub zero_chunks: u64,
+    /// Verified whole-image digest (hex).
+    pub image_digest: String,
+    /// Wall time.
+    #[serde(serialize_with = "ser_duration_ms")]
+    pub elapsed: Duration,
+}
+
+fn ser_duration_ms<S: serde::Serializer>(
+    d: &Duration,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// An open, locked backup. Prune skips it while this lives.
+pub struct BackupReader {
+    repo: Repository,
+    id: BackupId,
+    manifest: Manifest,
+    _snapshot_lock: LockGuard,
+    _repo_lock: LockGuard,
+}
+
+impl std::fmt::Debug for BackupReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackupReader")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One disk of an open backup.
+#[derive(Debug)]
+pub struct DiskReader<'a> {
+    reader: &'a BackupReader,
+    entry: DiskEntry,
+    index: FixedIndex,
+}
+
+impl Repository {
+    /// Opens a committed backup for reading (shared locks; needs the key if
+    /// encrypted).
+    pub fn open_backup(&self, id: &BackupId) -> Result<BackupReader> {
+        self.key_for_data()?;
+        let repo_lock = self.lock_repo(LockMode::Shared, LockWait::Forever)?;
+        let snap = self.lock_snapshot(id, LockMode::Shared, LockWait::NoWait)?;
+        let manifest = self.load_manifest(id)?;
+        Ok(BackupReader {
+            repo: self.clone(),
+            id: id.clone(),
+            manifest,
+            _snapshot_lock: snap,
+            _repo_lock: repo_lock,
+        })
+    }
+
+    /// Restores one disk of a backup into `target_dir/<disk>.<ext>`.
+    pub fn restore_disk(
+        &self,
+        id: &BackupId,
+        disk: &str,
+        target_dir: &Path,
+        opts: &RestoreOptions,
+    ) -> Result<RestoreReport> {
+        self.open_backup(id)?.restore_disk(disk, target_dir, opts)
+    }
+}
+
+impl BackupReader {
+    /// The manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The backup id.
+    pub fn id(&self) -> &BackupId {
+        &self.id
+    }
+
+    /// Opens a disk: loads and checks its index.
+    pub fn open_disk(&self, name: &str) -> Result<DiskReader<'_>> {
+        validate_name("disk name", name)?;
+        let entry = self.manifest.disk(name)?.clone();
+        let index = self.repo.load_index(&self.id, &entry)?;
+        let reader = DiskReader {
+            reader: self,
+            entry,
+            index,
+        };
+        let digest = reader.index_image_digest()?;
+        if hex::encode(digest) != reader.entry.image_digest {
+            return Err(RepoError::corrupt(
+                format!("index of disk {name} in {}", self.id),
+                "its entries do not fold to the manifest's image digest",
+            ));
+        }
+        Ok(reader)
+    }
+
+    /// Restores one disk (see the module docs for the checks made).
+    pub fn restore_disk(
+        &self,
+        disk: &str,
+        target_dir: &Path,
+        opts: &RestoreOptions,
+    ) -> Result<RestoreReport> {
+        let started = Instant::now();
+        let d = self.open_disk(disk)?;
+        let name = format!("{disk}.{}", opts.format.extension());
+        let out = OutputFile::create(target_dir, &name, opts.force)?;
+        match d.write_image(&out.file, opts) {
+            Ok((data_bytes, zero_chunks, digest)) => {
+                let path = out.commit()?;
+                Ok(RestoreReport {
+                    disk: disk.to_owned(),
+                    path,
+                    virtual_size: d.entry.virtual_size,
+                    data_bytes,
+                    zero_chunks,
+                    image_digest: hex::encode(digest),
+                    elapsed: started.elapsed(),
+                })
+            }
+            Err(e) => {
+                out.discard();
+                Err(e)
+            }
+        }
+    }
+}
+
+impl DiskReader<'_> {
+    /// Manifest entry of the disk.
+    pub fn entry(&self) -> &DiskEntry {
+        &self.entry
+    }
+
+    /// Index entries ([`ZERO_ENTRY`] = zero chunk).
+    pub fn entries(&self) -> &[format::Digest] {
+        &self.index.entries
+    }
+
+    /// Number of chunks.
+    pub fn chunk_count(&self) -> u64 {
+        self.index.entries.len() as u64
+    }
+
+    /// Length of chunk `i`.
+    pub fn chunk_len(&self, i: u64) -> usize {
+        chunk_len(self.index.virtual_size, self.index.chunk_size, i)
+    }
+
+    fn index_image_digest(&self) -> Result<format::Digest> {
+        let repo = &self.reader.repo;
+        let cs = self.index.chunk_size;
+        let full = repo.zero_digest(cs as usize)?;
+        let mut last = None;
+        let tail_len = chunk_len(
+            self.index.virtual_size,
+            cs,
+            self.chunk_count().saturating_sub(1),
+        );
+        if tail_len != cs as usize {
+            last = Some(repo.zero_digest(tail_len)?);
+        }
+        Ok(format::image_digest(
+            self.index.virtual_size,
+            cs,
+            &self.index.entries,
+            |len| {
+                if len == cs as usize {
+                    full
+                } else {
+                    last.unwrap_or(full)
+                }
+            },
+        ))
+    }
+
+    /// Reads and verifies chunk `i` (zeros for a zero entry).
+    pub fn read_chunk(&self, i: u64) -> Result<Vec<u8>> {
+        let Some(digest) = usize::try_from(i)
+            .ok()
+            .and_then(|n| self.index.entries.get(n))
+        else {
+            return Err(RepoError::invalid(
+                "chunk index",
+                format!("{i} out of range"),
+            ));
+        };
+        let len = self.chunk_len(i);
+        if *digest == ZERO_ENTRY {
+            return Ok(vec![0u8; len]);
+        }
+        let repo = &self.reader.repo;
+        let key = repo.key_for_data()?;
+        let bytes = repo
+            .inner
+            .backend
+            .get(&Repository::chunk_key(digest), MAX_CHUNK_BLOB)
+            .map_err(|e| match e.kind() {
+                ErrorKind::NotFound => RepoError::ChunkMissing {
+                    digest: hex::encode(digest),
+                },
+                _ => e,
+            })?;
+        blob::decode_chunk(&bytes, digest, key, len).map_err(|e| match e {
+            RepoError::Corrupt { what, reason } => RepoError::Corrupt {
+                what: format!(
+                    "{what} (disk {} offset {})",
+                    self.entry.name,
+                    i * u64::from(self.index.chunk_size)
+                ),
+                reason,
+            },
+            e => e,
+        })
+    }
+
+    /// Decodes every chunk on `opts.threads` workers and writes the image.
+    /// Returns (data bytes, zero chunks, recomputed image digest).
+    fn write_image(
+        &self,
+        file: &File,
+        opts: &RestoreOptions,
+    ) -> Result<(u64, u64, format::Digest)> {
+        let vsize = self.index.virtual_size;
+        let cs = u64::from(self.index.chunk_size);
+        let count = self.chunk_count();
+        let mut qcow = match opts.format {
+            ImageFormat::Raw => {
+                file.set_len(vsize)
+                    .map_err(|e| RepoError::io("size restore output", "", e))?;
+                None
+            }
+            ImageFormat::Qcow2 => Some(Qcow2Writer::new(
+                file.try_clone()
+                    .map_err(|e| RepoError::io("clone restore output", "", e))?,
+                vsize,
+            )),
+        };
+        let next = AtomicU64::new(0);
+        let stop = AtomicBool::new(false);
+        let threads = opts.threads.max(1);
+        let mut verified: Vec<format::Digest> = vec![ZERO_ENTRY; self.index.entries.len()];
+        let mut data_bytes = 0u64;
+        let mut zero_chunks = 0u64;
+        let result: Result<()> = std::thread::scope(|s| {
+            let (tx, rx) = sync_channel::<Result<(u64, Option<Vec<u8>>)>>(threads * 2);
+            for _ in 0..threads {
+                let tx = tx.clone();
+                let (next, stop) = (&next, &stop);
+                s.spawn(move || loop {
+                    if stop.load(Ordering::Acquire) {
+                        return;
+                    }
+                    let i = next.fetch_add(1, Ordering::AcqRel);
+                    if i >= count {
+                        return;
+                    }
+                    let item = if self.index.entries[format::to_usize(i)] == ZERO_ENTRY {
+                        Ok((i, None))
+                    } else {
+                        self.read_chunk(i).map(|d| (i, Some(d)))
+                    };
+                    let failed = item.is_err();
+                    if tx.send(item).is_err() || failed {
+                        return;
+                    }
+                });
+            }
+            drop(tx);
+            let mut res = Ok(());
+            for item in rx.iter() {
+                let step = item.and_then(|(i, data)| {
+                    let n = format::to_usize(i);
+                    match data {
+                        None => {
+                            zero_chunks += 1;
+                            Ok(())
+                        }
+                        Some(data) => {
+                            verified[n] = self.index.entries[n];
+                            data_bytes += data.len() as u64;
+                            let off = i * cs;
+                            match qcow.as_mut() {
+                                Some(q) => q.write_at(off, &data),
+                                None => write_sparse(file, off, &data),
+                            }
+                            .map_err(|e| RepoError::io("write restore output", "", e))
+                        }
+                    }
+                });
+                if let Err(e) = step {
+                    stop.store(true, Ordering::Release);
+                    res = Err(e);
+                    break;
+                }
+            }
+            // Dropping rx (end of scope) unblocks any worker still sending.
+            drop(rx);
+            res
+        });
+        result?;
+        match qcow {
+            Some(q) => {
+                q.finish()
+                    .map_err(|e| RepoError::io("finish qcow2 output", "", e))?;
+            }
+            None => file
+                .sync_all()
+                .map_err(|e| RepoError::io("sync restore output", "", e))?,
+        }
+        // Recompute from what was verified (zero entries stayed zero).
+        let repo = &self.reader.repo;
+        let csz = self.index.chunk_size;
+        let full = repo.zero_digest(csz as usize)?;
+        let tail = repo.zero_digest(chunk_len(vsize, csz, count.saturating_sub(1)))?;
+        let digest = format::image_digest(vsize, csz, &verified, |len| {
+            if len == csz as usize {
+                full
+            } else {
+                tail
+            }
+        });
+        if hex::encode(digest) != self.entry.image_digest {
+            return Err(RepoError::ImageDigestMismatch {
+                expected: self.entry.image_digest.clone(),
+                actual: hex::encode(digest),
+            });
+        }
+        Ok((data_bytes, zero_chunks, digest))
+    }
+}
+
+/// Writes the non-zero 4 KiB runs of `data` at `offset`; zero runs stay holes.
+fn write_sparse(file: &File, offset: u64, data: &[u8]) -> io::Result<()> {
+    const BLOCK: usize = 4096;
+    let mut run_start: Option<usize> = None;
+    let mut pos = 0;
+    while pos < data.len() {
+        let end = (pos + BLOCK).min(data.len());
+        let zero = format::is_zero(&data[pos..end]);
+        match (zero, run_start) {
+            (false, None) => run_start = Some(pos),
+            (true, Some(s)) => {
+                file.write_all_at(&data[s..pos], offset + s as u64)?;
+                run_start = None;
+            }
+            _ => {}
+        }
+        pos = end;
+    }
+    if let Some(s) = run_start {
+        file.write_all_at(&data[s..], offset + s as u64)?;
+    }
+    Ok(())
+}
+
+/// A restore output: a private temp file in the target directory, moved to
+/// its final name only on success.
+struct OutputFile {
+    file: File,
+    tmp: PathBuf,
+    path: PathBuf,
+    force: bool,
+    dir: PathBuf,
+}
+
+impl OutputFile {
+    fn create(dir: &Path, name: &str, force: bool) -> Result<Self> {
+        let meta = fs::metadata(dir).map_err(|e| RepoError::io("open restore target", dir, e))?;
+        if !meta.is_dir() {
+            return Err(RepoError::invalid(
+                "restore target",
+                format!("{} is not a directory", dir.display()),
+            ));
+        }
+        let path = dir.join(name);
+        match fs::symlink_metadata(&path) {
+            Ok(m) if !force => {
+                let _ = m;
+                return Err(RepoError::AlreadyExists {
+                    what: format!("{} (use --force to replace it)", path.display()),
+                });
+            }
+            Ok(m) if !m.file_type().is_file() => {
+                return Err(RepoError::invalid(
+                    "restore target",
+                    format!(
+                        "{} exists and is not a regular file (symlink, directory or device): refusing even with --force",
+                        path.display()
+                    ),
+                ));
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(RepoError::io("stat restore target", &path, e)),
+        }
+        let tmp = dir.join(format!(".{name}.partial-{}", std::process::id()));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+            .map_err(|e| RepoError::io("create restore output", &tmp, e))?;
+        Ok(OutputFile {
+            file,
+            tmp,
+            path,
+            force,
+            dir: dir.to_owned(),
+        })
+    }
+
+    fn commit(self) -> Result<PathBuf> {
+        if self.force {
+            // rename() replaces a symlink or file at the name itself and
+            // never follows it.
+            if let Err(e) = fs::rename(&self.tmp, &self.path) {
+                let _ = fs::remove_file(&self.tmp);
+                return Err(RepoError::io("move restore output to", &self.path, e));
+            }
+        } else {
+            // link() fails if the name appeared meanwhile: never overwrite.
+            if let Err(e) = fs::hard_link(&self.tmp, &self.path) {
+                let _ = fs::remove_file(&self.tmp);
+                return Err(match e.kind() {
+                    io::ErrorKind::AlreadyExists => RepoError::AlreadyExists {
+                        what: format!("{} (use --force to replace it)", self.path.display()),
+                    },
+                    _ => RepoError::io("move restore output to", &self.path, e),
+                });
+            }
+            let _ = fs::remove_file(&self.tmp);
+        }
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| RepoError::io("sync directory", &self.dir, e))?;
+        Ok(self.path)
+    }
+
+    fn discard(self) {
+        let _ = fs::remove_file(&self.tmp);
+    }
+}

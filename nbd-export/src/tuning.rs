@@ -1,0 +1,118 @@
+//! Every knob of the read path, in one place, each with the reason for its
+//! value. The crate docs ("Threads, connections, requests") explain how they
+//! fit together.
+
+use std::time::Duration;
+
+const MIB: u32 = 1 << 20;
+
+/// Chunk size of the backup store: 4 MiB is the unit that gets hashed,
+/// compressed and stored, so the reader hands out whole chunks.
+pub const DEFAULT_CHUNK_SIZE: u32 = 4 * MIB;
+
+/// Largest chunk the reader accepts. A chunk is one allocation; 64 MiB keeps
+/// a single item far below any sane byte budget.
+pub const MAX_CHUNK_SIZE: u32 = 64 * MIB;
+
+/// Hard ceiling for any request length (F-20): the spec's interoperable
+/// maximum payload (2^25). Servers advertising less get less.
+pub const MAX_REQUEST_LEN: u32 = 32 * MIB;
+
+/// Default length of one `NBD_CMD_READ`. Large enough that per-request
+/// overhead (a header, a syscall or CQE per reply chunk) is noise, small
+/// enough that several requests per 4 MiB chunk keep qemu's coroutines and
+/// nbdkit's threads busy in parallel. Measured with `scripts/bench-nbd`
+/// (1 MiB was within noise of 2 and 4 MiB, and ahead of 256 KiB).
+pub const DEFAULT_READ_REQUEST_LEN: u32 = MIB;
+
+/// Requests in flight per connection. nbdcopy's default (64) saturates qemu
+/// and nbdkit; each costs only a 28-byte header and a small table entry, and
+/// the 64 × 28 bytes always fit in the socket send buffer, so a blocking
+/// write can never deadlock against a server busy sending replies.
+pub const MAX_REQUESTS_IN_FLIGHT: usize = 64;
+
+/// Read bytes in flight per connection. Reads land in chunk buffers that are
+/// already paid for by the byte budget; this cap only keeps one connection
+/// from owning the whole budget when several share it.
+pub const MAX_BYTES_IN_FLIGHT: u64 = 64 * MIB as u64;
+
+/// A connection takes this much of the export at a time (a whole number of
+/// chunks), like nbdcopy's work ranges: big enough that block status is one
+/// request per range, small enough that N connections share the tail evenly.
+pub const WORK_RANGE_LEN: u64 = 64 * MIB as u64;
+
+/// Block status is asked for at most this much at once (F-20: every request
+/// is at most 32 MiB long).
+pub const BLOCK_STATUS_LEN: u32 = MAX_REQUEST_LEN;
+
+/// Chunks planned but still waiting for budget, per connection. Planning is
+/// cheap, but without a cap a connection would query block status for the
+/// whole disk while the budget is exhausted.
+pub const MAX_PLANNED_AHEAD: usize = 32;
+
+/// The spec says a server SHOULD NOT send more than 2^20 extents in one
+/// block status chunk; anything bigger is refused before it is allocated.
+pub const MAX_EXTENTS_PER_CHUNK: usize = 1 << 20;
+
+/// Strings (names, messages) are at most 4096 bytes by the spec.
+pub const MAX_STRING_LEN: usize = 4096;
+
+/// Option replies are at most a string plus a few fixed fields; 4096 + 64
+/// covers every reply this client asks for.
+pub const MAX_OPTION_REPLY_LEN: u32 = 4096 + 64;
+
+/// Option replies per option before we give up (a server sending endless
+/// `NBD_REP_INFO` or `NBD_REP_META_CONTEXT` replies).
+pub const MAX_OPTION_REPLIES: usize = 64;
+
+/// Payload cap for error chunks of unknown type (bit 15 set): the error and
+/// message fields plus generous room for trailing fields.
+pub const MAX_UNKNOWN_ERROR_CHUNK: u32 = 6 + 4096 + 64;
+
+/// A read reply may arrive in many pieces; we track which bytes are covered
+/// as sorted disjoint intervals (adjacent pieces merge). A hostile server
+/// could otherwise grow the interval list without limit.
+pub const MAX_READ_FRAGMENTS: usize = 4096;
+
+/// Connect deadline (TCP; a unix connect to a live listener is immediate).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Each handshake read/write must finish within this.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest silence from the server while requests are in flight (F-19).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Default number of connections when the server allows multi-conn. Two
+/// cores here: 4 connections keep the server's threads busy without
+/// oversubscribing (nbdcopy also defaults to 4).
+pub const DEFAULT_CONNECTIONS: usize = 4;
+
+/// Upper bound on connections.
+pub const MAX_CONNECTIONS: usize = 16;
+
+/// Default byte budget: 64 chunks of 4 MiB. Plenty for the pipeline to stay
+/// full with 4 connections × 64 MiB in flight.
+pub const DEFAULT_BYTE_BUDGET: u64 = 256 * MIB as u64;
+
+/// Server errors on a read are retried this many times at the same offset
+/// before the chunk fails (F-18).
+pub const READ_RETRIES: u32 = 2;
+
+/// Items (of any kind) queued between the reader and its consumer. Data
+/// chunks are bounded by the byte budget; this bounds the tiny zero/clean
+/// items too.
+pub const CHANNEL_CAPACITY: usize = 256;
+
+/// io_uring waits in slices this long so cancellation is noticed promptly.
+pub const URING_WAIT_SLICE: Duration = Duration::from_millis(200);
+
+/// On teardown, how long to wait for the kernel to hand back buffers of
+/// cancelled operations before leaking them rather than freeing memory the
+/// kernel may still write.
+pub const URING_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Socket buffer size asked for (`SO_RCVBUF`/`SO_SNDBUF`). A 4 MiB receive
+/// buffer lets the server stream a whole read request without waiting for
+/// us, which halves the number of wakeups versus the 208 KiB default.
+pub const SOCKET_BUFFER: usize = 4 * MIB as usize;
