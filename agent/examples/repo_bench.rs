@@ -161,16 +161,20 @@ fn main() {
     let key = Arc::new(Key::generate());
     for k in [None, Some(key.as_ref())] {
         let digests: Vec<_> = sample.iter().map(|c| blob::chunk_digest(k, c)).collect();
-        let t0 = Instant::now();
-        for (c, d) in sample.iter().zip(&digests) {
-            blob::encode(ObjectType::Chunk, c, Some(1), k, d).unwrap();
+        // Best of 5 alternating runs: the machine may be shared.
+        let (mut plain, mut verified) = (f64::MAX, f64::MAX);
+        for _ in 0..5 {
+            let t0 = Instant::now();
+            for (c, d) in sample.iter().zip(&digests) {
+                blob::encode(ObjectType::Chunk, c, Some(1), k, d).unwrap();
+            }
+            plain = plain.min(t0.elapsed().as_secs_f64());
+            let t1 = Instant::now();
+            for (c, d) in sample.iter().zip(&digests) {
+                blob::encode_chunk_verified(c, d, k, 1).unwrap();
+            }
+            verified = verified.min(t1.elapsed().as_secs_f64());
         }
-        let plain = t0.elapsed().as_secs_f64();
-        let t1 = Instant::now();
-        for (c, d) in sample.iter().zip(&digests) {
-            blob::encode_chunk_verified(c, d, k, 1).unwrap();
-        }
-        let verified = t1.elapsed().as_secs_f64();
         println!(
             "[{}] encode per core: {:.0} MiB/s unchecked, {:.0} MiB/s with pre-store verification (+{:.0}% time)",
             if k.is_some() { "encrypted" } else { "plain" },

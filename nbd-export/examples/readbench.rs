@@ -4,8 +4,11 @@
 //! ```text
 //! readbench --socket PATH | --tcp HOST:PORT [--export NAME] [--bitmap NAME]
 //!           [--engine uring|sync|auto] [--connections N] [--request-size BYTES]
-//!           [--chunk-size BYTES] [--budget BYTES] [--repeat N]
+//!           [--chunk-size BYTES] [--budget BYTES] [--repeat N] [--no-recycle]
 //! ```
+//!
+//! Buffers go back to the reader through its `Recycler`, as the backup job
+//! does after compressing a chunk; `--no-recycle` drops them instead.
 //!
 //! Output (one line per run): `engine=.. conns=.. secs=.. size_mib=..
 //! read_mib=.. mib_s=..` where `mib_s` is the export size over wall time
@@ -36,6 +39,7 @@ fn run() -> Result<(), String> {
     let mut bitmap = None;
     let mut cfg = ReaderConfig::default();
     let mut repeat = 1;
+    let mut recycle = true;
     while let Some(a) = args.next() {
         let mut val = || args.next().ok_or(format!("{a} needs a value"));
         match a.as_str() {
@@ -54,6 +58,7 @@ fn run() -> Result<(), String> {
             }
             "--budget" => cfg.byte_budget = parse_size(&val()?)?,
             "--repeat" => repeat = val()?.parse().map_err(|e| format!("{e}"))?,
+            "--no-recycle" => recycle = false,
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -69,19 +74,23 @@ fn run() -> Result<(), String> {
         let t = Instant::now();
         let mut stream = ChunkReader::start(&src, &cfg).map_err(|e| format!("{e:#?}"))?;
         let size = stream.export_info().size;
+        let recycler = stream.recycler();
         let mut sink = 0u64;
         for item in &mut stream {
             let chunk = item.map_err(|e| format!("{e:#?}"))?;
-            if let ChunkKind::Data(d) = &chunk.kind {
+            if let ChunkKind::Data(d) = chunk.kind {
                 // Touch the data so the read cannot be optimised away.
                 sink = sink.wrapping_add(u64::from(d[d.len() / 2]));
+                if recycle {
+                    recycler.recycle(d);
+                }
             }
         }
         let secs = t.elapsed().as_secs_f64();
         let st = stream.stats();
         let mib = |b: u64| b as f64 / f64::from(1 << 20);
         println!(
-            "engine={} conns={} req={} secs={secs:.3} size_mib={:.0} read_mib={:.0} mib_s={:.0} data_chunks={} zero_chunks={} clean_chunks={} requests={} sink={sink}",
+            "engine={} conns={} req={} recycle={recycle} secs={secs:.3} size_mib={:.0} read_mib={:.0} mib_s={:.0} data_chunks={} zero_chunks={} clean_chunks={} requests={} sink={sink}",
             stream.engine(),
             stream.connections(),
             cfg.read_request_len,

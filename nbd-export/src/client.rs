@@ -174,7 +174,9 @@ impl Client {
             let slice = self
                 .link
                 .wait_allowance()
-                .map_or(tuning::URING_WAIT_SLICE, |a| a.min(tuning::URING_WAIT_SLICE));
+                .map_or(tuning::URING_WAIT_SLICE, |a| {
+                    a.min(tuning::URING_WAIT_SLICE)
+                });
             let t0 = Instant::now();
             self.io
                 .wait(slice, &mut comps)

@@ -346,7 +346,11 @@ impl Conn {
         let slot = self
             .slots
             .get_mut(buf.0)
-            .filter(|s| s.data.as_ref().is_some_and(|d| buf_off + len as usize <= d.len()))
+            .filter(|s| {
+                s.data
+                    .as_ref()
+                    .is_some_and(|d| buf_off + len as usize <= d.len())
+            })
             .ok_or_else(|| Error::InvalidArgument("read destination out of bounds".into()))?;
         slot.refs += 1;
         let cookie = self.cookie();
@@ -388,9 +392,7 @@ impl Conn {
                 tag,
                 offset,
                 len,
-                kind: Kind::BlockStatus {
-                    got: vec![None; n],
-                },
+                kind: Kind::BlockStatus { got: vec![None; n] },
                 error: None,
                 started: false,
             },
@@ -598,10 +600,9 @@ impl Conn {
             // With structured replies negotiated a read MUST NOT get a
             // simple reply: its payload length would be unknowable.
             Kind::Read { .. } => Err(Violation::UnexpectedSimpleReply("NBD_CMD_READ").into()),
-            Kind::BlockStatus { .. } if p.started => Err(Violation::Malformed(
-                "simple reply after structured chunks".into(),
-            )
-            .into()),
+            Kind::BlockStatus { .. } if p.started => {
+                Err(Violation::Malformed("simple reply after structured chunks".into()).into())
+            }
             Kind::BlockStatus { .. } if error == 0 => Err(Violation::Malformed(
                 "block status succeeded with a simple reply (no extents)".into(),
             )
@@ -709,7 +710,11 @@ impl Conn {
                 len
             }
             wire::NBD_REPLY_TYPE_ERROR | wire::NBD_REPLY_TYPE_ERROR_OFFSET => {
-                let fixed = if ty == wire::NBD_REPLY_TYPE_ERROR { 6 } else { 14 };
+                let fixed = if ty == wire::NBD_REPLY_TYPE_ERROR {
+                    6
+                } else {
+                    14
+                };
                 if len < fixed || len > fixed + wire::sat_u32(tuning::MAX_STRING_LEN as u64) {
                     return bad_len("error chunk");
                 }
@@ -734,11 +739,7 @@ impl Conn {
         if self.scratch.len() < need {
             self.scratch.resize(need, 0);
         }
-        self.rx = Rx::Fixed {
-            h,
-            need,
-            filled: 0,
-        };
+        self.rx = Rx::Fixed { h, need, filled: 0 };
         Ok(())
     }
 
@@ -992,14 +993,32 @@ mod tests {
         let ck = cookies(&mut c);
         let mut s = Vec::new();
         // Second request first, in two pieces: hole then data.
-        wire::encode_chunk(&mut s, 0, wire::NBD_REPLY_TYPE_OFFSET_HOLE, ck[1], &wire::encode_hole(4096, 1024));
+        wire::encode_chunk(
+            &mut s,
+            0,
+            wire::NBD_REPLY_TYPE_OFFSET_HOLE,
+            ck[1],
+            &wire::encode_hole(4096, 1024),
+        );
         let mut d = 5120u64.to_be_bytes().to_vec();
         d.extend_from_slice(&[7u8; 3072]);
-        wire::encode_chunk(&mut s, wire::NBD_REPLY_FLAG_DONE, wire::NBD_REPLY_TYPE_OFFSET_DATA, ck[1], &d);
+        wire::encode_chunk(
+            &mut s,
+            wire::NBD_REPLY_FLAG_DONE,
+            wire::NBD_REPLY_TYPE_OFFSET_DATA,
+            ck[1],
+            &d,
+        );
         let mut d = 0u64.to_be_bytes().to_vec();
         d.extend_from_slice(&[9u8; 4096]);
         wire::encode_chunk(&mut s, 0, wire::NBD_REPLY_TYPE_OFFSET_DATA, ck[0], &d);
-        wire::encode_chunk(&mut s, wire::NBD_REPLY_FLAG_DONE, wire::NBD_REPLY_TYPE_NONE, ck[0], &[]);
+        wire::encode_chunk(
+            &mut s,
+            wire::NBD_REPLY_FLAG_DONE,
+            wire::NBD_REPLY_TYPE_NONE,
+            ck[0],
+            &[],
+        );
         for step in [1, 7, 1 << 20] {
             let mut c2 = Conn::new(info(&[]));
             let b2 = c2.add_buf(vec![0xee; 8192]);
@@ -1027,7 +1046,13 @@ mod tests {
         c.submit_read(1, 0, 4096, buf, 0).unwrap();
         let ck = cookies(&mut c);
         let mut s = Vec::new();
-        wire::encode_chunk(&mut s, 0, wire::NBD_REPLY_TYPE_OFFSET_HOLE, ck[0], &wire::encode_hole(0, 2048));
+        wire::encode_chunk(
+            &mut s,
+            0,
+            wire::NBD_REPLY_TYPE_OFFSET_HOLE,
+            ck[0],
+            &wire::encode_hole(0, 2048),
+        );
         wire::encode_chunk(
             &mut s,
             wire::NBD_REPLY_FLAG_DONE,
@@ -1038,8 +1063,16 @@ mod tests {
         feed(&mut c, &s, 1000).unwrap();
         let d: Vec<_> = c.take_done().collect();
         match &d[0].result {
-            Err(Error::Command { offset, errno, message, .. }) => {
-                assert_eq!((*offset, *errno, message.as_str()), (2048, wire::NBD_EIO, "bad sector"));
+            Err(Error::Command {
+                offset,
+                errno,
+                message,
+                ..
+            }) => {
+                assert_eq!(
+                    (*offset, *errno, message.as_str()),
+                    (2048, wire::NBD_EIO, "bad sector")
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -1070,12 +1103,24 @@ mod tests {
             d.extend(std::iter::repeat_n(1u8, n));
             d
         };
-        check(&|_| vec![0x12; 16], &|v| matches!(v, Violation::BadMagic { .. }));
-        check(&|ck| chunk(1, 0, ck[0] + 100, &[]), &|v| matches!(v, Violation::UnknownCookie(_)));
-        check(&|ck| chunk(1, 77, ck[0], &[]), &|v| matches!(v, Violation::UnknownReplyType(77)));
-        check(&|ck| chunk(1, 1, ck[0], &data(4096, 4097)), &|v| matches!(v, Violation::Oversized { .. }));
-        check(&|ck| chunk(1, 1, ck[0], &data(0, 10)), &|v| matches!(v, Violation::ChunkOutOfRange { .. }));
-        check(&|ck| chunk(1, 1, ck[0], &data(4096, 100)), &|v| matches!(v, Violation::IncompleteRead { .. }));
+        check(&|_| vec![0x12; 16], &|v| {
+            matches!(v, Violation::BadMagic { .. })
+        });
+        check(&|ck| chunk(1, 0, ck[0] + 100, &[]), &|v| {
+            matches!(v, Violation::UnknownCookie(_))
+        });
+        check(&|ck| chunk(1, 77, ck[0], &[]), &|v| {
+            matches!(v, Violation::UnknownReplyType(77))
+        });
+        check(&|ck| chunk(1, 1, ck[0], &data(4096, 4097)), &|v| {
+            matches!(v, Violation::Oversized { .. })
+        });
+        check(&|ck| chunk(1, 1, ck[0], &data(0, 10)), &|v| {
+            matches!(v, Violation::ChunkOutOfRange { .. })
+        });
+        check(&|ck| chunk(1, 1, ck[0], &data(4096, 100)), &|v| {
+            matches!(v, Violation::IncompleteRead { .. })
+        });
         check(
             &|ck| {
                 let mut s = chunk(0, 1, ck[0], &data(4096, 100));
@@ -1084,42 +1129,63 @@ mod tests {
             },
             &|v| matches!(v, Violation::OverlappingChunk { .. }),
         );
-        check(&|ck| chunk(0, 0, ck[0], &[]), &|v| matches!(v, Violation::Malformed(_)));
-        check(&|ck| wire::SimpleReply::new(0, ck[0]).as_bytes().to_vec(), &|v| {
-            matches!(v, Violation::UnexpectedSimpleReply(_))
+        check(&|ck| chunk(0, 0, ck[0], &[]), &|v| {
+            matches!(v, Violation::Malformed(_))
         });
-        check(&|ck| chunk(1, 5, ck[0], &wire::encode_block_status(10, &[(1, 0)])), &|v| {
-            matches!(v, Violation::UnexpectedReplyType { .. })
-        });
-        check(&|ck| chunk(1, 5, ck[1], &wire::encode_block_status(10, &[(0, 0)])), &|v| {
-            matches!(v, Violation::ZeroLengthExtent(10))
-        });
-        check(&|ck| chunk(1, 5, ck[1], &wire::encode_block_status(10, &[(2 << 20, 0)])), &|v| {
-            matches!(v, Violation::ExtentPastEof { .. })
-        });
-        check(&|ck| chunk(1, 5, ck[1], &wire::encode_block_status(10, &[(8192, 0), (512, 0)])), &|v| {
-            matches!(v, Violation::ExtentsBeyondRequest(10))
-        });
-        check(&|ck| chunk(1, 5, ck[1], &wire::encode_block_status(99, &[(512, 0)])), &|v| {
-            matches!(v, Violation::UnknownContext(99))
-        });
+        check(
+            &|ck| wire::SimpleReply::new(0, ck[0]).as_bytes().to_vec(),
+            &|v| matches!(v, Violation::UnexpectedSimpleReply(_)),
+        );
+        check(
+            &|ck| chunk(1, 5, ck[0], &wire::encode_block_status(10, &[(1, 0)])),
+            &|v| matches!(v, Violation::UnexpectedReplyType { .. }),
+        );
+        check(
+            &|ck| chunk(1, 5, ck[1], &wire::encode_block_status(10, &[(0, 0)])),
+            &|v| matches!(v, Violation::ZeroLengthExtent(10)),
+        );
+        check(
+            &|ck| chunk(1, 5, ck[1], &wire::encode_block_status(10, &[(2 << 20, 0)])),
+            &|v| matches!(v, Violation::ExtentPastEof { .. }),
+        );
+        check(
+            &|ck| {
+                chunk(
+                    1,
+                    5,
+                    ck[1],
+                    &wire::encode_block_status(10, &[(8192, 0), (512, 0)]),
+                )
+            },
+            &|v| matches!(v, Violation::ExtentsBeyondRequest(10)),
+        );
+        check(
+            &|ck| chunk(1, 5, ck[1], &wire::encode_block_status(99, &[(512, 0)])),
+            &|v| matches!(v, Violation::UnknownContext(99)),
+        );
         check(
             &|ck| {
                 let mut s = chunk(0, 5, ck[1], &wire::encode_block_status(10, &[(512, 0)]));
-                s.extend(chunk(1, 5, ck[1], &wire::encode_block_status(10, &[(512, 0)])));
+                s.extend(chunk(
+                    1,
+                    5,
+                    ck[1],
+                    &wire::encode_block_status(10, &[(512, 0)]),
+                ));
                 s
             },
             &|v| matches!(v, Violation::DuplicateContext(10)),
         );
-        check(&|ck| chunk(1, 0, ck[1], &[]), &|v| matches!(v, Violation::MissingContext(10)));
+        check(&|ck| chunk(1, 0, ck[1], &[]), &|v| {
+            matches!(v, Violation::MissingContext(10))
+        });
         check(
             &|ck| chunk(1, 5, ck[1], &[0u8; 4 + 8 * (1 << 20) + 8][..]),
             &|v| matches!(v, Violation::Oversized { .. }),
         );
-        check(
-            &|ck| chunk(1, 0x8009, ck[0], &vec![0u8; 20000]),
-            &|v| matches!(v, Violation::BadLength { .. }),
-        );
+        check(&|ck| chunk(1, 0x8009, ck[0], &vec![0u8; 20000]), &|v| {
+            matches!(v, Violation::BadLength { .. })
+        });
     }
 
     #[test]
@@ -1133,7 +1199,13 @@ mod tests {
         wire::encode_chunk(&mut s, wire::NBD_REPLY_FLAG_DONE, 0x8042, ck[0], &p);
         feed(&mut c, &s, 3).unwrap();
         let d: Vec<_> = c.take_done().collect();
-        assert!(matches!(d[0].result, Err(Error::Command { errno: wire::NBD_EINVAL, .. })));
+        assert!(matches!(
+            d[0].result,
+            Err(Error::Command {
+                errno: wire::NBD_EINVAL,
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -1142,17 +1214,49 @@ mod tests {
         c.submit_block_status(7, 4096, 8192).unwrap();
         let ck = cookies(&mut c);
         let mut s = Vec::new();
-        wire::encode_chunk(&mut s, 0, 5, ck[0], &wire::encode_block_status(11, &[(4096, 1)]));
-        wire::encode_chunk(&mut s, wire::NBD_REPLY_FLAG_DONE, 5, ck[0], &wire::encode_block_status(10, &[(4096, 0), (65536, 3)]));
+        wire::encode_chunk(
+            &mut s,
+            0,
+            5,
+            ck[0],
+            &wire::encode_block_status(11, &[(4096, 1)]),
+        );
+        wire::encode_chunk(
+            &mut s,
+            wire::NBD_REPLY_FLAG_DONE,
+            5,
+            ck[0],
+            &wire::encode_block_status(10, &[(4096, 0), (65536, 3)]),
+        );
         feed(&mut c, &s, 64).unwrap();
         let d: Vec<_> = c.take_done().collect();
-        let Ok(DoneOk::BlockStatus(ctx)) = &d[0].result else { panic!("{d:?}") };
+        let Ok(DoneOk::BlockStatus(ctx)) = &d[0].result else {
+            panic!("{d:?}")
+        };
         assert_eq!(ctx[0].context, "base:allocation");
-        assert_eq!(ctx[0].extents, vec![
-            Extent { offset: 4096, len: 4096, flags: 0 },
-            Extent { offset: 8192, len: 4096, flags: 3 },
-        ]);
-        assert_eq!(ctx[1].extents, vec![Extent { offset: 4096, len: 4096, flags: 1 }]);
+        assert_eq!(
+            ctx[0].extents,
+            vec![
+                Extent {
+                    offset: 4096,
+                    len: 4096,
+                    flags: 0
+                },
+                Extent {
+                    offset: 8192,
+                    len: 4096,
+                    flags: 3
+                },
+            ]
+        );
+        assert_eq!(
+            ctx[1].extents,
+            vec![Extent {
+                offset: 4096,
+                len: 4096,
+                flags: 1
+            }]
+        );
     }
 
     #[test]
@@ -1160,11 +1264,15 @@ mod tests {
         let mut c = Conn::new(info(&[]));
         let buf = c.add_buf(vec![0; 4096]);
         c.submit_read(1, (1 << 20) - 512, 4096, buf, 0).unwrap_err();
-        c.submit_read(1, 0, 8192, buf, 0).expect_err("beyond buffer");
+        c.submit_read(1, 0, 8192, buf, 0)
+            .expect_err("beyond buffer");
         c.submit_block_status(1, 0, 512).expect_err("no contexts");
         c.submit_read(1, 0, 4096, buf, 0).unwrap();
         let _ = cookies(&mut c);
-        assert!(c.take_buf(buf).is_none(), "buffer busy while read in flight");
+        assert!(
+            c.take_buf(buf).is_none(),
+            "buffer busy while read in flight"
+        );
         let b = c.rx_begin().unwrap();
         assert!(matches!(c.rx_end(b, 0), Err(Error::Disconnected { .. })));
     }
@@ -1182,6 +1290,9 @@ mod tests {
         for i in 0..tuning::MAX_READ_FRAGMENTS as u64 {
             cv.insert(i * 2, 1).unwrap();
         }
-        assert!(matches!(cv.insert(1 << 30, 1), Err(Violation::TooFragmented(_))));
+        assert!(matches!(
+            cv.insert(1 << 30, 1),
+            Err(Violation::TooFragmented(_))
+        ));
     }
 }

@@ -57,7 +57,11 @@ pub fn sample_replies() -> Vec<u8> {
             p.extend(std::iter::repeat_n(0x5a, half as usize));
             wire::encode_chunk(
                 &mut out,
-                if cookie == 4 { 0 } else { wire::NBD_REPLY_FLAG_DONE },
+                if cookie == 4 {
+                    0
+                } else {
+                    wire::NBD_REPLY_FLAG_DONE
+                },
                 wire::NBD_REPLY_TYPE_OFFSET_DATA,
                 cookie,
                 &p,
@@ -167,7 +171,10 @@ pub fn reply_stream(data: &[u8]) -> ReplyOutcome {
                     out.ok += 1;
                     for c in ctx {
                         let end = d.offset + u64::from(d.len);
-                        assert!(c.extents.iter().all(|e| e.offset >= d.offset && e.end() <= end));
+                        assert!(c
+                            .extents
+                            .iter()
+                            .all(|e| e.offset >= d.offset && e.end() <= end));
                     }
                 }
                 Err(_) => out.server_errors += 1,
@@ -211,7 +218,11 @@ pub fn sample_handshake() -> Vec<u8> {
     reply(wire::NBD_OPT_STRUCTURED_REPLY, wire::NBD_REP_ACK, &[]);
     let mut m = 7u32.to_be_bytes().to_vec();
     m.extend_from_slice(wire::CONTEXT_BASE_ALLOCATION.as_bytes());
-    reply(wire::NBD_OPT_SET_META_CONTEXT, wire::NBD_REP_META_CONTEXT, &m);
+    reply(
+        wire::NBD_OPT_SET_META_CONTEXT,
+        wire::NBD_REP_META_CONTEXT,
+        &m,
+    );
     reply(wire::NBD_OPT_SET_META_CONTEXT, wire::NBD_REP_ACK, &[]);
     reply(
         wire::NBD_OPT_GO,

@@ -98,5 +98,5 @@ pub use engine::{EngineChoice, EngineKind, ENGINE_ENV};
 pub use error::{Error, ErrorKind, Result, Violation};
 pub use handshake::{BlockSizes, ExportFlags, ExportInfo, MetaContext};
 pub use plan::{ChunkPlan, Extent, Run, RunKind};
-pub use reader::{Chunk, ChunkKind, ChunkReader, ChunkStream, ReadStats, ReaderConfig};
+pub use reader::{Chunk, ChunkKind, ChunkReader, ChunkStream, ReadStats, ReaderConfig, Recycler};
 pub use transport::{Endpoint, ExportSource, Stream};

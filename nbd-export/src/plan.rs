@@ -153,12 +153,10 @@ pub fn plan_runs(
     let mut runs = Vec::new();
     for w in cuts.windows(2) {
         let (a, b) = (w[0], w[1]);
-        let clean = dirty.is_some_and(|d| {
-            flags_at(d, a).is_some_and(|f| f & wire::NBD_STATE_DIRTY == 0)
-        });
-        let zero = allocation.is_some_and(|m| {
-            flags_at(m, a).is_some_and(|f| f & wire::NBD_STATE_ZERO != 0)
-        });
+        let clean =
+            dirty.is_some_and(|d| flags_at(d, a).is_some_and(|f| f & wire::NBD_STATE_DIRTY == 0));
+        let zero = allocation
+            .is_some_and(|m| flags_at(m, a).is_some_and(|f| f & wire::NBD_STATE_ZERO != 0));
         let kind = if clean {
             RunKind::Clean
         } else if zero {
@@ -287,15 +285,31 @@ mod tests {
         assert_eq!(
             runs,
             vec![
-                Run { offset: 0, len: 150, kind: RunKind::Clean },
-                Run { offset: 150, len: 50, kind: RunKind::Zero },
-                Run { offset: 200, len: 56, kind: RunKind::Data },
+                Run {
+                    offset: 0,
+                    len: 150,
+                    kind: RunKind::Clean
+                },
+                Run {
+                    offset: 150,
+                    len: 50,
+                    kind: RunKind::Zero
+                },
+                Run {
+                    offset: 200,
+                    len: 56,
+                    kind: RunKind::Data
+                },
             ]
         );
         // No maps: all data.
         assert_eq!(
             plan_runs(10, 20, None, None),
-            vec![Run { offset: 10, len: 20, kind: RunKind::Data }]
+            vec![Run {
+                offset: 10,
+                len: 20,
+                kind: RunKind::Data
+            }]
         );
         // Hole without ZERO is data (undefined contents are read).
         let holey = [ext(0, 64, wire::NBD_STATE_HOLE)];
@@ -310,7 +324,10 @@ mod tests {
             ChunkPlan::Data(vec![(0, 4096), (8192, 4096), (12288, 4096)])
         );
         let zero = [ext(0, 16384, 3)];
-        assert_eq!(plan_chunk(0, 16384, Some(&zero), None, 1, 4096), ChunkPlan::Zero);
+        assert_eq!(
+            plan_chunk(0, 16384, Some(&zero), None, 1, 4096),
+            ChunkPlan::Zero
+        );
         let clean = [ext(0, 16384, 0)];
         assert_eq!(
             plan_chunk(0, 16384, Some(&alloc), Some(&clean), 1, 4096),
@@ -323,7 +340,13 @@ mod tests {
             ChunkPlan::Data(vec![(0, 4096), (8192, 8192)])
         );
         // Unaligned extents widen to min_block, merging neighbours.
-        let odd = [ext(0, 100, 3), ext(100, 10, 0), ext(110, 4000, 3), ext(4110, 10, 0), ext(4120, 12264, 3)];
+        let odd = [
+            ext(0, 100, 3),
+            ext(100, 10, 0),
+            ext(110, 4000, 3),
+            ext(4110, 10, 0),
+            ext(4120, 12264, 3),
+        ];
         assert_eq!(
             plan_chunk(0, 16384, Some(&odd), None, 4096, 1 << 20),
             ChunkPlan::Data(vec![(0, 8192)])

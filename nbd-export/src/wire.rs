@@ -835,8 +835,7 @@ pub fn decode_info(payload: &[u8]) -> Result<Info, Violation> {
             })
         }
         NBD_INFO_BLOCK_SIZE => {
-            let b =
-                InfoBlockSize::read_from_bytes(rest).map_err(|_| bad("NBD_INFO_BLOCK_SIZE"))?;
+            let b = InfoBlockSize::read_from_bytes(rest).map_err(|_| bad("NBD_INFO_BLOCK_SIZE"))?;
             Ok(Info::BlockSize {
                 minimum: b.minimum.get(),
                 preferred: b.preferred.get(),
@@ -987,7 +986,10 @@ mod tests {
         let b: [u8; 16] = s.as_bytes().try_into().unwrap();
         assert_eq!(
             decode_reply_prefix(&b),
-            Ok(ReplyStart::Simple { error: 5, cookie: 9 })
+            Ok(ReplyStart::Simple {
+                error: 5,
+                cookie: 9
+            })
         );
         let h = ChunkHeader::new(NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, 9, 0);
         let hb: [u8; 20] = h.as_bytes().try_into().unwrap();

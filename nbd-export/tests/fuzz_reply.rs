@@ -9,7 +9,14 @@ use proptest::prelude::*;
 fn sample_stream_parses_cleanly() {
     let out = fuzzing::reply_stream(&fuzzing::sample_replies());
     // Five commands succeed, the one with an ERROR_OFFSET chunk fails.
-    assert_eq!(out, fuzzing::ReplyOutcome { ok: 5, server_errors: 1, fatal: false });
+    assert_eq!(
+        out,
+        fuzzing::ReplyOutcome {
+            ok: 5,
+            server_errors: 1,
+            fatal: false
+        }
+    );
 }
 
 proptest! {

@@ -134,7 +134,15 @@ fn f20_bad_greeting_magic() {
             b
         }),
         false,
-        |v| matches!(v, Violation::BadMagic { what: "greeting", .. }),
+        |v| {
+            matches!(
+                v,
+                Violation::BadMagic {
+                    what: "greeting",
+                    ..
+                }
+            )
+        },
     );
 }
 
@@ -149,7 +157,15 @@ fn f20_oldstyle_and_not_fixed_newstyle() {
             b
         }),
         false,
-        |v| matches!(v, Violation::BadMagic { what: "newstyle", .. }),
+        |v| {
+            matches!(
+                v,
+                Violation::BadMagic {
+                    what: "newstyle",
+                    ..
+                }
+            )
+        },
     );
     expect_violation(
         "not fixed newstyle",
@@ -175,7 +191,15 @@ fn f20_oversized_option_reply_is_refused_before_allocation() {
             b
         }),
         false,
-        |v| matches!(v, Violation::Oversized { what: "option reply", .. }),
+        |v| {
+            matches!(
+                v,
+                Violation::Oversized {
+                    what: "option reply",
+                    ..
+                }
+            )
+        },
     );
 }
 
@@ -216,7 +240,9 @@ fn f20_size_changes_between_connections() {
     expect_violation(
         "size change",
         &Behavior {
-            size_override: Some(Arc::new(|conn| if conn == 0 { 512 * KIB } else { 1024 * KIB })),
+            size_override: Some(Arc::new(
+                |conn| if conn == 0 { 512 * KIB } else { 1024 * KIB },
+            )),
             ..Behavior::default()
         },
         false,
@@ -260,8 +286,12 @@ fn f20_context_not_asked_for() {
                 let mut p = 5u32.to_be_bytes().to_vec();
                 p.extend_from_slice(b"x-evil:all");
                 v.extend_from_slice(
-                    OptionReply::new(NBD_OPT_SET_META_CONTEXT, NBD_REP_META_CONTEXT, p.len() as u32)
-                        .as_bytes(),
+                    OptionReply::new(
+                        NBD_OPT_SET_META_CONTEXT,
+                        NBD_REP_META_CONTEXT,
+                        p.len() as u32,
+                    )
+                    .as_bytes(),
                 );
                 v.extend_from_slice(&p);
                 v.extend_from_slice(&b);
@@ -292,7 +322,10 @@ fn f20_unknown_export_and_refusals_are_typed() {
             engine,
             false,
         );
-        assert!(matches!(e, Error::ExportNotFound { ref message, .. } if message == "no such export"), "{e:?}");
+        assert!(
+            matches!(e, Error::ExportNotFound { ref message, .. } if message == "no such export"),
+            "{e:?}"
+        );
         let e = read_error(
             handshake_tamper(|stage, _, b| {
                 if stage == "structured" {
@@ -309,7 +342,9 @@ fn f20_unknown_export_and_refusals_are_typed() {
         let e = read_error(
             handshake_tamper(|stage, _, b| {
                 if stage == "go" {
-                    return OptionReply::new(NBD_OPT_GO, NBD_REP_ERR_SHUTDOWN, 0).as_bytes().to_vec();
+                    return OptionReply::new(NBD_OPT_GO, NBD_REP_ERR_SHUTDOWN, 0)
+                        .as_bytes()
+                        .to_vec();
                 }
                 b
             }),
@@ -329,7 +364,8 @@ fn f20_handshake_eof_and_silence() {
         let (a, b) = UnixStream::pair().unwrap();
         let srv = std::thread::spawn(move || {
             let mut b = b;
-            b.write_all(&Greeting::new(NBD_FLAG_FIXED_NEWSTYLE).as_bytes()[..10]).unwrap();
+            b.write_all(&Greeting::new(NBD_FLAG_FIXED_NEWSTYLE).as_bytes()[..10])
+                .unwrap();
         });
         let opts = ClientOptions {
             engine,
@@ -337,13 +373,17 @@ fn f20_handshake_eof_and_silence() {
             ..ClientOptions::default()
         };
         let o2 = opts.clone();
-        let e = within(LIMIT, move || Client::from_stream(a, "", None, &o2).unwrap_err());
+        let e = within(LIMIT, move || {
+            Client::from_stream(a, "", None, &o2).unwrap_err()
+        });
         assert!(matches!(e, Error::Disconnected { .. }), "{e:?}");
         srv.join().unwrap();
 
         let (a, b) = UnixStream::pair().unwrap();
         let t = std::time::Instant::now();
-        let e = within(LIMIT, move || Client::from_stream(a, "", None, &opts).unwrap_err());
+        let e = within(LIMIT, move || {
+            Client::from_stream(a, "", None, &opts).unwrap_err()
+        });
         assert!(matches!(e, Error::Timeout { .. }), "{e:?}");
         assert!(t.elapsed() < Duration::from_secs(5));
         drop(b);
@@ -445,12 +485,22 @@ fn f20_data_outside_request_overlap_and_short_reads() {
         "out of range",
         &tamper(|r, b| {
             if is_read(r) {
-                return data_chunk(NBD_REPLY_FLAG_DONE, r.cookie, r.offset + 512, &vec![1; r.len as usize]);
+                return data_chunk(
+                    NBD_REPLY_FLAG_DONE,
+                    r.cookie,
+                    r.offset + 512,
+                    &vec![1; r.len as usize],
+                );
             }
             b
         }),
         false,
-        |v| matches!(v, Violation::ChunkOutOfRange { .. } | Violation::Oversized { .. }),
+        |v| {
+            matches!(
+                v,
+                Violation::ChunkOutOfRange { .. } | Violation::Oversized { .. }
+            )
+        },
     );
     expect_violation(
         "overlap",
@@ -458,7 +508,12 @@ fn f20_data_outside_request_overlap_and_short_reads() {
             if is_read(r) {
                 let half = r.len as usize / 2;
                 let mut v = data_chunk(0, r.cookie, r.offset, &vec![1; half + 512]);
-                v.extend(data_chunk(NBD_REPLY_FLAG_DONE, r.cookie, r.offset + half as u64, &vec![1; half]));
+                v.extend(data_chunk(
+                    NBD_REPLY_FLAG_DONE,
+                    r.cookie,
+                    r.offset + half as u64,
+                    &vec![1; half],
+                ));
                 return v;
             }
             b
@@ -470,7 +525,12 @@ fn f20_data_outside_request_overlap_and_short_reads() {
         "short",
         &tamper(|r, b| {
             if is_read(r) {
-                return data_chunk(NBD_REPLY_FLAG_DONE, r.cookie, r.offset, &vec![1; r.len as usize - 512]);
+                return data_chunk(
+                    NBD_REPLY_FLAG_DONE,
+                    r.cookie,
+                    r.offset,
+                    &vec![1; r.len as usize - 512],
+                );
             }
             b
         }),
@@ -501,7 +561,13 @@ fn f20_error_chunk_with_bad_message_length() {
                 let mut p = encode_error(NBD_EIO, "x", None);
                 p[4..6].copy_from_slice(&4000u16.to_be_bytes());
                 let mut v = Vec::new();
-                encode_chunk(&mut v, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, r.cookie, &p);
+                encode_chunk(
+                    &mut v,
+                    NBD_REPLY_FLAG_DONE,
+                    NBD_REPLY_TYPE_ERROR,
+                    r.cookie,
+                    &p,
+                );
                 return v;
             }
             b
@@ -518,7 +584,13 @@ fn f20_bad_extents() {
     let id_of = |b: &[u8]| u32::from_be_bytes(b[20..24].try_into().unwrap());
     expect_violation(
         "zero length",
-        &tamper(move |r, b| if is_status(r) { status_chunk(r.cookie, id_of(&b), &[(0, 0)]) } else { b }),
+        &tamper(move |r, b| {
+            if is_status(r) {
+                status_chunk(r.cookie, id_of(&b), &[(0, 0)])
+            } else {
+                b
+            }
+        }),
         false,
         |v| matches!(v, Violation::ZeroLengthExtent(_)),
     );
@@ -546,7 +618,13 @@ fn f20_bad_extents() {
     );
     expect_violation(
         "unknown context",
-        &tamper(|r, b| if is_status(r) { status_chunk(r.cookie, 9999, &[(r.len, 0)]) } else { b }),
+        &tamper(|r, b| {
+            if is_status(r) {
+                status_chunk(r.cookie, 9999, &[(r.len, 0)])
+            } else {
+                b
+            }
+        }),
         false,
         |v| matches!(v, Violation::UnknownContext(9999)),
     );
@@ -583,7 +661,10 @@ fn f20_eof_mid_reply() {
             false,
         );
         assert!(
-            matches!(e.root(), Error::Disconnected { .. } | Error::Timeout { .. } | Error::Io { .. }),
+            matches!(
+                e.root(),
+                Error::Disconnected { .. } | Error::Timeout { .. } | Error::Io { .. }
+            ),
             "{engine:?}: {e:?}"
         );
         assert_eq!(e.kind(), ErrorKind::Temporary);
@@ -597,7 +678,8 @@ fn f20_garbage_after_handshake_on_a_socketpair() {
     for engine in engines() {
         let (a, mut b) = UnixStream::pair().unwrap();
         let srv = std::thread::spawn(move || {
-            b.write_all(Greeting::new(NBD_FLAG_FIXED_NEWSTYLE).as_bytes()).unwrap();
+            b.write_all(Greeting::new(NBD_FLAG_FIXED_NEWSTYLE).as_bytes())
+                .unwrap();
             let mut buf = [0u8; 4];
             b.read_exact(&mut buf).unwrap();
             loop {
@@ -615,7 +697,11 @@ fn f20_garbage_after_handshake_on_a_socketpair() {
                     out.extend_from_slice(OptionReply::new(opt, NBD_REP_INFO, 12).as_bytes());
                     out.extend_from_slice(&info);
                 }
-                let ty = if opt == NBD_OPT_SET_META_CONTEXT { NBD_REP_ERR_UNSUP } else { NBD_REP_ACK };
+                let ty = if opt == NBD_OPT_SET_META_CONTEXT {
+                    NBD_REP_ERR_UNSUP
+                } else {
+                    NBD_REP_ACK
+                };
                 out.extend_from_slice(OptionReply::new(opt, ty, 0).as_bytes());
                 b.write_all(&out).unwrap();
                 if opt == NBD_OPT_GO {
@@ -627,13 +713,19 @@ fn f20_garbage_after_handshake_on_a_socketpair() {
             let _ = b.write_all(&[0xa5; 4096]);
             std::thread::sleep(Duration::from_millis(200));
         });
-        let opts = ClientOptions { engine, ..ClientOptions::default() };
+        let opts = ClientOptions {
+            engine,
+            ..ClientOptions::default()
+        };
         let e = within(LIMIT, move || {
             let mut c = Client::from_stream(a, "", None, &opts).unwrap();
             assert!(c.info().contexts.is_empty());
             c.read(0, 4096).unwrap_err()
         });
-        assert!(matches!(e.violation(), Some(Violation::BadMagic { .. })), "{e:?}");
+        assert!(
+            matches!(e.violation(), Some(Violation::BadMagic { .. })),
+            "{e:?}"
+        );
         srv.join().unwrap();
     }
 }

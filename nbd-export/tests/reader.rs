@@ -116,7 +116,11 @@ fn full_read_equals_image_both_engines() {
                 })
                 .collect();
             // 256 KiB chunks over the mixed image.
-            assert_eq!(kinds.iter().collect::<String>(), "DZZDDDDDZZZZZZZZD", "{engine:?}");
+            assert_eq!(
+                kinds.iter().collect::<String>(),
+                "DZZDDDDDZZZZZZZZD",
+                "{engine:?}"
+            );
             let st = s.stats();
             // Only data extents were requested: 100K + 64K + 64K + 1M + 4K.
             let data = 100 * KIB + 64 * KIB + 64 * KIB + MIB + 4 * KIB;
@@ -158,7 +162,11 @@ fn incremental_reads_only_dirty_chunks() {
         check_against(&image, &chunks, c.chunk_size.into());
         for (i, k) in &kinds {
             let expect_clean = !matches!(i, 1 | 13 | 14 | 15 | 16);
-            assert_eq!(matches!(k, ChunkKind::Clean), expect_clean, "chunk {i}: {k:?}");
+            assert_eq!(
+                matches!(k, ChunkKind::Clean),
+                expect_clean,
+                "chunk {i}: {k:?}"
+            );
         }
         // Chunk 1 (256K..512K) is dirty in one KiB and a hole: zero, not
         // clean. Chunk 16 is dirty with data.
@@ -170,8 +178,9 @@ fn incremental_reads_only_dirty_chunks() {
             .filter(|r| r.command == nbd_export::wire::NBD_CMD_READ)
             .collect();
         assert!(
-            reads.iter().all(|r| r.offset >= 256 * KIB && r.offset < 512 * KIB
-                || r.offset >= 13 * 256 * KIB),
+            reads.iter().all(
+                |r| r.offset >= 256 * KIB && r.offset < 512 * KIB || r.offset >= 13 * 256 * KIB
+            ),
             "clean chunks were read: {reads:?}"
         );
     }
@@ -182,7 +191,10 @@ fn missing_dirty_bitmap_context_is_an_error() {
     let srv = FakeServer::start(mixed_image(), Behavior::default());
     let src = srv.source().with_dirty_bitmap("nope");
     let err = ChunkReader::start(&src, &cfg(EngineChoice::Sync)).unwrap_err();
-    assert!(matches!(err, Error::ContextMissing(ref n) if n == "qemu:dirty-bitmap:nope"), "{err}");
+    assert!(
+        matches!(err, Error::ContextMissing(ref n) if n == "qemu:dirty-bitmap:nope"),
+        "{err}"
+    );
     assert_eq!(err.kind(), ErrorKind::Permanent);
 }
 
@@ -236,7 +248,10 @@ fn pipelining_is_bounded() {
         let chunks = read_all(&srv, &c).unwrap();
         check_against(&image, &chunks, 256 * KIB);
         let seen = srv.max_in_flight_seen();
-        assert!((2..=5).contains(&seen), "{engine:?}: {seen} requests in flight");
+        assert!(
+            (2..=5).contains(&seen),
+            "{engine:?}: {seen} requests in flight"
+        );
     }
 }
 
@@ -266,6 +281,52 @@ fn byte_budget_bounds_memory() {
         }
         assert_eq!(n, 64);
         assert!(peak > 0);
+    }
+}
+
+/// Recycled buffers come back full of garbage; chunks built from them must
+/// still be exact (parts not read are zeroed), and pooled buffers count
+/// against the budget.
+#[test]
+fn recycled_buffers_are_reused_and_cleaned() {
+    // Every chunk mixes data and holes, so a stale byte would show.
+    let mut segs = Vec::new();
+    for i in 0..24u8 {
+        segs.push((96 * KIB, Seg::Data(i)));
+        segs.push((160 * KIB, Seg::Hole));
+    }
+    let image = Image::new(&segs);
+    for engine in engines() {
+        let srv = FakeServer::start(image.clone(), Behavior::default());
+        let c = ReaderConfig {
+            byte_budget: 4 * 256 * KIB,
+            connections: 2,
+            ..cfg(engine)
+        };
+        let mut s = ChunkReader::start(&srv.source(), &c).unwrap();
+        let recycler = s.recycler();
+        let mut chunks = BTreeMap::new();
+        let mut ptrs = std::collections::HashSet::new();
+        while let Some(item) = s.next() {
+            let mut ch = item.unwrap();
+            assert!(s.budget_in_use() <= c.byte_budget);
+            if let ChunkKind::Data(d) = &mut ch.kind {
+                ptrs.insert(d.as_ptr() as usize);
+                let copy = d.clone();
+                d.fill(0xff);
+                recycler.recycle(std::mem::take(d));
+                ch.kind = ChunkKind::Data(copy);
+            }
+            chunks.insert(ch.index, ch);
+        }
+        check_against(&image, &chunks, 256 * KIB);
+        assert_eq!(chunks.len(), 24);
+        // 24 data chunks were served from a handful of buffers.
+        assert!(
+            ptrs.len() <= 8,
+            "{engine:?}: {} distinct buffers",
+            ptrs.len()
+        );
     }
 }
 
@@ -365,7 +426,10 @@ fn stalled_server_times_out() {
             s.find_map(Result::err)
         })
         .expect("an error");
-        assert!(matches!(err.root(), Error::Timeout { .. }), "{engine:?}: {err:?}");
+        assert!(
+            matches!(err.root(), Error::Timeout { .. }),
+            "{engine:?}: {err:?}"
+        );
         assert_eq!(err.kind(), ErrorKind::Temporary);
         assert!(t.elapsed() < Duration::from_secs(5));
     }
@@ -431,9 +495,18 @@ fn empty_and_unaligned_exports() {
 fn config_is_validated() {
     let srv = FakeServer::start(mixed_image(), Behavior::default());
     for bad in [
-        ReaderConfig { byte_budget: 1000, ..cfg(EngineChoice::Sync) },
-        ReaderConfig { connections: 0, ..cfg(EngineChoice::Sync) },
-        ReaderConfig { chunk_size: 0, ..cfg(EngineChoice::Sync) },
+        ReaderConfig {
+            byte_budget: 1000,
+            ..cfg(EngineChoice::Sync)
+        },
+        ReaderConfig {
+            connections: 0,
+            ..cfg(EngineChoice::Sync)
+        },
+        ReaderConfig {
+            chunk_size: 0,
+            ..cfg(EngineChoice::Sync)
+        },
     ] {
         let e = ChunkReader::start(&srv.source(), &bad).unwrap_err();
         assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
@@ -448,7 +521,10 @@ fn config_is_validated() {
     );
     let e = ChunkReader::start(
         &srv.source(),
-        &ReaderConfig { chunk_size: 6000, ..cfg(EngineChoice::Sync) },
+        &ReaderConfig {
+            chunk_size: 6000,
+            ..cfg(EngineChoice::Sync)
+        },
     )
     .unwrap_err();
     assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
@@ -508,9 +584,19 @@ fn client_over_a_socketpair() {
     for engine in engines() {
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
         let srv = FakeServer::serve_stream(b, image.clone(), Behavior::default());
-        let opts = ClientOptions { engine, ..ClientOptions::default() };
+        let opts = ClientOptions {
+            engine,
+            ..ClientOptions::default()
+        };
         let mut c = Client::from_stream(a, "exp", None, &opts).unwrap();
-        assert_eq!(c.engine().to_string(), if engine == EngineChoice::Sync { "sync" } else { "uring" });
+        assert_eq!(
+            c.engine().to_string(),
+            if engine == EngineChoice::Sync {
+                "sync"
+            } else {
+                "uring"
+            }
+        );
         let d = c.read(MIB, 64 * KIB as usize).unwrap();
         assert!(d[..] == image.data[MIB as usize..(MIB + 64 * KIB) as usize]);
         c.disconnect().unwrap();

@@ -345,6 +345,7 @@ async fn event_flood_does_not_block_reply() {
     let q = qmp.with_timeout(Duration::from_secs(20));
     let task = tokio::spawn(async move { q.query_status().await });
     let cmd = conn.expect("query-status").await.unwrap();
+    let started = Instant::now();
     let mut flood = Vec::new();
     for n in 0..20_000 {
         flood.extend_from_slice(
@@ -355,10 +356,9 @@ async fn event_flood_does_not_block_reply() {
     conn.reply(&cmd, json!({"running": true, "status": "running"}))
         .await
         .unwrap();
-    let started = Instant::now();
     let st = within(QUICK * 3, task).await.unwrap().unwrap();
     assert!(st.running);
-    eprintln!("reply after 20k-event flood took {:?}", started.elapsed());
+    eprintln!("20k-event flood + reply: {:?}", started.elapsed());
     assert_eq!(qmp.stats().events, 20_000);
     // Oldest dropped: a gap notice, then the newest 100 in order.
     assert_eq!(events.recv().await, Some(Delivery::Missed(19_900)));
@@ -732,4 +732,39 @@ async fn helper_wire_format() {
     );
     assert_eq!(seen[3].1["actions"].as_array().unwrap().len(), 3);
     assert_eq!(seen[4].1, json!({"shutdown":"pause"}));
+}
+
+/// While the socket is jammed (peer not reading), a command whose caller
+/// gives up before it is written is never sent, and a command being written
+/// is written whole: the peer never sees half a line.
+#[tokio::test]
+async fn abandoned_command_is_not_sent_and_lines_stay_whole() {
+    let (_s, qmp, _events, mut conn) = pair().await;
+    // ~900 KiB: more than a unix socket buffers, less than the mock's limit.
+    let big = "x".repeat(900 * 1024);
+    let (slow, fast) = (
+        qmp.with_timeout(Duration::from_millis(300)),
+        qmp.with_timeout(Duration::from_millis(200)),
+    );
+    let (jam, queued) = tokio::join!(slow.human_monitor_command(&big), fast.cont());
+    assert!(matches!(jam, Err(Error::CommandTimeout { .. })), "{jam:?}");
+    assert!(
+        matches!(queued, Err(Error::CommandTimeout { .. })),
+        "{queued:?}"
+    );
+    // Now read: the big command arrives whole, `cont` never does.
+    let first = within(QUICK, conn.recv_command()).await.unwrap().unwrap();
+    assert_eq!(first.name, "human-monitor-command");
+    assert_eq!(
+        first.arguments["command-line"].as_str().unwrap().len(),
+        big.len()
+    );
+    let (res, ()) = tokio::join!(qmp.query_status(), async {
+        let next = conn.recv_command().await.unwrap().unwrap();
+        assert_eq!(next.name, "query-status", "the abandoned cont was sent");
+        conn.reply(&next, json!({"running": false, "status": "paused"}))
+            .await
+            .unwrap();
+    });
+    res.unwrap();
 }

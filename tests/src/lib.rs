@@ -21,6 +21,7 @@
 
 pub mod disk;
 pub mod prereq;
+pub mod shear;
 pub mod vm;
 pub mod wire;
 

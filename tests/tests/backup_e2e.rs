@@ -8,113 +8,14 @@
 //! restored image must equal it byte for byte.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
-use shear_tests::{debugfs_cat, e2fsck_clean, require_guest, shear_bin, DiskSpec, TestVm, VmConfig};
+use serde_json::json;
+use shear_tests::shear::{assert_released_and_clean, report_of, run_ok, ShearEnv as Env};
+use shear_tests::{debugfs_cat, e2fsck_clean, require_guest, DiskSpec, TestVm, VmConfig};
 
 const MIB: u64 = 1 << 20;
-
-/// A repository, run dir and fleecing dir for one test.
-struct Env {
-    dir: tempfile::TempDir,
-}
-
-impl Env {
-    fn new() -> Env {
-        let env = Env {
-            dir: tempfile::Builder::new().prefix("shear-e2e-").tempdir().unwrap(),
-        };
-        let out = env.shear(&["init"]).output().unwrap();
-        assert!(out.status.success(), "init: {}", String::from_utf8_lossy(&out.stderr));
-        env
-    }
-    fn repo(&self) -> PathBuf {
-        self.dir.path().join("repo")
-    }
-    fn run_dir(&self) -> PathBuf {
-        self.dir.path().join("run")
-    }
-    fn fleece_dir(&self) -> PathBuf {
-        self.dir.path().join("fleece")
-    }
-    fn shear(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(shear_bin());
-        c.arg("--repo").arg(self.repo()).args(args);
-        c.env("SHEAR_RUN_DIR", self.run_dir());
-        c.env("SHEAR_CONFIG", self.dir.path().join("no-config.toml"));
-        c.env_remove("SHEAR_TEST_FROZEN_HOOK");
-        c
-    }
-    /// `shear backup 100 --qmp … --qga … --json` for `vm`.
-    fn backup(&self, vm: &TestVm, extra: &[&str]) -> Command {
-        let mut c = self.shear(&["backup", "100", "--json"]);
-        c.arg("--qmp").arg(vm.qmp_socket());
-        c.arg("--qga").arg(vm.qga_socket());
-        c.arg("--fleecing-dir").arg(self.fleece_dir());
-        c.args(extra);
-        c
-    }
-}
-
-fn run_ok(mut c: Command) -> Output {
-    let out = c.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{c:?} failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn report_of(out: &Output) -> Value {
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("bad JSON ({e}): {}", String::from_utf8_lossy(&out.stdout))
-    });
-    let r = v[0].clone();
-    assert!(r.get("error").is_none(), "backup failed: {r}");
-    r
-}
-
-/// PC-G/PC-T/PC-C: the guest runs, is thawed, and nothing of ours is left.
-fn assert_released_and_clean(vm: &mut TestVm, env: &Env, disks: &[&str]) {
-    let st = vm.harness_qmp("query-status", json!({})).unwrap();
-    assert_eq!(st["status"], "running", "VM not running: {st}");
-    assert_eq!(vm.qga("guest-fsfreeze-status", json!(null)).unwrap(), "thawed");
-    let nodes = vm.harness_qmp("query-named-block-nodes", json!({"flat": true})).unwrap();
-    let ours: Vec<&str> = nodes
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|n| n["node-name"].as_str())
-        .filter(|n| n.starts_with("shear-"))
-        .collect();
-    assert!(ours.is_empty(), "leftover nodes: {ours:?}");
-    let exports = vm.harness_qmp("query-block-exports", json!({})).unwrap();
-    assert_eq!(exports, json!([]), "leftover exports");
-    for d in disks {
-        let drive = vm
-            .harness_qmp("qom-get", json!({"path": vm.qdev(d), "property": "drive"}))
-            .unwrap();
-        assert_eq!(drive, json!(vm.disk_node(d)), "drive of {d} not restored");
-    }
-    let fleece: Vec<_> = std::fs::read_dir(env.fleece_dir())
-        .map(|r| r.filter_map(Result::ok).map(|e| e.path()).collect())
-        .unwrap_or_default();
-    assert!(fleece.is_empty(), "leftover fleece files: {fleece:?}");
-    let run: Vec<_> = std::fs::read_dir(env.run_dir())
-        .map(|r| {
-            r.filter_map(Result::ok)
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| !n.ends_with(".lock"))
-                .collect()
-        })
-        .unwrap_or_default();
-    assert!(run.is_empty(), "leftovers in the run dir: {run:?}");
-}
 
 /// Start the in-guest writer: a counter (written to every mounted data disk
 /// in order, then `sync`) plus churn, forever.
@@ -129,16 +30,23 @@ fn start_writer(vm: &TestVm, mounts: &[&str]) {
         ));
     }
     body.push_str("sync; done");
-    vm.guest_sh(&format!("(sh -c '{body}' </dev/null >/dev/null 2>&1 &) ; true"))
-        .unwrap();
+    vm.guest_sh(&format!(
+        "(sh -c '{body}' </dev/null >/dev/null 2>&1 &) ; true"
+    ))
+    .unwrap();
     // Let it run a few rounds.
     let first = mounts[0];
-    shear_tests::wait_until(Duration::from_secs(30), Duration::from_millis(100), "writer", || {
-        vm.guest_sh(&format!("cat {first}/counter"))
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .filter(|&n| n > 5)
-    })
+    shear_tests::wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        "writer",
+        || {
+            vm.guest_sh(&format!("cat {first}/counter"))
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .filter(|&n| n > 5)
+        },
+    )
     .unwrap();
 }
 
@@ -165,14 +73,24 @@ fn write_hook(dir: &Path) -> PathBuf {
 
 /// While shear holds the guest: start a `sync=full` copy of each source
 /// node into a raw file (the truth at that instant), then release the hook.
-fn take_truth_when_held(vm: &mut TestVm, hook_dir: &Path, child: &mut Child, disks: &[&str]) -> Vec<PathBuf> {
+fn take_truth_when_held(
+    vm: &mut TestVm,
+    hook_dir: &Path,
+    child: &mut Child,
+    disks: &[&str],
+) -> Vec<PathBuf> {
     let held = hook_dir.join("held");
-    shear_tests::wait_until(Duration::from_secs(120), Duration::from_millis(5), "shear to hold the guest", || {
-        if let Ok(Some(st)) = child.try_wait() {
-            panic!("shear exited before holding the guest: {st}");
-        }
-        held.exists().then_some(())
-    })
+    shear_tests::wait_until(
+        Duration::from_secs(120),
+        Duration::from_millis(5),
+        "shear to hold the guest",
+        || {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!("shear exited before holding the guest: {st}");
+            }
+            held.exists().then_some(())
+        },
+    )
     .unwrap();
     let mut truths = Vec::new();
     for d in disks {
@@ -218,7 +136,10 @@ fn wait_truth_jobs(vm: &mut TestVm, disks: &[&str]) {
         if pending == 0 {
             break;
         }
-        assert!(Instant::now() < deadline, "truth jobs did not finish: {jobs}");
+        assert!(
+            Instant::now() < deadline,
+            "truth jobs did not finish: {jobs}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     for d in disks {
@@ -270,16 +191,25 @@ fn point_in_time(mode: &str, disks: &[&str]) {
     wait_truth_jobs(&mut vm, disks);
     if mode == "stop" {
         // The guest boots again right after the filters went in.
-        shear_tests::wait_until(Duration::from_secs(120), Duration::from_millis(200), "guest back", || {
-            vm.qga("guest-ping", json!(null)).ok()
-        })
+        shear_tests::wait_until(
+            Duration::from_secs(120),
+            Duration::from_millis(200),
+            "guest back",
+            || vm.qga("guest-ping", json!(null)).ok(),
+        )
         .unwrap();
     } else {
         stop_writer(&vm);
     }
     assert_released_and_clean(&mut vm, &env, disks);
 
-    let expected = if mode == "snapshot" { "application" } else if mode == "stop" { "application" } else { "crash" };
+    let expected = if mode == "snapshot" {
+        "application"
+    } else if mode == "stop" {
+        "application"
+    } else {
+        "crash"
+    };
     assert_eq!(report["consistency"], expected, "{report}");
     assert_eq!(report["mode"], mode);
     let backup_id = report["backup_id"].as_str().unwrap().to_string();
@@ -287,7 +217,14 @@ fn point_in_time(mode: &str, disks: &[&str]) {
     // Restore and compare with the truth, byte for byte.
     let target = env.dir.path().join("restore");
     std::fs::create_dir_all(&target).unwrap();
-    run_ok(env.shear(&["restore", &backup_id, "--target", target.to_str().unwrap(), "--format", "raw"]));
+    run_ok(env.shear(&[
+        "restore",
+        &backup_id,
+        "--target",
+        target.to_str().unwrap(),
+        "--format",
+        "raw",
+    ]));
     let mut counters = Vec::new();
     for (d, truth) in disks.iter().zip(&truths) {
         let restored = target.join(format!("{d}.raw"));
@@ -303,10 +240,16 @@ fn point_in_time(mode: &str, disks: &[&str]) {
         assert_eq!(n, counter(truth));
         counters.push(n);
     }
-    eprintln!("{mode}: restored counters {counters:?}, freeze window {:?} ms", report["freeze_window_ms"]);
+    eprintln!(
+        "{mode}: restored counters {counters:?}, freeze window {:?} ms",
+        report["freeze_window_ms"]
+    );
     // F-17: the writer updates disk A then disk B, so B lags A by at most one.
     if counters.len() == 2 {
-        assert!(counters[1] <= counters[0] && counters[0] <= counters[1] + 1, "{counters:?}");
+        assert!(
+            counters[1] <= counters[0] && counters[0] <= counters[1] + 1,
+            "{counters:?}"
+        );
     }
     if mode == "snapshot" {
         // Without the test hook the window is ~100 ms; with it, it includes

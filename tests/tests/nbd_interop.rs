@@ -35,7 +35,10 @@ fn engines() -> Vec<EngineChoice> {
     match EngineChoice::Uring.resolve() {
         Ok(_) => v.push(EngineChoice::Uring),
         Err(e) => {
-            assert!(!shear_tests::prereq::in_ci(), "io_uring unavailable under CI: {e}");
+            assert!(
+                !shear_tests::prereq::in_ci(),
+                "io_uring unavailable under CI: {e}"
+            );
             eprintln!("io_uring unavailable; sync engine only: {e}");
         }
     }
@@ -65,10 +68,15 @@ impl Server {
             socket: socket.to_path_buf(),
         };
         let sock = socket.to_path_buf();
-        let r = wait_until(Duration::from_secs(20), Duration::from_millis(10), "NBD server", || {
-            let pid = std::fs::read_to_string(&pid_file).ok()?;
-            (!pid.trim().is_empty() && sock.exists()).then_some(())
-        });
+        let r = wait_until(
+            Duration::from_secs(20),
+            Duration::from_millis(10),
+            "NBD server",
+            || {
+                let pid = std::fs::read_to_string(&pid_file).ok()?;
+                (!pid.trim().is_empty() && sock.exists()).then_some(())
+            },
+        );
         if let Err(e) = r {
             let status = s.child.try_wait();
             panic!("{cmd:?} did not come up: {e} (status {status:?})");
@@ -202,11 +210,17 @@ fn check_export(src: &ExportSource, uri: &str, contexts: &[&str], conns: usize) 
             );
         }
         let whole = c.read(0, reference.len()).unwrap();
-        assert!(whole == reference, "{engine:?}: Client::read differs from nbdcopy");
+        assert!(
+            whole == reference,
+            "{engine:?}: Client::read differs from nbdcopy"
+        );
         c.disconnect().unwrap();
 
         let r = read_export(src, &reader_cfg(engine, conns)).unwrap();
-        assert!(r.image == reference, "{engine:?}: chunk reader differs from nbdcopy");
+        assert!(
+            r.image == reference,
+            "{engine:?}: chunk reader differs from nbdcopy"
+        );
         // Zero extents are never read: what was read is at most the data
         // extents, widened to alignment.
         let want = data_bytes(&alloc_ref);
@@ -242,7 +256,10 @@ fn qemu_io(image: &Path, cmds: &[&str]) {
 fn build_qcow2(dir: &Path) -> PathBuf {
     let base = dir.join("base.qcow2");
     let top = dir.join("top.qcow2");
-    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&base).arg("64M"));
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&base)
+        .arg("64M"));
     qemu_io(&base, &["write -P 0x11 0 2M", "write -P 0x12 30M 1M"]);
     run(Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
@@ -257,10 +274,18 @@ fn build_qcow2(dir: &Path) -> PathBuf {
             "write -P 0x23 17M 3M",
         ],
     );
-    run(Command::new("qemu-img").args(["bitmap", "--add"]).arg(&top).arg("b0"));
+    run(Command::new("qemu-img")
+        .args(["bitmap", "--add"])
+        .arg(&top)
+        .arg("b0"));
     qemu_io(
         &top,
-        &["write -P 0x44 5M 4k", "write -P 0x55 40M 2M", "discard 18M 1M", "write -P 0x66 63M 1M"],
+        &[
+            "write -P 0x44 5M 4k",
+            "write -P 0x55 40M 2M",
+            "discard 18M 1M",
+            "write -P 0x66 63M 1M",
+        ],
     );
     top
 }
@@ -283,7 +308,12 @@ fn nbd_qemu_nbd_maps_bitmap_depth_and_data_match_libnbd() {
     );
     let src = ExportSource::unix(&sock, "");
     let uri = srv.uri("");
-    let reference = check_export(&src, &uri, &["qemu:allocation-depth", "qemu:dirty-bitmap:b0"], 4);
+    let reference = check_export(
+        &src,
+        &uri,
+        &["qemu:allocation-depth", "qemu:dirty-bitmap:b0"],
+        4,
+    );
     // The backing file shows through: depth 2 where only the base has data.
     let depth = nbdinfo_map(&uri, Some("qemu:allocation-depth"));
     assert!(depth.iter().any(|e| e.flags == 2), "{depth:?}");
@@ -296,14 +326,24 @@ fn nbd_qemu_nbd_maps_bitmap_depth_and_data_match_libnbd() {
         let r = read_export(&src.clone().with_dirty_bitmap("b0"), &reader_cfg(engine, 4)).unwrap();
         for (&i, k) in &r.kinds {
             let (a, b) = (i * 4 * MIB, (i + 1) * 4 * MIB);
-            let is_dirty = dirty.iter().any(|e| e.flags & 1 != 0 && e.offset < b && a < e.end());
-            assert_eq!(*k == ChunkKind::Clean, !is_dirty, "{engine:?} chunk {i}: {k:?}");
+            let is_dirty = dirty
+                .iter()
+                .any(|e| e.flags & 1 != 0 && e.offset < b && a < e.end());
+            assert_eq!(
+                *k == ChunkKind::Clean,
+                !is_dirty,
+                "{engine:?} chunk {i}: {k:?}"
+            );
             if *k != ChunkKind::Clean {
                 let (a, b) = (a as usize, b as usize);
                 assert!(r.image[a..b] == reference[a..b], "{engine:?} chunk {i}");
             }
         }
-        assert_eq!(r.stats.clean_chunks, 16 - 4, "{engine:?}: dirty chunks 1, 4, 10, 15");
+        assert_eq!(
+            r.stats.clean_chunks,
+            16 - 4,
+            "{engine:?}: dirty chunks 1, 4, 10, 15"
+        );
     }
 }
 
@@ -320,15 +360,29 @@ fn nbd_qemu_nbd_over_tcp() {
         .unwrap()
         .port();
     let mut child = Command::new("qemu-nbd")
-        .args(["-r", "-t", "-e", "4", "-b", "127.0.0.1", "-p", &port.to_string(), "-f", "qcow2"])
+        .args([
+            "-r",
+            "-t",
+            "-e",
+            "4",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-f",
+            "qcow2",
+        ])
         .arg(&top)
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
     let addr = format!("127.0.0.1:{port}");
-    let up = wait_until(Duration::from_secs(20), Duration::from_millis(20), "TCP NBD", || {
-        std::net::TcpStream::connect(&addr).ok().map(drop)
-    });
+    let up = wait_until(
+        Duration::from_secs(20),
+        Duration::from_millis(20),
+        "TCP NBD",
+        || std::net::TcpStream::connect(&addr).ok().map(drop),
+    );
     let uri = format!("nbd://127.0.0.1:{port}/");
     let result = std::panic::catch_unwind(|| {
         up.unwrap();
@@ -379,7 +433,10 @@ fn nbd_nbdkit_memory_data_and_sparse_random_match_libnbd() {
     {
         let sock = dir.path().join("sparse.sock");
         let srv = Server::spawn(
-            &mut nbdkit(&sock, &["sparse-random", "size=300M", "seed=4242", "percent=15"]),
+            &mut nbdkit(
+                &sock,
+                &["sparse-random", "size=300M", "seed=4242", "percent=15"],
+            ),
             &sock,
             "-P",
         );
@@ -391,7 +448,10 @@ fn nbd_nbdkit_memory_data_and_sparse_random_match_libnbd() {
         let srv = Server::spawn(&mut nbdkit(&sock, &["memory", "24M"]), &sock, "-P");
         let file = dir.path().join("fill.raw");
         let mut content = vec![0u8; 24 * MIB as usize];
-        for (i, b) in content[3 * MIB as usize..9 * MIB as usize].iter_mut().enumerate() {
+        for (i, b) in content[3 * MIB as usize..9 * MIB as usize]
+            .iter_mut()
+            .enumerate()
+        {
             *b = (i % 251) as u8;
         }
         std::fs::write(&file, &content).unwrap();
@@ -412,17 +472,14 @@ fn nbd_nbdkit_error_filter_read_error_surfaces_for_that_range() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("e.sock");
     let srv = Server::spawn(
-        Command::new("nbdkit")
-            .args(["-f", "-U"])
-            .arg(&sock)
-            .args([
-                "--filter=error",
-                "data",
-                "@0x900000 ( 1 2 3 4 )*100000",
-                "size=32M",
-                "error-pread-rate=100%",
-                "error-pread=EIO",
-            ]),
+        Command::new("nbdkit").args(["-f", "-U"]).arg(&sock).args([
+            "--filter=error",
+            "data",
+            "@0x900000 ( 1 2 3 4 )*100000",
+            "size=32M",
+            "error-pread-rate=100%",
+            "error-pread=EIO",
+        ]),
         &sock,
         "-P",
     );
@@ -469,7 +526,10 @@ fn nbd_nbdkit_random_read_errors_never_corrupt() {
     let plugin = ["sparse-random", "size=128M", "seed=99", "percent=30"];
     let clean_sock = dir.path().join("clean.sock");
     let clean = Server::spawn(
-        Command::new("nbdkit").args(["-f", "-U"]).arg(&clean_sock).args(plugin),
+        Command::new("nbdkit")
+            .args(["-f", "-U"])
+            .arg(&clean_sock)
+            .args(plugin),
         &clean_sock,
         "-P",
     );
@@ -544,10 +604,12 @@ fn nbd_nbdkit_delay_filter_latency_and_deadline() {
         n += 1;
         let sock = dir.path().join(format!("d{n}.sock"));
         let srv = Server::spawn(
-            Command::new("nbdkit")
-                .args(["-f", "-U"])
-                .arg(&sock)
-                .args(["--filter=delay", "pattern", "size=16M", "rdelay=100ms"]),
+            Command::new("nbdkit").args(["-f", "-U"]).arg(&sock).args([
+                "--filter=delay",
+                "pattern",
+                "size=16M",
+                "rdelay=100ms",
+            ]),
             &sock,
             "-P",
         );
@@ -567,7 +629,10 @@ fn nbd_nbdkit_delay_filter_latency_and_deadline() {
         let took = t.elapsed();
         assert!(r.image == reference);
         assert_eq!(r.stats.read_requests, 64);
-        assert!(took < Duration::from_secs(4), "{engine:?}: {took:?}: requests not pipelined");
+        assert!(
+            took < Duration::from_secs(4),
+            "{engine:?}: {took:?}: requests not pipelined"
+        );
         eprintln!("{engine:?}: 64 reads x 100 ms in {took:?}");
 
         let (_srv, sock) = delayed();
@@ -609,7 +674,10 @@ fn qemu_snapshot_access_export_matches_libnbd() {
 
     // Fleecing graph + a disabled copy of the bitmap for the export.
     let fleece = vm.dir().join("fleece.qcow2");
-    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&fleece).arg("64M"));
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&fleece)
+        .arg("64M"));
     let q = |vm: &mut TestVm, cmd: &str, args: Value| {
         vm.harness_qmp(cmd, args.clone())
             .unwrap_or_else(|e| panic!("{cmd} {args}: {e}"))
@@ -637,7 +705,11 @@ fn qemu_snapshot_access_export_matches_libnbd() {
         json!({"driver": "copy-before-write", "node-name": "cbw", "file": node,
                "target": "fleece", "on-cbw-error": "break-snapshot", "cbw-timeout": 30}),
     );
-    q(&mut vm, "qom-set", json!({"path": qdev, "property": "drive", "value": "cbw"}));
+    q(
+        &mut vm,
+        "qom-set",
+        json!({"path": qdev, "property": "drive", "value": "cbw"}),
+    );
     q(
         &mut vm,
         "blockdev-add",
@@ -662,13 +734,22 @@ fn qemu_snapshot_access_export_matches_libnbd() {
     let uri = format!("nbd+unix:///exp0?socket={}", sock.display());
     let src = ExportSource::unix(&sock, "exp0");
     let reference = check_export(&src, &uri, &["qemu:dirty-bitmap:tmp"], 4);
-    assert!(reference[..MIB as usize].iter().all(|&b| b == 0xab), "snapshot shows a later write");
-    assert!(reference[50 * MIB as usize..51 * MIB as usize].iter().all(|&b| b == 0));
+    assert!(
+        reference[..MIB as usize].iter().all(|&b| b == 0xab),
+        "snapshot shows a later write"
+    );
+    assert!(reference[50 * MIB as usize..51 * MIB as usize]
+        .iter()
+        .all(|&b| b == 0));
     assert_eq!(reference[12 * MIB as usize], 0xef);
 
     // Incremental through the exported bitmap: chunks 3 (12M) and 10 (40M).
     for engine in engines() {
-        let r = read_export(&src.clone().with_dirty_bitmap("tmp"), &reader_cfg(engine, 4)).unwrap();
+        let r = read_export(
+            &src.clone().with_dirty_bitmap("tmp"),
+            &reader_cfg(engine, 4),
+        )
+        .unwrap();
         let not_clean: Vec<u64> = r
             .kinds
             .iter()
@@ -682,6 +763,7 @@ fn qemu_snapshot_access_export_matches_libnbd() {
         }
     }
     q(&mut vm, "block-export-del", json!({"id": "exp0"}));
-    vm.wait_event("BLOCK_EXPORT_DELETED", Duration::from_secs(10)).unwrap();
+    vm.wait_event("BLOCK_EXPORT_DELETED", Duration::from_secs(10))
+        .unwrap();
     q(&mut vm, "nbd-server-stop", json!({}));
 }

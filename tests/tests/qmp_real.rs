@@ -245,6 +245,7 @@ async fn qemu_fleecing_graph_setup_export_and_teardown() {
     .unwrap();
 
     // The graph as QEMU reports it.
+    assert_eq!(qmp.qom_get(&qdev, "drive").await.unwrap(), json!("cbw-d0"));
     let blocks = qmp.query_block().await.unwrap();
     let dev = blocks
         .iter()
@@ -330,6 +331,13 @@ async fn qemu_fleecing_graph_setup_export_and_teardown() {
         .find(|b| b.qdev.as_deref() == Some(&qdev))
         .unwrap();
     assert_eq!(dev.inserted.as_ref().unwrap().node_name, "drv-d0");
+    assert_eq!(qmp.qom_get(&qdev, "drive").await.unwrap(), json!("drv-d0"));
+    // A device that is gone is DeviceNotFound (teardown relies on it).
+    let err = qmp
+        .qom_get("/machine/peripheral/no-such-dev", "drive")
+        .await
+        .unwrap_err();
+    assert_eq!(err.qemu_class(), Some("DeviceNotFound"), "{err}");
     // The write reached the real disk.
     vm.qemu_io("d0", "read -P 0xab 0 64k").unwrap();
     vm.qemu_io("d0", "read -P 0x11 64k 960k").unwrap();

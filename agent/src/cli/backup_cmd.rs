@@ -93,10 +93,13 @@ pub fn run(repo: crate::repo::Repository, args: &BackupArgs) -> anyhow::Result<E
     }
     let cfg = Config::load()?;
     let run_dir = args.run_dir.clone().unwrap_or_else(|| cfg.run_dir.clone());
-    let fleecing_dir = args
-        .fleecing_dir
-        .clone()
-        .unwrap_or_else(|| Config { run_dir: run_dir.clone(), ..cfg.clone() }.fleecing_dir());
+    let fleecing_dir = args.fleecing_dir.clone().unwrap_or_else(|| {
+        Config {
+            run_dir: run_dir.clone(),
+            ..cfg.clone()
+        }
+        .fleecing_dir()
+    });
     let zstd_level = parse_compress(args.compress.as_deref())?;
     let workers = args
         .workers
@@ -114,9 +117,10 @@ pub fn run(repo: crate::repo::Repository, args: &BackupArgs) -> anyhow::Result<E
         let cancel = cancel.clone();
         rt.spawn(async move {
             use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut int), Ok(mut term)) =
-                (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
-            else {
+            let (Ok(mut int), Ok(mut term)) = (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            ) else {
                 return;
             };
             loop {
@@ -273,7 +277,12 @@ mod tests {
     fn notes_template_renders_vzdump_variables() {
         use crate::job::backup::render_notes;
         assert_eq!(
-            render_notes("{{guestname}} ({{vmid}}) on {{node}}\\nnightly", "100", "web", "pve1"),
+            render_notes(
+                "{{guestname}} ({{vmid}}) on {{node}}\\nnightly",
+                "100",
+                "web",
+                "pve1"
+            ),
             "web (100) on pve1\nnightly"
         );
     }

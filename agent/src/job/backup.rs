@@ -38,6 +38,10 @@ const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long connecting to qemu-ga may take before the backup goes on
 /// crash-consistent (F-01 asks for ≤ 2 s).
 const QGA_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most chunk bytes the NBD reader holds at once (read ahead of hashing
+/// and compression). 64 MiB keeps two connections and the workers busy;
+/// more only costs memory.
+const READ_BYTE_BUDGET: u64 = 64 << 20;
 /// Default `cbw-timeout`: below every guest's disk timeout (virtio-win: 60 s).
 pub const DEFAULT_CBW_TIMEOUT_S: u32 = 45;
 
@@ -331,7 +335,7 @@ impl PendingCommit {
         let id = self
             .session
             .commit(&self.info)
-            .map_err(|e| JobError::Invalid(format!("committing the manifest: {}", chain(&e))))?;
+            .map_err(JobError::repo("committing the manifest"))?;
         let mut report = self.report;
         report.backup_id = id.to_string();
         report.total_ms = ms(t0.elapsed());
@@ -433,7 +437,7 @@ async fn backup_inner(
 
     // Hold the guest.
     let mut consistency = Consistency::Crash;
-    let hold_start = Instant::now();
+    let mut hold_start = Instant::now();
     let mut hold = match opts.mode {
         Mode::Stop => {
             stop_guest(qmp, record, rpath, opts.stop_timeout, was_running).await?;
@@ -473,6 +477,7 @@ async fn backup_inner(
                             chain(&e)
                         ));
                     }
+                    hold_start = Instant::now();
                     pause(qmp, record, rpath, watchdog, was_running).await?
                 }
             }
@@ -530,12 +535,16 @@ async fn backup_inner(
         zstd_level: opts.zstd_level,
         ..repo::BackupMeta::new(&opts.vmid, &vm_name)
     };
-    let session = repo.begin_backup(&meta).map_err(|e| {
-        JobError::Invalid(format!(
-            "starting the backup in the repository: {}",
-            chain(&e)
-        ))
-    })?;
+    let session = match repo.begin_backup(&meta) {
+        // Backup ids have one-second resolution: a second backup of the
+        // same VM within a second waits for the next one.
+        Err(e) if e.kind() == repo::ErrorKind::AlreadyExists => {
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+            repo.begin_backup(&meta)
+        }
+        r => r,
+    }
+    .map_err(JobError::repo("starting the backup"))?;
     let jobs: Vec<(VmDisk, String)> = disks.iter().cloned().zip(export_names).collect();
     let dp = DataPathConfig {
         socket: socket.clone(),
@@ -808,11 +817,21 @@ fn read_all(
         };
         let writer = session
             .add_disk(&spec)
-            .map_err(|e| JobError::Invalid(format!("disk {}: {}", disk.name, chain(&e))))?;
+            .map_err(JobError::repo(format!("adding disk {}", disk.name)))?;
         let src = nbd_export::ExportSource::unix(&dp.socket, export.clone());
+        // Memory: the reader holds at most its byte budget. With a bandwidth
+        // limit, keep it to two chunks so the limit bounds the NBD reads too
+        // (not only how fast chunks are consumed).
+        let chunk = u64::from(writer.chunk_size());
+        let byte_budget = if dp.bwlimit_bytes > 0 {
+            2 * chunk
+        } else {
+            READ_BYTE_BUDGET.max(2 * chunk)
+        };
         let cfg = nbd_export::ReaderConfig {
             chunk_size: writer.chunk_size(),
             connections: dp.connections,
+            byte_budget,
             ..nbd_export::ReaderConfig::default()
         };
         let mut stream =
@@ -863,11 +882,7 @@ fn read_all(
                 }
             };
             if let Err(e) = r {
-                failed = Some(JobError::Invalid(format!(
-                    "storing {}: {}",
-                    disk.name,
-                    chain(&e)
-                )));
+                failed = Some(JobError::repo(format!("storing {}", disk.name))(e));
                 break;
             }
         }
@@ -880,10 +895,11 @@ fn read_all(
         }
         pipeline
             .finish()
-            .map_err(|e| JobError::Invalid(format!("storing {}: {}", disk.name, chain(&e))))?;
-        let entry = writer
-            .finish()
-            .map_err(|e| JobError::Invalid(format!("index of {}: {}", disk.name, chain(&e))))?;
+            .map_err(JobError::repo(format!("storing {}", disk.name)))?;
+        let entry = writer.finish().map_err(JobError::repo(format!(
+            "writing the index of {}",
+            disk.name
+        )))?;
         reports.push(DiskReport {
             name: disk.name.clone(),
             virtual_size: disk.virtual_size,

@@ -274,7 +274,9 @@ async fn create_qcow2(path: &Path, size: u64) -> Result<(), JobError> {
 
 /// Undo every step of `record` in reverse order. Best effort: every step is
 /// attempted even when an earlier one fails; the first error is returned.
-/// Steps that never happened (or were already undone) are skipped.
+/// Steps that never happened (or were already undone) are skipped. A step
+/// whose undo failed stays in the record (so the next run retries it),
+/// unless it failed because QEMU is gone — then there is nothing to undo.
 pub async fn undo(
     qmp: Option<&qmp::Qmp>,
     qga: Option<&Path>,
@@ -282,25 +284,46 @@ pub async fn undo(
     record_path: &Path,
 ) -> Result<(), JobError> {
     let mut first_err: Option<JobError> = None;
-    let mut keep = |e: JobError| {
-        tracing::warn!(error = %crate::job::chain(&e), "teardown step failed");
-        if first_err.is_none() {
-            first_err = Some(e);
-        }
-    };
-    while let Some(step) = record.steps.last().cloned() {
+    let mut failed: Vec<Step> = Vec::new();
+    while let Some(step) = record.steps.pop() {
         if let Err(e) = undo_step(qmp, qga, &step).await {
-            keep(e);
+            tracing::warn!(error = %crate::job::chain(&e), ?step, "teardown step failed");
+            if !qemu_gone(&e) {
+                failed.push(step);
+            }
+            first_err.get_or_insert(e);
         }
-        record.steps.pop();
-        if let Err(e) = record.save(record_path) {
-            keep(JobError::Record(e));
+        // Persist progress so a crash mid-teardown does not redo (or lose) steps.
+        let mut snapshot = record.clone();
+        snapshot.steps.extend(failed.iter().rev().cloned());
+        if let Err(e) = snapshot.save(record_path) {
+            first_err.get_or_insert(JobError::Record(e));
         }
     }
-    record.undone = true;
+    failed.reverse();
+    record.steps = failed;
+    if record.steps.is_empty() {
+        record.undone = true;
+        RunRecord::remove(record_path).map_err(JobError::Record)?;
+    } else {
+        record.save(record_path).map_err(JobError::Record)?;
+    }
     match first_err {
-        None => RunRecord::remove(record_path).map_err(JobError::Record),
+        None => Ok(()),
         Some(e) => Err(e),
+    }
+}
+
+/// Whether an undo failed only because QEMU is no longer there (its
+/// process ended: nodes, exports and filters died with it).
+fn qemu_gone(e: &JobError) -> bool {
+    match e {
+        JobError::Qmp { source, .. } => matches!(
+            source.kind(),
+            qmp::ErrorKind::Disconnected | qmp::ErrorKind::Connect | qmp::ErrorKind::Closed
+        ),
+        JobError::Invalid(m) => m.starts_with("QMP is not connected"),
+        _ => false,
     }
 }
 

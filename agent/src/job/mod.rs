@@ -42,6 +42,15 @@ pub enum JobError {
         #[source]
         source: nbd_export::Error,
     },
+    /// The repository refused or failed.
+    #[error("repository: {step}")]
+    Repo {
+        /// The step.
+        step: String,
+        /// Cause.
+        #[source]
+        source: crate::repo::RepoError,
+    },
     /// The run record could not be written or read.
     #[error("run record")]
     Record(#[source] record::RecordError),
@@ -86,6 +95,11 @@ impl JobError {
             step: step.to_string(),
             source,
         }
+    }
+    /// `map_err` adapter for a repository step.
+    pub fn repo(step: impl Into<String>) -> impl FnOnce(crate::repo::RepoError) -> JobError {
+        let step = step.into();
+        move |source| JobError::Repo { step, source }
     }
     /// An I/O error with context.
     pub fn io(what: impl Into<String>, source: std::io::Error) -> JobError {

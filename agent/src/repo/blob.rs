@@ -48,7 +48,7 @@ fn zstd_compress(data: &[u8], level: i32) -> Result<Vec<u8>> {
 
 /// Decompresses one frame into at most `capacity` bytes; a frame that
 /// declares or produces more fails without allocating more (F-44).
-fn zstd_decompress(data: &[u8], capacity: usize, what: &str) -> Result<Vec<u8>> {
+fn zstd_decompress_into(data: &[u8], capacity: usize, what: &str, out: &mut Vec<u8>) -> Result<()> {
     DECOMPRESSOR.with(|d| {
         let mut d = d.borrow_mut();
         if d.is_none() {
@@ -60,10 +60,12 @@ fn zstd_decompress(data: &[u8], capacity: usize, what: &str) -> Result<Vec<u8>> 
         let Some(dec) = d.as_mut() else {
             return Err(RepoError::corrupt(what, "zstd unavailable"));
         };
-        let mut out = Vec::with_capacity(capacity);
-        dec.decompress_to_buffer(data, &mut out)
+        out.clear();
+        out.reserve(capacity);
+        // Writes at most the spare capacity: never grows `out` (F-44).
+        dec.decompress_to_buffer(data, out)
             .map_err(|e| RepoError::corrupt(what, format!("zstd: {e}")))?;
-        Ok(out)
+        Ok(())
     })
 }
 
@@ -154,6 +156,43 @@ pub fn decode(
     exact_raw: Option<usize>,
     what: &str,
 ) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut scratch = Vec::new();
+    let limits = Limits { max_raw, exact_raw };
+    decode_into(
+        bytes,
+        expected_type,
+        key,
+        aad_ctx,
+        limits,
+        what,
+        &mut out,
+        &mut scratch,
+    )?;
+    Ok(out)
+}
+
+/// Size limits of one decode.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    max_raw: usize,
+    exact_raw: Option<usize>,
+}
+
+/// `decode` into `out`, using `scratch` for decryption (both cleared; their
+/// allocations are reused, which matters at 4 MiB per chunk).
+#[allow(clippy::too_many_arguments)] // one internal caller shape, all needed
+fn decode_into(
+    bytes: &[u8],
+    expected_type: ObjectType,
+    key: Option<&Key>,
+    aad_ctx: &[u8],
+    limits: Limits,
+    what: &str,
+    out: &mut Vec<u8>,
+    scratch: &mut Vec<u8>,
+) -> Result<()> {
+    let Limits { max_raw, exact_raw } = limits;
     let h = BlobHeader::decode(bytes, what)?;
     if h.object_type != expected_type {
         return Err(RepoError::corrupt(
@@ -195,13 +234,14 @@ pub fn decode(
     if blob_crc(&prefix, payload) != h.crc32 {
         return Err(RepoError::corrupt(what, "CRC-32 mismatch"));
     }
-    let plain_or_compressed = match (h.encryption, key) {
-        (Encryption::None, None) => None,
+    let body: &[u8] = match (h.encryption, key) {
+        (Encryption::None, None) => payload,
         (Encryption::Aes256Gcm, Some(k)) => {
             let enc = h.encode();
             let mut aad = BlobHeader::aad_prefix(&enc).to_vec();
             aad.extend_from_slice(aad_ctx);
-            Some(k.open(what, &h.nonce, &aad, payload)?)
+            k.open_into(what, &h.nonce, &aad, payload, scratch)?;
+            scratch
         }
         (Encryption::None, Some(_)) => {
             return Err(RepoError::corrupt(
@@ -211,18 +251,25 @@ pub fn decode(
         }
         (Encryption::Aes256Gcm, None) => return Err(RepoError::KeyRequired),
     };
-    let body: &[u8] = plain_or_compressed.as_deref().unwrap_or(payload);
-    let out = match h.compression {
-        Compression::None => body.to_vec(),
-        Compression::Zstd => zstd_decompress(body, raw, what)?,
-    };
+    match h.compression {
+        Compression::None => {
+            out.clear();
+            out.extend_from_slice(body);
+        }
+        Compression::Zstd => zstd_decompress_into(body, raw, what, out)?,
+    }
     if out.len() != raw {
         return Err(RepoError::corrupt(
             what,
             format!("decoded to {} bytes, header says {raw}", out.len()),
         ));
     }
-    Ok(out)
+    Ok(())
+}
+
+thread_local! {
+    /// Buffers of the pre-store check, reused per worker thread.
+    static VERIFY_BUFS: RefCell<(Vec<u8>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// Encodes a chunk and proves the result decodes back to `data` with the
@@ -245,25 +292,41 @@ pub(crate) fn encode_chunk_verified_with_hook(
 ) -> Result<Vec<u8>> {
     let blob = encode_with_hook(ObjectType::Chunk, data, Some(level), key, digest, hook)?;
     let what = hex::encode(digest);
-    let check = decode(
-        &blob,
-        ObjectType::Chunk,
-        key,
-        digest,
-        MAX_CHUNK_SIZE,
-        Some(data.len()),
-        &what,
-    )
-    .map_err(|e| RepoError::PreStoreVerification {
-        digest: what.clone(),
-        reason: e.to_string(),
-    })?;
-    if chunk_digest(key, &check) != *digest {
-        return Err(RepoError::PreStoreVerification {
-            digest: what,
-            reason: "decoded data hashes differently".into(),
+    let limits = Limits {
+        max_raw: MAX_CHUNK_SIZE,
+        exact_raw: Some(data.len()),
+    };
+    VERIFY_BUFS.with(|bufs| {
+        let (out, scratch) = &mut *bufs.borrow_mut();
+        let checked = decode_into(
+            &blob,
+            ObjectType::Chunk,
+            key,
+            digest,
+            limits,
+            &what,
+            out,
+            scratch,
+        )
+        .map_err(|e| RepoError::PreStoreVerification {
+            digest: what.clone(),
+            reason: e.to_string(),
+        })
+        .and_then(|()| {
+            if chunk_digest(key, out) == *digest {
+                Ok(())
+            } else {
+                Err(RepoError::PreStoreVerification {
+                    digest: what.clone(),
+                    reason: "decoded data hashes differently".into(),
+                })
+            }
         });
-    }
+        // Plaintext does not linger in the reused buffers.
+        out.clear();
+        scratch.clear();
+        checked
+    })?;
     Ok(blob)
 }
 
@@ -433,5 +496,71 @@ mod tests {
             }
         }
         assert_eq!(caught, trials, "every injected flip must be caught");
+    }
+}
+
+#[cfg(test)]
+mod proptests {
+    //! F-44: the chunk, index and manifest decoders never panic and never
+    //! accept mutated input (a stand-in for the nightly fuzz targets).
+    use super::*;
+    use crate::repo::format::{FixedIndex, ZERO_ENTRY};
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn decode_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let key = Key::generate();
+            for k in [None, Some(&key)] {
+                let _ = decode(&bytes, ObjectType::Chunk, k, b"", MAX_CHUNK_SIZE, None, "p");
+                let _ = FixedIndex::decode(&bytes, "p");
+            }
+        }
+
+        #[test]
+        fn mutated_chunk_is_always_rejected(
+            data in proptest::collection::vec(any::<u8>(), 1..4096),
+            pos in any::<usize>(),
+            bit in 0u8..8,
+            encrypted in any::<bool>(),
+        ) {
+            let key = Key::generate();
+            let k = encrypted.then_some(&key);
+            let d = chunk_digest(k, &data);
+            let blob = encode_chunk_verified(&data, &d, k, 1).unwrap();
+            let mut bad = blob.clone();
+            let p = pos % bad.len();
+            bad[p] ^= 1 << bit;
+            prop_assert!(decode_chunk(&bad, &d, k, data.len()).is_err());
+            prop_assert!(decode_chunk(&bad[..p], &d, k, data.len()).is_err());
+        }
+
+        #[test]
+        fn index_round_trips_and_mutations_are_caught_by_the_blob(
+            entries in proptest::collection::vec(any::<[u8; 32]>(), 1..64),
+            zero_mask in any::<u64>(),
+            pos in any::<usize>(),
+        ) {
+            let mut entries = entries;
+            for (i, e) in entries.iter_mut().enumerate() {
+                if zero_mask >> (i % 64) & 1 == 1 {
+                    *e = ZERO_ENTRY;
+                }
+            }
+            let idx = FixedIndex {
+                chunk_size: 1 << 16,
+                virtual_size: (entries.len() as u64) << 16,
+                entries,
+            };
+            let blob = encode(ObjectType::Index, &idx.encode(), Some(1), None, b"").unwrap();
+            let payload = decode(&blob, ObjectType::Index, None, b"", 1 << 20, None, "i").unwrap();
+            prop_assert_eq!(FixedIndex::decode(&payload, "i").unwrap(), idx);
+            let mut bad = blob.clone();
+            let p = pos % bad.len();
+            bad[p] ^= 0x80;
+            prop_assert!(decode(&bad, ObjectType::Index, None, b"", 1 << 20, None, "i").is_err());
+        }
     }
 }

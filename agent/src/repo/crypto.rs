@@ -181,14 +181,16 @@ impl Key {
         Ok(nonce)
     }
 
-    /// Decrypts `ct || tag`; any tampering or a wrong key fails here.
-    pub(crate) fn open(
+    /// Decrypts `ct || tag` into `buf` (cleared; its allocation is reused);
+    /// any tampering or a wrong key fails here.
+    pub(crate) fn open_into(
         &self,
         what: &str,
         nonce: &[u8; NONCE_LEN],
         aad: &[u8],
         ct_and_tag: &[u8],
-    ) -> Result<Vec<u8>> {
+        buf: &mut Vec<u8>,
+    ) -> Result<()> {
         let Some(split) = ct_and_tag.len().checked_sub(TAG_LEN) else {
             return Err(RepoError::corrupt(
                 what,
@@ -196,16 +198,17 @@ impl Key {
             ));
         };
         let (ct, tag) = ct_and_tag.split_at(split);
-        let mut buf = ct.to_vec();
+        buf.clear();
+        buf.extend_from_slice(ct);
         self.cipher
-            .decrypt_in_place_detached(Nonce::from_slice(nonce), aad, &mut buf, tag.into())
+            .decrypt_in_place_detached(Nonce::from_slice(nonce), aad, buf, tag.into())
             .map_err(|_| {
+                buf.clear();
                 RepoError::corrupt(
                     what,
                     "authentication failed (damaged, tampered, or encrypted with another key)",
                 )
-            })?;
-        Ok(buf)
+            })
     }
 
     /// Creates a new key file at `path` (never overwrites; mode 0600) and
@@ -447,10 +450,15 @@ mod tests {
         let k = Key::generate();
         let mut buf = b"hello".to_vec();
         let nonce = k.seal(b"aad", &mut buf).unwrap();
-        assert_eq!(k.open("t", &nonce, b"aad", &buf).unwrap(), b"hello");
-        k.open("t", &nonce, b"other", &buf).unwrap_err();
+        let mut out = Vec::new();
+        k.open_into("t", &nonce, b"aad", &buf, &mut out).unwrap();
+        assert_eq!(out, b"hello");
+        k.open_into("t", &nonce, b"other", &buf, &mut out)
+            .unwrap_err();
         let other = Key::generate();
-        other.open("t", &nonce, b"aad", &buf).unwrap_err();
+        other
+            .open_into("t", &nonce, b"aad", &buf, &mut out)
+            .unwrap_err();
         assert_ne!(k.digest(b"x"), other.digest(b"x"));
     }
 }

@@ -193,7 +193,7 @@ impl BackupReader {
         let d = self.open_disk(disk)?;
         let name = format!("{disk}.{}", opts.format.extension());
         let out = OutputFile::create(target_dir, &name, opts.force)?;
-        match d.write_image(&out.file, opts) {
+        match d.write_image(&out.file, &out.tmp, opts) {
             Ok((data_bytes, zero_chunks, digest)) => {
                 let path = out.commit()?;
                 Ok(RestoreReport {
@@ -307,6 +307,7 @@ impl DiskReader<'_> {
     fn write_image(
         &self,
         file: &File,
+        path: &Path,
         opts: &RestoreOptions,
     ) -> Result<(u64, u64, format::Digest)> {
         let vsize = self.index.virtual_size;
@@ -315,12 +316,12 @@ impl DiskReader<'_> {
         let mut qcow = match opts.format {
             ImageFormat::Raw => {
                 file.set_len(vsize)
-                    .map_err(|e| RepoError::io("size restore output", "", e))?;
+                    .map_err(|e| RepoError::io("size restore output", path, e))?;
                 None
             }
             ImageFormat::Qcow2 => Some(Qcow2Writer::new(
                 file.try_clone()
-                    .map_err(|e| RepoError::io("clone restore output", "", e))?,
+                    .map_err(|e| RepoError::io("clone restore output", path, e))?,
                 vsize,
             )),
         };
@@ -372,7 +373,7 @@ impl DiskReader<'_> {
                                 Some(q) => q.write_at(off, &data),
                                 None => write_sparse(file, off, &data),
                             }
-                            .map_err(|e| RepoError::io("write restore output", "", e))
+                            .map_err(|e| RepoError::io("write restore output", path, e))
                         }
                     }
                 });
@@ -390,11 +391,11 @@ impl DiskReader<'_> {
         match qcow {
             Some(q) => {
                 q.finish()
-                    .map_err(|e| RepoError::io("finish qcow2 output", "", e))?;
+                    .map_err(|e| RepoError::io("finish qcow2 output", path, e))?;
             }
             None => file
                 .sync_all()
-                .map_err(|e| RepoError::io("sync restore output", "", e))?,
+                .map_err(|e| RepoError::io("sync restore output", path, e))?,
         }
         // Recompute from what was verified (zero entries stayed zero).
         let repo = &self.reader.repo;
@@ -482,7 +483,11 @@ impl OutputFile {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(RepoError::io("stat restore target", &path, e)),
         }
-        let tmp = dir.join(format!(".{name}.partial-{}", std::process::id()));
+        let tmp = dir.join(format!(
+            ".{name}.partial-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
         let file = OpenOptions::new()
             .read(true)
             .write(true)

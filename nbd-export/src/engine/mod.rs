@@ -190,8 +190,7 @@ mod tests {
     /// takes the same fallback path.
     #[test]
     fn fallback_on_real_setup_failure() {
-        let kind =
-            resolve_with(EngineChoice::Auto, || uring::probe_entries(1 << 20)).unwrap();
+        let kind = resolve_with(EngineChoice::Auto, || uring::probe_entries(1 << 20)).unwrap();
         assert_eq!(kind, EngineKind::Sync);
     }
 }

@@ -22,10 +22,11 @@ pub(crate) struct SyncIo {
 impl SyncIo {
     pub fn new(streams: Vec<Stream>, idle_timeout: Duration) -> Result<SyncIo> {
         for s in &streams {
-            s.set_timeouts(Some(idle_timeout)).map_err(|source| Error::Io {
-                step: "setting socket timeouts",
-                source,
-            })?;
+            s.set_timeouts(Some(idle_timeout))
+                .map_err(|source| Error::Io {
+                    step: "setting socket timeouts",
+                    source,
+                })?;
         }
         Ok(SyncIo {
             streams,
@@ -54,7 +55,10 @@ fn read_full(s: &mut Stream, buf: &mut [u8]) -> io::Result<usize> {
 impl SocketIo for SyncIo {
     fn start(&mut self, conn: usize, dir: Dir, mut buf: IoBuf) {
         let result = match self.streams.get_mut(conn) {
-            None => Err(io::Error::new(io::ErrorKind::NotFound, "no such connection")),
+            None => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "no such connection",
+            )),
             Some(s) => {
                 let range = buf.start..buf.end;
                 match dir {

@@ -162,7 +162,8 @@ impl UringIo {
         if !pushed {
             return Err((io::Error::from(io::ErrorKind::WouldBlock), buf));
         }
-        self.in_flight.insert(user_data, InFlight { conn, dir, buf });
+        self.in_flight
+            .insert(user_data, InFlight { conn, dir, buf });
         Ok(())
     }
 
@@ -295,8 +296,24 @@ mod tests {
         }
         let (a, mut b) = UnixStream::pair().unwrap();
         let mut io = UringIo::new(vec![Stream::Unix(a)]).unwrap();
-        io.start(0, Dir::Send, IoBuf { data: b"hello world".to_vec(), start: 6, end: 11 });
-        io.start(0, Dir::Recv, IoBuf { data: vec![0; 8], start: 2, end: 6 });
+        io.start(
+            0,
+            Dir::Send,
+            IoBuf {
+                data: b"hello world".to_vec(),
+                start: 6,
+                end: 11,
+            },
+        );
+        io.start(
+            0,
+            Dir::Recv,
+            IoBuf {
+                data: vec![0; 8],
+                start: 2,
+                end: 6,
+            },
+        );
         b.write_all(b"abcd").unwrap();
         let mut got = Vec::new();
         while got.len() < 2 {
@@ -324,7 +341,15 @@ mod tests {
         }
         let (a, _b) = UnixStream::pair().unwrap();
         let mut io = UringIo::new(vec![Stream::Unix(a)]).unwrap();
-        io.start(0, Dir::Recv, IoBuf { data: vec![0; 1 << 20], start: 0, end: 1 << 20 });
+        io.start(
+            0,
+            Dir::Recv,
+            IoBuf {
+                data: vec![0; 1 << 20],
+                start: 0,
+                end: 1 << 20,
+            },
+        );
         let mut got = Vec::new();
         io.wait(Duration::from_millis(20), &mut got).unwrap();
         assert!(got.is_empty());
@@ -340,7 +365,15 @@ mod tests {
         }
         let (a, _b) = UnixStream::pair().unwrap();
         let mut io = UringIo::new(vec![Stream::Unix(a)]).unwrap();
-        io.start(3, Dir::Recv, IoBuf { data: vec![7; 4], start: 0, end: 4 });
+        io.start(
+            3,
+            Dir::Recv,
+            IoBuf {
+                data: vec![7; 4],
+                start: 0,
+                end: 4,
+            },
+        );
         let mut got = Vec::new();
         io.wait(Duration::from_millis(10), &mut got).unwrap();
         assert_eq!(got.len(), 1);

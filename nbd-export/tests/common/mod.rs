@@ -244,7 +244,11 @@ impl FakeServer {
         });
         let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let accepted = Arc::new(AtomicUsize::new(0));
-        let (st, cs, acc) = (Arc::clone(&state), Arc::clone(&conns), Arc::clone(&accepted));
+        let (st, cs, acc) = (
+            Arc::clone(&state),
+            Arc::clone(&conns),
+            Arc::clone(&accepted),
+        );
         let accept = std::thread::spawn(move || {
             while !st.stop.load(Ordering::SeqCst) {
                 match listener.accept() {
@@ -325,7 +329,11 @@ fn read_exact_or_stop(s: &mut UnixStream, buf: &mut [u8], st: &State) -> io::Res
         match s.read(&mut buf[done..]) {
             Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
             Ok(n) => done += n,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
             Err(e) => return Err(e),
         }
     }
@@ -358,7 +366,8 @@ fn serve(mut s: UnixStream, idx: usize, st: &State) -> io::Result<()> {
         let mut h = [0u8; 16];
         read_exact_or_stop(&mut s, &mut h, st)?;
         let req = OptionRequest::read_from_bytes(&h).unwrap();
-        req.validate(1 << 16).map_err(|_| io::Error::other("bad option"))?;
+        req.validate(1 << 16)
+            .map_err(|_| io::Error::other("bad option"))?;
         let mut data = vec![0u8; req.length.get() as usize];
         read_exact_or_stop(&mut s, &mut data, st)?;
         let opt = req.option.get();
@@ -394,9 +403,19 @@ fn serve(mut s: UnixStream, idx: usize, st: &State) -> io::Result<()> {
                 if b.multi_conn {
                     flags |= NBD_FLAG_CAN_MULTI_CONN;
                 }
-                opt_reply(&mut out, opt, NBD_REP_INFO, &encode_info_export(size, flags));
+                opt_reply(
+                    &mut out,
+                    opt,
+                    NBD_REP_INFO,
+                    &encode_info_export(size, flags),
+                );
                 if let Some((a, p, m)) = b.block_sizes {
-                    opt_reply(&mut out, opt, NBD_REP_INFO, &encode_info_block_size(a, p, m));
+                    opt_reply(
+                        &mut out,
+                        opt,
+                        NBD_REP_INFO,
+                        &encode_info_block_size(a, p, m),
+                    );
                 }
                 opt_reply(&mut out, opt, NBD_REP_ACK, &[]);
                 s.write_all(&th("go", out))?;
@@ -440,7 +459,10 @@ fn transmission(
                     }
                 }
                 Err(e)
-                    if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
                 {
                     if got == 0 && !queued.is_empty() && !stalled {
                         if b.reverse_replies {
@@ -458,7 +480,8 @@ fn transmission(
             }
         }
         let r = Request::read_from_bytes(&h).unwrap();
-        r.validate().map_err(|_| io::Error::other("bad request magic"))?;
+        r.validate()
+            .map_err(|_| io::Error::other("bad request magic"))?;
         let seq = st.requests.fetch_add(1, Ordering::SeqCst);
         let req = Req {
             conn: idx,
@@ -544,9 +567,14 @@ fn read_reply(req: &Req, st: &State) -> Vec<u8> {
     let mut pos = off;
     let mut pieces: Vec<(u64, u64, bool)> = Vec::new();
     while pos < end {
-        let e = alloc.iter().find(|e| e.0 <= pos && pos < e.0 + e.1).unwrap();
+        let e = alloc
+            .iter()
+            .find(|e| e.0 <= pos && pos < e.0 + e.1)
+            .unwrap();
         let hole = b.hole_chunks && e.2 & NBD_STATE_ZERO != 0;
-        let stop = (e.0 + e.1).min(end).min(pos.saturating_add(b.read_fragment));
+        let stop = (e.0 + e.1)
+            .min(end)
+            .min(pos.saturating_add(b.read_fragment));
         pieces.push((pos, stop - pos, hole));
         pos = stop;
     }
@@ -557,7 +585,13 @@ fn read_reply(req: &Req, st: &State) -> Vec<u8> {
     for (i, (p, l, hole)) in pieces.into_iter().enumerate() {
         let flags = if i + 1 == n { NBD_REPLY_FLAG_DONE } else { 0 };
         if hole {
-            encode_chunk(&mut out, flags, NBD_REPLY_TYPE_OFFSET_HOLE, req.cookie, &encode_hole(p, l as u32));
+            encode_chunk(
+                &mut out,
+                flags,
+                NBD_REPLY_TYPE_OFFSET_HOLE,
+                req.cookie,
+                &encode_hole(p, l as u32),
+            );
         } else {
             let mut pl = p.to_be_bytes().to_vec();
             pl.extend_from_slice(&st.image.data[p as usize..(p + l) as usize]);
@@ -591,14 +625,24 @@ fn status_reply(req: &Req, st: &State, contexts: &[(u32, String)]) -> Vec<u8> {
             if eo + el <= pos || pos >= off + len || ext.len() >= b.max_extents {
                 continue;
             }
-            let stop = if b.extent_overrun { eo + el } else { (eo + el).min(off + len) };
+            let stop = if b.extent_overrun {
+                eo + el
+            } else {
+                (eo + el).min(off + len)
+            };
             // Keep every extent below 4 GiB (a u32).
             let stop = stop.min(pos + (1 << 31));
             ext.push(((stop - pos) as u32, f));
             pos = stop;
         }
         let flags = if i + 1 == n { NBD_REPLY_FLAG_DONE } else { 0 };
-        encode_chunk(&mut out, flags, NBD_REPLY_TYPE_BLOCK_STATUS, req.cookie, &encode_block_status(*id, &ext));
+        encode_chunk(
+            &mut out,
+            flags,
+            NBD_REPLY_TYPE_BLOCK_STATUS,
+            req.cookie,
+            &encode_block_status(*id, &ext),
+        );
     }
     if n == 0 {
         encode_chunk(

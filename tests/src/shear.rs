@@ -1,0 +1,159 @@
+//! Running the `shear` binary from tests: a private repository/run dir,
+//! JSON reports, and the post-conditions every backup test checks.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use serde_json::{json, Value};
+
+use crate::{shear_bin, TestVm};
+
+/// A repository, run dir and fleecing dir for one test.
+#[derive(Debug)]
+pub struct ShearEnv {
+    /// The test's private directory.
+    pub dir: tempfile::TempDir,
+}
+
+impl Default for ShearEnv {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ShearEnv {
+    /// A fresh directory with an initialised repository.
+    pub fn new() -> ShearEnv {
+        let env = ShearEnv {
+            dir: tempfile::Builder::new()
+                .prefix("shear-e2e-")
+                .tempdir()
+                .unwrap(),
+        };
+        let out = env.shear(&["init"]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        env
+    }
+    /// Path.
+    pub fn repo(&self) -> PathBuf {
+        self.dir.path().join("repo")
+    }
+    /// Path.
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+    /// Path.
+    pub fn fleece_dir(&self) -> PathBuf {
+        self.dir.path().join("fleece")
+    }
+    /// A `shear` command on this repository and run dir.
+    pub fn shear(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(shear_bin());
+        c.arg("--repo").arg(self.repo()).args(args);
+        c.env("SHEAR_RUN_DIR", self.run_dir());
+        c.env("SHEAR_CONFIG", self.dir.path().join("no-config.toml"));
+        c.env_remove("SHEAR_TEST_FROZEN_HOOK");
+        c
+    }
+    /// `shear backup 100 --qmp … --qga … --json` for `vm`.
+    pub fn backup(&self, vm: &TestVm, extra: &[&str]) -> Command {
+        self.backup_with(vm, &vm.qga_socket(), &self.fleece_dir(), extra)
+    }
+    /// [`ShearEnv::backup`] with another qemu-ga socket and fleecing dir.
+    pub fn backup_with(
+        &self,
+        vm: &TestVm,
+        qga: &std::path::Path,
+        fleece: &std::path::Path,
+        extra: &[&str],
+    ) -> Command {
+        let mut c = self.shear(&["backup", "100", "--json"]);
+        c.arg("--qmp").arg(vm.qmp_socket());
+        c.arg("--qga").arg(qga);
+        c.arg("--fleecing-dir").arg(fleece);
+        c.args(extra);
+        c
+    }
+}
+
+/// Run; panic with its output unless it succeeds.
+pub fn run_ok(mut c: Command) -> Output {
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{c:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// The first report of `shear backup --json` output; panics on an error entry.
+pub fn report_of(out: &Output) -> Value {
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("bad JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)));
+    let r = v[0].clone();
+    assert!(r.get("error").is_none(), "backup failed: {r}");
+    r
+}
+
+/// PC-G/PC-T/PC-C: the guest runs, is thawed, and nothing of ours is left.
+pub fn assert_released_and_clean(vm: &mut TestVm, env: &ShearEnv, disks: &[&str]) {
+    let st = vm.harness_qmp("query-status", json!({})).unwrap();
+    assert_eq!(st["status"], "running", "VM not running: {st}");
+    assert_eq!(
+        vm.qga("guest-fsfreeze-status", json!(null)).unwrap(),
+        "thawed"
+    );
+    assert_graph_clean(vm, env, disks);
+}
+
+/// PC-C: no node, export, drive swap, fleece file or run record of ours.
+pub fn assert_graph_clean(vm: &mut TestVm, env: &ShearEnv, disks: &[&str]) {
+    let nodes = vm
+        .harness_qmp("query-named-block-nodes", json!({"flat": true}))
+        .unwrap();
+    let ours: Vec<&str> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["node-name"].as_str())
+        .filter(|n| n.starts_with("shear-"))
+        .collect();
+    assert!(ours.is_empty(), "leftover nodes: {ours:?}");
+    let exports = vm.harness_qmp("query-block-exports", json!({})).unwrap();
+    assert_eq!(exports, json!([]), "leftover exports");
+    for d in disks {
+        let drive = vm
+            .harness_qmp("qom-get", json!({"path": vm.qdev(d), "property": "drive"}))
+            .unwrap();
+        assert_eq!(drive, json!(vm.disk_node(d)), "drive of {d} not restored");
+    }
+    let fleece: Vec<_> = std::fs::read_dir(env.fleece_dir())
+        .map(|r| r.filter_map(Result::ok).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(fleece.is_empty(), "leftover fleece files: {fleece:?}");
+    let run: Vec<_> = std::fs::read_dir(env.run_dir())
+        .map(|r| {
+            r.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.ends_with(".lock"))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(run.is_empty(), "leftovers in the run dir: {run:?}");
+}
+
+impl ShearEnv {
+    /// `shear list --json` of VM 100.
+    pub fn list(&self) -> Vec<Value> {
+        let out = run_ok(self.shear(&["list", "100", "--json"]));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v.as_array().cloned().unwrap_or_default()
+    }
+}

@@ -1,0 +1,520 @@
+//! `shear backup` under faults, on real QEMU (reliability catalogue IDs in
+//! the test names). Every test checks the standard post-conditions: the
+//! guest runs and is thawed (PC-G, PC-T), nothing of ours is left in QEMU's
+//! graph or on disk (PC-C), and a failed run is not listed (PC-R).
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use shear_tests::shear::{
+    assert_graph_clean, assert_released_and_clean, report_of, run_ok, ShearEnv,
+};
+use shear_tests::{require_guest, require_qemu, wait_until, DiskSpec, TestVm, VmConfig};
+
+const MIB: u64 = 1 << 20;
+
+fn spawn(mut c: Command) -> Child {
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    c.spawn().unwrap()
+}
+
+fn signal(child: &Child, sig: &str) {
+    let st = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// Wait until shear's exports exist (the data path has started).
+fn wait_reading(vm: &mut TestVm, child: &mut Child) {
+    wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        "shear's NBD export",
+        || {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!("shear exited before reading: {st}");
+            }
+            let e = vm.harness_qmp("query-block-exports", json!({})).unwrap();
+            (e.as_array().is_some_and(|a| !a.is_empty())).then_some(())
+        },
+    )
+    .unwrap();
+}
+
+fn finish(child: Child) -> (bool, String, String) {
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn write_random(path: &Path, size: u64) {
+    use std::io::Read;
+    let mut f = std::fs::File::open("/dev/urandom").unwrap();
+    let mut buf = vec![0u8; usize::try_from(size).unwrap()];
+    f.read_exact(&mut buf).unwrap();
+    std::fs::write(path, &buf).unwrap();
+}
+
+/// A tmpfs of `size` mounted at `dir`, unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).unwrap();
+        let st = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()
+            .ok()?;
+        if !st.success() {
+            if shear_tests::prereq::in_ci() {
+                panic!("cannot mount a tmpfs (root needed) under CI=true");
+            }
+            eprintln!("SKIP: cannot mount a tmpfs (not root?)");
+            return None;
+        }
+        Some(Tmpfs(dir.to_path_buf()))
+    }
+    fn used_bytes(&self) -> u64 {
+        let out = Command::new("du").arg("-sb").arg(&self.0).output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(u64::MAX)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn vm_f01_no_guest_agent_backup_is_crash_consistent() {
+    if !require_guest() {
+        return;
+    }
+    let env = ShearEnv::new();
+    let mut vm = TestVm::start(
+        VmConfig::guest()
+            .without_qga()
+            .disk(DiskSpec::qcow2("d0", 32 * MIB).ext4()),
+    )
+    .unwrap();
+    let t = Instant::now();
+    let out = run_ok(env.backup(&vm, &[]));
+    let r = report_of(&out);
+    assert_eq!(r["consistency"], "crash");
+    let w = r["warnings"].to_string();
+    assert!(w.contains("qemu-ga"), "{w}");
+    // F-01: the missing agent costs no more than its 2 s connect deadline.
+    assert!(t.elapsed() < Duration::from_secs(30));
+    // The vCPUs were paused around the graph change (a short hold).
+    assert!(
+        r["freeze_window_ms"].as_u64().is_some_and(|ms| ms < 5000),
+        "{r}"
+    );
+    let st = vm.harness_qmp("query-status", json!({})).unwrap();
+    assert_eq!(st["status"], "running");
+    assert_graph_clean(&mut vm, &env, &["d0"]);
+    assert_eq!(env.list().len(), 1);
+}
+
+#[test]
+fn vm_f02_freeze_hook_hangs_guest_thawed_backup_crash_consistent() {
+    if !require_guest() {
+        return;
+    }
+    let env = ShearEnv::new();
+    let mut vm =
+        TestVm::start(VmConfig::guest().disk(DiskSpec::qcow2("d0", 32 * MIB).ext4())).unwrap();
+    vm.guest_sh(
+        "printf '#!/bin/sh\\n[ \"$1\" = freeze ] && sleep 6\\nexit 0\\n' > /etc/qemu/fsfreeze-hook.d/50-hang \
+         && chmod +x /etc/qemu/fsfreeze-hook.d/50-hang",
+    )
+    .unwrap();
+    let t = Instant::now();
+    let out = run_ok(env.backup(&vm, &["--freeze-timeout", "2"]));
+    let r = report_of(&out);
+    eprintln!("F-02 report: {r}");
+    assert_eq!(r["consistency"], "crash", "{r}");
+    assert!(r["warnings"].to_string().contains("fsfreeze failed"), "{r}");
+    assert!(t.elapsed() < Duration::from_secs(60));
+    vm.guest_sh("rm -f /etc/qemu/fsfreeze-hook.d/50-hang")
+        .unwrap();
+    assert_released_and_clean(&mut vm, &env, &["d0"]);
+}
+
+#[test]
+fn vm_f04_agent_sigkill_while_frozen_watchdog_thaws_rerun_cleans_up() {
+    if !require_guest() {
+        return;
+    }
+    let env = ShearEnv::new();
+    let mut vm =
+        TestVm::start(VmConfig::guest().disk(DiskSpec::qcow2("d0", 32 * MIB).ext4())).unwrap();
+    let hook_dir = env.dir.path().join("hook");
+    std::fs::create_dir_all(&hook_dir).unwrap();
+    let hook = hook_dir.join("hold.sh");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\ntouch {0}/held\nwhile [ ! -e {0}/go ]; do sleep 0.05; done\n",
+            hook_dir.display()
+        ),
+    )
+    .unwrap();
+    Command::new("chmod").arg("+x").arg(&hook).status().unwrap();
+    let mut cmd = env.backup(&vm, &[]);
+    cmd.env("SHEAR_TEST_FROZEN_HOOK", &hook);
+    let mut child = spawn(cmd);
+    wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(10),
+        "held",
+        || hook_dir.join("held").exists().then_some(()),
+    )
+    .unwrap();
+    // shear holds the qemu-ga socket (one client at a time) while frozen;
+    // its run record says the guest is frozen by it.
+    let rec = std::fs::read_to_string(env.run_dir().join("backup-100.json")).unwrap();
+    assert!(rec.contains("\"freeze\""), "{rec}");
+    child.kill().unwrap();
+    let _ = child.wait();
+    let killed = Instant::now();
+    std::fs::write(hook_dir.join("go"), b"").unwrap();
+    // PC-T: thawed within 10 s by the watchdog, though the agent is gone.
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        "watchdog thaw",
+        || (vm.qga("guest-fsfreeze-status", json!(null)).ok()? == "thawed").then_some(()),
+    )
+    .unwrap();
+    eprintln!(
+        "F-04: thawed {:.2} s after SIGKILL",
+        killed.elapsed().as_secs_f64()
+    );
+    // The graph changes are still there, and the record says so.
+    let nodes = vm
+        .harness_qmp("query-named-block-nodes", json!({"flat": true}))
+        .unwrap();
+    assert!(
+        nodes.to_string().contains("shear-cbw"),
+        "filter should be left behind"
+    );
+    assert!(env.run_dir().join("backup-100.json").exists());
+    // The next run cleans up first, then backs up.
+    let out = run_ok(env.backup(&vm, &[]));
+    let r = report_of(&out);
+    assert!(r["warnings"].to_string().contains("cleaned up"), "{r}");
+    assert_eq!(r["consistency"], "application");
+    assert_released_and_clean(&mut vm, &env, &["d0"]);
+    assert_eq!(env.list().len(), 1);
+}
+
+/// A VM whose raw disk d0 holds 24 MiB of data, to be read slowly
+/// (`--bwlimit 2048`: ~12 s, and the reader holds at most two chunks).
+fn slow_backup_vm() -> TestVm {
+    let mut vm = TestVm::start(VmConfig::guest().disk(DiskSpec::raw("d0", 32 * MIB))).unwrap();
+    vm.qemu_io("d0", "write -P 0xab 0 24M").unwrap();
+    vm
+}
+
+#[test]
+fn vm_sigint_mid_read_rolls_back_no_backup() {
+    if !require_guest() {
+        return;
+    }
+    let env = ShearEnv::new();
+    let mut vm = slow_backup_vm();
+    let mut child = spawn(env.backup(&vm, &["--bwlimit", "2048"]));
+    wait_reading(&mut vm, &mut child);
+    std::thread::sleep(Duration::from_millis(500));
+    signal(&child, "-INT");
+    let t = Instant::now();
+    let (ok, stdout, stderr) = finish(child);
+    assert!(!ok, "backup should fail after SIGINT: {stdout}");
+    assert!(
+        format!("{stdout}{stderr}").contains("SIGINT"),
+        "{stdout}{stderr}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(15));
+    assert_released_and_clean(&mut vm, &env, &["d0"]);
+    assert!(env.list().is_empty(), "a failed backup must not be listed");
+    run_ok(env.shear(&["verify", "--all"]));
+}
+
+#[test]
+fn vm_sigkill_mid_read_next_run_cleans_up() {
+    if !require_guest() {
+        return;
+    }
+    let env = ShearEnv::new();
+    let mut vm = slow_backup_vm();
+    let mut child = spawn(env.backup(&vm, &["--bwlimit", "2048"]));
+    wait_reading(&mut vm, &mut child);
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert!(
+        env.run_dir().join("backup-100.json").exists(),
+        "record left by the killed run"
+    );
+    let exports = vm.harness_qmp("query-block-exports", json!({})).unwrap();
+    assert_ne!(exports, json!([]), "the killed run's export is still there");
+    assert!(env.list().is_empty());
+    let out = run_ok(env.backup(&vm, &[]));
+    let r = report_of(&out);
+    assert!(r["warnings"].to_string().contains("cleaned up"), "{r}");
+    assert_released_and_clean(&mut vm, &env, &["d0"]);
+    assert_eq!(env.list().len(), 1);
+    run_ok(env.shear(&["verify", "--all"]));
+}
+
+#[test]
+fn vm_f12_fleece_storage_full_backup_fails_guest_unaffected() {
+    if !require_guest() {
+        return;
+    }
+    let env = ShearEnv::new();
+    let small = env.dir.path().join("small-fleece");
+    let Some(tmpfs) = Tmpfs::mount(&small, "2m") else {
+        return;
+    };
+    let mut vm = TestVm::start(VmConfig::guest().disk(DiskSpec::raw("d0", 32 * MIB))).unwrap();
+    vm.qemu_io("d0", "write -P 0xab 0 24M").unwrap();
+    let cmd = env.backup_with(&vm, &vm.qga_socket(), &small, &["--bwlimit", "1024"]);
+    let mut child = spawn(cmd);
+    wait_reading(&mut vm, &mut child);
+    // Guest writes over data not read yet: copy-before-write needs 16 MiB
+    // of fleece space and has 2. The guest's write must still succeed.
+    vm.qemu_io("d0", "write -P 0xcd 8M 16M").unwrap();
+    let (ok, stdout, stderr) = finish(child);
+    assert!(
+        !ok,
+        "backup must fail when the fleece storage is full: {stdout}"
+    );
+    eprintln!("F-12 error: {stdout}{stderr}");
+    assert!(
+        format!("{stdout}{stderr}").contains("copy-before-write"),
+        "{stdout}{stderr}"
+    );
+    vm.qemu_io("d0", "read -P 0xcd 8M 16M").unwrap();
+    assert_released_and_clean(&mut vm, &env, &["d0"]);
+    assert!(
+        tmpfs.used_bytes() < 64 * 1024,
+        "fleece space not given back"
+    );
+    assert!(env.list().is_empty());
+}
+
+#[test]
+fn vm_f33_repository_full_fails_cleanly_earlier_backup_intact() {
+    if !require_guest() {
+        return;
+    }
+    let env = ShearEnv::new();
+    // Re-create the repository on a 6 MiB tmpfs.
+    std::fs::remove_dir_all(env.repo()).unwrap();
+    let Some(_tmpfs) = Tmpfs::mount(&env.repo(), "6m") else {
+        return;
+    };
+    run_ok(env.shear(&["init"]));
+    let d0 = env.dir.path().join("d0.raw");
+    let d1 = env.dir.path().join("d1.raw");
+    write_random(&d0, 2 * MIB);
+    write_random(&d1, 16 * MIB);
+    let mut vm = TestVm::start(
+        VmConfig::guest()
+            .disk(DiskSpec::raw("d0", 2 * MIB).image(&d0))
+            .disk(DiskSpec::raw("d1", 16 * MIB).image(&d1)),
+    )
+    .unwrap();
+    let first = report_of(&run_ok(env.backup(&vm, &["--exclude", "d1"])));
+    let (ok, stdout, stderr) = finish(spawn(env.backup(&vm, &[])));
+    assert!(!ok, "backup into a full repository must fail: {stdout}");
+    assert!(
+        format!("{stdout}{stderr}").contains("No space left"),
+        "{stdout}{stderr}"
+    );
+    assert_released_and_clean(&mut vm, &env, &["d0", "d1"]);
+    let list = env.list();
+    assert_eq!(list.len(), 1, "only the first backup: {list:?}");
+    run_ok(env.shear(&["verify", "--all"]));
+    let target = env.dir.path().join("restore");
+    std::fs::create_dir_all(&target).unwrap();
+    // The tmpfs is full: restore outside it.
+    run_ok(env.shear(&[
+        "restore",
+        first["backup_id"].as_str().unwrap(),
+        "--target",
+        target.to_str().unwrap(),
+    ]));
+    assert_eq!(
+        std::fs::read(target.join("d0.raw")).unwrap(),
+        std::fs::read(&d0).unwrap()
+    );
+}
+
+#[test]
+fn vm_f27_qemu_killed_mid_backup_clear_error_no_manifest() {
+    if !require_guest() {
+        return;
+    }
+    let env = ShearEnv::new();
+    let mut vm = slow_backup_vm();
+    let mut child = spawn(env.backup(&vm, &["--bwlimit", "2048"]));
+    wait_reading(&mut vm, &mut child);
+    vm.kill();
+    let t = Instant::now();
+    let (ok, stdout, stderr) = finish(child);
+    assert!(!ok);
+    eprintln!(
+        "F-27 error after {:.2} s: {stdout}{stderr}",
+        t.elapsed().as_secs_f64()
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "failure not detected in time"
+    );
+    assert!(env.list().is_empty());
+    let fleece: Vec<_> = std::fs::read_dir(env.fleece_dir()).unwrap().collect();
+    assert!(fleece.is_empty(), "fleece files left: {fleece:?}");
+    assert!(
+        !env.run_dir().join("backup-100.json").exists(),
+        "nothing left to undo in a dead QEMU"
+    );
+}
+
+/// Peak RSS (VmHWM) of a running process, polled until it exits.
+fn run_measuring_rss(mut c: Command) -> (std::process::Output, u64) {
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = c.spawn().unwrap();
+    let status = format!("/proc/{}/status", child.id());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let poller = std::thread::spawn(move || {
+        let mut peak = 0u64;
+        while rx.try_recv().is_err() {
+            if let Ok(s) = std::fs::read_to_string(&status) {
+                if let Some(kb) = s
+                    .lines()
+                    .find(|l| l.starts_with("VmHWM:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse::<u64>().ok())
+                {
+                    peak = peak.max(kb * 1024);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        peak
+    });
+    let out = child.wait_with_output().unwrap();
+    tx.send(()).unwrap();
+    (out, poller.join().unwrap())
+}
+
+#[test]
+fn qemu_16g_disk_with_300m_written_reads_300m() {
+    if !require_qemu() {
+        return;
+    }
+    let env = ShearEnv::new();
+    let mut vm = TestVm::start(VmConfig::paused().disk(DiskSpec::qcow2("d0", 16 << 30))).unwrap();
+    for (i, off) in ["0", "5G", "15G"].iter().enumerate() {
+        vm.qemu_io("d0", &format!("write -P 0x{:x}1 {off} 100M", i + 1))
+            .unwrap();
+    }
+    let cmd = env.backup_with(
+        &vm,
+        &env.dir.path().join("no-agent.sock"),
+        &env.fleece_dir(),
+        &[],
+    );
+    let (out, peak) = run_measuring_rss(cmd);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = report_of(&out);
+    let read = r["disks"][0]["bytes_read"].as_u64().unwrap();
+    eprintln!(
+        "16 GiB disk, 300 MiB written: read {} MiB, peak RSS {} MiB",
+        read / MIB,
+        peak / MIB
+    );
+    assert!((300 * MIB..=310 * MIB).contains(&read), "read {read} bytes");
+    assert_eq!(r["disks"][0]["virtual_size"], 16u64 << 30);
+    assert!(peak < 256 * MIB, "peak RSS {peak}");
+    assert_graph_clean(&mut vm, &env, &["d0"]);
+}
+
+#[test]
+fn vm_backup_freeze_window_under_1s_list_verify_restore_qcow2() {
+    if !require_guest() {
+        return;
+    }
+    let env = ShearEnv::new();
+    let mut vm = TestVm::start(
+        VmConfig::guest().disk(DiskSpec::qcow2("d0", 64 * MIB).file("/hello", b"hi\n")),
+    )
+    .unwrap();
+    let r = report_of(&run_ok(
+        env.backup(&vm, &["--notes-template", "{{vmid}} on {{node}}"]),
+    ));
+    let window = r["freeze_window_ms"].as_u64().unwrap();
+    eprintln!("freeze window: {window} ms");
+    assert!(window < 1000, "freeze window {window} ms");
+    assert_eq!(r["consistency"], "application");
+    assert_released_and_clean(&mut vm, &env, &["d0"]);
+    let id = r["backup_id"].as_str().unwrap();
+    let list = env.list();
+    assert_eq!(list.len(), 1);
+    assert!(list[0].to_string().contains(id), "{list:?}");
+    run_ok(env.shear(&["verify", id]));
+    let show = run_ok(env.shear(&["show", id, "--json"]));
+    let manifest: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert!(
+        manifest["notes"].as_str().unwrap().starts_with("100 on "),
+        "{manifest}"
+    );
+    let target = env.dir.path().join("restore");
+    std::fs::create_dir_all(&target).unwrap();
+    let t = target.to_str().unwrap();
+    run_ok(env.shear(&["restore", id, "--target", t, "--format", "qcow2"]));
+    let img = target.join("d0.qcow2");
+    let check = Command::new("qemu-img")
+        .arg("check")
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    assert_eq!(shear_tests::debugfs_cat(&img, "/hello").unwrap(), b"hi\n");
+    // Existing files are not overwritten without --force.
+    let again = env
+        .shear(&["restore", id, "--target", t, "--format", "qcow2"])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    run_ok(env.shear(&["restore", id, "--target", t, "--format", "qcow2", "--force"]));
+}
