@@ -1,5 +1,8 @@
 //! Running the `shear` binary from tests: a private repository/run dir,
 //! JSON reports, and the post-conditions every backup test checks.
+//!
+//! These are assertions: a failed step is a failed test, so they unwrap.
+#![allow(clippy::unwrap_used)]
 
 use std::path::PathBuf;
 use std::process::{Command, Output};

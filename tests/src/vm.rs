@@ -204,11 +204,14 @@ impl TestVm {
                 DiskBus::ScsiHd => {
                     if !have_scsi {
                         args.push("-device".into());
-                        args.push("virtio-scsi-pci,id=scsi0".into());
+                        args.push("virtio-scsi-pci,id=vscsi0".into());
                         have_scsi = true;
                     }
                     args.push("-device".into());
-                    args.push(format!("scsi-hd,id={0},drive=drv-{0},bus=scsi0.0", spec.id));
+                    args.push(format!(
+                        "scsi-hd,id={0},drive=drv-{0},bus=vscsi0.0",
+                        spec.id
+                    ));
                 }
             }
             disks.insert(spec.id.clone(), (spec.clone(), path));

@@ -2,6 +2,8 @@
 //! the test names). Every test checks the standard post-conditions: the
 //! guest runs and is thawed (PC-G, PC-T), nothing of ours is left in QEMU's
 //! graph or on disk (PC-C), and a failed run is not listed (PC-R).
+// Test code: a failed step is a failed test.
+#![allow(clippy::unwrap_used)]
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

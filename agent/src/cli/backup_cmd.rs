@@ -160,7 +160,7 @@ pub fn run(repo: crate::repo::Repository, args: &BackupArgs) -> anyhow::Result<E
             held_hook: held_hook.clone(),
         };
         if !args.json {
-            eprintln!("shear: backing up VM {vmid} ({} mode)", args.mode.as_str());
+            println!("backing up VM {vmid} ({} mode)", args.mode.as_str());
         }
         let result = rt.block_on(run_backup(repo.clone(), opts, cancel.clone()));
         match result {
@@ -265,7 +265,7 @@ pub struct WatchdogArgs {
 
 /// Run the watchdog process.
 pub fn watchdog(args: &WatchdogArgs) -> ExitCode {
-    let code = crate::job::watchdog::run(args.qmp.clone(), args.qga.clone());
+    let code = crate::job::watchdog::run(&args.qmp, args.qga.as_deref());
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
@@ -292,7 +292,7 @@ mod tests {
         assert_eq!(parse_compress(None).unwrap(), None);
         assert_eq!(parse_compress(Some("zstd")).unwrap(), None);
         assert_eq!(parse_compress(Some("zstd:3")).unwrap(), Some(3));
-        assert!(parse_compress(Some("zstd:0")).is_err());
-        assert!(parse_compress(Some("gzip")).is_err());
+        parse_compress(Some("zstd:0")).unwrap_err();
+        parse_compress(Some("gzip")).unwrap_err();
     }
 }

@@ -3,6 +3,7 @@
 //! Exit status: 0 success, 1 error, 2 `verify` found problems.
 
 mod backup_cmd;
+pub mod boot_cmdline;
 mod repo_cmds;
 
 pub use backup_cmd::{BackupArgs, WatchdogArgs};

@@ -323,6 +323,8 @@ fn restore(cli: &Cli, a: &RestoreArgs) -> anyhow::Result<()> {
         ..RestoreOptions::default()
     };
     let target: &Path = &a.target;
+    std::fs::create_dir_all(target)
+        .with_context(|| format!("creating restore target {}", target.display()))?;
     let mut reports = Vec::new();
     for d in &disks {
         let r = reader
@@ -342,8 +344,23 @@ fn restore(cli: &Cli, a: &RestoreArgs) -> anyhow::Result<()> {
         }
         reports.push(r);
     }
+    let format = match a.format {
+        FormatArg::Raw => "raw",
+        FormatArg::Qcow2 => "qcow2",
+    };
+    let restored: Vec<super::boot_cmdline::RestoredDisk<'_>> = reports
+        .iter()
+        .map(|r| super::boot_cmdline::RestoredDisk {
+            name: &r.disk,
+            path: &r.path,
+            format,
+        })
+        .collect();
+    let boot = super::boot_cmdline::qemu_command(&reader.manifest().vm_config, &restored);
     if a.json {
-        print_json(&reports)?;
+        print_json(&serde_json::json!({"disks": reports, "qemu_command": boot}))?;
+    } else {
+        println!("boot the restored disks with:\n  {boot}");
     }
     Ok(())
 }

@@ -248,8 +248,8 @@ pub async fn cleanup_leftovers(
 
 /// How the guest is held while the filters go in.
 enum Hold {
-    /// Frozen through qemu-ga by us.
-    Frozen(guest_agent::FreezeGuard),
+    /// Frozen through qemu-ga by us (boxed: the guard is large).
+    Frozen(Box<guest_agent::FreezeGuard>),
     /// Paused (`stop`) by us.
     Paused,
     /// Shut down (stop mode); resumed with `system_reset` + `cont`.
@@ -400,7 +400,7 @@ async fn backup_inner(
                 path.display()
             )),
             None => {
-                warnings.push("no qemu-ga socket configured; backup is crash-consistent".into())
+                warnings.push("no qemu-ga socket configured; backup is crash-consistent".into());
             }
         }
     } else if !was_running {
@@ -453,11 +453,11 @@ async fn backup_inner(
             match guest_agent::FreezeGuard::freeze(a, guest_agent::FreezeScope::All).await {
                 Ok(guard) => {
                     consistency = Consistency::Application;
-                    Hold::Frozen(guard)
+                    Hold::Frozen(Box::new(guard))
                 }
                 Err(e) => {
                     // The guard has thawed (or says loudly it could not).
-                    let already = matches!(e, guest_agent::Error::AlreadyFrozen { .. });
+                    let already = matches!(e, guest_agent::Error::AlreadyFrozen);
                     if !already {
                         report(watchdog, "thawed");
                     }

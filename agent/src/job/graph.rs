@@ -71,10 +71,14 @@ pub async fn discover_disks(qmp: &qmp::Qmp) -> Result<Vec<VmDisk>, JobError> {
     Ok(disks)
 }
 
-/// `/machine/peripheral/<id>[/virtio-backend]` → `<id>`.
+/// `/machine/peripheral/<id>[/virtio-backend]` → `<id>`; QEMU reports
+/// some devices (scsi-hd) by their bare id.
 fn qdev_id(qdev: &str) -> Option<String> {
-    let rest = qdev.strip_prefix("/machine/peripheral/")?;
-    let id = rest.split('/').next()?;
+    let id = match qdev.strip_prefix("/machine/peripheral/") {
+        Some(rest) => rest.split('/').next()?,
+        None if !qdev.starts_with('/') => qdev,
+        None => return None,
+    };
     (!id.is_empty()).then(|| id.to_string())
 }
 
@@ -440,5 +444,24 @@ async fn undo_step(
             };
             super::freeze::thaw_recorded(qga).await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::qdev_id;
+
+    #[test]
+    fn disk_names_come_from_the_qdev_id() {
+        assert_eq!(
+            qdev_id("/machine/peripheral/d0/virtio-backend").as_deref(),
+            Some("d0")
+        );
+        assert_eq!(
+            qdev_id("/machine/peripheral/scsi0").as_deref(),
+            Some("scsi0")
+        );
+        assert_eq!(qdev_id("scsi0").as_deref(), Some("scsi0"));
+        assert_eq!(qdev_id("/machine/unattached/device[3]"), None);
     }
 }

@@ -12,7 +12,7 @@
 //! which finds the run record.
 
 use std::io::{BufRead, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -105,7 +105,7 @@ pub fn read_states(input: impl BufRead) -> Option<Held> {
 }
 
 /// The watchdog process's main: block on stdin, then rescue if needed.
-pub fn run(qmp: PathBuf, qga: Option<PathBuf>) -> i32 {
+pub fn run(qmp: &Path, qga: Option<&Path>) -> i32 {
     let held = read_states(std::io::stdin().lock());
     let Some(held) = held else { return 0 };
     if !held.frozen && !held.paused {
@@ -125,7 +125,7 @@ pub fn run(qmp: PathBuf, qga: Option<PathBuf>) -> i32 {
             return 2;
         }
     };
-    let ok = rt.block_on(rescue(&qmp, qga.as_deref(), held));
+    let ok = rt.block_on(rescue(qmp, qga, held));
     if ok {
         eprintln!("shear watchdog: guest released");
         0

@@ -271,8 +271,14 @@ impl Repository {
                 })
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::create_dir(path)
-                    .map_err(|e| RepoError::io("create repository", path, e))?;
+                // Parents as needed (e.g. /var/lib/shear); the repository
+                // itself private to its owner.
+                std::os::unix::fs::DirBuilderExt::mode(
+                    std::fs::DirBuilder::new().recursive(true),
+                    0o700,
+                )
+                .create(path)
+                .map_err(|e| RepoError::io("create repository", path, e))?;
             }
             Err(e) => return Err(RepoError::io("stat repository path", path, e)),
         }
