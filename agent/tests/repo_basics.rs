@@ -132,6 +132,7 @@ fn incremental_reuses_digests_without_data() {
     let info = CommitInfo {
         mode: BackupMode::Incremental,
         consistency: Consistency::Application,
+        vm_mode: "snapshot".into(),
         vm_config: serde_json::json!({"memory": 128}),
         notes: "incremental".into(),
         freeze_window_ms: Some(42),
@@ -140,6 +141,7 @@ fn incremental_reuses_digests_without_data() {
     let m = repo.load_manifest(&id).unwrap();
     assert_eq!(m.base.as_ref(), Some(&base));
     assert_eq!(m.timings.freeze_window_ms, Some(42));
+    assert_eq!(m.vm_mode, "snapshot");
     assert_eq!(m.vm_config["memory"], 128);
     let out = tempfile::tempdir().unwrap();
     assert_eq!(restore_raw(&repo, &id, "d0", out.path()), img2);

@@ -158,6 +158,7 @@ pub fn run(repo: crate::repo::Repository, args: &BackupArgs) -> anyhow::Result<E
             cbw_timeout_s: args.cbw_timeout,
             stop_timeout: Duration::from_secs(args.stop_timeout),
             held_hook: held_hook.clone(),
+            progress: !args.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
         };
         if !args.json {
             println!("backing up VM {vmid} ({} mode)", args.mode.as_str());

@@ -104,6 +104,8 @@ pub struct BackupOptions {
     pub cbw_timeout_s: u32,
     /// Stop mode: how long the guest may take to shut down.
     pub stop_timeout: Duration,
+    /// Show a progress bar per disk on stderr (the CLI sets it on a TTY).
+    pub progress: bool,
     /// Test-only: a program run while the guest is held with every filter
     /// in place (to take a ground-truth copy). From `$SHEAR_TEST_FROZEN_HOOK`.
     pub held_hook: Option<PathBuf>,
@@ -551,6 +553,7 @@ async fn backup_inner(
         workers: opts.workers.max(1),
         connections: opts.connections.max(1),
         bwlimit_bytes: opts.bwlimit_kib.saturating_mul(1024),
+        progress: opts.progress,
     };
     let cancel2 = cancel.clone();
     let (session, disk_reports) = tokio::task::spawn_blocking(move || {
@@ -571,6 +574,7 @@ async fn backup_inner(
     let info = repo::CommitInfo {
         mode: repo::BackupMode::Full,
         consistency,
+        vm_mode: opts.mode.as_str().to_string(),
         vm_config,
         notes: render_notes(&opts.notes_template, &opts.vmid, &vm_name, &opts.node),
         freeze_window_ms,
@@ -763,6 +767,7 @@ struct DataPathConfig {
     workers: usize,
     connections: usize,
     bwlimit_bytes: u64,
+    progress: bool,
 }
 
 /// A token bucket on bytes read (vzdump's `bwlimit`).
@@ -848,6 +853,18 @@ fn read_all(
             )));
         }
         let pipeline = repo::ChunkPipeline::new(dp.workers, dp.workers * 2);
+        let bar = dp.progress.then(|| {
+            let bar = indicatif::ProgressBar::new(disk.virtual_size);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{prefix:>10} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.set_prefix(disk.name.clone());
+            bar
+        });
         let mut failed = None;
         for item in stream.by_ref() {
             if cancel.is_cancelled() {
@@ -867,6 +884,9 @@ fn read_all(
                     break;
                 }
             };
+            if let Some(b) = &bar {
+                b.inc(u64::from(chunk.len));
+            }
             let r = match chunk.kind {
                 nbd_export::ChunkKind::Data(data) => {
                     throttle.take(u64::from(chunk.len), cancel);
@@ -885,6 +905,9 @@ fn read_all(
                 failed = Some(JobError::repo(format!("storing {}", disk.name))(e));
                 break;
             }
+        }
+        if let Some(b) = bar {
+            b.finish_and_clear();
         }
         let stats = stream.stats();
         if failed.is_some() || cancel.is_cancelled() {

@@ -114,6 +114,10 @@ pub struct Manifest {
     pub mode: BackupMode,
     /// Application or crash consistent.
     pub consistency: Consistency,
+    /// How the guest was held while the snapshot was taken: `snapshot`,
+    /// `suspend` or `stop` (vzdump's modes); empty when not from a VM.
+    #[serde(default)]
+    pub vm_mode: String,
     /// The backup whose index an incremental reused.
     pub base: Option<BackupId>,
     /// Disks in backup order.

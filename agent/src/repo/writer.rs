@@ -102,6 +102,8 @@ pub struct CommitInfo {
     pub mode: BackupMode,
     /// Application (frozen) or crash consistent.
     pub consistency: Consistency,
+    /// vzdump mode the VM was backed up in (`snapshot`, `suspend`, `stop`).
+    pub vm_mode: String,
     /// VM configuration as QEMU reports it.
     pub vm_config: serde_json::Value,
     /// Notes.
@@ -115,6 +117,7 @@ impl Default for CommitInfo {
         CommitInfo {
             mode: BackupMode::Full,
             consistency: Consistency::Crash,
+            vm_mode: String::new(),
             vm_config: serde_json::Value::Null,
             notes: String::new(),
             freeze_window_ms: None,
@@ -362,6 +365,7 @@ impl BackupSession {
             vm_name: self.meta.vm_name.clone(),
             mode: info.mode,
             consistency: info.consistency,
+            vm_mode: info.vm_mode.clone(),
             base: self.meta.base.clone(),
             disks,
             vm_config: info.vm_config.clone(),
