@@ -113,6 +113,12 @@ pub fn assert_released_and_clean(vm: &mut TestVm, env: &ShearEnv, disks: &[&str]
         vm.qga("guest-fsfreeze-status", json!(null)).unwrap(),
         "thawed"
     );
+    // PC-G: the guest saw no I/O error.
+    let dmesg = vm.guest_sh("dmesg").unwrap().to_lowercase();
+    assert!(
+        !dmesg.contains("i/o error") && !dmesg.contains("buffer i/o"),
+        "guest kernel reported I/O errors:\n{dmesg}"
+    );
     assert_graph_clean(vm, env, disks);
 }
 

@@ -520,3 +520,34 @@ fn vm_backup_freeze_window_under_1s_list_verify_restore_qcow2() {
     assert!(!again.status.success());
     run_ok(env.shear(&["restore", id, "--target", t, "--format", "qcow2", "--force"]));
 }
+
+#[test]
+fn qemu_compress_none_and_zstd_levels() {
+    if !require_qemu() {
+        return;
+    }
+    let env = ShearEnv::new();
+    let mut vm = TestVm::start(VmConfig::paused().disk(DiskSpec::qcow2("d0", 64 * MIB))).unwrap();
+    vm.qemu_io("d0", "write -P 0x5a 0 8M").unwrap();
+    let no_agent = env.dir.path().join("no-agent.sock");
+    let stored = |args: &[&str]| {
+        let out = run_ok(env.backup_with(&vm, &no_agent, &env.fleece_dir(), args));
+        report_of(&out)["disks"][0]["bytes_stored"]
+            .as_u64()
+            .unwrap()
+    };
+    // Uncompressed: every byte of the 8 MiB (plus headers) is stored.
+    let none = stored(&["--compress", "none"]);
+    assert!(none >= 8 * MIB, "stored {none}");
+    // Same data again, compressed: the chunks already exist (dedup by
+    // plaintext digest), so nothing new is stored.
+    let again = stored(&["--compress", "zstd:3"]);
+    assert_eq!(again, 0);
+    let bad = env
+        .backup_with(&vm, &no_agent, &env.fleece_dir(), &["--compress", "gzip"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--compress"));
+    assert_graph_clean(&mut vm, &env, &["d0"]);
+}

@@ -35,7 +35,7 @@ pub struct BackupArgs {
     /// Run directory (default: the config's, /run/shear).
     #[arg(long, env = "SHEAR_RUN_DIR")]
     pub run_dir: Option<PathBuf>,
-    /// Compression: zstd[:LEVEL] (default: the repository's level).
+    /// Compression: zstd[:LEVEL] or none (default: the repository's level).
     #[arg(long)]
     pub compress: Option<String>,
     /// Hash/compress worker threads (default: the number of cores).
@@ -73,6 +73,7 @@ fn parse_compress(s: Option<&str>) -> anyhow::Result<Option<i32>> {
     let Some(s) = s else { return Ok(None) };
     match s.split_once(':') {
         None if s == "zstd" => Ok(None),
+        None if s == "none" => Ok(Some(0)),
         Some(("zstd", level)) => {
             let l: i32 = level
                 .parse()
@@ -82,7 +83,7 @@ fn parse_compress(s: Option<&str>) -> anyhow::Result<Option<i32>> {
             }
             Ok(Some(l))
         }
-        _ => bail!("--compress takes zstd or zstd:LEVEL, not {s:?}"),
+        _ => bail!("--compress takes zstd, zstd:LEVEL or none, not {s:?}"),
     }
 }
 
@@ -293,6 +294,7 @@ mod tests {
         assert_eq!(parse_compress(None).unwrap(), None);
         assert_eq!(parse_compress(Some("zstd")).unwrap(), None);
         assert_eq!(parse_compress(Some("zstd:3")).unwrap(), Some(3));
+        assert_eq!(parse_compress(Some("none")).unwrap(), Some(0));
         parse_compress(Some("zstd:0")).unwrap_err();
         parse_compress(Some("gzip")).unwrap_err();
     }

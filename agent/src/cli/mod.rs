@@ -41,7 +41,7 @@ pub enum Command {
     Watchdog(WatchdogArgs),
     /// Create a repository (encrypted when --keyfile is given).
     Init {
-        /// zstd level for new chunks (1..=19).
+        /// zstd level for new chunks (1..=19; 0 stores them uncompressed).
         #[arg(long, default_value_t = 1)]
         zstd_level: i32,
         /// Chunk size in bytes (power of two, 64 KiB ..= 16 MiB).

@@ -290,7 +290,9 @@ pub(crate) fn encode_chunk_verified_with_hook(
     level: i32,
     hook: &mut dyn FnMut(&mut Vec<u8>),
 ) -> Result<Vec<u8>> {
-    let blob = encode_with_hook(ObjectType::Chunk, data, Some(level), key, digest, hook)?;
+    // Level 0: store uncompressed.
+    let level = (level > 0).then_some(level);
+    let blob = encode_with_hook(ObjectType::Chunk, data, level, key, digest, hook)?;
     let what = hex::encode(digest);
     let limits = Limits {
         max_raw: MAX_CHUNK_SIZE,

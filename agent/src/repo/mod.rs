@@ -664,12 +664,13 @@ impl Repository {
 
 /// Checks a zstd level.
 pub(crate) fn zstd_level_check(level: i32) -> Result<()> {
-    if (1..=19).contains(&level) {
+    // 0 stores chunks uncompressed (`--compress none`).
+    if (0..=19).contains(&level) {
         Ok(())
     } else {
         Err(RepoError::invalid(
             "zstd level",
-            format!("{level}: use 1..=19"),
+            format!("{level}: use 1..=19, or 0 for none"),
         ))
     }
 }
