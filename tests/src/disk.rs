@@ -175,19 +175,38 @@ pub fn to_raw(image: &Path, out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A raw view of an image: the image itself, or a raw copy of a qcow2
+/// (removed on drop).
+enum RawView {
+    Same(PathBuf),
+    Copy(tempfile::NamedTempFile),
+}
+
+impl RawView {
+    fn of(image: &Path) -> Result<RawView> {
+        if is_qcow2(image)? {
+            let tmp = tempfile::NamedTempFile::new()?;
+            to_raw(image, tmp.path())?;
+            Ok(RawView::Copy(tmp))
+        } else {
+            Ok(RawView::Same(image.to_path_buf()))
+        }
+    }
+    fn path(&self) -> &Path {
+        match self {
+            RawView::Same(p) => p,
+            RawView::Copy(t) => t.path(),
+        }
+    }
+}
+
 /// Read a file out of an ext4 image (raw or qcow2) without mounting it.
 pub fn debugfs_cat(image: &Path, path_in_fs: &str) -> Result<Vec<u8>> {
-    let raw_tmp;
-    let raw = if is_qcow2(image)? {
-        raw_tmp = tempfile::NamedTempFile::new()?;
-        to_raw(image, raw_tmp.path())?;
-        raw_tmp.path().to_path_buf()
-    } else {
-        image.to_path_buf()
-    };
+    let raw = RawView::of(image)?;
+    let raw = raw.path();
     let out = Command::new(tool("debugfs"))
         .args(["-R", &format!("cat {path_in_fs}")])
-        .arg(&raw)
+        .arg(raw)
         .output()?;
     if !out.status.success() {
         return Err(herr!(
@@ -204,15 +223,9 @@ pub fn debugfs_cat(image: &Path, path_in_fs: &str) -> Result<Vec<u8>> {
 
 /// `e2fsck -fn` on an image (raw or qcow2): Ok when the filesystem is clean.
 pub fn e2fsck_clean(image: &Path) -> Result<()> {
-    let raw_tmp;
-    let raw = if is_qcow2(image)? {
-        raw_tmp = tempfile::NamedTempFile::new()?;
-        to_raw(image, raw_tmp.path())?;
-        raw_tmp.path().to_path_buf()
-    } else {
-        image.to_path_buf()
-    };
-    let out = Command::new(tool("e2fsck")).arg("-fn").arg(&raw).output()?;
+    let raw = RawView::of(image)?;
+    let raw = raw.path();
+    let out = Command::new(tool("e2fsck")).arg("-fn").arg(raw).output()?;
     if out.status.success() {
         Ok(())
     } else {
