@@ -551,3 +551,80 @@ fn qemu_compress_none_and_zstd_levels() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--compress"));
     assert_graph_clean(&mut vm, &env, &["d0"]);
 }
+
+#[test]
+fn vm_f29_vm_paused_by_someone_else_stays_paused() {
+    if !require_guest() {
+        return;
+    }
+    let env = ShearEnv::new();
+    let mut vm =
+        TestVm::start(VmConfig::guest().disk(DiskSpec::qcow2("d0", 32 * MIB).ext4())).unwrap();
+    vm.harness_qmp("stop", json!({})).unwrap();
+    for mode in ["snapshot", "suspend", "stop"] {
+        let r = report_of(&run_ok(env.backup(&vm, &["--mode", mode])));
+        assert_eq!(r["consistency"], "crash", "{mode}: {r}");
+        assert!(
+            r["freeze_window_ms"].is_null(),
+            "{mode}: not held by us: {r}"
+        );
+        let st = vm.harness_qmp("query-status", json!({})).unwrap();
+        assert_eq!(
+            st["status"], "paused",
+            "{mode}: shear resumed a VM it did not pause"
+        );
+    }
+    vm.harness_qmp("cont", json!({})).unwrap();
+    assert_released_and_clean(&mut vm, &env, &["d0"]);
+    assert_eq!(env.list().len(), 3);
+}
+
+#[test]
+fn vm_stop_mode_agent_killed_while_guest_down_watchdog_boots_it() {
+    if !require_guest() {
+        return;
+    }
+    let env = ShearEnv::new();
+    let mut vm =
+        TestVm::start(VmConfig::guest().disk(DiskSpec::qcow2("d0", 32 * MIB).ext4())).unwrap();
+    let hook_dir = env.dir.path().join("hook");
+    std::fs::create_dir_all(&hook_dir).unwrap();
+    let hook = hook_dir.join("hold.sh");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\ntouch {0}/held\nwhile [ ! -e {0}/go ]; do sleep 0.05; done\n",
+            hook_dir.display()
+        ),
+    )
+    .unwrap();
+    Command::new("chmod").arg("+x").arg(&hook).status().unwrap();
+    let mut cmd = env.backup(&vm, &["--mode", "stop", "--stop-timeout", "60"]);
+    cmd.env("SHEAR_TEST_FROZEN_HOOK", &hook);
+    let mut child = spawn(cmd);
+    wait_until(
+        Duration::from_secs(90),
+        Duration::from_millis(10),
+        "held",
+        || hook_dir.join("held").exists().then_some(()),
+    )
+    .unwrap();
+    let st = vm.harness_qmp("query-status", json!({})).unwrap();
+    assert_eq!(st["status"], "shutdown", "{st}");
+    child.kill().unwrap();
+    let _ = child.wait();
+    std::fs::write(hook_dir.join("go"), b"").unwrap();
+    // The watchdog boots the guest again (system_reset + cont).
+    wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        "guest back up",
+        || vm.qga("guest-ping", json!(null)).ok(),
+    )
+    .unwrap();
+    let out = run_ok(env.backup(&vm, &[]));
+    assert!(report_of(&out)["warnings"]
+        .to_string()
+        .contains("cleaned up"));
+    assert_released_and_clean(&mut vm, &env, &["d0"]);
+}

@@ -441,8 +441,11 @@ async fn backup_inner(
     let mut consistency = Consistency::Crash;
     let mut hold_start = Instant::now();
     let mut hold = match opts.mode {
+        // A VM someone else paused is not ours to shut down, reset or
+        // resume (F-29): back it up as it is.
+        Mode::Stop if !was_running => Hold::None,
         Mode::Stop => {
-            stop_guest(qmp, record, rpath, opts.stop_timeout, was_running).await?;
+            stop_guest(qmp, record, rpath, watchdog, opts.stop_timeout, cancel).await?;
             consistency = Consistency::Application;
             Hold::ShutDown
         }
@@ -458,21 +461,36 @@ async fn backup_inner(
                     Hold::Frozen(Box::new(guard))
                 }
                 Err(e) => {
-                    // The guard has thawed (or says loudly it could not).
                     let already = matches!(e, guest_agent::Error::AlreadyFrozen);
-                    if !already {
-                        report(watchdog, "thawed");
-                    }
+                    // The guard ran its thaw loop; it says whether the guest
+                    // is confirmed thawed. If not, the recorded freeze stays:
+                    // teardown (and the watchdog, and the next run) keep
+                    // trying to thaw it.
+                    let thaw_unconfirmed = matches!(
+                        &e,
+                        guest_agent::Error::FreezeFailed {
+                            thaw_error: Some(_),
+                            ..
+                        }
+                    );
                     if already {
                         // Not ours: never thaw it (F-05).
                         GraphBuilder::new(qmp, record, rpath).forget(&Step::Freeze)?;
+                        report(watchdog, "thawed");
                         warnings.push(
                             "guest filesystems already frozen by someone else: not freezing, \
                              not thawing; backup is crash-consistent"
                                 .into(),
                         );
+                    } else if thaw_unconfirmed {
+                        warnings.push(format!(
+                            "fsfreeze failed and the guest could not be confirmed thawed ({}); \
+                             will keep trying; pausing instead; backup is crash-consistent",
+                            chain(&e)
+                        ));
                     } else {
                         GraphBuilder::new(qmp, record, rpath).forget(&Step::Freeze)?;
+                        report(watchdog, "thawed");
                         warnings.push(format!(
                             "fsfreeze failed ({}); guest thawed, pausing instead; backup is \
                              crash-consistent",
@@ -500,11 +518,10 @@ async fn backup_inner(
         Ok::<(), JobError>(())
     }
     .await;
-    if inserted.is_ok() {
-        if let Some(hook) = &opts.held_hook {
-            run_held_hook(hook, opts, &disks, &names).await?;
-        }
-    }
+    let inserted = match (inserted, &opts.held_hook) {
+        (Ok(()), Some(hook)) => run_held_hook(hook, opts, &disks, &names).await,
+        (r, _) => r,
+    };
 
     // Release at once, whatever happened. The window is the freeze as the
     // guard measured it (freeze sent → thaw answered), else hold → release.
@@ -666,8 +683,9 @@ async fn stop_guest(
     qmp: &qmp::Qmp,
     record: &mut RunRecord,
     rpath: &Path,
+    watchdog: &mut Option<Watchdog>,
     timeout: Duration,
-    was_running: bool,
+    cancel: &Cancel,
 ) -> Result<(), JobError> {
     let mut g = GraphBuilder::new(qmp, record, rpath);
     // QEMU has no query for the current action; restore its default.
@@ -680,15 +698,16 @@ async fn stop_guest(
     )
     .await
     .map_err(JobError::qmp("set-action shutdown=pause"))?;
-    // From here the VM is "held": if we die, the watchdog resumes it.
+    // From here the VM is "held": if we die, the watchdog (or the next
+    // run) boots it again.
     g.log(Step::Pause)?;
-    if was_running {
-        qmp.system_powerdown()
-            .await
-            .map_err(JobError::qmp("system_powerdown"))?;
-    }
+    report(watchdog, "paused");
+    qmp.system_powerdown()
+        .await
+        .map_err(JobError::qmp("system_powerdown"))?;
     let deadline = Instant::now() + timeout;
     loop {
+        cancel.check()?;
         let st = qmp
             .query_status()
             .await

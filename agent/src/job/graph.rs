@@ -331,6 +331,26 @@ fn qemu_gone(e: &JobError) -> bool {
     }
 }
 
+/// Resume a VM this agent held: `cont` if paused; `system_reset` + `cont`
+/// if its guest was shut down (stop mode). Only called for a recorded hold
+/// of ours, never for a VM someone else paused (F-29).
+pub async fn resume_held(qmp: &qmp::Qmp) -> Result<(), JobError> {
+    let st = qmp
+        .query_status()
+        .await
+        .map_err(JobError::qmp("query-status"))?;
+    match st.status {
+        qmp::RunState::Paused => qmp.cont().await.map_err(JobError::qmp("cont")),
+        qmp::RunState::Shutdown => {
+            qmp.system_reset()
+                .await
+                .map_err(JobError::qmp("system_reset"))?;
+            qmp.cont().await.map_err(JobError::qmp("cont"))
+        }
+        _ => Ok(()),
+    }
+}
+
 async fn node_exists(qmp: &qmp::Qmp, name: &str) -> Result<bool, JobError> {
     Ok(qmp
         .query_named_block_nodes()
@@ -418,17 +438,7 @@ async fn undo_step(
             let _ = std::fs::remove_file(socket);
             Ok(())
         }
-        Step::Pause => {
-            let qmp = need_qmp()?;
-            let st = qmp
-                .query_status()
-                .await
-                .map_err(JobError::qmp("query-status"))?;
-            if st.status == qmp::RunState::Paused {
-                qmp.cont().await.map_err(JobError::qmp("cont"))?;
-            }
-            Ok(())
-        }
+        Step::Pause => resume_held(need_qmp()?).await,
         Step::ShutdownAction { restore } => {
             let qmp = need_qmp()?;
             qmp.execute_value("set-action", json!({"shutdown": restore}))

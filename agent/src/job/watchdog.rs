@@ -162,11 +162,7 @@ async fn try_cont(qmp: &Path) -> bool {
     let Ok((client, _events)) = qmp::Qmp::connect(qmp, ATTEMPT_TIMEOUT).await else {
         return false;
     };
-    match client.query_status().await {
-        Ok(st) if st.status == qmp::RunState::Paused => client.cont().await.is_ok(),
-        Ok(_) => true,
-        Err(_) => false,
-    }
+    super::graph::resume_held(&client).await.is_ok()
 }
 
 #[cfg(test)]
