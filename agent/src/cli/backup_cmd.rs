@@ -218,17 +218,17 @@ fn human_bytes(b: u64) -> String {
 
 fn print_human(r: &BackupReport) {
     println!("backup {} committed", r.backup_id);
-    let window = r
-        .freeze_window_ms
-        .map_or_else(|| "not held".to_string(), |ms| format!("{ms} ms"));
+    let held = r.freeze_window_ms.map_or_else(
+        || "guest not held".to_string(),
+        |ms| format!("guest held {ms} ms"),
+    );
     println!(
-        "  mode {}, consistency {}, guest held {}",
+        "  mode {}, consistency {}, {held}",
         r.mode.as_str(),
         match r.consistency {
             crate::repo::Consistency::Application => "application",
             crate::repo::Consistency::Crash => "crash",
         },
-        window
     );
     for d in &r.disks {
         println!(
