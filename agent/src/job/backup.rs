@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::datapath::{read_all, DataPathConfig};
 use super::graph::{self, GraphBuilder, NodeNames, VmDisk};
 use super::record::{record_path, RunRecord, Step};
 use super::watchdog::Watchdog;
@@ -38,10 +39,6 @@ const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long connecting to qemu-ga may take before the backup goes on
 /// crash-consistent (F-01 asks for ≤ 2 s).
 const QGA_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Most chunk bytes the NBD reader holds at once (read ahead of hashing
-/// and compression). 64 MiB keeps two connections and the workers busy;
-/// more only costs memory.
-const READ_BYTE_BUDGET: u64 = 64 << 20;
 /// Default `cbw-timeout`: below every guest's disk timeout (virtio-win: 60 s).
 pub const DEFAULT_CBW_TIMEOUT_S: u32 = 45;
 
@@ -181,7 +178,7 @@ impl Cancel {
     pub fn is_cancelled(&self) -> bool {
         self.0.load(Ordering::SeqCst)
     }
-    fn check(&self) -> Result<(), JobError> {
+    pub(super) fn check(&self) -> Result<(), JobError> {
         if self.is_cancelled() {
             let why = self.1.lock().ok().and_then(|w| *w).unwrap_or("a signal");
             return Err(JobError::Interrupted(why));
@@ -777,180 +774,4 @@ async fn run_held_hook(
         return Err(JobError::Invalid(format!("held hook exited with {st}")));
     }
     Ok(())
-}
-
-/// Data path settings.
-#[derive(Debug, Clone)]
-struct DataPathConfig {
-    socket: PathBuf,
-    workers: usize,
-    connections: usize,
-    bwlimit_bytes: u64,
-    progress: bool,
-}
-
-/// A token bucket on bytes read (vzdump's `bwlimit`).
-#[derive(Debug)]
-struct Throttle {
-    rate: u64,
-    start: Instant,
-    consumed: u64,
-}
-
-impl Throttle {
-    fn new(rate: u64) -> Self {
-        Throttle {
-            rate,
-            start: Instant::now(),
-            consumed: 0,
-        }
-    }
-    fn take(&mut self, bytes: u64, cancel: &Cancel) {
-        if self.rate == 0 {
-            return;
-        }
-        self.consumed += bytes;
-        #[allow(clippy::cast_precision_loss)]
-        let due = Duration::from_secs_f64(self.consumed as f64 / self.rate as f64);
-        while self.start.elapsed() < due && !cancel.is_cancelled() {
-            let left = due.saturating_sub(self.start.elapsed());
-            std::thread::sleep(left.min(Duration::from_millis(100)));
-        }
-    }
-}
-
-/// Read every disk's export into the session (blocking; data-plane thread).
-fn read_all(
-    session: &repo::BackupSession,
-    jobs: &[(VmDisk, String)],
-    dp: &DataPathConfig,
-    cancel: &Cancel,
-) -> Result<Vec<DiskReport>, JobError> {
-    let mut reports = Vec::new();
-    let mut throttle = Throttle::new(dp.bwlimit_bytes);
-    for (disk, export) in jobs {
-        let spec = repo::DiskSpec {
-            name: disk.name.clone(),
-            device: if disk.device.is_empty() {
-                disk.qdev.clone()
-            } else {
-                disk.device.clone()
-            },
-            node: disk.node.clone(),
-            virtual_size: disk.virtual_size,
-        };
-        let writer = session
-            .add_disk(&spec)
-            .map_err(JobError::repo(format!("adding disk {}", disk.name)))?;
-        let src = nbd_export::ExportSource::unix(&dp.socket, export.clone());
-        // Memory: the reader holds at most its byte budget. With a bandwidth
-        // limit, keep it to two chunks so the limit bounds the NBD reads too
-        // (not only how fast chunks are consumed).
-        let chunk = u64::from(writer.chunk_size());
-        let byte_budget = if dp.bwlimit_bytes > 0 {
-            2 * chunk
-        } else {
-            READ_BYTE_BUDGET.max(2 * chunk)
-        };
-        let cfg = nbd_export::ReaderConfig {
-            chunk_size: writer.chunk_size(),
-            connections: dp.connections,
-            byte_budget,
-            ..nbd_export::ReaderConfig::default()
-        };
-        let mut stream =
-            nbd_export::ChunkReader::start(&src, &cfg).map_err(|source| JobError::Nbd {
-                step: format!("connecting to the export of {}", disk.name),
-                source,
-            })?;
-        if stream.export_info().size != disk.virtual_size {
-            return Err(JobError::Invalid(format!(
-                "export of {} has {} bytes, the disk {}",
-                disk.name,
-                stream.export_info().size,
-                disk.virtual_size
-            )));
-        }
-        let pipeline = repo::ChunkPipeline::new(dp.workers, dp.workers * 2);
-        let bar = dp.progress.then(|| {
-            let bar = indicatif::ProgressBar::new(disk.virtual_size);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{prefix:>10} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("=> "),
-            );
-            bar.set_prefix(disk.name.clone());
-            bar
-        });
-        let mut failed = None;
-        for item in stream.by_ref() {
-            if cancel.is_cancelled() {
-                break;
-            }
-            let chunk = match item {
-                Ok(c) => c,
-                Err(source) => {
-                    failed = Some(JobError::Nbd {
-                        step: format!(
-                            "reading {} (an EACCES/EPERM here means the copy-before-write \
-                             filter broke the snapshot: fleecing storage full or failing)",
-                            disk.name
-                        ),
-                        source,
-                    });
-                    break;
-                }
-            };
-            if let Some(b) = &bar {
-                b.inc(u64::from(chunk.len));
-            }
-            let r = match chunk.kind {
-                nbd_export::ChunkKind::Data(data) => {
-                    throttle.take(u64::from(chunk.len), cancel);
-                    pipeline.submit(&writer, chunk.index, data)
-                }
-                nbd_export::ChunkKind::Zero => writer.put_zero(chunk.index),
-                nbd_export::ChunkKind::Clean => {
-                    failed = Some(JobError::Invalid(format!(
-                        "{}: the reader reported a clean chunk in a full backup",
-                        disk.name
-                    )));
-                    break;
-                }
-            };
-            if let Err(e) = r {
-                failed = Some(JobError::repo(format!("storing {}", disk.name))(e));
-                break;
-            }
-        }
-        if let Some(b) = bar {
-            b.finish_and_clear();
-        }
-        let stats = stream.stats();
-        if failed.is_some() || cancel.is_cancelled() {
-            stream.cancel();
-            let _ = pipeline.finish();
-            cancel.check()?;
-            return Err(failed.unwrap_or_else(|| JobError::Invalid("read stopped".into())));
-        }
-        pipeline
-            .finish()
-            .map_err(JobError::repo(format!("storing {}", disk.name)))?;
-        let entry = writer.finish().map_err(JobError::repo(format!(
-            "writing the index of {}",
-            disk.name
-        )))?;
-        reports.push(DiskReport {
-            name: disk.name.clone(),
-            virtual_size: disk.virtual_size,
-            bytes_read: stats.bytes_read,
-            bytes_skipped: disk.virtual_size.saturating_sub(stats.bytes_read),
-            bytes_stored: entry.stored_bytes,
-            bytes_deduplicated: entry.dedup_bytes,
-            image_digest: entry.image_digest,
-        });
-    }
-    Ok(reports)
 }

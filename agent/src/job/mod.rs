@@ -7,6 +7,7 @@
 //! bounded whatever the disk size.
 
 pub mod backup;
+mod datapath;
 pub mod freeze;
 pub mod graph;
 pub mod record;
