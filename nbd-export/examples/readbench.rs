@@ -90,7 +90,7 @@ fn run() -> Result<(), String> {
         let st = stream.stats();
         let mib = |b: u64| b as f64 / f64::from(1 << 20);
         println!(
-            "engine={} conns={} req={} recycle={recycle} secs={secs:.3} size_mib={:.0} read_mib={:.0} mib_s={:.0} data_chunks={} zero_chunks={} clean_chunks={} requests={} sink={sink}",
+            "engine={} conns={} req={} recycle={recycle} secs={secs:.3} size_mib={:.0} read_mib={:.0} mib_s={:.0} data_chunks={} zero_chunks={} clean_chunks={} requests={} reused={} sink={sink}",
             stream.engine(),
             stream.connections(),
             cfg.read_request_len,
@@ -101,6 +101,7 @@ fn run() -> Result<(), String> {
             st.zero_chunks,
             st.clean_chunks,
             st.read_requests,
+            st.buffers_reused,
         );
     }
     Ok(())

@@ -72,7 +72,6 @@ pub(crate) fn open(
             step: "setting socket timeouts",
             source,
         })?;
-    stream.grow_buffers();
     let (contexts, required) = context_queries(dirty_bitmap, allocation_depth);
     let info = handshake::negotiate(
         &mut stream,

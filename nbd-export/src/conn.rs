@@ -32,6 +32,9 @@ pub(crate) struct IoBuf {
     pub data: Vec<u8>,
     pub start: usize,
     pub end: usize,
+    /// Receive: wait until the range is full (`MSG_WAITALL`); else return
+    /// as soon as any bytes arrived. Sends always send everything.
+    pub exact: bool,
 }
 
 impl IoBuf {
@@ -197,8 +200,13 @@ pub(crate) struct Conn {
     tx_lent: bool,
     rx: Rx,
     rx_lent: bool,
+    /// Whether the lent receive buffer is the staging buffer.
+    rx_staged: bool,
     hdr: Vec<u8>,
     scratch: Vec<u8>,
+    /// Received bytes not parsed yet: `stage[stage_pos..]`.
+    stage: Vec<u8>,
+    stage_pos: usize,
     done: Vec<Done>,
     dead: bool,
     disc_sent: bool,
@@ -207,6 +215,13 @@ pub(crate) struct Conn {
 
 const HDR_LEN: usize = 20;
 const PREFIX_LEN: usize = 16;
+/// Small reads (headers, offsets, holes, status chunks) go through a
+/// staging buffer, so one receive picks up several of them; what lands
+/// there of a data payload is copied (at most this much per reply).
+const STAGE_LEN: usize = 4096;
+/// A payload part at least this long is received straight into its
+/// destination instead.
+const DIRECT_MIN: usize = 2048;
 
 impl Conn {
     pub fn new(info: Arc<ExportInfo>) -> Conn {
@@ -222,8 +237,11 @@ impl Conn {
             tx_lent: false,
             rx: Rx::Prefix { filled: 0 },
             rx_lent: false,
+            rx_staged: false,
             hdr: vec![0; HDR_LEN],
             scratch: Vec::new(),
+            stage: Vec::with_capacity(STAGE_LEN),
+            stage_pos: 0,
             done: Vec::new(),
             dead: false,
             disc_sent: false,
@@ -437,6 +455,7 @@ impl Conn {
             data,
             start: 0,
             end,
+            exact: true,
         })
     }
 
@@ -459,42 +478,72 @@ impl Conn {
 
     // ------------------------------------------------------------- rx
 
-    /// Lends the buffer the next reply bytes must go into.
+    /// Where the bytes of the current state go: (buffer, filled, needed).
+    fn target(&mut self) -> Option<(&mut Vec<u8>, usize, usize)> {
+        match self.rx {
+            Rx::Prefix { filled } => Some((&mut self.hdr, filled, PREFIX_LEN)),
+            Rx::Header { filled } => Some((&mut self.hdr, filled, HDR_LEN)),
+            Rx::Fixed { need, filled, .. } => Some((&mut self.scratch, filled, need)),
+            Rx::Data { buf, pos, end, .. } => {
+                let d = self.slots.get_mut(buf.0)?.data.as_mut()?;
+                Some((d, pos, end))
+            }
+        }
+    }
+
+    /// Lends the buffer the next reply bytes must go into: the current
+    /// target itself when a long part is due (received exactly), else the
+    /// staging buffer (whatever has arrived).
     pub fn rx_begin(&mut self) -> Option<IoBuf> {
         if self.dead || self.rx_lent {
             return None;
         }
-        let io = match self.rx {
-            Rx::Prefix { filled } => IoBuf {
-                data: std::mem::take(&mut self.hdr),
+        let staged_empty = self.stage_pos == self.stage.len();
+        let (filled, needed) = {
+            let (_, f, n) = self.target()?;
+            (f, n)
+        };
+        let io = if staged_empty && needed - filled >= DIRECT_MIN {
+            let data = match self.rx {
+                Rx::Prefix { .. } | Rx::Header { .. } => std::mem::take(&mut self.hdr),
+                Rx::Fixed { .. } => std::mem::take(&mut self.scratch),
+                Rx::Data { buf, .. } => self.slots.get_mut(buf.0)?.data.take()?,
+            };
+            self.rx_staged = false;
+            IoBuf {
+                data,
                 start: filled,
-                end: PREFIX_LEN,
-            },
-            Rx::Header { filled } => IoBuf {
-                data: std::mem::take(&mut self.hdr),
-                start: filled,
-                end: HDR_LEN,
-            },
-            Rx::Fixed { need, filled, .. } => IoBuf {
-                data: std::mem::take(&mut self.scratch),
-                start: filled,
-                end: need,
-            },
-            Rx::Data { buf, pos, end, .. } => {
-                let data = self.slots.get_mut(buf.0)?.data.take()?;
-                IoBuf {
-                    data,
-                    start: pos,
-                    end,
-                }
+                end: needed,
+                exact: true,
+            }
+        } else {
+            let mut data = std::mem::take(&mut self.stage);
+            // Keep unparsed bytes, at the front.
+            data.drain(..self.stage_pos);
+            self.stage_pos = 0;
+            let start = data.len();
+            data.resize(STAGE_LEN.max(start + 1), 0);
+            self.rx_staged = true;
+            IoBuf {
+                end: data.len(),
+                data,
+                start,
+                exact: false,
             }
         };
         self.rx_lent = true;
         Some(io)
     }
 
-    fn put_back(&mut self, buf: IoBuf) {
+    fn put_back(&mut self, buf: IoBuf, n: usize) {
         self.rx_lent = false;
+        if self.rx_staged {
+            let keep = buf.start + n.min(buf.len());
+            let mut data = buf.data;
+            data.truncate(keep);
+            self.stage = data;
+            return;
+        }
         match self.rx {
             Rx::Prefix { .. } | Rx::Header { .. } => self.hdr = buf.data,
             Rx::Fixed { .. } => self.scratch = buf.data,
@@ -509,7 +558,7 @@ impl Conn {
     /// Takes the receive buffer back without progress (the engine could not
     /// start the operation, e.g. a full submission queue).
     pub fn rx_return(&mut self, buf: IoBuf) {
-        self.put_back(buf);
+        self.put_back(buf, 0);
     }
 
     /// Takes the receive buffer back after `n` bytes arrived, and parses.
@@ -517,7 +566,8 @@ impl Conn {
     /// connection.
     pub fn rx_end(&mut self, buf: IoBuf, n: usize) -> Result<()> {
         let wanted = buf.len();
-        self.put_back(buf);
+        let staged = self.rx_staged;
+        self.put_back(buf, n);
         if self.dead {
             return Err(Error::Disconnected {
                 step: "reading replies",
@@ -529,12 +579,41 @@ impl Conn {
                 step: "reading replies",
             });
         }
-        let n = n.min(wanted);
-        let r = self.advance(n);
+        let r = if staged {
+            self.drain_stage()
+        } else {
+            self.advance(n.min(wanted))
+        };
         if r.is_err() {
             self.dead = true;
         }
         r
+    }
+
+    /// Parses staged bytes: copies them into the current target piece by
+    /// piece, advancing the state machine, until the stage is empty.
+    fn drain_stage(&mut self) -> Result<()> {
+        while self.stage_pos < self.stage.len() {
+            let stage = std::mem::take(&mut self.stage);
+            let avail = stage.len() - self.stage_pos;
+            let from = self.stage_pos;
+            let Some((dst, filled, needed)) = self.target() else {
+                self.stage = stage;
+                return Err(Error::Internal("receive target unavailable".into()));
+            };
+            let take = avail.min(needed - filled);
+            if take == 0 {
+                self.stage = stage;
+                return Err(Error::Internal("receive state needs no bytes".into()));
+            }
+            dst[filled..filled + take].copy_from_slice(&stage[from..from + take]);
+            self.stage = stage;
+            self.stage_pos += take;
+            self.advance(take)?;
+        }
+        self.stage.clear();
+        self.stage_pos = 0;
+        Ok(())
     }
 
     fn advance(&mut self, n: usize) -> Result<()> {

@@ -203,7 +203,7 @@ impl Write for Scripted<'_> {
     }
 }
 
-/// A well-formed server side of the handshake [`handshake`] runs: the
+/// A well-formed server side of the handshake that [`handshake()`] runs: the
 /// seed for mutation-based fuzzing.
 pub fn sample_handshake() -> Vec<u8> {
     use zerocopy::IntoBytes;

@@ -36,10 +36,14 @@
 //! let src = ExportSource::unix("/run/shear/vm100/nbd.sock", "drive0")
 //!     .with_dirty_bitmap("shear-tmp"); // omit for a full backup
 //! let mut chunks = ChunkReader::start(&src, &ReaderConfig::default())?;
+//! let recycler = chunks.recycler(); // optional: reuse chunk buffers
 //! for item in &mut chunks {
 //!     let chunk = item?; // errors carry the chunk index and offset
 //!     match chunk.kind {
-//!         ChunkKind::Data(bytes) => { /* hash, compress, store */ let _ = bytes; }
+//!         ChunkKind::Data(bytes) => {
+//!             /* hash, compress, store */
+//!             recycler.recycle(bytes);
+//!         }
 //!         ChunkKind::Zero => { /* record a zero chunk */ }
 //!         ChunkKind::Clean => { /* reuse the previous snapshot's chunk */ }
 //!     }
@@ -64,8 +68,11 @@
 //! received straight into the chunk buffer. A finished chunk goes to a
 //! bounded channel; the consumer's receive returns its bytes to the budget.
 //! A thread blocks on the budget only when it has nothing in flight, so a
-//! full budget never stalls replies. All knobs and their reasons are in
-//! [`tuning`].
+//! full budget never stalls replies. Buffers given back through a
+//! [`Recycler`] are reused (at most [`tuning::MAX_POOLED_BUFFERS`] wait),
+//! which saves clearing 4 MiB per chunk. Memory held by the reader: at most
+//! `byte_budget` plus the pool, whatever the disk size. All knobs and their
+//! reasons are in [`tuning`].
 //!
 //! # Errors
 //!

@@ -8,11 +8,12 @@
 //!
 //! Memory: a data chunk's buffer is paid for from the byte budget (one
 //! chunk size) before any read into it is issued, and the payment is
-//! returned when the consumer receives the chunk. Buffers the consumer
-//! hands back through a [`Recycler`] are pooled, paid for from the same
-//! budget, and reused without being cleared: only the parts of a chunk that
-//! are not read are zeroed. Everything the reader holds (in flight, queued,
-//! pooled) is at most the budget, whatever the disk size.
+//! returned when the consumer receives the chunk: what the reader holds in
+//! flight and queued is at most the budget, whatever the disk size. Buffers
+//! the consumer hands back through a [`Recycler`] wait in a pool of at most
+//! [`tuning::MAX_POOLED_BUFFERS`] and are reused without being cleared
+//! (only the parts of a chunk that are not read are zeroed), so the total
+//! is at most the budget plus that many chunks.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -117,6 +118,8 @@ pub struct ReadStats {
     pub block_status_requests: u64,
     /// Reads retried after a server error.
     pub read_retries: u64,
+    /// Data chunks built in a buffer given back through a [`Recycler`].
+    pub buffers_reused: u64,
 }
 
 #[derive(Debug, Default)]
@@ -129,55 +132,87 @@ struct Counters {
     read_requests: AtomicU64,
     block_status_requests: AtomicU64,
     read_retries: AtomicU64,
+    buffers_reused: AtomicU64,
 }
 
-/// Byte budget: bytes of chunk buffers held by the reader.
+/// Byte budget: bytes of chunk buffers in use by the reader (in flight or
+/// queued for the consumer), one chunk size each. Buffers the consumer
+/// gives back wait in a small pool outside the budget (at most
+/// [`tuning::MAX_POOLED_BUFFERS`]); taking one pays the budget like a fresh
+/// allocation, so a recycle arriving just after the release never races.
 #[derive(Debug)]
 struct Budget {
     limit: u64,
-    used: Mutex<u64>,
+    state: Mutex<BudgetState>,
+    /// Signalled when bytes are released.
     freed: Condvar,
 }
 
+#[derive(Debug, Default)]
+struct BudgetState {
+    used: u64,
+    pool: Vec<Vec<u8>>,
+}
+
+/// A buffer for a new data chunk (its budget is paid).
+enum Slot {
+    /// A pooled buffer (contents stale).
+    Pooled(Vec<u8>),
+    /// Allocate a fresh, zeroed buffer.
+    Fresh,
+}
+
 impl Budget {
-    fn try_acquire(&self, n: u64) -> bool {
-        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
-        if *used + n <= self.limit {
-            *used += n;
-            true
-        } else {
-            false
+    fn lock(&self) -> std::sync::MutexGuard<'_, BudgetState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Pays `n` and hands out a pooled buffer if there is one.
+    fn try_take(&self, n: u64) -> Option<Slot> {
+        let mut st = self.lock();
+        if st.used + n > self.limit {
+            return None;
         }
+        st.used += n;
+        Some(st.pool.pop().map_or(Slot::Fresh, Slot::Pooled))
     }
 
     /// Waits until `n` bytes are free, or `cancel` is set (false).
-    fn acquire(&self, n: u64, cancel: &AtomicBool) -> bool {
-        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+    fn wait_available(&self, n: u64, cancel: &AtomicBool) -> bool {
+        let mut st = self.lock();
         loop {
             if cancel.load(Ordering::Relaxed) {
                 return false;
             }
-            if *used + n <= self.limit {
-                *used += n;
+            if st.used + n <= self.limit {
                 return true;
             }
             // Wake periodically to notice cancellation.
-            used = self
+            st = self
                 .freed
-                .wait_timeout(used, Duration::from_millis(100))
+                .wait_timeout(st, Duration::from_millis(100))
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
     }
 
     fn release(&self, n: u64) {
-        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
-        *used = used.saturating_sub(n);
+        let mut st = self.lock();
+        st.used = st.used.saturating_sub(n);
         self.freed.notify_all();
     }
 
+    /// Pools `buf` (contents kept: clearing is what reuse saves) while the
+    /// pool has room, else drops it.
+    fn recycle(&self, buf: Vec<u8>) {
+        let mut st = self.lock();
+        if st.pool.len() < tuning::MAX_POOLED_BUFFERS {
+            st.pool.push(buf);
+        }
+    }
+
     fn in_use(&self) -> u64 {
-        *self.used.lock().unwrap_or_else(|p| p.into_inner())
+        self.lock().used
     }
 }
 
@@ -195,8 +230,6 @@ struct Shared {
     counters: Counters,
     /// Clones of every socket, to wake blocked threads on cancel.
     sockets: Mutex<Vec<Stream>>,
-    /// Buffers handed back by the consumer (each paid for: chunk_size).
-    pool: Mutex<Vec<Vec<u8>>>,
     request_len: u32,
     requests_in_flight: usize,
     read_retries: u32,
@@ -341,14 +374,13 @@ fn start_with(
         next_range: AtomicU64::new(0),
         budget: Budget {
             limit: cfg.byte_budget,
-            used: Mutex::new(0),
+            state: Mutex::new(BudgetState::default()),
             freed: Condvar::new(),
         },
         cancel: AtomicBool::new(false),
         failed: AtomicBool::new(false),
         counters: Counters::default(),
         sockets: Mutex::new(sockets),
-        pool: Mutex::new(Vec::new()),
         request_len,
         requests_in_flight: cfg.requests_in_flight,
         read_retries: cfg.read_retries,
@@ -453,11 +485,10 @@ fn drive(
                 .filter_map(|w| w.budget_needed(shared))
                 .min()
                 .ok_or_else(|| Error::Internal("reader stalled with nothing to do".into()))?;
-            if !shared.budget.acquire(need, &shared.cancel) {
+            // fill() takes the buffer itself, in order.
+            if !shared.budget.wait_available(need, &shared.cancel) {
                 return Err(Error::Cancelled);
             }
-            // Hand it back at once: fill() takes it with try_acquire, in order.
-            shared.budget.release(need);
             continue;
         }
         comps.clear();
@@ -616,23 +647,27 @@ impl Worker {
             // Budget for planned data chunks, in order.
             while let Some((index, _)) = self.ready.front() {
                 let (off, len) = shared.chunk_range(*index);
-                let pooled = shared.take_pooled();
-                if pooled.is_none() && !shared.budget.try_acquire(shared.chunk_size) {
+                let Some(slot) = shared.budget.try_take(shared.chunk_size) else {
                     break;
-                }
+                };
                 let Some((index, reqs)) = self.ready.pop_front() else {
                     break;
                 };
                 // len ≤ chunk size ≤ MAX_CHUNK_SIZE.
                 let len_usize = wire::sat_usize(len);
-                let data = match pooled {
-                    Some(mut b) => {
-                        // Reused: only what will not be read needs zeroes.
+                let data = match slot {
+                    Slot::Pooled(mut b) => {
+                        shared
+                            .counters
+                            .buffers_reused
+                            .fetch_add(1, Ordering::Relaxed);
+                        // Reused: only what will not be read needs zeroes
+                        // (resize zero-fills only if the buffer was shrunk).
                         b.resize(len_usize, 0);
                         zero_gaps(&mut b, off, &reqs);
                         b
                     }
-                    None => vec![0; len_usize],
+                    Slot::Fresh => vec![0; len_usize],
                 };
                 let buf = self.link.conn.add_buf(data);
                 self.active.insert(
@@ -937,29 +972,16 @@ fn zero_gaps(buf: &mut [u8], off: u64, reqs: &[(u64, u32)]) {
 }
 
 impl Shared {
-    fn take_pooled(&self) -> Option<Vec<u8>> {
-        self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop()
-    }
-
-    fn recycle(&self, mut buf: Vec<u8>) {
-        let need = wire::sat_usize(self.chunk_size);
-        if self.cancelled() || buf.capacity() < need {
-            return;
-        }
-        if self.budget.try_acquire(self.chunk_size) {
-            buf.clear();
-            self.pool
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(buf);
+    fn recycle(&self, buf: Vec<u8>) {
+        if !self.cancelled() && buf.capacity() >= wire::sat_usize(self.chunk_size) {
+            self.budget.recycle(buf);
         }
     }
 }
 
 /// Hands chunk buffers back to the reader for reuse (saves allocating and
 /// clearing 4 MiB per chunk). Cheap to clone, usable from any thread.
-/// Buffers are pooled only while the byte budget has room; otherwise they
-/// are freed.
+/// At most [`tuning::MAX_POOLED_BUFFERS`] wait for reuse; more are freed.
 #[derive(Debug, Clone)]
 pub struct Recycler(Arc<Shared>);
 
@@ -1031,8 +1053,8 @@ impl ChunkStream {
         Recycler(Arc::clone(&self.shared))
     }
 
-    /// Bytes of chunk buffers held by the reader (in flight, queued,
-    /// pooled), counted one chunk size each; at most the budget.
+    /// Bytes of chunk buffers in use by the reader (in flight or queued),
+    /// counted one chunk size each; at most the budget.
     pub fn budget_in_use(&self) -> u64 {
         self.shared.budget.in_use()
     }
@@ -1050,6 +1072,7 @@ impl ChunkStream {
             read_requests: l(&c.read_requests),
             block_status_requests: l(&c.block_status_requests),
             read_retries: l(&c.read_retries),
+            buffers_reused: l(&c.buffers_reused),
         }
     }
 

@@ -138,14 +138,6 @@ impl Stream {
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
         })
     }
-
-    /// Asks for bigger kernel socket buffers; failure is harmless (the
-    /// kernel clamps or keeps its default).
-    pub fn grow_buffers(&self) {
-        let sock = socket2::SockRef::from(self);
-        let _ = sock.set_recv_buffer_size(tuning::SOCKET_BUFFER);
-        let _ = sock.set_send_buffer_size(64 * 1024);
-    }
 }
 
 impl AsFd for Stream {

@@ -18,12 +18,12 @@ pub const MAX_CHUNK_SIZE: u32 = 64 * MIB;
 /// maximum payload (2^25). Servers advertising less get less.
 pub const MAX_REQUEST_LEN: u32 = 32 * MIB;
 
-/// Default length of one `NBD_CMD_READ`. Large enough that per-request
-/// overhead (a header, a syscall or CQE per reply chunk) is noise, small
-/// enough that several requests per 4 MiB chunk keep qemu's coroutines and
-/// nbdkit's threads busy in parallel. Measured with `scripts/bench-nbd`
-/// (1 MiB was within noise of 2 and 4 MiB, and ahead of 256 KiB).
-pub const DEFAULT_READ_REQUEST_LEN: u32 = MIB;
+/// Default length of one `NBD_CMD_READ`: 256 KiB, nbdcopy's default too.
+/// QEMU's server works on each request in its own coroutine, so smaller
+/// requests overlap better: on a qcow2 behind qemu-nbd, 256 KiB read the
+/// test export in 0.20 s, 1 MiB in 0.29 s, 4 MiB in 0.36 s
+/// (`scripts/bench-nbd`); nbdkit was within noise from 256 KiB to 1 MiB.
+pub const DEFAULT_READ_REQUEST_LEN: u32 = 256 * 1024;
 
 /// Requests in flight per connection. nbdcopy's default (64) saturates qemu
 /// and nbdkit; each costs only a 28-byte header and a small table entry, and
@@ -83,10 +83,13 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest silence from the server while requests are in flight (F-19).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Default number of connections when the server allows multi-conn. Two
-/// cores here: 4 connections keep the server's threads busy without
-/// oversubscribing (nbdcopy also defaults to 4).
-pub const DEFAULT_CONNECTIONS: usize = 4;
+/// Default number of connections when the server allows multi-conn. On
+/// the 2-core machines here, 1-2 connections were fastest in
+/// `scripts/bench-nbd` (qemu-nbd: 0.22 s with 1 or 2, 0.25 s with 4; with
+/// nbdkit 4 was the slowest): more connections mean more server threads
+/// competing with ours for two cores. Two keep one request stream busy
+/// while the other's replies are parsed.
+pub const DEFAULT_CONNECTIONS: usize = 2;
 
 /// Upper bound on connections.
 pub const MAX_CONNECTIONS: usize = 16;
@@ -94,6 +97,15 @@ pub const MAX_CONNECTIONS: usize = 16;
 /// Default byte budget: 64 chunks of 4 MiB. Plenty for the pipeline to stay
 /// full with 4 connections × 64 MiB in flight.
 pub const DEFAULT_BYTE_BUDGET: u64 = 256 * MIB as u64;
+
+/// Chunk buffers given back by the consumer and kept for reuse. Reusing a
+/// buffer saves clearing (or page-faulting) 4 MiB per chunk, which was a
+/// fifth of the reader's CPU time. Reads are issued in bursts (a block
+/// status reply plans a whole work range), so the pool must absorb a burst:
+/// with 4 buffers only half the chunks were built in reused ones, with 16
+/// nearly all (`scripts/bench-nbd`). This is the only memory outside the
+/// byte budget (64 MiB at 4 MiB chunks).
+pub const MAX_POOLED_BUFFERS: usize = 16;
 
 /// Server errors on a read are retried this many times at the same offset
 /// before the chunk fails (F-18).
@@ -111,8 +123,3 @@ pub const URING_WAIT_SLICE: Duration = Duration::from_millis(200);
 /// cancelled operations before leaking them rather than freeing memory the
 /// kernel may still write.
 pub const URING_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Socket buffer size asked for (`SO_RCVBUF`/`SO_SNDBUF`). A 4 MiB receive
-/// buffer lets the server stream a whole read request without waiting for
-/// us, which halves the number of wakeups versus the 208 KiB default.
-pub const SOCKET_BUFFER: usize = 4 * MIB as usize;

@@ -285,8 +285,7 @@ fn byte_budget_bounds_memory() {
 }
 
 /// Recycled buffers come back full of garbage; chunks built from them must
-/// still be exact (parts not read are zeroed), and pooled buffers count
-/// against the budget.
+/// still be exact (parts not read are zeroed).
 #[test]
 fn recycled_buffers_are_reused_and_cleaned() {
     // Every chunk mixes data and holes, so a stale byte would show.
@@ -306,12 +305,10 @@ fn recycled_buffers_are_reused_and_cleaned() {
         let mut s = ChunkReader::start(&srv.source(), &c).unwrap();
         let recycler = s.recycler();
         let mut chunks = BTreeMap::new();
-        let mut ptrs = std::collections::HashSet::new();
         while let Some(item) = s.next() {
             let mut ch = item.unwrap();
             assert!(s.budget_in_use() <= c.byte_budget);
             if let ChunkKind::Data(d) = &mut ch.kind {
-                ptrs.insert(d.as_ptr() as usize);
                 let copy = d.clone();
                 d.fill(0xff);
                 recycler.recycle(std::mem::take(d));
@@ -321,12 +318,9 @@ fn recycled_buffers_are_reused_and_cleaned() {
         }
         check_against(&image, &chunks, 256 * KIB);
         assert_eq!(chunks.len(), 24);
-        // 24 data chunks were served from a handful of buffers.
-        assert!(
-            ptrs.len() <= 8,
-            "{engine:?}: {} distinct buffers",
-            ptrs.len()
-        );
+        // Most of the 24 data chunks were built in recycled buffers.
+        let reused = s.stats().buffers_reused;
+        assert!(reused >= 12, "{engine:?}: only {reused} buffers reused");
     }
 }
 
@@ -571,10 +565,11 @@ fn client_map_read_and_block_sizes() {
         // Unaligned read is refused locally.
         assert!(matches!(c.read(100, 512), Err(Error::InvalidArgument(_))));
         c.disconnect().unwrap();
-        assert_eq!(
-            srv.requests().last().map(|r| r.command),
-            Some(nbd_export::wire::NBD_CMD_DISC)
-        );
+        let t = Instant::now();
+        while srv.requests().last().map(|r| r.command) != Some(nbd_export::wire::NBD_CMD_DISC) {
+            assert!(t.elapsed() < Duration::from_secs(5), "no NBD_CMD_DISC");
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }
 

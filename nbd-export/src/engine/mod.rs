@@ -72,7 +72,7 @@ impl EngineChoice {
     }
 
     /// Picks the engine: an explicit choice wins, then `SHEAR_IO_ENGINE`,
-    /// then io_uring if [`uring::probe`] succeeds.
+    /// then io_uring if a probe ring can be created (`io_uring_setup`).
     pub fn resolve(self) -> Result<EngineKind> {
         let choice = match self {
             EngineChoice::Auto => match std::env::var(ENGINE_ENV) {

@@ -52,6 +52,16 @@ fn read_full(s: &mut Stream, buf: &mut [u8]) -> io::Result<usize> {
     Ok(done)
 }
 
+/// One read: whatever has arrived (at least one byte, or end of stream).
+fn read_some(s: &mut Stream, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match s.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            r => return r,
+        }
+    }
+}
+
 impl SocketIo for SyncIo {
     fn start(&mut self, conn: usize, dir: Dir, mut buf: IoBuf) {
         let result = match self.streams.get_mut(conn) {
@@ -63,7 +73,8 @@ impl SocketIo for SyncIo {
                 let range = buf.start..buf.end;
                 match dir {
                     Dir::Send => s.write_all(&buf.data[range]).map(|()| buf.len()),
-                    Dir::Recv => read_full(s, &mut buf.data[range]),
+                    Dir::Recv if buf.exact => read_full(s, &mut buf.data[range]),
+                    Dir::Recv => read_some(s, &mut buf.data[range]),
                 }
             }
         };

@@ -84,9 +84,13 @@ impl UringIo {
             .unwrap_or(u32::MAX)
             .max(8)
             .next_power_of_two();
+        // COOP_TASKRUN (Linux 5.19+): completions run when we enter the
+        // ring instead of interrupting us; older kernels reject the flag.
         let ring = IoUring::builder()
             .setup_r_disabled()
+            .setup_coop_taskrun()
             .build(entries)
+            .or_else(|_| IoUring::builder().setup_r_disabled().build(entries))
             .map_err(setup_err("io_uring_setup"))?;
         let fds: Vec<RawFd> = streams.iter().map(AsRawFd::as_raw_fd).collect();
         let sub = ring.submitter();
@@ -129,10 +133,11 @@ impl UringIo {
         self.next_user_data = self.next_user_data.wrapping_add(1);
         let ptr = buf.data[buf.start..].as_mut_ptr();
         let entry = match dir {
-            // MSG_WAITALL: the kernel keeps receiving until the range is
-            // full (or EOF/error), so a 4 MiB payload is one CQE.
+            // MSG_WAITALL for exact receives: the kernel keeps receiving
+            // until the range is full (or EOF/error), so a payload is one
+            // CQE. Staging receives take whatever has arrived.
             Dir::Recv => opcode::Recv::new(Fixed(fixed), ptr, len)
-                .flags(libc::MSG_WAITALL)
+                .flags(if buf.exact { libc::MSG_WAITALL } else { 0 })
                 .build(),
             Dir::Send => opcode::Send::new(Fixed(fixed), ptr.cast_const(), len)
                 .flags(libc::MSG_NOSIGNAL)
@@ -303,6 +308,7 @@ mod tests {
                 data: b"hello world".to_vec(),
                 start: 6,
                 end: 11,
+                exact: true,
             },
         );
         io.start(
@@ -312,6 +318,7 @@ mod tests {
                 data: vec![0; 8],
                 start: 2,
                 end: 6,
+                exact: true,
             },
         );
         b.write_all(b"abcd").unwrap();
@@ -348,6 +355,7 @@ mod tests {
                 data: vec![0; 1 << 20],
                 start: 0,
                 end: 1 << 20,
+                exact: true,
             },
         );
         let mut got = Vec::new();
@@ -372,6 +380,7 @@ mod tests {
                 data: vec![7; 4],
                 start: 0,
                 end: 4,
+                exact: true,
             },
         );
         let mut got = Vec::new();
