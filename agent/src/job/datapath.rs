@@ -116,7 +116,12 @@ pub(super) fn read_all(
                 disk.virtual_size
             )));
         }
-        let pipeline = repo::ChunkPipeline::new(dp.workers, dp.workers * 2);
+        let recycler = stream.recycler();
+        let pipeline = repo::ChunkPipeline::with_recycler(
+            dp.workers,
+            dp.workers * 2,
+            &(std::sync::Arc::new(move |buf| recycler.recycle(buf)) as repo::BufferRecycler),
+        );
         let bar = dp.progress.then(|| {
             let bar = indicatif::ProgressBar::new(disk.virtual_size);
             bar.set_style(

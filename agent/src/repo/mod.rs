@@ -107,7 +107,9 @@ pub use names::{BackupId, VmId};
 pub use prune::{KeepOptions, PruneMark};
 pub use reader::{BackupReader, DiskReader, ImageFormat, RestoreOptions, RestoreReport};
 pub use verify::{VerifyReport, VerifyTarget};
-pub use writer::{BackupMeta, BackupSession, ChunkPipeline, CommitInfo, DiskSpec, DiskWriter};
+pub use writer::{
+    BackupMeta, BackupSession, BufferRecycler, ChunkPipeline, CommitInfo, DiskSpec, DiskWriter,
+};
 
 use backend::LockGuard;
 use format::{ObjectType, BLOB_HEADER_LEN, MAX_MANIFEST_SIZE, TAG_LEN};

@@ -667,6 +667,9 @@ enum Job {
     Chunk(Arc<DiskWriter>, u64, Vec<u8>),
 }
 
+/// Where [`ChunkPipeline`] workers hand stored chunks' buffers.
+pub type BufferRecycler = Arc<dyn Fn(Vec<u8>) + Send + Sync>;
+
 /// A bounded pool that hashes, compresses, checks and stores chunks on
 /// `threads` worker threads. `submit` blocks while `queue` chunks wait, so
 /// memory stays at `(threads + queue) × chunk size`.
@@ -688,6 +691,13 @@ impl std::fmt::Debug for ChunkPipeline {
 impl ChunkPipeline {
     /// Starts `threads` workers (at least 1) with a queue of `queue` chunks.
     pub fn new(threads: usize, queue: usize) -> Self {
+        Self::with_recycler(threads, queue, &(Arc::new(drop) as BufferRecycler))
+    }
+
+    /// Like [`ChunkPipeline::new`], handing each chunk's buffer to
+    /// `recycle` once it is stored (so the reader can reuse it instead of
+    /// allocating and faulting in a fresh 4 MiB buffer per chunk).
+    pub fn with_recycler(threads: usize, queue: usize, recycle: &BufferRecycler) -> Self {
         let (tx, rx) = sync_channel::<Job>(queue.max(1));
         let rx = Arc::new(Mutex::new(rx));
         let error = Arc::new(Mutex::new(None));
@@ -697,6 +707,7 @@ impl ChunkPipeline {
                 let rx: Arc<Mutex<Receiver<Job>>> = Arc::clone(&rx);
                 let error = Arc::clone(&error);
                 let failed = Arc::clone(&failed);
+                let recycle = Arc::clone(recycle);
                 std::thread::Builder::new()
                     .name(format!("shear-chunk-{n}"))
                     .spawn(move || loop {
@@ -711,6 +722,7 @@ impl ChunkPipeline {
                             failed.store(true, Ordering::Release);
                             lock(&error).get_or_insert(e);
                         }
+                        recycle(data);
                     })
             })
             .filter_map(std::result::Result::ok)
