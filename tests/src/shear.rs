@@ -166,3 +166,59 @@ impl ShearEnv {
         v.as_array().cloned().unwrap_or_default()
     }
 }
+
+/// The test-only hold hook (`SHEAR_TEST_FROZEN_HOOK`): shear runs it while
+/// the guest is held with every filter in place; it signals `held` and
+/// waits (at most 60 s) for the test to say `go`.
+#[derive(Debug)]
+pub struct HeldHook {
+    dir: PathBuf,
+    script: PathBuf,
+}
+
+impl HeldHook {
+    /// Write the hook script in a fresh `hook/` directory of `env`.
+    pub fn new(env: &ShearEnv) -> HeldHook {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = env.dir.path().join("hook");
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join("held-hook.sh");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\ntouch {d}/held\ni=0\nwhile [ ! -e {d}/go ]; do sleep 0.01; i=$((i+1)); [ $i -gt 6000 ] && exit 1; done\nexit 0\n",
+                d = dir.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        HeldHook { dir, script }
+    }
+
+    /// Make `cmd` (a `shear backup`) run the hook.
+    pub fn install(&self, cmd: &mut Command) {
+        cmd.env("SHEAR_TEST_FROZEN_HOOK", &self.script);
+    }
+
+    /// Wait until shear holds the guest; panics if `child` exits first.
+    pub fn wait_held(&self, child: &mut std::process::Child, timeout: std::time::Duration) {
+        let held = self.dir.join("held");
+        crate::wait_until(
+            timeout,
+            std::time::Duration::from_millis(5),
+            "shear to hold the guest",
+            || {
+                if let Ok(Some(st)) = child.try_wait() {
+                    panic!("shear exited before holding the guest: {st}");
+                }
+                held.exists().then_some(())
+            },
+        )
+        .unwrap();
+    }
+
+    /// Let the hook (and so shear) go on.
+    pub fn release(&self) {
+        std::fs::write(self.dir.join("go"), b"").unwrap();
+    }
+}

@@ -14,7 +14,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use shear_tests::shear::{assert_released_and_clean, report_of, run_ok, ShearEnv as Env};
+use shear_tests::shear::{assert_released_and_clean, report_of, run_ok, HeldHook, ShearEnv as Env};
 use shear_tests::{debugfs_cat, e2fsck_clean, require_guest, DiskSpec, TestVm, VmConfig};
 
 const MIB: u64 = 1 << 20;
@@ -56,44 +56,15 @@ fn stop_writer(vm: &TestVm) {
     let _ = vm.guest_sh("pkill -f 'counter' ; sync; true");
 }
 
-/// The ground-truth hook: the shear process runs it while the guest is
-/// held; it signals `held` and waits for `go`.
-fn write_hook(dir: &Path) -> PathBuf {
-    let hook = dir.join("held-hook.sh");
-    std::fs::write(
-        &hook,
-        format!(
-            "#!/bin/sh\ntouch {d}/held\ni=0\nwhile [ ! -e {d}/go ]; do sleep 0.01; i=$((i+1)); [ $i -gt 6000 ] && exit 1; done\nexit 0\n",
-            d = dir.display()
-        ),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
-    hook
-}
-
 /// While shear holds the guest: start a `sync=full` copy of each source
 /// node into a raw file (the truth at that instant), then release the hook.
 fn take_truth_when_held(
     vm: &mut TestVm,
-    hook_dir: &Path,
+    hook: &HeldHook,
     child: &mut Child,
     disks: &[&str],
 ) -> Vec<PathBuf> {
-    let held = hook_dir.join("held");
-    shear_tests::wait_until(
-        Duration::from_secs(120),
-        Duration::from_millis(5),
-        "shear to hold the guest",
-        || {
-            if let Ok(Some(st)) = child.try_wait() {
-                panic!("shear exited before holding the guest: {st}");
-            }
-            held.exists().then_some(())
-        },
-    )
-    .unwrap();
+    hook.wait_held(child, Duration::from_secs(120));
     let mut truths = Vec::new();
     for d in disks {
         let size = vm
@@ -121,7 +92,7 @@ fn take_truth_when_held(
         .unwrap();
         truths.push(path);
     }
-    std::fs::write(hook_dir.join("go"), b"").unwrap();
+    hook.release();
     truths
 }
 
@@ -173,14 +144,12 @@ fn point_in_time(mode: &str, disks: &[&str]) {
     let mount_refs: Vec<&str> = mounts.iter().map(String::as_str).collect();
     start_writer(&vm, &mount_refs);
 
-    let hook_dir = env.dir.path().join("hook");
-    std::fs::create_dir_all(&hook_dir).unwrap();
-    let hook = write_hook(&hook_dir);
+    let hook = HeldHook::new(&env);
     let mut cmd = env.backup(&vm, &["--mode", mode, "--stop-timeout", "60"]);
-    cmd.env("SHEAR_TEST_FROZEN_HOOK", &hook);
+    hook.install(&mut cmd);
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd.spawn().unwrap();
-    let truths = take_truth_when_held(&mut vm, &hook_dir, &mut child, disks);
+    let truths = take_truth_when_held(&mut vm, &hook, &mut child, disks);
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),

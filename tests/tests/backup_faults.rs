@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use shear_tests::shear::{
-    assert_graph_clean, assert_released_and_clean, report_of, run_ok, ShearEnv,
+    assert_graph_clean, assert_released_and_clean, report_of, run_ok, HeldHook, ShearEnv,
 };
 use shear_tests::{require_guest, require_qemu, wait_until, DiskSpec, TestVm, VmConfig};
 
@@ -170,28 +170,11 @@ fn vm_f04_agent_sigkill_while_frozen_watchdog_thaws_rerun_cleans_up() {
     let env = ShearEnv::new();
     let mut vm =
         TestVm::start(VmConfig::guest().disk(DiskSpec::qcow2("d0", 32 * MIB).ext4())).unwrap();
-    let hook_dir = env.dir.path().join("hook");
-    std::fs::create_dir_all(&hook_dir).unwrap();
-    let hook = hook_dir.join("hold.sh");
-    std::fs::write(
-        &hook,
-        format!(
-            "#!/bin/sh\ntouch {0}/held\nwhile [ ! -e {0}/go ]; do sleep 0.05; done\n",
-            hook_dir.display()
-        ),
-    )
-    .unwrap();
-    Command::new("chmod").arg("+x").arg(&hook).status().unwrap();
+    let hook = HeldHook::new(&env);
     let mut cmd = env.backup(&vm, &[]);
-    cmd.env("SHEAR_TEST_FROZEN_HOOK", &hook);
+    hook.install(&mut cmd);
     let mut child = spawn(cmd);
-    wait_until(
-        Duration::from_secs(60),
-        Duration::from_millis(10),
-        "held",
-        || hook_dir.join("held").exists().then_some(()),
-    )
-    .unwrap();
+    hook.wait_held(&mut child, Duration::from_secs(60));
     // shear holds the qemu-ga socket (one client at a time) while frozen;
     // its run record says the guest is frozen by it.
     let rec = std::fs::read_to_string(env.run_dir().join("backup-100.json")).unwrap();
@@ -199,7 +182,7 @@ fn vm_f04_agent_sigkill_while_frozen_watchdog_thaws_rerun_cleans_up() {
     child.kill().unwrap();
     let _ = child.wait();
     let killed = Instant::now();
-    std::fs::write(hook_dir.join("go"), b"").unwrap();
+    hook.release();
     // PC-T: thawed within 10 s by the watchdog, though the agent is gone.
     wait_until(
         Duration::from_secs(10),
@@ -587,33 +570,16 @@ fn vm_stop_mode_agent_killed_while_guest_down_watchdog_boots_it() {
     let env = ShearEnv::new();
     let mut vm =
         TestVm::start(VmConfig::guest().disk(DiskSpec::qcow2("d0", 32 * MIB).ext4())).unwrap();
-    let hook_dir = env.dir.path().join("hook");
-    std::fs::create_dir_all(&hook_dir).unwrap();
-    let hook = hook_dir.join("hold.sh");
-    std::fs::write(
-        &hook,
-        format!(
-            "#!/bin/sh\ntouch {0}/held\nwhile [ ! -e {0}/go ]; do sleep 0.05; done\n",
-            hook_dir.display()
-        ),
-    )
-    .unwrap();
-    Command::new("chmod").arg("+x").arg(&hook).status().unwrap();
+    let hook = HeldHook::new(&env);
     let mut cmd = env.backup(&vm, &["--mode", "stop", "--stop-timeout", "60"]);
-    cmd.env("SHEAR_TEST_FROZEN_HOOK", &hook);
+    hook.install(&mut cmd);
     let mut child = spawn(cmd);
-    wait_until(
-        Duration::from_secs(90),
-        Duration::from_millis(10),
-        "held",
-        || hook_dir.join("held").exists().then_some(()),
-    )
-    .unwrap();
+    hook.wait_held(&mut child, Duration::from_secs(90));
     let st = vm.harness_qmp("query-status", json!({})).unwrap();
     assert_eq!(st["status"], "shutdown", "{st}");
     child.kill().unwrap();
     let _ = child.wait();
-    std::fs::write(hook_dir.join("go"), b"").unwrap();
+    hook.release();
     // The watchdog boots the guest again (system_reset + cont).
     wait_until(
         Duration::from_secs(60),
