@@ -594,3 +594,71 @@ fn vm_stop_mode_agent_killed_while_guest_down_watchdog_boots_it() {
         .contains("cleaned up"));
     assert_released_and_clean(&mut vm, &env, &["d0"]);
 }
+
+#[test]
+fn qemu_several_vms_from_config_templates_with_exclude() {
+    if !require_qemu() {
+        return;
+    }
+    let env = ShearEnv::new();
+    let vms: Vec<TestVm> = (0..2)
+        .map(|_| {
+            let mut vm = TestVm::start(
+                VmConfig::paused()
+                    .disk(DiskSpec::qcow2("d0", 16 * MIB))
+                    .disk(DiskSpec::qcow2("d1", 16 * MIB)),
+            )
+            .unwrap();
+            vm.qemu_io("d0", "write -P 0x11 0 1M").unwrap();
+            vm
+        })
+        .collect();
+    // Proxmox-style layout: <dir>/<vmid>.qmp, found through the config.
+    let socks = env.dir.path().join("qemu-server");
+    std::fs::create_dir_all(&socks).unwrap();
+    for (vmid, vm) in ["100", "101"].iter().zip(&vms) {
+        std::os::unix::fs::symlink(vm.qmp_socket(), socks.join(format!("{vmid}.qmp"))).unwrap();
+    }
+    let config = env.dir.path().join("shear.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "qmp_socket = \"{0}/{{vmid}}.qmp\"\nqga_socket = \"{0}/{{vmid}}.qga\"\nnode = \"testnode\"\n",
+            socks.display()
+        ),
+    )
+    .unwrap();
+    let fleece = env.fleece_dir();
+    let mut cmd = env.shear(&["backup", "100", "101", "--exclude", "d1", "--json"]);
+    cmd.arg("--fleecing-dir").arg(&fleece);
+    cmd.arg("--notes-template").arg("{{vmid}}@{{node}}");
+    cmd.env("SHEAR_CONFIG", &config);
+    let out = run_ok(cmd);
+    let reports: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let reports = reports.as_array().unwrap();
+    assert_eq!(reports.len(), 2);
+    for (r, vmid) in reports.iter().zip(["100", "101"]) {
+        assert_eq!(r["vmid"], vmid, "{r}");
+        let disks: Vec<&str> = r["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(disks, ["d0"], "--exclude d1: {r}");
+        assert_eq!(r["consistency"], "crash", "{r}");
+        let id = r["backup_id"].as_str().unwrap();
+        let show = run_ok(env.shear(&["show", id, "--json"]));
+        let m: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+        assert_eq!(m["notes"], format!("{vmid}@testnode"));
+    }
+    // --qmp names one VM's socket: refused with several VM ids.
+    let bad = env
+        .shear(&["backup", "100", "101", "--qmp", "/nonexistent"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    for mut vm in vms {
+        assert_graph_clean(&mut vm, &env, &["d0", "d1"]);
+    }
+}
