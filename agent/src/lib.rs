@@ -5,5 +5,7 @@
 
 pub mod cli;
 pub mod config;
+mod error_chain;
+pub use error_chain::error_chain;
 pub mod job;
 pub mod repo;

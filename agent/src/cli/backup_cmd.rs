@@ -6,13 +6,36 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use clap::Args;
+use clap::{Args, ValueEnum};
 
+use super::progress::CliObserver;
 use crate::config::Config;
 use crate::job::backup::{
-    run_backup, BackupOptions, BackupReport, Cancel, Mode, DEFAULT_CBW_TIMEOUT_S,
+    held_hook_from_env, run_backup, BackupOptions, Cancel, Mode, DEFAULT_CBW_TIMEOUT_S,
 };
 use crate::job::chain;
+use crate::job::report::BackupReport;
+
+/// `--mode` (vzdump's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    /// Live: freeze (if qemu-ga answers), insert filters, thaw at once.
+    Snapshot,
+    /// Pause the vCPUs while the filters go in.
+    Suspend,
+    /// Orderly shutdown, filters in, boot again at once; back up the clean state.
+    Stop,
+}
+
+impl From<ModeArg> for Mode {
+    fn from(m: ModeArg) -> Mode {
+        match m {
+            ModeArg::Snapshot => Mode::Snapshot,
+            ModeArg::Suspend => Mode::Suspend,
+            ModeArg::Stop => Mode::Stop,
+        }
+    }
+}
 
 /// `shear backup …`
 #[derive(Debug, Args)]
@@ -21,8 +44,8 @@ pub struct BackupArgs {
     #[arg(required = true)]
     pub vmids: Vec<String>,
     /// Backup mode (vzdump's): snapshot (live), suspend, stop.
-    #[arg(long, value_enum, default_value_t = Mode::Snapshot)]
-    pub mode: Mode,
+    #[arg(long, value_enum, default_value_t = ModeArg::Snapshot)]
+    pub mode: ModeArg,
     /// QMP socket (default: the config's template, Proxmox's layout).
     #[arg(long)]
     pub qmp: Option<PathBuf>,
@@ -64,6 +87,10 @@ pub struct BackupArgs {
     /// Stop mode: seconds the guest may take to shut down.
     #[arg(long, default_value_t = 600)]
     pub stop_timeout: u64,
+    /// Read every disk in full, even where change tracking allows an
+    /// incremental read (tracking starts anew from this backup).
+    #[arg(long)]
+    pub full: bool,
     /// One JSON document (an array with one entry per VM) on stdout.
     #[arg(long)]
     pub json: bool,
@@ -105,7 +132,8 @@ pub fn run(repo: crate::repo::Repository, args: &BackupArgs) -> anyhow::Result<E
     let workers = args
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-    let held_hook = std::env::var_os("SHEAR_TEST_FROZEN_HOOK").map(PathBuf::from);
+    let held_hook = held_hook_from_env();
+    let mode = Mode::from(args.mode);
     let repo = Arc::new(repo);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -145,7 +173,7 @@ pub fn run(repo: crate::repo::Repository, args: &BackupArgs) -> anyhow::Result<E
             vmid: vmid.clone(),
             qmp,
             qga,
-            mode: args.mode,
+            mode,
             run_dir: run_dir.clone(),
             fleecing_dir: fleecing_dir.clone(),
             zstd_level,
@@ -158,13 +186,15 @@ pub fn run(repo: crate::repo::Repository, args: &BackupArgs) -> anyhow::Result<E
             freeze_timeout: Duration::from_secs(args.freeze_timeout),
             cbw_timeout_s: args.cbw_timeout,
             stop_timeout: Duration::from_secs(args.stop_timeout),
+            full: args.full,
             held_hook: held_hook.clone(),
-            progress: !args.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
         };
+        let progress = !args.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let observer = Arc::new(CliObserver::new(progress));
         if !args.json {
-            println!("backing up VM {vmid} ({} mode)", args.mode.as_str());
+            println!("backing up VM {vmid} ({} mode)", mode.as_str());
         }
-        let result = rt.block_on(run_backup(repo.clone(), opts, cancel.clone()));
+        let result = rt.block_on(run_backup(repo.clone(), opts, cancel.clone(), observer));
         match result {
             Ok(r) => {
                 if args.json {
@@ -231,8 +261,17 @@ fn print_human(r: &BackupReport) {
         },
     );
     for d in &r.disks {
+        let how = match (&d.kind, &d.full_reason, d.dirty_bytes) {
+            (crate::repo::ReadKind::Incremental, _, dirty) => format!(
+                "incremental ({} changed since {})",
+                human_bytes(dirty.unwrap_or(0)),
+                d.base.as_deref().unwrap_or("the base")
+            ),
+            (crate::repo::ReadKind::Full, Some(why), _) => format!("full read: {why}"),
+            (crate::repo::ReadKind::Full, None, _) => "full read".to_string(),
+        };
         println!(
-            "  disk {}: {} virtual, {} read, {} skipped (holes/zeros), {} stored, {} deduplicated",
+            "  disk {}: {how}\n    {} virtual, {} read, {} skipped (holes/zeros/unchanged), {} stored, {} deduplicated",
             d.name,
             human_bytes(d.virtual_size),
             human_bytes(d.bytes_read),

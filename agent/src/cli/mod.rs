@@ -4,6 +4,7 @@
 
 mod backup_cmd;
 pub mod boot_cmdline;
+mod progress;
 mod repo_cmds;
 
 pub use backup_cmd::{BackupArgs, WatchdogArgs};
@@ -207,13 +208,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Prints an error and its causes as a numbered chain.
+/// Prints an error and its causes on one line (`error: a: b: c`).
 pub fn print_error(err: &anyhow::Error) {
-    let mut chain = err.chain();
-    if let Some(first) = chain.next() {
-        eprintln!("error: {first}");
-    }
-    for (n, cause) in chain.enumerate() {
-        eprintln!("  {}: {cause}", n + 1);
-    }
+    eprintln!("error: {}", crate::error_chain(err.as_ref()));
 }

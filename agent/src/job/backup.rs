@@ -1,38 +1,46 @@
 //! `shear backup`: a consistent, point-in-time backup of a running VM.
 //!
-//! Order of operations (design.md §2), each graph change write-ahead logged
-//! in the [`RunRecord`] so one undo path serves success, error, signals and
-//! a later run after SIGKILL:
+//! A [`BackupRun`] goes through its phases in order, one method each (see
+//! [`Phase`]); each graph change is write-ahead logged in the
+//! [`RunRecord`] so one undo path serves success, error, signals and a
+//! later run after SIGKILL:
 //!
-//! 1. lock the VM (one backup per VM), connect QMP, clean up leftovers of a
-//!    killed run, discover the disks;
-//! 2. start the thaw watchdog; create the fleece images and add their nodes;
-//! 3. **hold** the guest: freeze through qemu-ga (snapshot mode), or `stop`
+//! 1. `start`: lock the VM (one backup per VM), connect QMP, clean up
+//!    leftovers of a killed run;
+//! 2. `prepare`: discover the disks, connect qemu-ga, create the fleece
+//!    images and add their nodes, start the thaw watchdog;
+//! 3. `hold` the guest: freeze through qemu-ga (snapshot mode), or `stop`
 //!    (suspend mode, or no agent), or an orderly shutdown (stop mode);
-//! 4. insert the copy-before-write filters on all disks (same instant),
+//! 4. `insert` the copy-before-write filters on all disks (same instant),
 //!    then the snapshot-access nodes;
-//! 5. **release** at once: thaw / `cont` / `system_reset`+`cont`;
-//! 6. NBD server on a private socket, one read-only export per disk;
-//! 7. the data path (dedicated threads): block status → read allocated
-//!    extents → hash, compress, store → index;
-//! 8. teardown (reverse order), then the manifest: the commit point.
+//! 5. `release` at once: thaw / `cont` / `system_reset`+`cont`;
+//! 6. `export`: NBD server on a private socket, one read-only export per disk;
+//! 7. `read`: the data path (dedicated threads): block status → read
+//!    allocated extents → hash, compress, store → index;
+//! 8. `teardown` (reverse order), then `commit`: the manifest, written only
+//!    if the guest was released and the graph restored.
 //!
 //! Whatever fails, the guest is released and the graph restored; no
 //! manifest is written.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::datapath::{read_all, DataPathConfig};
+use super::datapath::{read_all, DataPathConfig, DiskJob};
+use super::events::{JobEvent, Observer, Phase};
 use super::graph::{self, GraphBuilder, NodeNames, VmDisk};
+use super::hold::{ms, Hold};
+use super::incremental::{self, DiskTracking};
 use super::record::{record_path, RunRecord, Step};
+use super::report::{BackupReport, DiskReport};
 use super::watchdog::Watchdog;
 use super::{chain, JobError};
 use crate::repo::{self, Consistency, Repository};
+
+pub use super::cancel::Cancel;
 
 /// How long connecting to QMP may take.
 const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -43,7 +51,7 @@ const QGA_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_CBW_TIMEOUT_S: u32 = 45;
 
 /// Backup mode, as vzdump names them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Live: freeze (if qemu-ga answers), insert filters, thaw at once.
@@ -101,11 +109,28 @@ pub struct BackupOptions {
     pub cbw_timeout_s: u32,
     /// Stop mode: how long the guest may take to shut down.
     pub stop_timeout: Duration,
-    /// Show a progress bar per disk on stderr (the CLI sets it on a TTY).
-    pub progress: bool,
+    /// Read every disk in full even where change tracking would allow an
+    /// incremental read (tracking still starts anew).
+    pub full: bool,
     /// Test-only: a program run while the guest is held with every filter
-    /// in place (to take a ground-truth copy). From `$SHEAR_TEST_FROZEN_HOOK`.
+    /// in place (to take a ground-truth copy). Only honoured when
+    /// [`TEST_HOOKS`] (see [`held_hook_from_env`]).
     pub held_hook: Option<PathBuf>,
+}
+
+/// Whether this build honours test hooks: debug builds (the test suite's)
+/// and builds with the `test-hooks` feature. A release build, which is what
+/// `cargo install` and packages ship, never runs them.
+pub const TEST_HOOKS: bool = cfg!(any(debug_assertions, feature = "test-hooks"));
+
+/// The held hook named by `$SHEAR_TEST_FROZEN_HOOK` when [`TEST_HOOKS`];
+/// `None` in the builds users install, whatever the environment says.
+pub fn held_hook_from_env() -> Option<PathBuf> {
+    if TEST_HOOKS {
+        std::env::var_os("SHEAR_TEST_FROZEN_HOOK").map(PathBuf::from)
+    } else {
+        None
+    }
 }
 
 /// Render a vzdump notes template (`\n` in the template is a newline).
@@ -117,83 +142,14 @@ pub fn render_notes(template: &str, vmid: &str, guestname: &str, node: &str) -> 
         .replace("\\n", "\n")
 }
 
-/// Per-disk figures of a finished backup.
-#[derive(Debug, Clone, Serialize)]
-pub struct DiskReport {
-    /// Disk name.
-    pub name: String,
-    /// Virtual size.
-    pub virtual_size: u64,
-    /// Bytes read from the export.
-    pub bytes_read: u64,
-    /// Bytes skipped without reading (holes / zero extents).
-    pub bytes_skipped: u64,
-    /// Bytes written to the repository (compressed, new chunks only).
-    pub bytes_stored: u64,
-    /// Plaintext bytes already in the repository.
-    pub bytes_deduplicated: u64,
-    /// Whole-image digest.
-    pub image_digest: String,
-}
-
-/// What `shear backup --json` prints.
-#[derive(Debug, Clone, Serialize)]
-pub struct BackupReport {
-    /// The committed backup id.
-    pub backup_id: String,
-    /// VM id.
-    pub vmid: String,
-    /// Mode used.
-    pub mode: Mode,
-    /// `application` or `crash`.
-    pub consistency: Consistency,
-    /// Milliseconds the guest was held (frozen or paused); `None` if never.
-    pub freeze_window_ms: Option<u64>,
-    /// Per disk.
-    pub disks: Vec<DiskReport>,
-    /// Setup (lock → exports ready), ms.
-    pub setup_ms: u64,
-    /// Data path, ms.
-    pub read_ms: u64,
-    /// Whole run, ms.
-    pub total_ms: u64,
-    /// Things the user should know (crash-consistent fallback, leftovers
-    /// cleaned up, teardown trouble).
-    pub warnings: Vec<String>,
-}
-
-/// Set by SIGINT/SIGTERM handlers; checked between steps and per chunk.
-#[derive(Debug, Clone, Default)]
-pub struct Cancel(Arc<AtomicBool>, Arc<std::sync::Mutex<Option<&'static str>>>);
-
-impl Cancel {
-    /// Request cancellation, naming the cause (`SIGINT`, …).
-    pub fn cancel(&self, why: &'static str) {
-        if let Ok(mut w) = self.1.lock() {
-            w.get_or_insert(why);
-        }
-        self.0.store(true, Ordering::SeqCst);
-    }
-    /// Whether cancellation was requested.
-    pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
-    }
-    pub(super) fn check(&self) -> Result<(), JobError> {
-        if self.is_cancelled() {
-            let why = self.1.lock().ok().and_then(|w| *w).unwrap_or("a signal");
-            return Err(JobError::Interrupted(why));
-        }
-        Ok(())
-    }
-}
-
 /// Exclusive per-VM lock in the run directory (F-30: one backup per VM).
 #[derive(Debug)]
-struct VmLock {
+pub(super) struct VmLock {
     _file: std::fs::File,
 }
 
-fn lock_vm(run_dir: &Path, vmid: &str) -> Result<VmLock, JobError> {
+/// Take the per-VM lock without waiting.
+pub(super) fn lock_vm(run_dir: &Path, vmid: &str) -> Result<VmLock, JobError> {
     let path = run_dir.join(format!("backup-{vmid}.lock"));
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -210,7 +166,7 @@ fn lock_vm(run_dir: &Path, vmid: &str) -> Result<VmLock, JobError> {
     }
 }
 
-fn private_dir(path: &Path) -> Result<(), JobError> {
+pub(super) fn private_dir(path: &Path) -> Result<(), JobError> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -245,479 +201,616 @@ pub async fn cleanup_leftovers(
     )))
 }
 
-/// How the guest is held while the filters go in.
-enum Hold {
-    /// Frozen through qemu-ga by us (boxed: the guard is large).
-    Frozen(Box<guest_agent::FreezeGuard>),
-    /// Paused (`stop`) by us.
-    Paused,
-    /// Shut down (stop mode); resumed with `system_reset` + `cont`.
-    ShutDown,
-    /// Not held (the VM was already paused by someone else).
-    None,
-}
-
-/// Run one backup. The repository is opened by the caller.
+/// Run one backup. The repository is opened by the caller; events go to
+/// `observer`.
 pub async fn run_backup(
     repo: Arc<Repository>,
     opts: BackupOptions,
     cancel: Cancel,
+    observer: Observer,
 ) -> Result<BackupReport, JobError> {
-    let t0 = Instant::now();
-    private_dir(&opts.run_dir)?;
-    let _lock = lock_vm(&opts.run_dir, &opts.vmid)?;
-    let (qmp, _events) = qmp::Qmp::connect(&opts.qmp, QMP_CONNECT_TIMEOUT)
-        .await
-        .map_err(JobError::qmp("connect"))?;
-    let mut warnings = Vec::new();
-    if let Some(w) = cleanup_leftovers(&qmp, &opts.run_dir, &opts.vmid).await? {
-        tracing::warn!("{w}");
-        warnings.push(w);
-    }
-    cancel.check()?;
+    let mut run = BackupRun::start(repo, opts, cancel, observer).await?;
+    let result = run.phases().await;
+    let teardown = run.teardown().await;
+    run.commit(result, teardown)
+}
 
-    let rpath = record_path(&opts.run_dir, &opts.vmid);
-    let mut record = RunRecord::new(&opts.vmid, &opts.qmp, opts.qga.as_deref());
-    let mut watchdog = None;
-    let result = backup_inner(
-        &repo,
-        &opts,
-        &cancel,
-        &qmp,
-        &mut record,
-        &rpath,
-        &mut watchdog,
-        &mut warnings,
-        t0,
-    )
-    .await;
-
-    // Teardown on every path: undo whatever is still recorded.
-    let teardown = graph::undo(Some(&qmp), opts.qga.as_deref(), &mut record, &rpath).await;
-    let released = !record
-        .steps
-        .iter()
-        .any(|s| matches!(s, Step::Freeze | Step::Pause));
-    match (&teardown, watchdog) {
-        (Ok(()), Some(w)) => w.finish(),
-        // Teardown failed: if the guest may still be held, leave the
-        // watchdog's pipe to close so it rescues the guest.
-        (Err(_), Some(w)) if released => w.finish(),
-        _ => {}
-    }
-    match result {
-        Ok(pending) => {
-            if let Err(e) = &teardown {
-                warnings.push(format!("teardown: {}", chain(e)));
-            }
-            pending.commit(t0, warnings)
-        }
-        Err(e) => {
-            if let Err(te) = &teardown {
-                tracing::error!(error = %chain(te), "teardown after a failed backup also failed");
-            }
-            Err(e)
-        }
-    }
+/// One backup run of one VM, phase by phase. Fields are filled in as the
+/// phases go; `teardown` undoes whatever the record still holds.
+#[derive(Debug)]
+pub(super) struct BackupRun {
+    pub(super) repo: Arc<Repository>,
+    pub(super) opts: BackupOptions,
+    pub(super) cancel: Cancel,
+    pub(super) observer: Observer,
+    pub(super) qmp: qmp::Qmp,
+    pub(super) record: RunRecord,
+    pub(super) rpath: PathBuf,
+    pub(super) watchdog: Option<Watchdog>,
+    pub(super) warnings: Vec<String>,
+    pub(super) t0: Instant,
+    _lock: VmLock,
+    // prepare
+    pub(super) disks: Vec<VmDisk>,
+    pub(super) names: Vec<NodeNames>,
+    pub(super) was_running: bool,
+    pub(super) vm_name: String,
+    pub(super) vm_config: serde_json::Value,
+    pub(super) agent: Option<guest_agent::GuestAgent>,
+    pub(super) nbd_dir: PathBuf,
+    // hold / release
+    pub(super) hold: Hold,
+    pub(super) hold_start: Instant,
+    pub(super) consistency: Consistency,
+    pub(super) freeze_window_ms: Option<u64>,
+    /// A freeze whose thaw the guard could not confirm (the run fails).
+    pub(super) thaw_unconfirmed: Option<guest_agent::Error>,
+    /// Change tracking per disk (same order as `disks`); empty when
+    /// tracking could not be set up (every disk read in full).
+    pub(super) tracking: Vec<DiskTracking>,
+    /// Dirty bytes per disk of the frozen bitmap (incremental disks).
+    pub(super) dirty_bytes: Vec<Option<u64>>,
+    // export
+    pub(super) export_names: Vec<String>,
+    pub(super) setup_ms: u64,
 }
 
 /// A backup whose data and indexes are durable; committing writes the
 /// manifest.
-struct PendingCommit {
+#[derive(Debug)]
+pub(super) struct PendingCommit {
     session: repo::BackupSession,
-    info: repo::CommitInfo,
-    report: BackupReport,
+    disks: Vec<DiskReport>,
+    read_ms: u64,
 }
 
-impl PendingCommit {
-    fn commit(self, t0: Instant, warnings: Vec<String>) -> Result<BackupReport, JobError> {
-        let id = self
-            .session
-            .commit(&self.info)
-            .map_err(JobError::repo("committing the manifest"))?;
-        let mut report = self.report;
-        report.backup_id = id.to_string();
-        report.total_ms = ms(t0.elapsed());
-        report.warnings = warnings;
-        Ok(report)
-    }
-}
-
-fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn backup_inner(
-    repo: &Arc<Repository>,
-    opts: &BackupOptions,
-    cancel: &Cancel,
-    qmp: &qmp::Qmp,
-    record: &mut RunRecord,
-    rpath: &Path,
-    watchdog: &mut Option<Watchdog>,
-    warnings: &mut Vec<String>,
-    t0: Instant,
-) -> Result<PendingCommit, JobError> {
-    let all = graph::discover_disks(qmp).await?;
-    let disks: Vec<VmDisk> = all
-        .into_iter()
-        .filter(|d| !opts.exclude.iter().any(|x| x == &d.name))
-        .collect();
-    if disks.is_empty() {
-        return Err(JobError::Invalid(format!(
-            "VM {} has no disks to back up",
-            opts.vmid
-        )));
-    }
-    let status = qmp
-        .query_status()
-        .await
-        .map_err(JobError::qmp("query-status"))?;
-    let was_running = status.running;
-    let vm_name = qmp_vm_name(qmp).await;
-    let vm_config = vm_config_json(qmp, &disks).await;
-
-    // qemu-ga, only when the guest runs (a paused guest cannot answer).
-    let mut agent = None;
-    if opts.mode == Mode::Snapshot && was_running {
-        match &opts.qga {
-            Some(path) if path.exists() => {
-                let mut cfg = guest_agent::Config::default();
-                cfg.connect_timeout = QGA_CONNECT_TIMEOUT;
-                cfg.freeze_timeout = opts.freeze_timeout;
-                match guest_agent::GuestAgent::connect(path, cfg).await {
-                    Ok(a) => agent = Some(a),
-                    Err(e) => warnings.push(format!(
-                        "qemu-ga not answering ({}); backup is crash-consistent",
-                        chain(&e)
-                    )),
-                }
-            }
-            Some(path) => warnings.push(format!(
-                "no qemu-ga socket at {}; backup is crash-consistent",
-                path.display()
-            )),
-            None => {
-                warnings.push("no qemu-ga socket configured; backup is crash-consistent".into());
-            }
-        }
-    } else if !was_running {
-        warnings.push(format!(
-            "VM is {} (not running): no freeze; backup is crash-consistent",
-            status.status
-        ));
-    }
-    cancel.check()?;
-
-    // Private directories, watchdog, fleece images (nothing the guest sees).
-    let tag = random_hex(3);
-    let nbd_dir = opts.run_dir.join(format!("nbd-{}-{tag}", opts.vmid));
-    private_dir(&opts.fleecing_dir)?;
-    let names: Vec<NodeNames> = (0..disks.len()).map(|i| NodeNames::new(&tag, i)).collect();
-    {
-        let mut g = GraphBuilder::new(qmp, record, rpath);
-        g.log(Step::Dir {
-            path: nbd_dir.clone(),
-        })?;
-        private_dir(&nbd_dir)?;
-        for (disk, n) in disks.iter().zip(&names) {
-            let file = opts
-                .fleecing_dir
-                .join(format!("{}-{}-{tag}.fleece.qcow2", opts.vmid, disk.name));
-            g.add_fleece(disk, n, &file).await?;
-            cancel.check()?;
-        }
-    }
-    *watchdog = Some(
-        Watchdog::spawn(&opts.qmp, opts.qga.as_deref())
-            .map_err(|e| JobError::io("starting the thaw watchdog", e))?,
-    );
-
-    // Hold the guest.
-    let mut consistency = Consistency::Crash;
-    let mut hold_start = Instant::now();
-    let mut hold = match opts.mode {
-        // A VM someone else paused is not ours to shut down, reset or
-        // resume (F-29): back it up as it is.
-        Mode::Stop if !was_running => Hold::None,
-        Mode::Stop => {
-            stop_guest(qmp, record, rpath, watchdog, opts.stop_timeout, cancel).await?;
-            consistency = Consistency::Application;
-            Hold::ShutDown
-        }
-        Mode::Snapshot if agent.is_some() => {
-            let a = agent
-                .take()
-                .ok_or_else(|| JobError::Invalid("agent vanished".into()))?;
-            GraphBuilder::new(qmp, record, rpath).log(Step::Freeze)?;
-            report(watchdog, "frozen");
-            match guest_agent::FreezeGuard::freeze(a, guest_agent::FreezeScope::All).await {
-                Ok(guard) => {
-                    consistency = Consistency::Application;
-                    Hold::Frozen(Box::new(guard))
-                }
-                Err(e) => {
-                    let already = matches!(e, guest_agent::Error::AlreadyFrozen);
-                    // The guard ran its thaw loop; it says whether the guest
-                    // is confirmed thawed. If not, the recorded freeze stays:
-                    // teardown (and the watchdog, and the next run) keep
-                    // trying to thaw it.
-                    let thaw_unconfirmed = matches!(
-                        &e,
-                        guest_agent::Error::FreezeFailed {
-                            thaw_error: Some(_),
-                            ..
-                        }
-                    );
-                    if already {
-                        // Not ours: never thaw it (F-05).
-                        GraphBuilder::new(qmp, record, rpath).forget(&Step::Freeze)?;
-                        report(watchdog, "thawed");
-                        warnings.push(
-                            "guest filesystems already frozen by someone else: not freezing, \
-                             not thawing; backup is crash-consistent"
-                                .into(),
-                        );
-                    } else if thaw_unconfirmed {
-                        warnings.push(format!(
-                            "fsfreeze failed and the guest could not be confirmed thawed ({}); \
-                             will keep trying; pausing instead; backup is crash-consistent",
-                            chain(&e)
-                        ));
-                    } else {
-                        GraphBuilder::new(qmp, record, rpath).forget(&Step::Freeze)?;
-                        report(watchdog, "thawed");
-                        warnings.push(format!(
-                            "fsfreeze failed ({}); guest thawed, pausing instead; backup is \
-                             crash-consistent",
-                            chain(&e)
-                        ));
-                    }
-                    hold_start = Instant::now();
-                    pause(qmp, record, rpath, watchdog, was_running).await?
-                }
-            }
-        }
-        _ => pause(qmp, record, rpath, watchdog, was_running).await?,
-    };
-    let held = !matches!(hold, Hold::None);
-
-    // Filters on every disk at the same instant, then the access nodes.
-    let inserted = async {
-        let mut g = GraphBuilder::new(qmp, record, rpath);
-        for (disk, n) in disks.iter().zip(&names) {
-            g.insert_filter(disk, n, opts.cbw_timeout_s).await?;
-        }
-        for (disk, n) in disks.iter().zip(&names) {
-            g.add_access(disk, n).await?;
-        }
-        Ok::<(), JobError>(())
-    }
-    .await;
-    let inserted = match (inserted, &opts.held_hook) {
-        (Ok(()), Some(hook)) => run_held_hook(hook, opts, &disks, &names).await,
-        (r, _) => r,
-    };
-
-    // Release at once, whatever happened. The window is the freeze as the
-    // guard measured it (freeze sent → thaw answered), else hold → release.
-    let release = release(qmp, record, rpath, watchdog, &mut hold).await;
-    let freeze_window_ms = match &release {
-        Ok(Some(w)) => Some(ms(*w)),
-        _ => held.then(|| ms(hold_start.elapsed())),
-    };
-    inserted?;
-    release?;
-    cancel.check()?;
-
-    // NBD exports on a private socket.
-    let socket = nbd_dir.join("nbd.sock");
-    let export_names: Vec<String> = (0..disks.len()).map(|_| random_hex(16)).collect();
-    {
-        let mut g = GraphBuilder::new(qmp, record, rpath);
-        let max_conn = u32::try_from(disks.len() * opts.connections.max(1)).unwrap_or(u32::MAX);
-        g.start_nbd_server(&socket, max_conn).await?;
-        for ((disk, n), name) in disks.iter().zip(&names).zip(&export_names) {
-            g.add_export(disk, n, name).await?;
-        }
-    }
-    let setup_ms = ms(t0.elapsed());
-    cancel.check()?;
-
-    // The data path, on dedicated threads.
-    let t_read = Instant::now();
-    let meta = repo::BackupMeta {
-        zstd_level: opts.zstd_level,
-        ..repo::BackupMeta::new(&opts.vmid, &vm_name)
-    };
-    let session = match repo.begin_backup(&meta) {
-        // Backup ids have one-second resolution: a second backup of the
-        // same VM within a second waits for the next one.
-        Err(e) if e.kind() == repo::ErrorKind::AlreadyExists => {
-            tokio::time::sleep(Duration::from_millis(1100)).await;
-            repo.begin_backup(&meta)
-        }
-        r => r,
-    }
-    .map_err(JobError::repo("starting the backup"))?;
-    let jobs: Vec<(VmDisk, String)> = disks.iter().cloned().zip(export_names).collect();
-    let dp = DataPathConfig {
-        socket: socket.clone(),
-        workers: opts.workers.max(1),
-        connections: opts.connections.max(1),
-        bwlimit_bytes: opts.bwlimit_kib.saturating_mul(1024),
-        progress: opts.progress,
-    };
-    let cancel2 = cancel.clone();
-    let (session, disk_reports) = tokio::task::spawn_blocking(move || {
-        let r = read_all(&session, &jobs, &dp, &cancel2);
-        (session, r)
-    })
-    .await
-    .map_err(|e| JobError::Invalid(format!("data path thread failed: {e}")))?;
-    let disk_reports = match disk_reports {
-        Ok(r) => r,
-        Err(e) => {
-            session.abort();
-            return Err(e);
-        }
-    };
-    let read_ms = ms(t_read.elapsed());
-
-    let info = repo::CommitInfo {
-        mode: repo::BackupMode::Full,
-        consistency,
-        vm_mode: opts.mode.as_str().to_string(),
-        vm_config,
-        notes: render_notes(&opts.notes_template, &opts.vmid, &vm_name, &opts.node),
-        freeze_window_ms,
-    };
-    Ok(PendingCommit {
-        session,
-        info,
-        report: BackupReport {
-            backup_id: String::new(),
-            vmid: opts.vmid.clone(),
-            mode: opts.mode,
-            consistency,
-            freeze_window_ms,
-            disks: disk_reports,
-            setup_ms,
-            read_ms,
-            total_ms: 0,
+impl BackupRun {
+    /// Lock the VM, connect QMP, clean up what a killed run left.
+    async fn start(
+        repo: Arc<Repository>,
+        opts: BackupOptions,
+        cancel: Cancel,
+        observer: Observer,
+    ) -> Result<BackupRun, JobError> {
+        let t0 = Instant::now();
+        observer.event(&JobEvent::Phase {
+            vmid: &opts.vmid,
+            phase: Phase::Prepare,
+        });
+        private_dir(&opts.run_dir)?;
+        let lock = lock_vm(&opts.run_dir, &opts.vmid)?;
+        let (qmp, _events) = qmp::Qmp::connect(&opts.qmp, QMP_CONNECT_TIMEOUT)
+            .await
+            .map_err(JobError::qmp("connect"))?;
+        let rpath = record_path(&opts.run_dir, &opts.vmid);
+        let record = RunRecord::new(&opts.vmid, &opts.qmp, opts.qga.as_deref());
+        let mut run = BackupRun {
+            repo,
+            cancel,
+            observer,
+            qmp,
+            record,
+            rpath,
+            watchdog: None,
             warnings: Vec::new(),
-        },
-    })
-}
-
-fn report(w: &mut Option<Watchdog>, state: &str) {
-    if let Some(w) = w.as_mut() {
-        if let Err(e) = w.report(state) {
-            tracing::warn!("thaw watchdog unreachable: {e}");
+            t0,
+            _lock: lock,
+            disks: Vec::new(),
+            names: Vec::new(),
+            was_running: false,
+            vm_name: String::new(),
+            vm_config: serde_json::Value::Null,
+            agent: None,
+            nbd_dir: PathBuf::new(),
+            hold: Hold::None,
+            hold_start: t0,
+            consistency: Consistency::Crash,
+            freeze_window_ms: None,
+            thaw_unconfirmed: None,
+            tracking: Vec::new(),
+            dirty_bytes: Vec::new(),
+            export_names: Vec::new(),
+            setup_ms: 0,
+            opts,
+        };
+        if let Some(w) = cleanup_leftovers(&run.qmp, &run.opts.run_dir, &run.opts.vmid).await? {
+            run.warn(w);
         }
+        run.cancel.check()?;
+        Ok(run)
     }
-}
 
-/// Pause the vCPUs (unless someone else already paused the VM: then it is
-/// not ours to resume, F-29).
-async fn pause(
-    qmp: &qmp::Qmp,
-    record: &mut RunRecord,
-    rpath: &Path,
-    watchdog: &mut Option<Watchdog>,
-    was_running: bool,
-) -> Result<Hold, JobError> {
-    if !was_running {
-        return Ok(Hold::None);
+    /// Every phase from prepare to read; the caller tears down whatever
+    /// the outcome.
+    async fn phases(&mut self) -> Result<PendingCommit, JobError> {
+        self.prepare().await?;
+        self.phase(Phase::Hold);
+        self.hold().await?;
+        self.phase(Phase::Insert);
+        let inserted = self.insert().await;
+        // Release at once, whatever happened.
+        self.phase(Phase::Release);
+        let released = self.release().await;
+        inserted?;
+        released?;
+        self.cancel.check()?;
+        self.phase(Phase::Export);
+        self.export().await?;
+        self.cancel.check()?;
+        self.phase(Phase::Read);
+        let pending = self.read().await?;
+        self.retire_bitmaps()?;
+        Ok(pending)
     }
-    GraphBuilder::new(qmp, record, rpath).log(Step::Pause)?;
-    report(watchdog, "paused");
-    qmp.stop().await.map_err(JobError::qmp("stop"))?;
-    Ok(Hold::Paused)
-}
 
-/// Release the hold; returns the measured freeze window for a freeze.
-async fn release(
-    qmp: &qmp::Qmp,
-    record: &mut RunRecord,
-    rpath: &Path,
-    watchdog: &mut Option<Watchdog>,
-    hold: &mut Hold,
-) -> Result<Option<Duration>, JobError> {
-    match std::mem::replace(hold, Hold::None) {
-        Hold::Frozen(guard) => {
-            let thawed = guard
-                .thaw()
-                .await
-                .map_err(JobError::qga("guest-fsfreeze-thaw"))?;
-            report(watchdog, "thawed");
-            GraphBuilder::new(qmp, record, rpath).forget(&Step::Freeze)?;
-            Ok(thawed.freeze_window)
-        }
-        Hold::Paused => {
-            qmp.cont().await.map_err(JobError::qmp("cont"))?;
-            report(watchdog, "resumed");
-            GraphBuilder::new(qmp, record, rpath).forget(&Step::Pause)?;
-            Ok(None)
-        }
-        Hold::ShutDown => {
-            qmp.system_reset()
-                .await
-                .map_err(JobError::qmp("system_reset"))?;
-            qmp.cont().await.map_err(JobError::qmp("cont"))?;
-            report(watchdog, "resumed");
-            GraphBuilder::new(qmp, record, rpath).forget(&Step::Pause)?;
-            Ok(None)
-        }
-        Hold::None => Ok(None),
+    pub(super) fn phase(&self, phase: Phase) {
+        self.observer.event(&JobEvent::Phase {
+            vmid: &self.opts.vmid,
+            phase,
+        });
     }
-}
 
-/// Stop mode: make a guest shutdown pause the VM instead of ending QEMU,
-/// ask the guest to power down, wait until it has.
-async fn stop_guest(
-    qmp: &qmp::Qmp,
-    record: &mut RunRecord,
-    rpath: &Path,
-    watchdog: &mut Option<Watchdog>,
-    timeout: Duration,
-    cancel: &Cancel,
-) -> Result<(), JobError> {
-    let mut g = GraphBuilder::new(qmp, record, rpath);
-    // QEMU has no query for the current action; restore its default.
-    g.log(Step::ShutdownAction {
-        restore: "poweroff".into(),
-    })?;
-    qmp.execute_value(
-        "set-action",
-        serde_json::json!({"shutdown": "pause", "reboot": "reset"}),
-    )
-    .await
-    .map_err(JobError::qmp("set-action shutdown=pause"))?;
-    // From here the VM is "held": if we die, the watchdog (or the next
-    // run) boots it again.
-    g.log(Step::Pause)?;
-    report(watchdog, "paused");
-    qmp.system_powerdown()
-        .await
-        .map_err(JobError::qmp("system_powerdown"))?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        cancel.check()?;
-        let st = qmp
+    /// Record a warning for the report and tell the observer.
+    pub(super) fn warn(&mut self, message: String) {
+        self.observer.event(&JobEvent::Warning {
+            vmid: &self.opts.vmid,
+            message: &message,
+        });
+        self.warnings.push(message);
+    }
+
+    /// Phase `prepare`: disks, VM facts, qemu-ga, fleece images, watchdog.
+    /// Nothing the guest sees changes here.
+    async fn prepare(&mut self) -> Result<(), JobError> {
+        let all = graph::discover_disks(&self.qmp).await?;
+        self.disks = all
+            .into_iter()
+            .filter(|d| !self.opts.exclude.iter().any(|x| x == &d.name))
+            .collect();
+        if self.disks.is_empty() {
+            return Err(JobError::Invalid(format!(
+                "VM {} has no disks to back up",
+                self.opts.vmid
+            )));
+        }
+        let status = self
+            .qmp
             .query_status()
             .await
             .map_err(JobError::qmp("query-status"))?;
-        if !st.running {
+        self.was_running = status.running;
+        self.vm_name = qmp_vm_name(&self.qmp).await;
+        self.vm_config = vm_config_json(&self.qmp, &self.disks).await;
+        self.plan_tracking().await?;
+
+        // qemu-ga, only when the guest runs (a paused guest cannot answer).
+        if self.opts.mode == Mode::Snapshot && self.was_running {
+            self.connect_agent().await;
+        } else if !self.was_running {
+            self.warn(format!(
+                "VM is {} (not running): no freeze; backup is crash-consistent",
+                status.status
+            ));
+        }
+        self.cancel.check()?;
+
+        // Private directories, fleece images, watchdog.
+        let tag = random_hex(3);
+        self.nbd_dir = self
+            .opts
+            .run_dir
+            .join(format!("nbd-{}-{tag}", self.opts.vmid));
+        private_dir(&self.opts.fleecing_dir)?;
+        self.names = (0..self.disks.len())
+            .map(|i| NodeNames::new(&tag, i))
+            .collect();
+        let mut g = GraphBuilder::new(&self.qmp, &mut self.record, &self.rpath);
+        g.log(Step::Dir {
+            path: self.nbd_dir.clone(),
+        })?;
+        private_dir(&self.nbd_dir)?;
+        for (disk, n) in self.disks.iter().zip(&self.names) {
+            let file = self.opts.fleecing_dir.join(format!(
+                "{}-{}-{tag}.fleece.qcow2",
+                self.opts.vmid, disk.name
+            ));
+            g.add_fleece(disk, n, &file).await?;
+            self.cancel.check()?;
+        }
+        self.watchdog = Some(
+            Watchdog::spawn(&self.opts.qmp, self.opts.qga.as_deref())
+                .map_err(|e| JobError::io("starting the thaw watchdog", e))?,
+        );
+        Ok(())
+    }
+
+    async fn connect_agent(&mut self) {
+        let warning = match self.opts.qga.clone() {
+            Some(path) if path.exists() => {
+                let mut cfg = guest_agent::Config::default();
+                cfg.connect_timeout = QGA_CONNECT_TIMEOUT;
+                cfg.freeze_timeout = self.opts.freeze_timeout;
+                match guest_agent::GuestAgent::connect(&path, cfg).await {
+                    Ok(a) => {
+                        self.agent = Some(a);
+                        return;
+                    }
+                    Err(e) => format!(
+                        "qemu-ga not answering ({}); backup is crash-consistent",
+                        chain(&e)
+                    ),
+                }
+            }
+            Some(path) => format!(
+                "no qemu-ga socket at {}; backup is crash-consistent",
+                path.display()
+            ),
+            None => "no qemu-ga socket configured; backup is crash-consistent".into(),
+        };
+        self.warn(warning);
+    }
+
+    /// Phase `insert`: filters on every disk at the same instant, then the
+    /// access nodes; then the test-only held hook. Runs while held.
+    async fn insert(&mut self) -> Result<(), JobError> {
+        self.split_bitmaps().await?;
+        let mut g = GraphBuilder::new(&self.qmp, &mut self.record, &self.rpath);
+        for (disk, n) in self.disks.iter().zip(&self.names) {
+            g.insert_filter(disk, n, self.opts.cbw_timeout_s).await?;
+        }
+        for (disk, n) in self.disks.iter().zip(&self.names) {
+            g.add_access(disk, n).await?;
+        }
+        match &self.opts.held_hook {
+            Some(hook) if TEST_HOOKS => {
+                run_held_hook(hook, &self.opts, &self.disks, &self.names).await
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Phase `export`: the NBD server on a private socket and one
+    /// read-only export per disk under a random name.
+    async fn export(&mut self) -> Result<(), JobError> {
+        let socket = self.nbd_socket();
+        self.export_names = (0..self.disks.len()).map(|_| random_hex(16)).collect();
+        let mut g = GraphBuilder::new(&self.qmp, &mut self.record, &self.rpath);
+        let max_conn = u32::try_from(self.disks.len() * (self.opts.connections.max(1) + 1))
+            .unwrap_or(u32::MAX);
+        g.start_nbd_server(&socket, max_conn).await?;
+        for (i, ((disk, n), name)) in self
+            .disks
+            .iter()
+            .zip(&self.names)
+            .zip(&self.export_names)
+            .enumerate()
+        {
+            let bitmap = self
+                .tracking
+                .get(i)
+                .filter(|t| t.base.is_some())
+                .and_then(|t| Some((t.node.as_str(), t.old_bitmap.as_deref()?)));
+            g.add_export(disk, n, name, bitmap).await?;
+        }
+        self.dirty_bytes = self.frozen_dirty_bytes().await?;
+        self.setup_ms = ms(self.t0.elapsed());
+        Ok(())
+    }
+
+    /// Phase `prepare`, change tracking: which disks can be read
+    /// incrementally, and our unusable bitmaps removed (they cannot serve
+    /// any backup; keeping them would only cost the guest).
+    async fn plan_tracking(&mut self) -> Result<(), JobError> {
+        let plan = incremental::plan(
+            &self.qmp,
+            &self.repo,
+            &self.opts.vmid,
+            &self.disks,
+            self.opts.full,
+        )
+        .await?;
+        for (node, name) in &plan.remove {
+            if let Err(e) = incremental::remove_bitmap(&self.qmp, node, name).await {
+                self.warn(format!(
+                    "could not remove stale change-tracking bitmap {name}: {}",
+                    chain(&e)
+                ));
+            }
+        }
+        for w in plan.warnings {
+            self.warn(w);
+        }
+        self.tracking = plan.disks;
+        Ok(())
+    }
+
+    /// Phase `insert`, first step: the bitmap split of every disk in one
+    /// transaction, while the guest is held. If QEMU refuses it, the
+    /// backup goes on with full reads and no tracking (said in the output).
+    async fn split_bitmaps(&mut self) -> Result<(), JobError> {
+        if self.tracking.is_empty() {
             return Ok(());
         }
-        if Instant::now() >= deadline {
-            return Err(JobError::Invalid(format!(
-                "the guest did not shut down within {timeout:?} (stop mode)"
-            )));
+        let mut actions = Vec::new();
+        for t in &self.tracking {
+            self.record.steps.push(Step::BitmapSplit {
+                node: t.node.clone(),
+                old: t.old_bitmap.clone(),
+                new: t.new_bitmap.clone(),
+            });
+            actions.extend(t.split_actions());
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        self.record.save(&self.rpath).map_err(JobError::Record)?;
+        if let Err(e) = self.qmp.transaction(&actions).await {
+            // The transaction is atomic: nothing changed; drop the steps.
+            self.record
+                .steps
+                .retain(|s| !matches!(s, Step::BitmapSplit { .. }));
+            self.record.save(&self.rpath).map_err(JobError::Record)?;
+            self.tracking.clear();
+            self.warn(format!(
+                "QEMU refused the change-tracking bitmaps ({}); every disk is read in full and \
+                 the next backup will be full too",
+                chain(&JobError::qmp("transaction")(e))
+            ));
+        }
+        Ok(())
+    }
+
+    /// The dirty byte count of each incremental disk's frozen bitmap.
+    async fn frozen_dirty_bytes(&self) -> Result<Vec<Option<u64>>, JobError> {
+        if self.tracking.iter().all(|t| t.base.is_none()) {
+            return Ok(vec![None; self.disks.len()]);
+        }
+        let nodes = self
+            .qmp
+            .query_named_block_nodes()
+            .await
+            .map_err(JobError::qmp("query-named-block-nodes"))?;
+        Ok((0..self.disks.len())
+            .map(|i| {
+                let t = self.tracking.get(i).filter(|t| t.base.is_some())?;
+                let old = t.old_bitmap.as_deref()?;
+                nodes
+                    .iter()
+                    .find(|n| n.node_name == t.node)?
+                    .dirty_bitmaps
+                    .iter()
+                    .find(|b| b.name == old)
+                    .map(|b| b.count)
+            })
+            .collect())
+    }
+
+    /// After a successful read: the split stays (the new bitmaps count from
+    /// this backup's freeze); the old bitmaps go at teardown.
+    fn retire_bitmaps(&mut self) -> Result<(), JobError> {
+        let steps = std::mem::take(&mut self.record.steps);
+        self.record.steps = steps
+            .into_iter()
+            .filter_map(|s| match s {
+                Step::BitmapSplit {
+                    node,
+                    old: Some(old),
+                    ..
+                } => Some(Step::BitmapRetire { node, name: old }),
+                Step::BitmapSplit { old: None, .. } => None,
+                s => Some(s),
+            })
+            .collect();
+        self.record.save(&self.rpath).map_err(JobError::Record)
+    }
+
+    /// What the data path needs to read disk `i`.
+    fn disk_job(&self, i: usize, disk: &VmDisk, export: &str) -> DiskJob {
+        let dirty = self.dirty_bytes.get(i).copied().flatten();
+        let (incremental, read) = match self.tracking.get(i) {
+            Some(t) => (
+                t.base
+                    .as_ref()
+                    .and_then(|b| Some((t.old_bitmap.clone()?, Arc::clone(&b.digests)))),
+                t.read_record(&disk.filename, dirty),
+            ),
+            None => (
+                None,
+                repo::DiskRead {
+                    kind: repo::ReadKind::Full,
+                    full_reason: Some("change tracking could not be set up".into()),
+                    base: None,
+                    dirty_bytes: None,
+                    bitmap: None,
+                    bitmap_persistent: false,
+                    filename: disk.filename.clone(),
+                },
+            ),
+        };
+        DiskJob {
+            disk: disk.clone(),
+            export: export.to_string(),
+            incremental,
+            read,
+        }
+    }
+
+    fn nbd_socket(&self) -> PathBuf {
+        self.nbd_dir.join("nbd.sock")
+    }
+
+    /// Phase `read`: the data path on dedicated threads, into a new
+    /// repository session. The session is aborted on failure.
+    async fn read(&mut self) -> Result<PendingCommit, JobError> {
+        let t_read = Instant::now();
+        let base = self
+            .tracking
+            .iter()
+            .find_map(|t| t.base.as_ref().map(|b| b.backup.clone()));
+        let meta = repo::BackupMeta {
+            zstd_level: self.opts.zstd_level,
+            base,
+            ..repo::BackupMeta::new(&self.opts.vmid, &self.vm_name)
+        };
+        let session = match self.repo.begin_backup(&meta) {
+            // Backup ids have one-second resolution: a second backup of the
+            // same VM within a second waits for the next one.
+            Err(e) if e.kind() == repo::ErrorKind::AlreadyExists => {
+                tokio::time::sleep(Duration::from_millis(1100)).await;
+                self.repo.begin_backup(&meta)
+            }
+            r => r,
+        }
+        .map_err(JobError::repo("starting the backup"))?;
+        let jobs: Vec<DiskJob> = self
+            .disks
+            .iter()
+            .zip(&self.export_names)
+            .enumerate()
+            .map(|(i, (disk, export))| self.disk_job(i, disk, export))
+            .collect();
+        let dp = DataPathConfig {
+            socket: self.nbd_socket(),
+            workers: self.opts.workers.max(1),
+            connections: self.opts.connections.max(1),
+            bwlimit_bytes: self.opts.bwlimit_kib.saturating_mul(1024),
+        };
+        let cancel = self.cancel.clone();
+        let observer = self.observer.clone();
+        let (session, disks) = tokio::task::spawn_blocking(move || {
+            let r = read_all(&session, &jobs, &dp, &cancel, observer.as_ref());
+            (session, r)
+        })
+        .await
+        .map_err(|e| JobError::Invalid(format!("data path thread failed: {e}")))?;
+        match disks {
+            Ok(disks) => Ok(PendingCommit {
+                session,
+                disks,
+                read_ms: ms(t_read.elapsed()),
+            }),
+            Err(e) => {
+                session.abort();
+                Err(e)
+            }
+        }
+    }
+
+    /// Phase `teardown`: undo whatever the record still holds (on every
+    /// path), then let the watchdog go if the guest is released.
+    async fn teardown(&mut self) -> Result<(), JobError> {
+        self.phase(Phase::Teardown);
+        let teardown = graph::undo(
+            Some(&self.qmp),
+            self.opts.qga.as_deref(),
+            &mut self.record,
+            &self.rpath,
+        )
+        .await;
+        let released = !self.still_held();
+        match (&teardown, self.watchdog.take()) {
+            (Ok(()), Some(w)) => w.finish(),
+            // Teardown failed: if the guest may still be held, leave the
+            // watchdog's pipe to close so it rescues the guest.
+            (Err(_), Some(w)) if released => w.finish(),
+            (_, w) => drop(w),
+        }
+        if !released {
+            let cause = match (self.thaw_unconfirmed.take(), teardown) {
+                (_, Err(e)) => e,
+                (Some(e), Ok(())) => JobError::qga("thaw")(e),
+                (None, Ok(())) => JobError::Invalid("the release step is still recorded".into()),
+            };
+            return Err(JobError::GuestNotReleased {
+                vmid: self.opts.vmid.clone(),
+                state: if self.record.steps.contains(&Step::Freeze) {
+                    "frozen"
+                } else {
+                    "paused"
+                },
+                source: Box::new(cause),
+            });
+        }
+        teardown
+    }
+
+    /// Whether the record still holds a freeze or pause of ours.
+    fn still_held(&self) -> bool {
+        self.record
+            .steps
+            .iter()
+            .any(|s| matches!(s, Step::Freeze | Step::Pause))
+    }
+
+    /// Phase `commit`: the manifest, only if the data path succeeded and
+    /// the guest is released. A teardown that failed after the guest was
+    /// released (a filter that could not be removed) is a warning.
+    fn commit(
+        mut self,
+        result: Result<PendingCommit, JobError>,
+        teardown: Result<(), JobError>,
+    ) -> Result<BackupReport, JobError> {
+        let pending = match (result, teardown) {
+            (Err(e), teardown) => {
+                return Err(match teardown {
+                    // A guest that may still be held matters more than why
+                    // the backup failed; the failure is logged.
+                    Err(t @ JobError::GuestNotReleased { .. }) => {
+                        tracing::error!(error = %chain(&e), "backup failed");
+                        t
+                    }
+                    Err(te) => {
+                        tracing::error!(error = %chain(&te), "teardown after a failed backup also failed");
+                        e
+                    }
+                    Ok(()) => e,
+                });
+            }
+            (Ok(p), Err(e @ JobError::GuestNotReleased { .. })) => {
+                p.session.abort();
+                return Err(e);
+            }
+            (Ok(p), Err(e)) => {
+                self.warn(format!("teardown: {}", chain(&e)));
+                p
+            }
+            (Ok(p), Ok(())) => p,
+        };
+        self.phase(Phase::Commit);
+        let incremental = pending
+            .disks
+            .iter()
+            .any(|d| d.kind == repo::ReadKind::Incremental);
+        let info = repo::CommitInfo {
+            mode: if incremental {
+                repo::BackupMode::Incremental
+            } else {
+                repo::BackupMode::Full
+            },
+            consistency: self.consistency,
+            vm_mode: self.opts.mode.as_str().to_string(),
+            vm_config: std::mem::take(&mut self.vm_config),
+            notes: render_notes(
+                &self.opts.notes_template,
+                &self.opts.vmid,
+                &self.vm_name,
+                &self.opts.node,
+            ),
+            freeze_window_ms: self.freeze_window_ms,
+        };
+        let id = pending
+            .session
+            .commit(&info)
+            .map_err(JobError::repo("committing the manifest"))?;
+        Ok(BackupReport {
+            backup_id: id.to_string(),
+            vmid: self.opts.vmid.clone(),
+            mode: self.opts.mode,
+            consistency: self.consistency,
+            freeze_window_ms: self.freeze_window_ms,
+            disks: pending.disks,
+            setup_ms: self.setup_ms,
+            read_ms: pending.read_ms,
+            total_ms: ms(self.t0.elapsed()),
+            warnings: self.warnings,
+        })
     }
 }
 
@@ -750,6 +843,8 @@ async fn vm_config_json(qmp: &qmp::Qmp, disks: &[VmDisk]) -> serde_json::Value {
     })
 }
 
+/// Test-only (feature `test-hooks`): run the held hook while the guest is
+/// held with every filter in place.
 async fn run_held_hook(
     hook: &Path,
     opts: &BackupOptions,

@@ -1,0 +1,226 @@
+//! Holding the guest while the filters go in, and releasing it: freeze
+//! through qemu-ga (snapshot mode), `stop` (suspend mode, or no agent), or
+//! an orderly shutdown (stop mode). Each hold is recorded before it is
+//! made and reported to the watchdog, so a killed agent's hold is released
+//! by the watchdog or the next run.
+
+use std::time::{Duration, Instant};
+
+use super::backup::{BackupRun, Mode};
+use super::cancel::Cancel;
+use super::graph::GraphBuilder;
+use super::record::Step;
+use super::watchdog::Watchdog;
+use super::{chain, JobError};
+use crate::repo::Consistency;
+
+/// How the guest is held while the filters go in.
+#[derive(Debug, Default)]
+pub(super) enum Hold {
+    /// Frozen through qemu-ga by us (boxed: the guard is large).
+    Frozen(Box<guest_agent::FreezeGuard>),
+    /// Paused (`stop`) by us.
+    Paused,
+    /// Shut down (stop mode); resumed with `system_reset` + `cont`.
+    ShutDown,
+    /// Not held (the VM was already paused by someone else, or released).
+    #[default]
+    None,
+}
+
+/// Report a state line to the watchdog, if there is one.
+pub(super) fn tell_watchdog(w: &mut Option<Watchdog>, state: &str) {
+    if let Some(w) = w.as_mut() {
+        if let Err(e) = w.report(state) {
+            tracing::warn!("thaw watchdog unreachable: {e}");
+        }
+    }
+}
+
+impl BackupRun {
+    /// Phase `hold`: freeze, pause or shut down the guest, as the mode and
+    /// the agent allow. Sets `hold`, `hold_start` and `consistency`.
+    pub(super) async fn hold(&mut self) -> Result<(), JobError> {
+        self.hold_start = Instant::now();
+        self.hold = match self.opts.mode {
+            // A VM someone else paused is not ours to shut down, reset or
+            // resume (F-29): back it up as it is.
+            Mode::Stop if !self.was_running => Hold::None,
+            Mode::Stop => {
+                self.stop_guest().await?;
+                self.consistency = Consistency::Application;
+                Hold::ShutDown
+            }
+            Mode::Snapshot if self.agent.is_some() => self.freeze_or_pause().await?,
+            _ => self.pause().await?,
+        };
+        Ok(())
+    }
+
+    /// Freeze through qemu-ga; if the freeze fails, pause instead.
+    async fn freeze_or_pause(&mut self) -> Result<Hold, JobError> {
+        let agent = self
+            .agent
+            .take()
+            .ok_or_else(|| JobError::Invalid("qemu-ga connection vanished".into()))?;
+        self.graph().log(Step::Freeze)?;
+        tell_watchdog(&mut self.watchdog, "frozen");
+        match guest_agent::FreezeGuard::freeze(agent, guest_agent::FreezeScope::All).await {
+            Ok(guard) => {
+                self.consistency = Consistency::Application;
+                return Ok(Hold::Frozen(Box::new(guard)));
+            }
+            Err(guest_agent::Error::AlreadyFrozen) => {
+                // Not ours: never thaw it (F-05).
+                self.graph().forget(&Step::Freeze)?;
+                tell_watchdog(&mut self.watchdog, "thawed");
+                self.warn(
+                    "guest filesystems already frozen by someone else: not freezing, not \
+                     thawing; backup is crash-consistent"
+                        .into(),
+                );
+            }
+            // The guard ran its thaw loop and could not confirm the thaw:
+            // the recorded freeze stays, so teardown, the watchdog and the
+            // next run keep trying to thaw it; the run fails at the end.
+            Err(
+                e @ guest_agent::Error::FreezeFailed {
+                    thaw_error: Some(_),
+                    ..
+                },
+            ) => {
+                self.warn(format!(
+                    "fsfreeze failed and the guest could not be confirmed thawed ({}); will keep \
+                     trying; pausing instead",
+                    chain(&e)
+                ));
+                self.thaw_unconfirmed = Some(e);
+            }
+            Err(e) => {
+                self.graph().forget(&Step::Freeze)?;
+                tell_watchdog(&mut self.watchdog, "thawed");
+                self.warn(format!(
+                    "fsfreeze failed ({}); guest thawed, pausing instead; backup is \
+                     crash-consistent",
+                    chain(&e)
+                ));
+            }
+        }
+        self.hold_start = Instant::now();
+        self.pause().await
+    }
+
+    /// Pause the vCPUs (unless someone else already paused the VM: then it
+    /// is not ours to resume, F-29).
+    async fn pause(&mut self) -> Result<Hold, JobError> {
+        if !self.was_running {
+            return Ok(Hold::None);
+        }
+        self.graph().log(Step::Pause)?;
+        tell_watchdog(&mut self.watchdog, "paused");
+        self.qmp.stop().await.map_err(JobError::qmp("stop"))?;
+        Ok(Hold::Paused)
+    }
+
+    /// Phase `release`: thaw / `cont` / `system_reset` + `cont` at once.
+    /// Sets `freeze_window_ms`: the freeze as the guard measured it (freeze
+    /// sent → thaw answered), else hold → release.
+    pub(super) async fn release(&mut self) -> Result<(), JobError> {
+        let held = !matches!(self.hold, Hold::None);
+        let r = self.release_hold().await;
+        self.freeze_window_ms = match &r {
+            Ok(Some(w)) => Some(ms(*w)),
+            _ => held.then(|| ms(self.hold_start.elapsed())),
+        };
+        r.map(|_| ())
+    }
+
+    async fn release_hold(&mut self) -> Result<Option<Duration>, JobError> {
+        match std::mem::take(&mut self.hold) {
+            Hold::Frozen(guard) => {
+                let thawed = guard
+                    .thaw()
+                    .await
+                    .map_err(JobError::qga("guest-fsfreeze-thaw"))?;
+                tell_watchdog(&mut self.watchdog, "thawed");
+                self.graph().forget(&Step::Freeze)?;
+                Ok(thawed.freeze_window)
+            }
+            Hold::Paused => {
+                self.qmp.cont().await.map_err(JobError::qmp("cont"))?;
+                tell_watchdog(&mut self.watchdog, "resumed");
+                self.graph().forget(&Step::Pause)?;
+                Ok(None)
+            }
+            Hold::ShutDown => {
+                self.qmp
+                    .system_reset()
+                    .await
+                    .map_err(JobError::qmp("system_reset"))?;
+                self.qmp.cont().await.map_err(JobError::qmp("cont"))?;
+                tell_watchdog(&mut self.watchdog, "resumed");
+                self.graph().forget(&Step::Pause)?;
+                Ok(None)
+            }
+            Hold::None => Ok(None),
+        }
+    }
+
+    /// Stop mode: make a guest shutdown pause the VM instead of ending QEMU,
+    /// ask the guest to power down, wait until it has.
+    async fn stop_guest(&mut self) -> Result<(), JobError> {
+        // QEMU has no query for the current action; restore its default.
+        self.graph().log(Step::ShutdownAction {
+            restore: "poweroff".into(),
+        })?;
+        self.qmp
+            .execute_value(
+                "set-action",
+                serde_json::json!({"shutdown": "pause", "reboot": "reset"}),
+            )
+            .await
+            .map_err(JobError::qmp("set-action shutdown=pause"))?;
+        // From here the VM is "held": if we die, the watchdog (or the next
+        // run) boots it again.
+        self.graph().log(Step::Pause)?;
+        tell_watchdog(&mut self.watchdog, "paused");
+        self.qmp
+            .system_powerdown()
+            .await
+            .map_err(JobError::qmp("system_powerdown"))?;
+        wait_shut_down(&self.qmp, self.opts.stop_timeout, &self.cancel).await
+    }
+
+    fn graph(&mut self) -> GraphBuilder<'_> {
+        GraphBuilder::new(&self.qmp, &mut self.record, &self.rpath)
+    }
+}
+
+async fn wait_shut_down(
+    qmp: &qmp::Qmp,
+    timeout: Duration,
+    cancel: &Cancel,
+) -> Result<(), JobError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        cancel.check()?;
+        let st = qmp
+            .query_status()
+            .await
+            .map_err(JobError::qmp("query-status"))?;
+        if !st.running {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(JobError::Invalid(format!(
+                "the guest did not shut down within {timeout:?} (stop mode)"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Milliseconds of a duration, saturating.
+pub(super) fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
