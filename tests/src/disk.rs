@@ -90,7 +90,8 @@ impl DiskSpec {
         self.files.push((path.to_string(), content.to_vec()));
         self
     }
-    /// Use an existing image file (its format must match).
+    /// Use this image file (its format must match); made there with the
+    /// spec's contents if it does not exist yet.
     pub fn image(mut self, path: &Path) -> Self {
         self.image = Some(path.to_path_buf());
         self

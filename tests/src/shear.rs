@@ -5,7 +5,8 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -201,11 +202,11 @@ impl HeldHook {
     }
 
     /// Wait until shear holds the guest; panics if `child` exits first.
-    pub fn wait_held(&self, child: &mut std::process::Child, timeout: std::time::Duration) {
+    pub fn wait_held(&self, child: &mut Child, timeout: Duration) {
         let held = self.dir.join("held");
         crate::wait_until(
             timeout,
-            std::time::Duration::from_millis(5),
+            Duration::from_millis(5),
             "shear to hold the guest",
             || {
                 if let Ok(Some(st)) = child.try_wait() {
@@ -220,5 +221,109 @@ impl HeldHook {
     /// Let the hook (and so shear) go on.
     pub fn release(&self) {
         std::fs::write(self.dir.join("go"), b"").unwrap();
+    }
+}
+
+// ---- ground truth at the hold instant (shared by the backup tests) ----
+
+/// Start the in-guest writer: a counter (written to every mounted data disk
+/// in order, then `sync`) plus churn, forever.
+pub fn start_writer(vm: &TestVm, mounts: &[&str]) {
+    let mut body = String::from("i=0; while :; do i=$((i+1)); ");
+    for m in mounts {
+        body.push_str(&format!("echo $i > {m}/counter; "));
+    }
+    for m in mounts {
+        body.push_str(&format!(
+            "dd if=/dev/urandom of={m}/churn bs=4k count=8 seek=$((i % 64)) conv=notrunc 2>/dev/null; "
+        ));
+    }
+    body.push_str("sync; done");
+    vm.guest_sh(&format!(
+        "(sh -c '{body}' </dev/null >/dev/null 2>&1 &) ; true"
+    ))
+    .unwrap();
+    // Let it run a few rounds.
+    let first = mounts[0];
+    crate::wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        "writer",
+        || {
+            vm.guest_sh(&format!("cat {first}/counter"))
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .filter(|&n| n > 5)
+        },
+    )
+    .unwrap();
+}
+
+pub fn stop_writer(vm: &TestVm) {
+    let _ = vm.guest_sh("pkill -f 'counter' ; sync; true");
+}
+
+/// While shear holds the guest: start a `sync=full` copy of each source
+/// node into a raw file (the truth at that instant), then release the hook.
+pub fn take_truth_when_held(
+    vm: &mut TestVm,
+    hook: &HeldHook,
+    child: &mut Child,
+    disks: &[&str],
+) -> Vec<PathBuf> {
+    hook.wait_held(child, Duration::from_secs(120));
+    let mut truths = Vec::new();
+    for d in disks {
+        let size = vm
+            .harness_qmp("query-block", json!({}))
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["qdev"] == vm.qdev(d))
+            .map(|b| b["inserted"]["image"]["virtual-size"].as_u64().unwrap())
+            .unwrap();
+        let path = vm.dir().join(format!("truth-{d}.raw"));
+        std::fs::File::create(&path).unwrap().set_len(size).unwrap();
+        vm.harness_qmp(
+            "blockdev-add",
+            json!({"driver": "raw", "node-name": format!("truth-{d}"),
+                   "file": {"driver": "file", "filename": path}}),
+        )
+        .unwrap();
+        vm.harness_qmp(
+            "blockdev-backup",
+            json!({"device": vm.disk_node(d), "target": format!("truth-{d}"),
+                   "sync": "full", "job-id": format!("truth-{d}")}),
+        )
+        .unwrap();
+        truths.push(path);
+    }
+    hook.release();
+    truths
+}
+
+pub fn wait_truth_jobs(vm: &mut TestVm, disks: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let jobs = vm.harness_qmp("query-jobs", json!({})).unwrap();
+        let pending = jobs
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|j| j["id"].as_str().is_some_and(|i| i.starts_with("truth-")))
+            .count();
+        if pending == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "truth jobs did not finish: {jobs}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for d in disks {
+        vm.harness_qmp("blockdev-del", json!({"node-name": format!("truth-{d}")}))
+            .unwrap();
     }
 }

@@ -178,7 +178,13 @@ impl TestVm {
         let mut have_scsi = false;
         for spec in &cfg.disks {
             let path = match &spec.image {
-                Some(p) => p.clone(),
+                Some(p) if p.exists() => p.clone(),
+                // A path of the test's choosing (outliving this VM, for
+                // restarts): made there on first use.
+                Some(p) => {
+                    create_disk(spec, p)?;
+                    p.clone()
+                }
                 None => {
                     let p = d.join(format!("{}.{}", spec.id, spec.format.driver()));
                     create_disk(spec, &p)?;

@@ -8,10 +8,13 @@
 //! pool's queue, whatever the disk size.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::backup::{Cancel, DiskReport};
+use super::cancel::Cancel;
+use super::events::{JobEvent, JobObserver};
 use super::graph::VmDisk;
+use super::report::DiskReport;
 use super::JobError;
 use crate::repo;
 
@@ -30,8 +33,6 @@ pub(super) struct DataPathConfig {
     pub connections: usize,
     /// Read limit in bytes/s (0: none).
     pub bwlimit_bytes: u64,
-    /// Progress bars on stderr.
-    pub progress: bool,
 }
 
 /// A token bucket on bytes read (vzdump's `bwlimit`).
@@ -64,16 +65,32 @@ impl Throttle {
     }
 }
 
+/// One disk to read.
+#[derive(Debug, Clone)]
+pub(super) struct DiskJob {
+    /// The disk.
+    pub disk: VmDisk,
+    /// Its export name.
+    pub export: String,
+    /// Incremental: the dirty bitmap exported with it and the base's
+    /// index digests (clean chunks reuse them).
+    pub incremental: Option<(String, Arc<Vec<repo::Digest>>)>,
+    /// How the disk is read (recorded in the manifest).
+    pub read: repo::DiskRead,
+}
+
 /// Read every disk's export into the session (blocking; data-plane thread).
 pub(super) fn read_all(
     session: &repo::BackupSession,
-    jobs: &[(VmDisk, String)],
+    jobs: &[DiskJob],
     dp: &DataPathConfig,
     cancel: &Cancel,
+    observer: &dyn JobObserver,
 ) -> Result<Vec<DiskReport>, JobError> {
     let mut reports = Vec::new();
     let mut throttle = Throttle::new(dp.bwlimit_bytes);
-    for (disk, export) in jobs {
+    for job in jobs {
+        let (disk, export) = (&job.disk, &job.export);
         let spec = repo::DiskSpec {
             name: disk.name.clone(),
             device: if disk.device.is_empty() {
@@ -83,11 +100,15 @@ pub(super) fn read_all(
             },
             node: disk.node.clone(),
             virtual_size: disk.virtual_size,
+            read: Some(job.read.clone()),
         };
         let writer = session
             .add_disk(&spec)
             .map_err(JobError::repo(format!("adding disk {}", disk.name)))?;
-        let src = nbd_export::ExportSource::unix(&dp.socket, export.clone());
+        let mut src = nbd_export::ExportSource::unix(&dp.socket, export.clone());
+        if let Some((bitmap, _)) = &job.incremental {
+            src = src.with_dirty_bitmap(bitmap.clone());
+        }
         // Memory: the reader holds at most its byte budget. With a bandwidth
         // limit, keep it to two chunks so the limit bounds the NBD reads too
         // (not only how fast chunks are consumed).
@@ -120,21 +141,15 @@ pub(super) fn read_all(
         let pipeline = repo::ChunkPipeline::with_recycler(
             dp.workers,
             dp.workers * 2,
-            &(std::sync::Arc::new(move |buf| recycler.recycle(buf)) as repo::BufferRecycler),
+            &(Arc::new(move |buf| recycler.recycle(buf)) as repo::BufferRecycler),
         );
-        let bar = dp.progress.then(|| {
-            let bar = indicatif::ProgressBar::new(disk.virtual_size);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{prefix:>10} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("=> "),
-            );
-            bar.set_prefix(disk.name.clone());
-            bar
+        observer.event(&JobEvent::DiskStarted {
+            disk: &disk.name,
+            virtual_size: disk.virtual_size,
         });
         let mut failed = None;
+        // Clean chunks whose base chunk is no longer stored: read them.
+        let mut missing: Vec<u64> = Vec::new();
         for item in stream.by_ref() {
             if cancel.is_cancelled() {
                 break;
@@ -153,37 +168,44 @@ pub(super) fn read_all(
                     break;
                 }
             };
-            if let Some(b) = &bar {
-                b.inc(u64::from(chunk.len));
-            }
+            observer.event(&JobEvent::DiskProgress {
+                disk: &disk.name,
+                bytes: u64::from(chunk.len),
+            });
             let r = match chunk.kind {
                 nbd_export::ChunkKind::Data(data) => {
                     throttle.take(u64::from(chunk.len), cancel);
                     pipeline.submit(&writer, chunk.index, data)
                 }
                 nbd_export::ChunkKind::Zero => writer.put_zero(chunk.index),
-                nbd_export::ChunkKind::Clean => {
-                    failed = Some(JobError::Invalid(format!(
-                        "{}: the reader reported a clean chunk in a full backup",
-                        disk.name
-                    )));
-                    break;
-                }
+                nbd_export::ChunkKind::Clean => match &job.incremental {
+                    Some((_, base)) => reuse_or_mark(&writer, base, chunk.index, &mut missing),
+                    None => {
+                        failed = Some(JobError::Invalid(format!(
+                            "{}: the reader reported a clean chunk in a full backup",
+                            disk.name
+                        )));
+                        break;
+                    }
+                },
             };
             if let Err(e) = r {
                 failed = Some(JobError::repo(format!("storing {}", disk.name))(e));
                 break;
             }
         }
-        if let Some(b) = bar {
-            b.finish_and_clear();
-        }
+        observer.event(&JobEvent::DiskFinished { disk: &disk.name });
         let stats = stream.stats();
         if failed.is_some() || cancel.is_cancelled() {
             stream.cancel();
             let _ = pipeline.finish();
             cancel.check()?;
             return Err(failed.unwrap_or_else(|| JobError::Invalid("read stopped".into())));
+        }
+        drop(stream);
+        let mut reread = 0u64;
+        if !missing.is_empty() {
+            reread = read_missing(&src, &writer, &pipeline, &missing, disk)?;
         }
         pipeline
             .finish()
@@ -195,12 +217,69 @@ pub(super) fn read_all(
         reports.push(DiskReport {
             name: disk.name.clone(),
             virtual_size: disk.virtual_size,
-            bytes_read: stats.bytes_read,
-            bytes_skipped: disk.virtual_size.saturating_sub(stats.bytes_read),
+            bytes_read: stats.bytes_read + reread,
+            bytes_skipped: disk.virtual_size.saturating_sub(stats.bytes_read + reread),
+            kind: job.read.kind,
+            full_reason: job.read.full_reason.clone(),
+            base: job.read.base.clone(),
+            dirty_bytes: job.read.dirty_bytes,
             bytes_stored: entry.stored_bytes,
             bytes_deduplicated: entry.dedup_bytes,
             image_digest: entry.image_digest,
         });
     }
     Ok(reports)
+}
+
+/// Reuse the base's digest for a clean chunk; if that chunk is no longer
+/// stored (F-35), remember the index to read it instead.
+fn reuse_or_mark(
+    writer: &repo::DiskWriter,
+    base: &[repo::Digest],
+    index: u64,
+    missing: &mut Vec<u64>,
+) -> Result<(), repo::RepoError> {
+    let Some(digest) = usize::try_from(index).ok().and_then(|i| base.get(i)) else {
+        return Err(repo::RepoError::invalid(
+            "base index",
+            format!("has no chunk {index}"),
+        ));
+    };
+    match writer.reuse(index, *digest) {
+        Err(e) if e.kind() == repo::ErrorKind::NotFound => {
+            missing.push(index);
+            Ok(())
+        }
+        r => r,
+    }
+}
+
+/// Read whole chunks `indexes` through one plain connection and store them.
+fn read_missing(
+    src: &nbd_export::ExportSource,
+    writer: &Arc<repo::DiskWriter>,
+    pipeline: &repo::ChunkPipeline,
+    indexes: &[u64],
+    disk: &VmDisk,
+) -> Result<u64, JobError> {
+    let nbd = |step: &str| {
+        let step = format!("{step} ({})", disk.name);
+        move |source| JobError::Nbd { step, source }
+    };
+    let mut client = nbd_export::Client::connect(src, &nbd_export::ClientOptions::default())
+        .map_err(nbd("connecting to re-read chunks missing from the base"))?;
+    let mut bytes = 0u64;
+    for &i in indexes {
+        let off = i * u64::from(writer.chunk_size());
+        let len = writer.chunk_len(i);
+        let data = client
+            .read(off, len)
+            .map_err(nbd("re-reading a chunk missing from the base"))?;
+        bytes += len as u64;
+        pipeline
+            .submit(writer, i, data)
+            .map_err(JobError::repo(format!("storing {}", disk.name)))?;
+    }
+    let _ = client.disconnect();
+    Ok(bytes)
 }

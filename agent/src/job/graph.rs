@@ -234,17 +234,23 @@ impl<'a> GraphBuilder<'a> {
             .map_err(JobError::qmp("nbd-server-start"))
     }
 
-    /// Export the snapshot-access node read-only under a random name.
+    /// Export the snapshot-access node read-only under a random name,
+    /// with the frozen dirty bitmap `(node, name)` for an incremental.
     pub async fn add_export(
         &mut self,
         disk: &VmDisk,
         names: &NodeNames,
         export_name: &str,
+        bitmap: Option<(&str, &str)>,
     ) -> Result<(), JobError> {
         self.log(Step::Export {
             id: names.export.clone(),
         })?;
-        let exp = qmp::NbdExport::new(names.export.clone(), names.access.clone()).name(export_name);
+        let mut exp =
+            qmp::NbdExport::new(names.export.clone(), names.access.clone()).name(export_name);
+        if let Some((node, name)) = bitmap {
+            exp = exp.bitmap(node, name);
+        }
         self.qmp
             .block_export_add(&exp)
             .await
@@ -321,14 +327,7 @@ pub async fn undo(
 /// Whether an undo failed only because QEMU is no longer there (its
 /// process ended: nodes, exports and filters died with it).
 fn qemu_gone(e: &JobError) -> bool {
-    match e {
-        JobError::Qmp { source, .. } => matches!(
-            source.kind(),
-            qmp::ErrorKind::Disconnected | qmp::ErrorKind::Connect | qmp::ErrorKind::Closed
-        ),
-        JobError::Invalid(m) => m.starts_with("QMP is not connected"),
-        _ => false,
-    }
+    e.kind() == super::ErrorKind::QemuGone
 }
 
 /// Resume a VM this agent held: `cont` if paused; `system_reset` + `cont`
@@ -366,8 +365,8 @@ async fn undo_step(
     step: &Step,
 ) -> Result<(), JobError> {
     let need_qmp = || {
-        qmp.ok_or_else(|| {
-            JobError::Invalid("QMP is not connected; cannot undo a graph step".into())
+        qmp.ok_or(JobError::QmpNotConnected {
+            what: "undo a graph step",
         })
     };
     match step {
@@ -439,6 +438,12 @@ async fn undo_step(
             Ok(())
         }
         Step::Pause => resume_held(need_qmp()?).await,
+        Step::BitmapSplit { node, old, new } => {
+            super::incremental::undo_split(need_qmp()?, node, old.as_deref(), new).await
+        }
+        Step::BitmapRetire { node, name } => {
+            super::incremental::remove_bitmap(need_qmp()?, node, name).await
+        }
         Step::ShutdownAction { restore } => {
             let qmp = need_qmp()?;
             qmp.execute_value("set-action", json!({"shutdown": restore}))

@@ -1,17 +1,65 @@
 //! Backup jobs on running VMs: the QEMU graph changes, the freeze, the data
 //! path from NBD into the repository, and cleanup on every path.
 //!
+//! Where things live:
+//! - [`backup`]: the options, [`backup::run_backup`] and the `BackupRun`
+//!   type with one method per phase (prepare, hold, insert, release,
+//!   export, read, teardown, commit);
+//! - [`hold`]: freezing, pausing or shutting the guest down, and releasing it;
+//! - [`graph`]: QEMU block-graph changes and their undo;
+//! - [`incremental`]: dirty-bitmap change tracking, per disk per repository;
+//! - [`record`]: the write-ahead run record that makes undo survive SIGKILL;
+//! - [`watchdog`]: the child process that releases the guest if we die;
+//! - [`events`]: progress and warnings leave the job as [`events::JobEvent`]s
+//!   (the CLI draws bars from them; a daemon logs them);
+//! - `datapath`: NBD export → chunks → repository on dedicated threads;
+//! - [`report`]: what a finished backup reports.
+//!
 //! Thread model: the control plane (QMP, qemu-ga, signals, timers) runs on
 //! tokio; the data plane (NBD reads, hashing, compression, chunk writes)
 //! runs on dedicated threads connected by bounded channels, so memory stays
 //! bounded whatever the disk size.
+//!
+//! Crash and concurrency rules:
+//! - every change to the guest or QEMU's graph is written to the run record
+//!   *before* it is made; teardown undoes the record in reverse, on success,
+//!   error and signal alike, and a later run (or the watchdog) replays the
+//!   same undo after SIGKILL;
+//! - one backup per VM at a time (an flock in the run directory);
+//! - the manifest is written only after teardown, so a backup whose guest
+//!   could not be released or whose graph could not be restored is never
+//!   recorded as good.
 
 pub mod backup;
+pub mod cancel;
 mod datapath;
+pub mod events;
 pub mod freeze;
 pub mod graph;
+pub mod hold;
+pub mod incremental;
 pub mod record;
+pub mod report;
 pub mod watchdog;
+
+pub use crate::error_chain as chain;
+
+/// What kind of failure a [`JobError`] is: what a caller (the CLI, a
+/// scheduler) should do about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Temporary: the same job may succeed if retried later unchanged
+    /// (a lost connection, a timeout, another backup of the VM running).
+    Retryable,
+    /// Will fail again until something changes (configuration, input, the
+    /// VM's layout, the repository's state).
+    Permanent,
+    /// QEMU is no longer there (its process ended or its socket is gone):
+    /// nodes, exports and filters died with it; nothing to undo.
+    QemuGone,
+    /// Cancelled by a signal or the caller; everything was rolled back.
+    Interrupted,
+}
 
 /// What a backup job can fail with. Each variant names the step.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +72,12 @@ pub enum JobError {
         /// Cause.
         #[source]
         source: qmp::Error,
+    },
+    /// No QMP connection to undo a graph step with.
+    #[error("QMP is not connected; cannot {what}")]
+    QmpNotConnected {
+        /// What could not be done.
+        what: &'static str,
     },
     /// A qemu-ga command failed.
     #[error("guest agent: {step}")]
@@ -70,12 +124,60 @@ pub enum JobError {
     /// Interrupted by a signal; everything was rolled back.
     #[error("interrupted by {0}")]
     Interrupted(&'static str),
-    /// Anything else, said plainly.
+    /// The guest could not be confirmed released (thawed or resumed); the
+    /// watchdog keeps trying. The cause says why.
+    #[error("the guest of VM {vmid} may still be {state}: shear could not confirm its release")]
+    GuestNotReleased {
+        /// VM id.
+        vmid: String,
+        /// `frozen` or `paused`.
+        state: &'static str,
+        /// Why the release could not be confirmed.
+        #[source]
+        source: Box<JobError>,
+    },
+    /// Anything else, said plainly: a permanent condition of the VM or
+    /// the input (no disks, a hook that failed, a size mismatch).
     #[error("{0}")]
     Invalid(String),
 }
 
 impl JobError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            JobError::Qmp { source, .. } => match source.kind() {
+                qmp::ErrorKind::Disconnected | qmp::ErrorKind::Connect | qmp::ErrorKind::Closed => {
+                    ErrorKind::QemuGone
+                }
+                k if k.is_retryable() => ErrorKind::Retryable,
+                _ => ErrorKind::Permanent,
+            },
+            JobError::QmpNotConnected { .. } => ErrorKind::QemuGone,
+            JobError::Qga { source, .. } => match source.kind() {
+                guest_agent::ErrorKind::Temporary => ErrorKind::Retryable,
+                _ => ErrorKind::Permanent,
+            },
+            JobError::Nbd { source, .. } => match source.kind() {
+                nbd_export::ErrorKind::Temporary => ErrorKind::Retryable,
+                _ => ErrorKind::Permanent,
+            },
+            JobError::Repo { source, .. } => match source.kind() {
+                crate::repo::ErrorKind::Io | crate::repo::ErrorKind::Busy => ErrorKind::Retryable,
+                _ => ErrorKind::Permanent,
+            },
+            JobError::Record(_) | JobError::Io { .. } => ErrorKind::Retryable,
+            JobError::Busy(_) => ErrorKind::Retryable,
+            JobError::Interrupted(_) => ErrorKind::Interrupted,
+            JobError::GuestNotReleased { .. } | JobError::Invalid(_) => ErrorKind::Permanent,
+        }
+    }
+
+    /// Whether retrying the job later unchanged may succeed.
+    pub fn is_retryable(&self) -> bool {
+        self.kind() == ErrorKind::Retryable
+    }
+
     /// `map_err` adapter for a QMP step.
     pub fn qmp(step: &str) -> impl FnOnce(qmp::Error) -> JobError + '_ {
         move |source| JobError::Qmp {
@@ -111,14 +213,38 @@ impl JobError {
     }
 }
 
-/// The error and its causes on one line: `a: b: c`.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_gone_is_decided_by_kind_not_text() {
+        let gone = JobError::Qmp {
+            step: "query-status".into(),
+            source: qmp::Error::Eof,
+        };
+        assert_eq!(gone.kind(), ErrorKind::QemuGone);
+        let nc = JobError::QmpNotConnected { what: "undo" };
+        assert_eq!(nc.kind(), ErrorKind::QemuGone);
+        // A message that merely mentions QMP is not "QEMU gone".
+        let text = JobError::Invalid("QMP is not connected".into());
+        assert_eq!(text.kind(), ErrorKind::Permanent);
+        assert!(JobError::Busy("100".into()).is_retryable());
+        assert_eq!(
+            JobError::Interrupted("SIGINT").kind(),
+            ErrorKind::Interrupted
+        );
     }
-    s
+
+    #[test]
+    fn guest_not_released_prints_its_cause() {
+        let e = JobError::GuestNotReleased {
+            vmid: "100".into(),
+            state: "frozen",
+            source: Box::new(JobError::Invalid("qemu-ga did not answer the thaw".into())),
+        };
+        let s = crate::error_chain(&e);
+        assert!(s.contains("may still be frozen"), "{s}");
+        assert!(s.ends_with("qemu-ga did not answer the thaw"), "{s}");
+    }
 }

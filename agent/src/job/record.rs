@@ -58,6 +58,24 @@ pub enum Step {
         /// Its path.
         path: PathBuf,
     },
+    /// A dirty-bitmap split (incremental tracking): `new` added, `old`
+    /// disabled. Undo merges `new` back into `old` (re-enabled) and removes
+    /// `new`, so no change is lost.
+    BitmapSplit {
+        /// Node holding both bitmaps.
+        node: String,
+        /// Our bitmap that counted up to this run (if any).
+        old: Option<String>,
+        /// The bitmap this run added.
+        new: String,
+    },
+    /// A split whose backup succeeded: undo removes the old bitmap.
+    BitmapRetire {
+        /// Node holding it.
+        node: String,
+        /// The old bitmap.
+        name: String,
+    },
     /// `set-action` changed by us; restore the previous shutdown action.
     ShutdownAction {
         /// Action to restore (`poweroff` is QEMU's default).

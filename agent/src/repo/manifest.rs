@@ -80,6 +80,51 @@ pub struct DiskEntry {
     pub dedup_bytes: u64,
     /// Chunks taken from the base index without reading (incremental).
     pub reused_chunks: u64,
+    /// How the disk was read and the change tracking started with it;
+    /// absent in backups made before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read: Option<DiskRead>,
+}
+
+/// Whether a disk was read whole or only where it changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReadKind {
+    /// Every allocated byte was read.
+    Full,
+    /// Only what the tracking bitmap marked dirty was read; every other
+    /// chunk is the base backup's.
+    Incremental,
+}
+
+/// How a disk was read, and the change tracking this backup starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskRead {
+    /// Full or incremental.
+    pub kind: ReadKind,
+    /// Why a full read was needed (no bitmap yet, bitmap inconsistent, base
+    /// gone, size changed, `--full`, …); absent for an incremental.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_reason: Option<String>,
+    /// The backup whose chunks the clean ranges reuse (incremental).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
+    /// Bytes the bitmap marked dirty (incremental).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dirty_bytes: Option<u64>,
+    /// The QEMU dirty bitmap that counts writes since this backup's freeze
+    /// instant (the next backup's base), if tracking was started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bitmap: Option<String>,
+    /// Whether that bitmap is stored in the image (qcow2) and survives a
+    /// QEMU restart.
+    #[serde(default)]
+    pub bitmap_persistent: bool,
+    /// The image file the disk was read from (a different file next time
+    /// means the image was replaced: full read).
+    #[serde(default)]
+    pub filename: String,
 }
 
 /// Timings of the backup.

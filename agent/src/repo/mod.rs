@@ -102,7 +102,7 @@ pub use crypto::{Fingerprint, KdfParams, Key};
 pub use error::{error_chain, ErrorKind, RepoError, Result, Retry};
 
 pub use format::Digest;
-pub use manifest::{BackupMode, Consistency, DiskEntry, Manifest};
+pub use manifest::{BackupMode, Consistency, DiskEntry, DiskRead, Manifest, ReadKind};
 pub use names::{BackupId, VmId};
 pub use prune::{KeepOptions, PruneMark};
 pub use reader::{BackupReader, DiskReader, ImageFormat, RestoreOptions, RestoreReport};
@@ -151,6 +151,12 @@ pub struct RepoConfig {
     pub encryption: Option<manifest::ManifestEncryption>,
     /// Creation time (RFC 3339 UTC).
     pub created: String,
+    /// Random id of this repository (32 hex digits): names the QEMU dirty
+    /// bitmaps that track changes for it, so two repositories backing up
+    /// one VM keep independent chains. Absent in repositories created
+    /// before it existed; see [`Repository::repo_id`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 /// Options of [`Repository::init`].
@@ -302,6 +308,12 @@ impl Repository {
                 key_fingerprint: k.fingerprint().to_string(),
             }),
             created: names::format_time(time::OffsetDateTime::now_utc()),
+            id: Some({
+                use rand::RngCore;
+                let mut b = [0u8; 16];
+                rand::rng().fill_bytes(&mut b);
+                hex::encode(b)
+            }),
         };
         let mut text = serde_json::to_vec_pretty(&config)
             .map_err(|e| RepoError::invalid("config", e.to_string()))?;
@@ -309,6 +321,24 @@ impl Repository {
         // The config is the last file: its presence means "initialised".
         backend.put(CONFIG_KEY, &text)?;
         Repository::open(path, key)
+    }
+
+    /// This repository's id: the config's, or for a repository created
+    /// before ids existed, a stable digest of its creation time and
+    /// settings.
+    pub fn repo_id(&self) -> String {
+        let c = &self.inner.config;
+        match &c.id {
+            Some(id) => id.clone(),
+            None => {
+                let fp = c
+                    .encryption
+                    .as_ref()
+                    .map_or("", |e| e.key_fingerprint.as_str());
+                let h = blake3::hash(format!("{}|{}|{fp}", c.created, c.chunk_size).as_bytes());
+                hex::encode(&h.as_bytes()[..16])
+            }
+        }
     }
 
     /// Opens the repository in `path`. Without a key, an encrypted

@@ -81,6 +81,8 @@ pub struct DiskSpec {
     pub node: String,
     /// Virtual size in bytes.
     pub virtual_size: u64,
+    /// How the disk is read (recorded in the manifest).
+    pub read: Option<super::manifest::DiskRead>,
 }
 
 impl DiskSpec {
@@ -91,6 +93,7 @@ impl DiskSpec {
             device: String::new(),
             node: String::new(),
             virtual_size,
+            read: None,
         }
     }
 }
@@ -657,6 +660,7 @@ impl DiskWriter {
             stored_bytes: s.stored_bytes,
             dedup_bytes: s.dedup_bytes,
             reused_chunks: s.reused_chunks,
+            read: self.spec.read.clone(),
         };
         *finished = Some(entry.clone());
         Ok(entry)

@@ -1,0 +1,536 @@
+//! Incremental backups on persistent dirty bitmaps, end to end on real
+//! QEMU (reliability.md F-22..F-26).
+//!
+//! The oracle is the same as backup_e2e's: while shear holds the guest with
+//! every filter in place, a `blockdev-backup sync=full` of each source node
+//! copies the disk as it is at that instant; every restore must equal it
+//! byte for byte. An incremental that lost a change would reuse a stale
+//! chunk from its base and differ from the truth.
+// Test code: a failed step is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use shear_tests::shear::{
+    report_of, run_ok, start_writer, stop_writer, take_truth_when_held, wait_truth_jobs, HeldHook,
+    ShearEnv as Env,
+};
+use shear_tests::{require_guest, require_qemu, DiskSpec, TestVm, VmConfig};
+
+const MIB: u64 = 1 << 20;
+const CHUNK: u64 = 4 * MIB;
+
+/// Deterministic incompressible bytes.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()[0]
+        })
+        .collect()
+}
+
+/// A backup taken with the ground-truth hook: the report and one raw truth
+/// image per disk.
+struct Checked {
+    report: Value,
+    truths: Vec<PathBuf>,
+}
+
+impl Checked {
+    fn id(&self) -> String {
+        self.report["backup_id"].as_str().unwrap().to_string()
+    }
+    fn disk(&self, name: &str) -> &Value {
+        self.report["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["name"] == name)
+            .unwrap_or_else(|| panic!("no disk {name} in {}", self.report))
+    }
+    fn kind(&self, name: &str) -> &str {
+        self.disk(name)["kind"].as_str().unwrap()
+    }
+    fn reason(&self, name: &str) -> String {
+        self.disk(name)["full_reason"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    }
+    fn read(&self, name: &str) -> u64 {
+        self.disk(name)["bytes_read"].as_u64().unwrap()
+    }
+}
+
+/// Back up with the truth hook (a guest must be running for snapshot mode
+/// to freeze; a paused VM is backed up as it is).
+fn backup_checked(env: &Env, vm: &mut TestVm, disks: &[&str], extra: &[&str]) -> Checked {
+    let hook = HeldHook::new(env);
+    let mut cmd = env.backup(vm, extra);
+    hook.install(&mut cmd);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let truths = take_truth_when_held(vm, &hook, &mut child, disks);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "backup failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_truth_jobs(vm, disks);
+    // Keep the truths past this VM (its directory goes with it).
+    let truths = truths
+        .into_iter()
+        .map(|t| {
+            let keep = env.dir.path().join(format!(
+                "{}-{}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos(),
+                t.file_name().unwrap().to_string_lossy()
+            ));
+            std::fs::rename(&t, &keep)
+                .or_else(|_| std::fs::copy(&t, &keep).map(|_| ()))
+                .unwrap();
+            keep
+        })
+        .collect();
+    let report = report_of(&out);
+    eprintln!("report: {report:#}");
+    Checked { report, truths }
+}
+
+/// Restore `b` and compare every disk with its truth, byte for byte.
+fn assert_restores_to_truth(env: &Env, b: &Checked, disks: &[&str]) {
+    let target = env
+        .dir
+        .path()
+        .join(format!("restore-{}", b.id().replace('/', "_")));
+    run_ok(env.shear(&[
+        "restore",
+        &b.id(),
+        "--target",
+        target.to_str().unwrap(),
+        "--format",
+        "raw",
+    ]));
+    for (d, truth) in disks.iter().zip(&b.truths) {
+        let a = std::fs::read(target.join(format!("{d}.raw"))).unwrap();
+        let t = std::fs::read(truth).unwrap();
+        assert_eq!(a.len(), t.len(), "{d}: size");
+        if let Some(pos) = a.iter().zip(&t).position(|(x, y)| x != y) {
+            panic!(
+                "{}: {d} differs from the truth at its freeze instant at byte {pos} \
+                 (chunk {})",
+                b.id(),
+                pos as u64 / CHUNK
+            );
+        }
+    }
+    std::fs::remove_dir_all(&target).unwrap();
+}
+
+fn guest_write(vm: &TestVm, file: &str, mib: u64, seek_mib: u64) {
+    vm.guest_sh(&format!(
+        "dd if=/dev/urandom of={file} bs=1M count={mib} seek={seek_mib} conv=notrunc \
+         2>/dev/null; sync"
+    ))
+    .unwrap();
+}
+
+fn round_up_chunks(bytes: u64) -> u64 {
+    bytes.div_ceil(CHUNK) * CHUNK
+}
+
+/// An incremental read exactly the chunks its bitmap marked dirty: at least
+/// what the test wrote, at most the dirty bytes rounded out to chunks (one
+/// dirty byte captures its whole chunk), and far less than a full read.
+fn assert_read_is_the_dirty_data(b: &Checked, disk: &str, wrote: u64, full_read: u64) {
+    let d = b.disk(disk);
+    let dirty = d["dirty_bytes"].as_u64().unwrap();
+    let read = b.read(disk);
+    assert!(dirty >= wrote, "{disk}: dirty {dirty} < written {wrote}");
+    assert!(read >= wrote, "{disk}: read {read} < written {wrote}");
+    // Each dirty 64 KiB granule can pull in one 4 MiB chunk.
+    assert!(
+        read <= round_up_chunks(dirty) + dirty / (64 << 10) * CHUNK,
+        "{disk}: read {read} for {dirty} dirty bytes"
+    );
+    assert!(
+        read * 2 < full_read,
+        "{disk}: incremental read {read} is not much less than the full read {full_read}"
+    );
+    eprintln!("{disk}: wrote {wrote}, dirty {dirty}, read {read} (full {full_read})");
+}
+
+/// F-22/F-23: a guest that keeps writing across five backups (full,
+/// incremental, a clean QEMU restart, a QEMU SIGKILL, incremental): every
+/// restore equals the truth at its freeze; a persistent (qcow2) bitmap
+/// survives the clean restart; a raw disk's bitmap does not (full read,
+/// said why); SIGKILL makes the bitmap inconsistent (full read, said why);
+/// then prune everything but the newest incremental, gc, verify, restore.
+#[test]
+fn vm_incremental_chain_survives_restart_and_kill_f22_f23() {
+    if !require_guest() {
+        return;
+    }
+    let env = Env::new();
+    let disks = ["d0", "d1"];
+    let qcow = env.dir.path().join("d0.qcow2");
+    let raw = env.dir.path().join("d1.raw");
+    let cfg = VmConfig::guest()
+        .disk(
+            DiskSpec::qcow2("d0", 256 * MIB)
+                .file("/seed.bin", &noise(48 << 20, 1))
+                .image(&qcow),
+        )
+        .disk(
+            DiskSpec::raw("d1", 64 * MIB)
+                .file("/seed.bin", &noise(8 << 20, 2))
+                .image(&raw),
+        );
+    let mounts = ["/mnt/vda", "/mnt/vdb"];
+    let mut vm = TestVm::start_with(&cfg).unwrap();
+    start_writer(&vm, &mounts);
+
+    // 1: full (no bitmap yet).
+    let b1 = backup_checked(&env, &mut vm, &disks, &[]);
+    for d in disks {
+        assert_eq!(b1.kind(d), "full");
+        assert!(
+            b1.reason(d).contains("no change-tracking bitmap"),
+            "{}",
+            b1.reason(d)
+        );
+    }
+    assert_restores_to_truth(&env, &b1, &disks);
+    let full_read = b1.read("d0");
+
+    // 2: incremental on both (same QEMU process).
+    guest_write(&vm, "/mnt/vda/new1", 4, 0);
+    let b2 = backup_checked(&env, &mut vm, &disks, &[]);
+    assert_eq!(b2.kind("d0"), "incremental", "{}", b2.report);
+    assert_eq!(b2.kind("d1"), "incremental", "{}", b2.report);
+    assert_eq!(b2.disk("d0")["base"], b1.id().as_str());
+    assert_read_is_the_dirty_data(&b2, "d0", 4 * MIB, full_read);
+    assert_restores_to_truth(&env, &b2, &disks);
+
+    // 3: clean restart: the qcow2 bitmap persists, the raw one is gone.
+    stop_writer(&vm);
+    vm.shutdown().unwrap();
+    drop(vm);
+    let mut vm = TestVm::start_with(&cfg).unwrap();
+    start_writer(&vm, &mounts);
+    guest_write(&vm, "/mnt/vda/new2", 3, 0);
+    let b3 = backup_checked(&env, &mut vm, &disks, &[]);
+    assert_eq!(b3.kind("d0"), "incremental", "{}", b3.report);
+    assert_eq!(b3.kind("d1"), "full");
+    assert!(
+        b3.reason("d1").contains("no change-tracking bitmap"),
+        "{}",
+        b3.reason("d1")
+    );
+    assert_read_is_the_dirty_data(&b3, "d0", 3 * MIB, full_read);
+    assert_restores_to_truth(&env, &b3, &disks);
+
+    // 4: QEMU SIGKILLed: the persistent bitmap loads inconsistent.
+    vm.kill();
+    drop(vm);
+    let mut vm = TestVm::start_with(&cfg).unwrap();
+    start_writer(&vm, &mounts);
+    let b4 = backup_checked(&env, &mut vm, &disks, &[]);
+    assert_eq!(b4.kind("d0"), "full");
+    assert!(
+        b4.reason("d0").contains("inconsistent"),
+        "{}",
+        b4.reason("d0")
+    );
+    assert_restores_to_truth(&env, &b4, &disks);
+
+    // 5: incremental again, by itself.
+    guest_write(&vm, "/mnt/vda/new3", 2, 0);
+    let b5 = backup_checked(&env, &mut vm, &disks, &[]);
+    assert_eq!(b5.kind("d0"), "incremental", "{}", b5.report);
+    assert_eq!(b5.kind("d1"), "incremental", "{}", b5.report);
+    assert_eq!(
+        b5.report["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|w| w.as_str().unwrap_or("").contains("stale"))
+            .count(),
+        0
+    );
+    assert_restores_to_truth(&env, &b5, &disks);
+    stop_writer(&vm);
+
+    // Every backup is complete by itself: keep only the newest incremental.
+    run_ok(env.shear(&["prune", "100", "--keep-last", "1"]));
+    let left: Value =
+        serde_json::from_slice(&run_ok(env.shear(&["list", "--json"])).stdout).unwrap();
+    assert_eq!(left.as_array().unwrap().len(), 1, "{left}");
+    run_ok(env.shear(&["gc"]));
+    run_ok(env.shear(&["verify", "--all"]));
+    assert_restores_to_truth(&env, &b5, &disks);
+}
+
+/// F-22: shear SIGKILLed in the read phase of an incremental. The next run
+/// merges the split bitmap back (from the run record), so the next
+/// incremental still holds every change since the last good backup.
+#[test]
+fn vm_incremental_after_sigkill_in_read_phase_loses_nothing_f22() {
+    if !require_guest() {
+        return;
+    }
+    let env = Env::new();
+    let disks = ["d0"];
+    let cfg = VmConfig::guest()
+        .disk(DiskSpec::qcow2("d0", 128 * MIB).file("/seed.bin", &noise(24 << 20, 3)));
+    let mut vm = TestVm::start_with(&cfg).unwrap();
+    start_writer(&vm, &["/mnt/vda"]);
+    let b1 = backup_checked(&env, &mut vm, &disks, &[]);
+    assert_eq!(b1.kind("d0"), "full");
+
+    // Changes the killed run would have taken.
+    guest_write(&vm, "/mnt/vda/lost-if-not-merged", 6, 0);
+    let mut cmd = env.backup(&vm, &["--bwlimit", "512"]);
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    // The read phase: our export exists.
+    shear_tests::wait_until(
+        Duration::from_secs(120),
+        Duration::from_millis(20),
+        "export",
+        || {
+            let e = vm.harness_qmp("query-block-exports", json!({})).ok()?;
+            (!e.as_array()?.is_empty()).then_some(())
+        },
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // More changes after the kill.
+    guest_write(&vm, "/mnt/vda/after-kill", 2, 0);
+
+    let b3 = backup_checked(&env, &mut vm, &disks, &[]);
+    assert_eq!(b3.kind("d0"), "incremental", "{}", b3.report);
+    assert_eq!(b3.disk("d0")["base"], b1.id().as_str());
+    assert!(
+        b3.disk("d0")["dirty_bytes"].as_u64().unwrap() >= 8 * MIB,
+        "{}",
+        b3.report
+    );
+    assert_restores_to_truth(&env, &b3, &disks);
+    stop_writer(&vm);
+}
+
+/// Two repositories alternating backups of one VM keep two independent
+/// chains: each backup after the first of its repository is incremental
+/// against that repository's previous one, and every restore is exact.
+#[test]
+fn vm_two_repositories_keep_independent_chains() {
+    if !require_guest() {
+        return;
+    }
+    let a = Env::new();
+    let b = Env::new();
+    let disks = ["d0"];
+    let cfg = VmConfig::guest()
+        .disk(DiskSpec::qcow2("d0", 128 * MIB).file("/seed.bin", &noise(24 << 20, 4)));
+    let mut vm = TestVm::start_with(&cfg).unwrap();
+    start_writer(&vm, &["/mnt/vda"]);
+    let a1 = backup_checked(&a, &mut vm, &disks, &[]);
+    guest_write(&vm, "/mnt/vda/x", 2, 0);
+    let b1 = backup_checked(&b, &mut vm, &disks, &[]);
+    assert_eq!(a1.kind("d0"), "full");
+    assert_eq!(
+        b1.kind("d0"),
+        "full",
+        "B's first backup has no bitmap of B's yet"
+    );
+    guest_write(&vm, "/mnt/vda/y", 2, 0);
+    let a2 = backup_checked(&a, &mut vm, &disks, &[]);
+    guest_write(&vm, "/mnt/vda/z", 2, 0);
+    let b2 = backup_checked(&b, &mut vm, &disks, &[]);
+    guest_write(&vm, "/mnt/vda/w", 2, 0);
+    let a3 = backup_checked(&a, &mut vm, &disks, &[]);
+    for (env, x, base) in [(&a, &a2, &a1), (&b, &b2, &b1), (&a, &a3, &a2)] {
+        assert_eq!(x.kind("d0"), "incremental", "{}", x.report);
+        assert_eq!(x.disk("d0")["base"], base.id().as_str());
+        assert_restores_to_truth(env, x, &disks);
+    }
+    // A's second incremental saw B's writes too (dirty since A's last).
+    assert!(a2.disk("d0")["dirty_bytes"].as_u64().unwrap() >= 4 * MIB);
+    stop_writer(&vm);
+}
+
+fn paused_vm(image: &Path) -> TestVm {
+    TestVm::start(VmConfig::paused().disk(DiskSpec::qcow2("d0", 64 * MIB).image(image))).unwrap()
+}
+
+fn backup_json(env: &Env, vm: &TestVm, extra: &[&str]) -> Value {
+    report_of(&run_ok(env.backup(vm, extra)))["disks"][0].clone()
+}
+
+fn write_pattern(vm: &mut TestVm, pattern: u8, offset_mib: u64, mib: u64) {
+    vm.qemu_io("d0", &format!("write -P {pattern:#x} {offset_mib}M {mib}M"))
+        .unwrap();
+}
+
+/// F-23/F-24/F-25 fallbacks, each with its reason, and incremental again
+/// right after: `--full`; the bitmap removed by someone else; the base
+/// pruned; the base failed verify; the disk resized. A foreign bitmap is
+/// never touched. (QEMU paused, no guest: writes through qemu-io.)
+#[test]
+fn qemu_incremental_fallbacks_say_why_and_heal_f23_f24_f25() {
+    if !require_qemu() {
+        return;
+    }
+    let env = Env::new();
+    let image = env.dir.path().join("d0.qcow2");
+    let mut vm = paused_vm(&image);
+    let node = vm.disk_node("d0");
+    vm.harness_qmp(
+        "block-dirty-bitmap-add",
+        json!({"node": node, "name": "foreign", "persistent": true}),
+    )
+    .unwrap();
+    write_pattern(&mut vm, 0x11, 0, 16);
+    let d = backup_json(&env, &vm, &[]);
+    assert_eq!(d["kind"], "full");
+    write_pattern(&mut vm, 0x22, 20, 1);
+    let d = backup_json(&env, &vm, &[]);
+    assert_eq!(d["kind"], "incremental", "{d}");
+    // Only the dirty chunk is read, and only its allocated part.
+    assert_eq!(d["bytes_read"], MIB, "the dirty MiB alone is read: {d}");
+    assert_eq!(d["dirty_bytes"], MIB, "{d}");
+
+    // --full: full read with the reason; tracking goes on.
+    let d = backup_json(&env, &vm, &["--full"]);
+    assert_eq!(d["kind"], "full");
+    assert!(d["full_reason"].as_str().unwrap().contains("--full"), "{d}");
+    let d = backup_json(&env, &vm, &[]);
+    assert_eq!(d["kind"], "incremental", "{d}");
+
+    // Someone removed our bitmap.
+    let ours = bitmaps(&mut vm, &node)
+        .into_iter()
+        .find(|b| b.starts_with("shear-"))
+        .unwrap();
+    vm.harness_qmp(
+        "block-dirty-bitmap-remove",
+        json!({"node": node, "name": ours}),
+    )
+    .unwrap();
+    let d = backup_json(&env, &vm, &[]);
+    assert_eq!(d["kind"], "full");
+    assert!(
+        d["full_reason"]
+            .as_str()
+            .unwrap()
+            .contains("no change-tracking bitmap"),
+        "{d}"
+    );
+    assert_eq!(backup_json(&env, &vm, &[])["kind"], "incremental");
+
+    // The base is pruned (forgotten).
+    let list: Value =
+        serde_json::from_slice(&run_ok(env.shear(&["list", "--json"])).stdout).unwrap();
+    let newest = list.as_array().unwrap().last().unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    run_ok(env.shear(&["forget", &newest]));
+    let d = backup_json(&env, &vm, &[]);
+    assert_eq!(d["kind"], "full");
+    assert!(
+        d["full_reason"]
+            .as_str()
+            .unwrap()
+            .contains("not in the repository"),
+        "{d}"
+    );
+
+    // The base failed verify: damage one of its chunks.
+    write_pattern(&mut vm, 0x33, 30, 4);
+    let d = backup_json(&env, &vm, &[]);
+    assert_eq!(d["kind"], "incremental", "{d}");
+    damage_chunks(&env);
+    let out = env.shear(&["verify", "--all"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "verify must find the damage");
+    let d = backup_json(&env, &vm, &[]);
+    assert_eq!(d["kind"], "full");
+    assert!(
+        d["full_reason"].as_str().unwrap().contains("failed verify"),
+        "{d}"
+    );
+
+    // The disk grows.
+    vm.harness_qmp("block_resize", json!({"node-name": node, "size": 80 * MIB}))
+        .unwrap();
+    let d = backup_json(&env, &vm, &[]);
+    assert_eq!(d["kind"], "full");
+    assert!(
+        d["full_reason"].as_str().unwrap().contains("size changed"),
+        "{d}"
+    );
+    let d = backup_json(&env, &vm, &[]);
+    assert_eq!(d["kind"], "incremental", "{d}");
+
+    // Never touched: the foreign bitmap; and only one bitmap of ours.
+    let names = bitmaps(&mut vm, &node);
+    assert!(names.iter().any(|n| n == "foreign"), "{names:?}");
+    assert_eq!(
+        names.iter().filter(|n| n.starts_with("shear-")).count(),
+        1,
+        "{names:?}"
+    );
+}
+
+fn bitmaps(vm: &mut TestVm, node: &str) -> Vec<String> {
+    let nodes = vm
+        .harness_qmp("query-named-block-nodes", json!({}))
+        .unwrap();
+    nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == node)
+        .map(|n| {
+            n["dirty-bitmaps"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .map(|b| b["name"].as_str().unwrap().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Flip a byte in the middle of every stored chunk file (every backup,
+/// the newest included, then fails verify).
+fn damage_chunks(env: &Env) {
+    let mut n = 0;
+    for dir in std::fs::read_dir(env.repo().join("chunks")).unwrap() {
+        for f in std::fs::read_dir(dir.unwrap().path()).unwrap() {
+            let f = f.unwrap().path();
+            let mut bytes = std::fs::read(&f).unwrap();
+            let mid = bytes.len() / 2;
+            bytes[mid] ^= 0xff;
+            std::fs::write(&f, bytes).unwrap();
+            n += 1;
+        }
+    }
+    assert!(n > 0, "no chunk to damage");
+}
