@@ -178,11 +178,16 @@ pub struct HeldHook {
 }
 
 impl HeldHook {
-    /// Write the hook script in a fresh `hook/` directory of `env`.
+    /// Write the hook script in a fresh `hook-*` directory of `env` (one
+    /// per hook: a `held` marker left by an earlier backup of the same env
+    /// would release the test before shear holds the guest).
     pub fn new(env: &ShearEnv) -> HeldHook {
         use std::os::unix::fs::PermissionsExt;
-        let dir = env.dir.path().join("hook");
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("hook-")
+            .tempdir_in(env.dir.path())
+            .unwrap()
+            .keep();
         let script = dir.join("held-hook.sh");
         std::fs::write(
             &script,

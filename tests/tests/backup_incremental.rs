@@ -382,8 +382,8 @@ fn backup_json(env: &Env, vm: &TestVm, extra: &[&str]) -> Value {
     report_of(&run_ok(env.backup(vm, extra)))["disks"][0].clone()
 }
 
-fn write_pattern(vm: &mut TestVm, pattern: u8, offset_mib: u64, mib: u64) {
-    vm.qemu_io("d0", &format!("write -P {pattern:#x} {offset_mib}M {mib}M"))
+fn write_pattern(vm: &mut TestVm, disk: &str, pattern: u8, offset_mib: u64, mib: u64) {
+    vm.qemu_io(disk, &format!("write -P {pattern:#x} {offset_mib}M {mib}M"))
         .unwrap();
 }
 
@@ -405,10 +405,10 @@ fn qemu_incremental_fallbacks_say_why_and_heal_f23_f24_f25() {
         json!({"node": node, "name": "foreign", "persistent": true}),
     )
     .unwrap();
-    write_pattern(&mut vm, 0x11, 0, 16);
+    write_pattern(&mut vm, "d0", 0x11, 0, 16);
     let d = backup_json(&env, &vm, &[]);
     assert_eq!(d["kind"], "full");
-    write_pattern(&mut vm, 0x22, 20, 1);
+    write_pattern(&mut vm, "d0", 0x22, 20, 1);
     let d = backup_json(&env, &vm, &[]);
     assert_eq!(d["kind"], "incremental", "{d}");
     // Only the dirty chunk is read, and only its allocated part.
@@ -462,7 +462,7 @@ fn qemu_incremental_fallbacks_say_why_and_heal_f23_f24_f25() {
     );
 
     // The base failed verify: damage one of its chunks.
-    write_pattern(&mut vm, 0x33, 30, 4);
+    write_pattern(&mut vm, "d0", 0x33, 30, 4);
     let d = backup_json(&env, &vm, &[]);
     assert_eq!(d["kind"], "incremental", "{d}");
     damage_chunks(&env);
@@ -533,4 +533,158 @@ fn damage_chunks(env: &Env) {
         }
     }
     assert!(n > 0, "no chunk to damage");
+}
+
+fn migrate(src: &mut TestVm, dst: &mut TestVm, sock: &Path, bitmaps: bool) {
+    for vm in [&mut *src, &mut *dst] {
+        vm.harness_qmp(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "dirty-bitmaps", "state": bitmaps}]}),
+        )
+        .unwrap();
+    }
+    src.harness_qmp(
+        "migrate",
+        json!({"uri": format!("unix:{}", sock.display())}),
+    )
+    .unwrap();
+    shear_tests::wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        "migration",
+        || {
+            let st = src.harness_qmp("query-migrate", json!({})).ok()?;
+            match st["status"].as_str()? {
+                "completed" => Some(Ok(())),
+                "failed" | "cancelled" => Some(Err(format!("migration {st}"))),
+                _ => None,
+            }
+        },
+    )
+    .unwrap()
+    .unwrap();
+    shear_tests::wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        "destination",
+        || {
+            let st = dst.harness_qmp("query-status", json!({})).ok()?;
+            (st["status"] != "inmigrate").then_some(())
+        },
+    )
+    .unwrap();
+}
+
+fn migration_target(disks: &[DiskSpec], sock: &Path) -> TestVm {
+    let mut cfg = VmConfig::paused()
+        .arg("-incoming")
+        .arg(&format!("unix:{}", sock.display()));
+    for d in disks {
+        cfg = cfg.disk(d.clone());
+    }
+    TestVm::start(cfg).unwrap()
+}
+
+/// F-26(b): a VM live-migrated to another QEMU process keeps its change
+/// tracking (the `dirty-bitmaps` capability carries the raw disk's
+/// in-memory bitmap; the qcow2 disk's persistent one travels through the
+/// shared image): the first backup on the destination is incremental and
+/// exact. Migrated back without the capability, the raw disk's tracking is
+/// lost: a full read that says why; the qcow2 disk stays incremental.
+#[test]
+fn qemu_incremental_survives_live_migration_f26() {
+    if !require_qemu() {
+        return;
+    }
+    let env = Env::new();
+    let disks = ["d0", "d1"];
+    let specs = [
+        DiskSpec::qcow2("d0", 64 * MIB).image(&env.dir.path().join("d0.qcow2")),
+        DiskSpec::raw("d1", 32 * MIB).image(&env.dir.path().join("d1.raw")),
+    ];
+    let mut src = TestVm::start(
+        VmConfig::paused()
+            .disk(specs[0].clone())
+            .disk(specs[1].clone()),
+    )
+    .unwrap();
+    write_pattern(&mut src, "d0", 0x41, 0, 8);
+    write_pattern(&mut src, "d1", 0x42, 0, 8);
+    let b1 = backup_checked(&env, &mut src, &disks, &[]);
+    assert_eq!(b1.kind("d0"), "full");
+    write_pattern(&mut src, "d0", 0x43, 40, 2);
+    write_pattern(&mut src, "d1", 0x44, 20, 1);
+
+    let sock = env.dir.path().join("mig1.sock");
+    let mut dst = migration_target(&specs, &sock);
+    migrate(&mut src, &mut dst, &sock, true);
+    drop(src);
+    let b2 = backup_checked(&env, &mut dst, &disks, &[]);
+    for d in disks {
+        assert_eq!(
+            b2.kind(d),
+            "incremental",
+            "{d} after migration: {}",
+            b2.report
+        );
+    }
+    assert_eq!(b2.disk("d0")["dirty_bytes"], 2 * MIB);
+    assert_eq!(b2.disk("d1")["dirty_bytes"], MIB);
+    assert_restores_to_truth(&env, &b2, &disks);
+
+    // Back, without the capability.
+    write_pattern(&mut dst, "d0", 0x45, 50, 1);
+    write_pattern(&mut dst, "d1", 0x46, 24, 1);
+    let sock = env.dir.path().join("mig2.sock");
+    let mut back = migration_target(&specs, &sock);
+    migrate(&mut dst, &mut back, &sock, false);
+    drop(dst);
+    let b3 = backup_checked(&env, &mut back, &disks, &[]);
+    assert_eq!(b3.kind("d0"), "incremental", "{}", b3.report);
+    assert_eq!(b3.kind("d1"), "full");
+    assert!(
+        b3.reason("d1").contains("no change-tracking bitmap"),
+        "{}",
+        b3.reason("d1")
+    );
+    assert_restores_to_truth(&env, &b3, &disks);
+}
+
+/// F-22 without a guest: shear SIGKILLed in the read phase of an
+/// incremental, writes before and after; the next incremental restores to
+/// the truth.
+#[test]
+fn qemu_incremental_after_sigkill_in_read_phase_loses_nothing_f22() {
+    if !require_qemu() {
+        return;
+    }
+    let env = Env::new();
+    let disks = ["d0"];
+    let mut vm = paused_vm(&env.dir.path().join("d0.qcow2"));
+    write_pattern(&mut vm, "d0", 0x11, 0, 24);
+    let b1 = backup_checked(&env, &mut vm, &disks, &[]);
+    assert_eq!(b1.kind("d0"), "full");
+    write_pattern(&mut vm, "d0", 0x22, 1, 6);
+    let mut cmd = env.backup(&vm, &["--bwlimit", "512"]);
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    shear_tests::wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        "export",
+        || {
+            let e = vm.harness_qmp("query-block-exports", json!({})).ok()?;
+            (!e.as_array()?.is_empty()).then_some(())
+        },
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    write_pattern(&mut vm, "d0", 0x33, 9, 2);
+    write_pattern(&mut vm, "d0", 0x44, 0, 1);
+    let b3 = backup_checked(&env, &mut vm, &disks, &[]);
+    assert_eq!(b3.kind("d0"), "incremental", "{}", b3.report);
+    assert_eq!(b3.disk("d0")["dirty_bytes"], 9 * MIB, "{}", b3.report);
+    assert_restores_to_truth(&env, &b3, &disks);
 }

@@ -168,6 +168,29 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         mib(d.dedup_bytes),
                         d.image_digest
                     );
+                    if let Some(r) = &d.read {
+                        match (r.kind, &r.full_reason) {
+                            (crate::repo::ReadKind::Incremental, _) => println!(
+                                "  read incremental from {}: {} changed",
+                                r.base.as_deref().unwrap_or("?"),
+                                mib(r.dirty_bytes.unwrap_or(0))
+                            ),
+                            (crate::repo::ReadKind::Full, Some(why)) => {
+                                println!("  read in full: {why}");
+                            }
+                            (crate::repo::ReadKind::Full, None) => println!("  read in full"),
+                        }
+                        if let Some(b) = &r.bitmap {
+                            println!(
+                                "  tracking   {b} ({})",
+                                if r.bitmap_persistent {
+                                    "persistent"
+                                } else {
+                                    "lost when QEMU restarts"
+                                }
+                            );
+                        }
+                    }
                 }
                 if !m.notes.is_empty() {
                     println!("notes        {}", m.notes);
