@@ -138,10 +138,24 @@ pub fn assert_graph_clean(vm: &mut TestVm, env: &ShearEnv, disks: &[&str]) {
     let exports = vm.harness_qmp("query-block-exports", json!({})).unwrap();
     assert_eq!(exports, json!([]), "leftover exports");
     for d in disks {
+        // query-block says which node a device uses; qom-get `drive` does
+        // only for a `-blockdev` device (a legacy one answers `drive-<id>`).
+        let qdev = vm.qdev(d);
+        let node = vm.current_node(&qdev).unwrap();
+        assert_eq!(
+            node.as_deref(),
+            Some(vm.disk_node(d).as_str()),
+            "device {qdev} of {d} is not back on its original node"
+        );
         let drive = vm
-            .harness_qmp("qom-get", json!({"path": vm.qdev(d), "property": "drive"}))
+            .harness_qmp("qom-get", json!({"path": qdev, "property": "drive"}))
             .unwrap();
-        assert_eq!(drive, json!(vm.disk_node(d)), "drive of {d} not restored");
+        let expected = if vm.is_legacy(d) {
+            format!("drive-{d}")
+        } else {
+            vm.disk_node(d)
+        };
+        assert_eq!(drive, json!(expected), "drive of {d} not restored");
     }
     let fleece: Vec<_> = std::fs::read_dir(env.fleece_dir())
         .map(|r| r.filter_map(Result::ok).map(|e| e.path()).collect())

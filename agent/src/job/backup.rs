@@ -359,7 +359,7 @@ async fn backup_inner(
     warnings: &mut Vec<String>,
     t0: Instant,
 ) -> Result<PendingCommit, JobError> {
-    let all = graph::discover_disks(qmp).await?;
+    let all = graph::discover_disks(qmp, warnings).await?;
     let disks: Vec<VmDisk> = all
         .into_iter()
         .filter(|d| !opts.exclude.iter().any(|x| x == &d.name))
@@ -428,6 +428,11 @@ async fn backup_inner(
             g.add_fleece(disk, n, &file).await?;
             cancel.check()?;
         }
+        // Before the guest is touched: an NBD server someone else runs
+        // fails the backup here, and is left alone.
+        let max_conn = u32::try_from(disks.len() * opts.connections.max(1)).unwrap_or(u32::MAX);
+        g.start_nbd_server(&nbd_dir.join("nbd.sock"), max_conn)
+            .await?;
     }
     *watchdog = Some(
         Watchdog::spawn(&opts.qmp, opts.qga.as_deref())
@@ -536,8 +541,6 @@ async fn backup_inner(
     let export_names: Vec<String> = (0..disks.len()).map(|_| random_hex(16)).collect();
     {
         let mut g = GraphBuilder::new(qmp, record, rpath);
-        let max_conn = u32::try_from(disks.len() * opts.connections.max(1)).unwrap_or(u32::MAX);
-        g.start_nbd_server(&socket, max_conn).await?;
         for ((disk, n), name) in disks.iter().zip(&names).zip(&export_names) {
             g.add_export(disk, n, name).await?;
         }

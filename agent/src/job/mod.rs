@@ -70,6 +70,13 @@ pub enum JobError {
     /// Interrupted by a signal; everything was rolled back.
     #[error("interrupted by {0}")]
     Interrupted(&'static str),
+    /// QEMU already runs an NBD server that shear did not start.
+    #[error(
+        "an NBD server shear did not start is running in QEMU (another tool's, or a \
+         migration's); shear leaves it and its exports alone and did not touch the guest: \
+         stop it (nbd-server-stop) or run the backup when it is gone"
+    )]
+    ForeignNbdServer,
     /// Anything else, said plainly.
     #[error("{0}")]
     Invalid(String),
