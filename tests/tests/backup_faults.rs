@@ -662,3 +662,75 @@ fn qemu_several_vms_from_config_templates_with_exclude() {
         assert_graph_clean(&mut vm, &env, &["d0", "d1"]);
     }
 }
+
+/// Issue 16: an NBD server someone else started in QEMU (another tool's, a
+/// migration's) and its export survive a backup. shear fails clearly before
+/// it touches the guest, and its teardown leaves the foreign server alone
+/// (it used to `nbd-server-stop` whatever server ran).
+#[test]
+fn qemu_foreign_nbd_server_is_left_alone_backup_fails_clearly() {
+    if !require_qemu() || !shear_tests::require_tool("nbdinfo") {
+        return;
+    }
+    let env = ShearEnv::new();
+    let mut vm = TestVm::start(VmConfig::paused().disk(DiskSpec::raw("d0", 4 * MIB))).unwrap();
+    vm.qemu_io("d0", "write -P 0x42 0 1M").unwrap();
+    let sock = vm.dir().join("foreign-nbd.sock");
+    vm.harness_qmp(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": sock}}}),
+    )
+    .unwrap();
+    vm.harness_qmp(
+        "block-export-add",
+        json!({"type": "nbd", "id": "foreign-exp", "node-name": "drv-d0", "name": "foreign"}),
+    )
+    .unwrap();
+    let uri = format!("nbd+unix:///foreign?socket={}", sock.display());
+    let nbdinfo = |uri: &str| {
+        Command::new("nbdinfo")
+            .args(["--size", uri])
+            .output()
+            .unwrap()
+    };
+    let before = nbdinfo(&uri);
+    assert!(before.status.success(), "the foreign export is not served");
+
+    let (ok, stdout, stderr) = finish(spawn(env.backup(&vm, &[])));
+    assert!(
+        !ok,
+        "backup must fail while a foreign NBD server runs: {stdout}"
+    );
+    assert!(
+        format!("{stdout}{stderr}")
+            .contains("an NBD server shear did not start is running in QEMU"),
+        "{stdout}{stderr}"
+    );
+    // The foreign server still serves its export, with the same size.
+    let after = nbdinfo(&uri);
+    assert!(
+        after.status.success(),
+        "the foreign NBD server or its export is gone: {}",
+        String::from_utf8_lossy(&after.stderr)
+    );
+    assert_eq!(after.stdout, before.stdout);
+    let exports = vm.harness_qmp("query-block-exports", json!({})).unwrap();
+    let ids: Vec<&str> = exports
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["foreign-exp"], "{exports}");
+    // Nothing of ours is left, and no backup was recorded.
+    vm.harness_qmp("block-export-del", json!({"id": "foreign-exp"}))
+        .unwrap();
+    vm.wait_event("BLOCK_EXPORT_DELETED", Duration::from_secs(10))
+        .unwrap();
+    assert_graph_clean(&mut vm, &env, &["d0"]);
+    assert!(env.list().is_empty());
+    // Once the foreign server is gone, the backup works.
+    vm.harness_qmp("nbd-server-stop", json!({})).unwrap();
+    report_of(&run_ok(env.backup(&vm, &[])));
+    assert_graph_clean(&mut vm, &env, &["d0"]);
+}
