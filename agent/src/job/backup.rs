@@ -583,7 +583,7 @@ async fn backup_inner(
         Ok(r) => r,
         Err(e) => {
             session.abort();
-            return Err(e);
+            return Err(super::diagnose::explain(qmp, &opts.fleecing_dir, e).await);
         }
     };
     let read_ms = ms(t_read.elapsed());

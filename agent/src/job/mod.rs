@@ -8,6 +8,7 @@
 
 pub mod backup;
 mod datapath;
+mod diagnose;
 pub mod freeze;
 pub mod graph;
 pub mod record;
@@ -42,6 +43,25 @@ pub enum JobError {
         /// Cause.
         #[source]
         source: nbd_export::Error,
+    },
+    /// Reading a disk's export failed; `cause` is what was found out about
+    /// why (QEMU gone, fleecing storage full, …), see `diagnose`.
+    #[error(
+        "reading {disk} failed{}{}",
+        .offset.map(|o| format!(" at offset {o}")).unwrap_or_default(),
+        .cause.as_ref().map(|c| format!(": {c}")).unwrap_or_default()
+    )]
+    ReadFailed {
+        /// The disk.
+        disk: String,
+        /// The export offset that failed (the chunk being read, or the
+        /// server's error offset).
+        offset: Option<u64>,
+        /// The cause found after the failure.
+        cause: Option<String>,
+        /// The NBD error (boxed: it is large).
+        #[source]
+        source: Box<nbd_export::Error>,
     },
     /// The repository refused or failed.
     #[error("repository: {step}")]
