@@ -33,12 +33,18 @@ pub enum DiskBus {
     VirtioBlk,
     /// `scsi-hd` on a `virtio-scsi-pci` controller (guest sees /dev/sdX).
     ScsiHd,
+    /// `ide-hd` on q35's AHCI controller (`bus=ide.N`: a SATA disk).
+    IdeHd,
+    /// `ide-cd` on q35's AHCI controller with the image as its medium (a
+    /// CD-ROM with an ISO; always a legacy `-drive …,media=cdrom`).
+    IdeCd,
 }
 
 /// One data disk of a [`crate::VmConfig`].
 #[derive(Debug, Clone)]
 pub struct DiskSpec {
-    /// Device id (also names the nodes: `file-<id>`, `drv-<id>`).
+    /// Device id (also names the nodes: `file-<id>`, `drv-<id>`; a legacy
+    /// disk's BlockBackend is `drive-<id>`).
     pub id: String,
     /// Image format.
     pub format: DiskFormat,
@@ -52,6 +58,14 @@ pub struct DiskSpec {
     pub files: Vec<(String, Vec<u8>)>,
     /// Use this existing image instead of creating one.
     pub image: Option<PathBuf>,
+    /// Attach the legacy way, as Proxmox VE 8 and libvirt do:
+    /// `-drive file=…,if=none,id=drive-<id>,format=…` and the device with
+    /// `drive=drive-<id>`. QEMU names the node itself (`#blockNNN`):
+    /// [`crate::TestVm::disk_node`] asks QEMU for it.
+    pub legacy: bool,
+    /// Run the device (virtio-blk) or its controller (virtio-scsi) in the
+    /// iothread `io0`.
+    pub iothread: bool,
 }
 
 impl DiskSpec {
@@ -64,7 +78,33 @@ impl DiskSpec {
             ext4: false,
             files: Vec::new(),
             image: None,
+            legacy: false,
+            iothread: false,
         }
+    }
+    /// A CD-ROM (`ide-cd`, legacy `-drive …,media=cdrom`) whose medium is
+    /// `image` (a raw ISO-like file).
+    pub fn cdrom(id: &str, image: &Path) -> Self {
+        let mut d = Self::new(id, DiskFormat::Raw, 0);
+        d.bus = DiskBus::IdeCd;
+        d.legacy = true;
+        d.image = Some(image.to_path_buf());
+        d
+    }
+    /// Attach as `ide-hd` on the AHCI controller (SATA).
+    pub fn ide(mut self) -> Self {
+        self.bus = DiskBus::IdeHd;
+        self
+    }
+    /// Attach with a legacy `-drive … if=none,id=drive-<id>` (see [`DiskSpec::legacy`]).
+    pub fn legacy(mut self) -> Self {
+        self.legacy = true;
+        self
+    }
+    /// Run the device (or its SCSI controller) in iothread `io0`.
+    pub fn iothread(mut self) -> Self {
+        self.iothread = true;
+        self
     }
     /// A qcow2 disk of `size` bytes on virtio-blk.
     pub fn qcow2(id: &str, size: u64) -> Self {

@@ -139,10 +139,24 @@ pub fn assert_graph_clean(vm: &mut TestVm, env: &ShearEnv, disks: &[&str]) {
     let exports = vm.harness_qmp("query-block-exports", json!({})).unwrap();
     assert_eq!(exports, json!([]), "leftover exports");
     for d in disks {
+        // query-block says which node a device uses; qom-get `drive` does
+        // only for a `-blockdev` device (a legacy one answers `drive-<id>`).
+        let qdev = vm.qdev(d);
+        let node = vm.current_node(&qdev).unwrap();
+        assert_eq!(
+            node.as_deref(),
+            Some(vm.disk_node(d).as_str()),
+            "device {qdev} of {d} is not back on its original node"
+        );
         let drive = vm
-            .harness_qmp("qom-get", json!({"path": vm.qdev(d), "property": "drive"}))
+            .harness_qmp("qom-get", json!({"path": qdev, "property": "drive"}))
             .unwrap();
-        assert_eq!(drive, json!(vm.disk_node(d)), "drive of {d} not restored");
+        let expected = if vm.is_legacy(d) {
+            format!("drive-{d}")
+        } else {
+            vm.disk_node(d)
+        };
+        assert_eq!(drive, json!(expected), "drive of {d} not restored");
     }
     let fleece: Vec<_> = std::fs::read_dir(env.fleece_dir())
         .map(|r| r.filter_map(Result::ok).map(|e| e.path()).collect())
@@ -215,7 +229,14 @@ impl HeldHook {
             "shear to hold the guest",
             || {
                 if let Ok(Some(st)) = child.try_wait() {
-                    panic!("shear exited before holding the guest: {st}");
+                    let mut out = String::new();
+                    if let Some(mut o) = child.stdout.take() {
+                        let _ = std::io::Read::read_to_string(&mut o, &mut out);
+                    }
+                    if let Some(mut e) = child.stderr.take() {
+                        let _ = std::io::Read::read_to_string(&mut e, &mut out);
+                    }
+                    panic!("shear exited before holding the guest: {st}\n{out}");
                 }
                 held.exists().then_some(())
             },

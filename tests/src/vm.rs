@@ -96,6 +96,9 @@ pub struct TestVm {
     dir: tempfile::TempDir,
     harness_qmp: HarnessQmp,
     disks: BTreeMap<String, (DiskSpec, PathBuf)>,
+    /// Legacy disks: id → (qdev, node name) as `query-block` reported them
+    /// at start (QEMU names their nodes).
+    legacy: BTreeMap<String, (String, String)>,
     boot_time: Option<Duration>,
     booted: bool,
 }
@@ -175,7 +178,16 @@ impl TestVm {
         }
 
         let mut disks = BTreeMap::new();
+        if cfg.disks.iter().any(|s| s.iothread) {
+            args.push("-object".into());
+            args.push("iothread,id=io0".into());
+        }
+        let scsi_iothread = cfg
+            .disks
+            .iter()
+            .any(|s| s.iothread && s.bus == DiskBus::ScsiHd);
         let mut have_scsi = false;
+        let mut ide_port = 0u32;
         for spec in &cfg.disks {
             let path = match &spec.image {
                 Some(p) if p.exists() => p.clone(),
@@ -191,33 +203,66 @@ impl TestVm {
                     p
                 }
             };
-            args.push("-blockdev".into());
-            args.push(
-                json!({"driver": "file", "filename": path, "node-name": format!("file-{}", spec.id)})
+            // The device's `drive=`: the format node, or the BlockBackend of
+            // a legacy `-drive`.
+            let drive = if spec.legacy {
+                let path = path.display().to_string();
+                if path.contains(',') {
+                    return Err(herr!("a legacy -drive path cannot hold a comma: {path}"));
+                }
+                let media = if spec.bus == DiskBus::IdeCd {
+                    ",media=cdrom"
+                } else {
+                    ""
+                };
+                args.push("-drive".into());
+                args.push(format!(
+                    "file={path},if=none,id=drive-{},format={}{media}",
+                    spec.id,
+                    spec.format.driver()
+                ));
+                format!("drive-{}", spec.id)
+            } else {
+                args.push("-blockdev".into());
+                args.push(
+                    json!({"driver": "file", "filename": path, "node-name": format!("file-{}", spec.id)})
+                        .to_string(),
+                );
+                args.push("-blockdev".into());
+                args.push(
+                    json!({"driver": spec.format.driver(), "file": format!("file-{}", spec.id),
+                           "node-name": format!("drv-{}", spec.id)})
                     .to_string(),
-            );
-            args.push("-blockdev".into());
-            args.push(
-                json!({"driver": spec.format.driver(), "file": format!("file-{}", spec.id),
-                       "node-name": format!("drv-{}", spec.id)})
-                .to_string(),
-            );
+                );
+                format!("drv-{}", spec.id)
+            };
+            let id = &spec.id;
             match spec.bus {
                 DiskBus::VirtioBlk => {
+                    let io = if spec.iothread { ",iothread=io0" } else { "" };
                     args.push("-device".into());
-                    args.push(format!("virtio-blk-pci,id={0},drive=drv-{0}", spec.id));
+                    args.push(format!("virtio-blk-pci,id={id},drive={drive}{io}"));
                 }
                 DiskBus::ScsiHd => {
                     if !have_scsi {
+                        let io = if scsi_iothread { ",iothread=io0" } else { "" };
                         args.push("-device".into());
-                        args.push("virtio-scsi-pci,id=vscsi0".into());
+                        args.push(format!("virtio-scsi-pci,id=vscsi0{io}"));
                         have_scsi = true;
                     }
                     args.push("-device".into());
-                    args.push(format!(
-                        "scsi-hd,id={0},drive=drv-{0},bus=vscsi0.0",
-                        spec.id
-                    ));
+                    args.push(format!("scsi-hd,id={id},drive={drive},bus=vscsi0.0"));
+                }
+                DiskBus::IdeHd | DiskBus::IdeCd => {
+                    // q35's AHCI controller has six ports, ide.0 … ide.5.
+                    let dev = if spec.bus == DiskBus::IdeCd {
+                        "ide-cd"
+                    } else {
+                        "ide-hd"
+                    };
+                    args.push("-device".into());
+                    args.push(format!("{dev},id={id},drive={drive},bus=ide.{ide_port}"));
+                    ide_port += 1;
                 }
             }
             disks.insert(spec.id.clone(), (spec.clone(), path));
@@ -280,9 +325,11 @@ impl TestVm {
             dir,
             harness_qmp,
             disks,
+            legacy: BTreeMap::new(),
             boot_time: None,
             booted: cfg.boot_guest,
         };
+        vm.learn_legacy_nodes()?;
         if cfg.boot_guest && cfg.qga {
             vm.wait_qga_ready(started)?;
         }
@@ -357,16 +404,68 @@ impl TestVm {
             .map(|(_, p)| p.clone())
             .unwrap_or_else(|| panic!("no disk {id}"))
     }
-    /// Format (top) node name of disk `id`.
+    /// Format (top) node name of disk `id`: `drv-<id>`, or for a legacy
+    /// disk the node QEMU inserted at start (`#blockNNN`).
     pub fn disk_node(&self, id: &str) -> String {
-        format!("drv-{id}")
+        match self.legacy.get(id) {
+            Some((_, node)) => node.clone(),
+            None => format!("drv-{id}"),
+        }
     }
     /// qdev path of disk `id` (what `query-block` reports as `qdev`).
     pub fn qdev(&self, id: &str) -> String {
-        match self.disks.get(id).map(|(s, _)| s.bus) {
-            Some(DiskBus::ScsiHd) => format!("/machine/peripheral/{id}"),
-            _ => format!("/machine/peripheral/{id}/virtio-backend"),
+        if let Some((qdev, _)) = self.legacy.get(id) {
+            return qdev.clone();
         }
+        match self.disks.get(id).map(|(s, _)| s.bus) {
+            Some(DiskBus::VirtioBlk) | None => format!("/machine/peripheral/{id}/virtio-backend"),
+            Some(_) => format!("/machine/peripheral/{id}"),
+        }
+    }
+    /// Whether disk `id` is attached with a legacy `-drive`.
+    pub fn is_legacy(&self, id: &str) -> bool {
+        self.legacy.contains_key(id)
+    }
+    /// The node device `qdev` uses now (`query-block` `inserted.node-name`;
+    /// `None` without a medium or without such a device).
+    pub fn current_node(&mut self, qdev: &str) -> Result<Option<String>> {
+        let blocks = self.harness_qmp("query-block", json!({}))?;
+        Ok(blocks
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|b| b["qdev"] == qdev)
+            .and_then(|b| b["inserted"]["node-name"].as_str().map(str::to_string)))
+    }
+
+    /// Record the qdev and node name of every legacy disk.
+    fn learn_legacy_nodes(&mut self) -> Result<()> {
+        let ids: Vec<String> = self
+            .disks
+            .values()
+            .filter(|(s, _)| s.legacy)
+            .map(|(s, _)| s.id.clone())
+            .collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let blocks = self.harness_qmp("query-block", json!({}))?;
+        for id in ids {
+            let b = blocks
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|b| b["device"] == format!("drive-{id}"))
+                .ok_or_else(|| herr!("query-block has no drive-{id}: {blocks}"))?;
+            let qdev = b["qdev"]
+                .as_str()
+                .ok_or_else(|| herr!("drive-{id} has no qdev: {b}"))?;
+            let node = b["inserted"]["node-name"]
+                .as_str()
+                .ok_or_else(|| herr!("drive-{id} has no medium: {b}"))?;
+            self.legacy.insert(id, (qdev.to_string(), node.to_string()));
+        }
+        Ok(())
     }
     /// Last `n` lines of the serial console.
     pub fn console_tail(&self, n: usize) -> String {

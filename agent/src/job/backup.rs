@@ -362,7 +362,11 @@ impl BackupRun {
     /// Phase `prepare`: disks, VM facts, qemu-ga, fleece images, watchdog.
     /// Nothing the guest sees changes here.
     async fn prepare(&mut self) -> Result<(), JobError> {
-        let all = graph::discover_disks(&self.qmp).await?;
+        let mut skipped = Vec::new();
+        let all = graph::discover_disks(&self.qmp, &mut skipped).await?;
+        for w in skipped {
+            self.warn(w);
+        }
         self.disks = all
             .into_iter()
             .filter(|d| !self.opts.exclude.iter().any(|x| x == &d.name))
@@ -417,6 +421,12 @@ impl BackupRun {
             g.add_fleece(disk, n, &file).await?;
             self.cancel.check()?;
         }
+        // Before the guest is touched: an NBD server someone else runs
+        // fails the backup here, and is left alone.
+        let max_conn = u32::try_from(self.disks.len() * (self.opts.connections.max(1) + 1))
+            .unwrap_or(u32::MAX);
+        g.start_nbd_server(&self.nbd_dir.join("nbd.sock"), max_conn)
+            .await?;
         self.watchdog = Some(
             Watchdog::spawn(&self.opts.qmp, self.opts.qga.as_deref())
                 .map_err(|e| JobError::io("starting the thaw watchdog", e))?,
@@ -469,15 +479,11 @@ impl BackupRun {
         }
     }
 
-    /// Phase `export`: the NBD server on a private socket and one
-    /// read-only export per disk under a random name.
+    /// Phase `export`: one read-only export per disk under a random name
+    /// on the NBD server started (on a private socket) in `prepare`.
     async fn export(&mut self) -> Result<(), JobError> {
-        let socket = self.nbd_socket();
         self.export_names = (0..self.disks.len()).map(|_| random_hex(16)).collect();
         let mut g = GraphBuilder::new(&self.qmp, &mut self.record, &self.rpath);
-        let max_conn = u32::try_from(self.disks.len() * (self.opts.connections.max(1) + 1))
-            .unwrap_or(u32::MAX);
-        g.start_nbd_server(&socket, max_conn).await?;
         for (i, ((disk, n), name)) in self
             .disks
             .iter()
@@ -688,7 +694,7 @@ impl BackupRun {
             }),
             Err(e) => {
                 session.abort();
-                Err(e)
+                Err(super::diagnose::explain(&self.qmp, &self.opts.fleecing_dir, e).await)
             }
         }
     }

@@ -125,9 +125,11 @@ pub(super) fn read_all(
             ..nbd_export::ReaderConfig::default()
         };
         let mut stream =
-            nbd_export::ChunkReader::start(&src, &cfg).map_err(|source| JobError::Nbd {
-                step: format!("connecting to the export of {}", disk.name),
-                source,
+            nbd_export::ChunkReader::start(&src, &cfg).map_err(|source| JobError::ReadFailed {
+                disk: disk.name.clone(),
+                offset: None,
+                cause: None,
+                source: Box::new(source),
             })?;
         if stream.export_info().size != disk.virtual_size {
             return Err(JobError::Invalid(format!(
@@ -157,13 +159,12 @@ pub(super) fn read_all(
             let chunk = match item {
                 Ok(c) => c,
                 Err(source) => {
-                    failed = Some(JobError::Nbd {
-                        step: format!(
-                            "reading {} (an EACCES/EPERM here means the copy-before-write \
-                             filter broke the snapshot: fleecing storage full or failing)",
-                            disk.name
-                        ),
-                        source,
+                    // The cause is found by the caller, with QMP.
+                    failed = Some(JobError::ReadFailed {
+                        disk: disk.name.clone(),
+                        offset: source.offset(),
+                        cause: None,
+                        source: Box::new(source),
                     });
                     break;
                 }

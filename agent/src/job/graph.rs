@@ -39,24 +39,56 @@ pub struct VmDisk {
     pub read_only: bool,
 }
 
-/// The disks of the VM (devices with a medium inserted).
-pub async fn discover_disks(qmp: &qmp::Qmp) -> Result<Vec<VmDisk>, JobError> {
+/// The disks of the VM (devices with a medium inserted). CD-ROM drives
+/// (`ide-cd`, `scsi-cd`: a removable medium such as an installer ISO) are
+/// not disks of the VM and are skipped, as Proxmox does; each skip is
+/// described in `notes` for the backup report.
+///
+/// With `-blockdev` the node is the device's format node (`drv-d0`); with a
+/// legacy `-drive` (Proxmox VE 8, libvirt) it is `inserted.node-name`, often
+/// auto-generated (`#block144`), and `qom-get <qdev> drive` returns the
+/// BlockBackend name (`drive-scsi0`) instead, so only `query-block` says
+/// which node a device uses.
+pub async fn discover_disks(
+    qmp: &qmp::Qmp,
+    notes: &mut Vec<String>,
+) -> Result<Vec<VmDisk>, JobError> {
     let blocks = qmp
         .query_block()
         .await
         .map_err(JobError::qmp("query-block"))?;
     let mut disks = Vec::new();
     for b in blocks {
-        let Some(node) = b.inserted else { continue };
         let Some(qdev) = b.qdev.clone().filter(|q| !q.is_empty()) else {
-            continue;
-        };
-        let Some(image) = node.image.as_ref() else {
             continue;
         };
         let name = qdev_id(&qdev)
             .or_else(|| (!b.device.is_empty()).then(|| b.device.clone()))
-            .unwrap_or_else(|| node.node_name.clone());
+            .or_else(|| b.inserted.as_ref().map(|n| n.node_name.clone()))
+            .unwrap_or_else(|| qdev.clone());
+        if b.removable {
+            // `removable` alone is not enough (`scsi-hd,removable=on` is a
+            // disk): ask the device's type.
+            let kind = qmp
+                .qom_get(&qdev, "type")
+                .await
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string));
+            if is_cdrom(kind.as_deref(), b.inserted.as_ref().is_some_and(|n| n.ro)) {
+                if let Some(node) = &b.inserted {
+                    notes.push(format!(
+                        "skipped CD-ROM {name} ({}: {}): removable media are not backed up",
+                        kind.as_deref().unwrap_or("removable"),
+                        node.file
+                    ));
+                }
+                continue;
+            }
+        }
+        let Some(node) = b.inserted else { continue };
+        let Some(image) = node.image.as_ref() else {
+            continue;
+        };
         disks.push(VmDisk {
             name,
             device: b.device.clone(),
@@ -69,6 +101,30 @@ pub async fn discover_disks(qmp: &qmp::Qmp) -> Result<Vec<VmDisk>, JobError> {
         });
     }
     Ok(disks)
+}
+
+/// Whether a removable device is a CD-ROM drive: its qdev type when QEMU
+/// told it, else a read-only removable medium.
+fn is_cdrom(qdev_type: Option<&str>, read_only: bool) -> bool {
+    match qdev_type {
+        Some(t) => matches!(t, "ide-cd" | "scsi-cd" | "usb-storage-cd") || t.ends_with("-cd"),
+        None => read_only,
+    }
+}
+
+/// The node the device `qdev` uses now, from `query-block` (the entry whose
+/// `qdev` is `qdev`): `Ok(None)` when no entry has that qdev (the device
+/// was unplugged) or the device has no medium.
+pub async fn current_node(qmp: &qmp::Qmp, qdev: &str) -> Result<Option<String>, JobError> {
+    let blocks = qmp
+        .query_block()
+        .await
+        .map_err(JobError::qmp("query-block"))?;
+    Ok(blocks
+        .into_iter()
+        .find(|b| b.qdev.as_deref() == Some(qdev))
+        .and_then(|b| b.inserted)
+        .map(|n| n.node_name))
 }
 
 /// `/machine/peripheral/<id>[/virtio-backend]` → `<id>`; QEMU reports
@@ -228,10 +284,19 @@ impl<'a> GraphBuilder<'a> {
         let path = socket
             .to_str()
             .ok_or_else(|| JobError::Invalid(format!("socket path {socket:?} is not UTF-8")))?;
-        self.qmp
-            .nbd_server_start_unix(path, Some(max_conn))
-            .await
-            .map_err(JobError::qmp("nbd-server-start"))
+        match self.qmp.nbd_server_start_unix(path, Some(max_conn)).await {
+            Ok(()) => Ok(()),
+            // QEMU runs one NBD server; this one is someone else's (another
+            // tool's, a migration's). Never touch it (undo leaves it alone:
+            // it does not listen on our socket).
+            Err(e)
+                if e.qemu_class() == Some("GenericError")
+                    && e.qemu_desc().is_some_and(|d| d.contains("already running")) =>
+            {
+                Err(JobError::ForeignNbdServer)
+            }
+            Err(e) => Err(JobError::qmp("nbd-server-start")(e)),
+        }
     }
 
     /// Export the snapshot-access node read-only under a random name,
@@ -359,6 +424,20 @@ async fn node_exists(qmp: &qmp::Qmp, name: &str) -> Result<bool, JobError> {
         .any(|n| n.node_name == name))
 }
 
+/// Whether a server listens on the unix socket `path`. A connection that
+/// neither succeeds nor fails within 2 s (a full backlog) also means one.
+async fn listening(path: &Path) -> bool {
+    match tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::UnixStream::connect(path),
+    )
+    .await
+    {
+        Ok(r) => r.is_ok(),
+        Err(_) => true,
+    }
+}
+
 async fn undo_step(
     qmp: Option<&qmp::Qmp>,
     qga: Option<&Path>,
@@ -398,13 +477,21 @@ async fn undo_step(
             filter,
         } => {
             let qmp = need_qmp()?;
-            let current = match qmp.qom_get(qdev, "drive").await {
-                Ok(v) => v,
-                // The device is gone (hot-unplugged): nothing to swap back.
-                Err(e) if e.qemu_class() == Some("DeviceNotFound") => return Ok(()),
-                Err(e) => return Err(JobError::qmp_at("qom-get drive", qdev)(e)),
+            // Which node the device uses comes from query-block: for a
+            // legacy `-drive` disk, qom-get answers the BlockBackend name
+            // (`drive-scsi0`) whatever node is inserted.
+            let on_filter = match current_node(qmp, qdev).await? {
+                Some(node) => node == *filter,
+                // Not in query-block: unplugged, or a qdev path spelled
+                // differently; qom-get answers a node name for a
+                // `-blockdev` device, or DeviceNotFound.
+                None => match qmp.qom_get(qdev, "drive").await {
+                    Ok(v) => v.as_str() == Some(filter.as_str()),
+                    Err(e) if e.qemu_class() == Some("DeviceNotFound") => false,
+                    Err(e) => return Err(JobError::qmp_at("qom-get drive", qdev)(e)),
+                },
             };
-            if current.as_str() == Some(filter.as_str()) {
+            if on_filter {
                 qmp.qom_set(qdev, "drive", Value::from(original.as_str()))
                     .await
                     .map_err(JobError::qmp_at("qom-set drive back", qdev))?;
@@ -427,6 +514,14 @@ async fn undo_step(
             Ok(())
         }
         Step::NbdServer { socket } => {
+            // The step is logged before `nbd-server-start`, so it may name a
+            // server that never started — and another server (someone
+            // else's) may run. Stop the server only when it is ours: it
+            // listens on our private socket, which nobody else knows.
+            if !listening(socket).await {
+                let _ = std::fs::remove_file(socket);
+                return Ok(());
+            }
             let qmp = need_qmp()?;
             match qmp.nbd_server_stop().await {
                 Ok(()) => {}
@@ -464,7 +559,16 @@ async fn undo_step(
 
 #[cfg(test)]
 mod tests {
-    use super::qdev_id;
+    use super::{is_cdrom, qdev_id};
+
+    #[test]
+    fn cdrom_drives_are_recognised_by_type() {
+        assert!(is_cdrom(Some("ide-cd"), true));
+        assert!(is_cdrom(Some("scsi-cd"), false));
+        assert!(!is_cdrom(Some("scsi-hd"), false));
+        assert!(is_cdrom(None, true));
+        assert!(!is_cdrom(None, false));
+    }
 
     #[test]
     fn disk_names_come_from_the_qdev_id() {

@@ -33,6 +33,7 @@
 pub mod backup;
 pub mod cancel;
 mod datapath;
+mod diagnose;
 pub mod events;
 pub mod freeze;
 pub mod graph;
@@ -97,6 +98,25 @@ pub enum JobError {
         #[source]
         source: nbd_export::Error,
     },
+    /// Reading a disk's export failed; `cause` is what was found out about
+    /// why (QEMU gone, fleecing storage full, …), see `diagnose`.
+    #[error(
+        "reading {disk} failed{}{}",
+        .offset.map(|o| format!(" at offset {o}")).unwrap_or_default(),
+        .cause.as_ref().map(|c| format!(": {c}")).unwrap_or_default()
+    )]
+    ReadFailed {
+        /// The disk.
+        disk: String,
+        /// The export offset that failed (the chunk being read, or the
+        /// server's error offset).
+        offset: Option<u64>,
+        /// The cause found after the failure.
+        cause: Option<String>,
+        /// The NBD error (boxed: it is large).
+        #[source]
+        source: Box<nbd_export::Error>,
+    },
     /// The repository refused or failed.
     #[error("repository: {step}")]
     Repo {
@@ -136,6 +156,13 @@ pub enum JobError {
         #[source]
         source: Box<JobError>,
     },
+    /// QEMU already runs an NBD server that shear did not start.
+    #[error(
+        "an NBD server shear did not start is running in QEMU (another tool's, or a \
+         migration's); shear leaves it and its exports alone and did not touch the guest: \
+         stop it (nbd-server-stop) or run the backup when it is gone"
+    )]
+    ForeignNbdServer,
     /// Anything else, said plainly: a permanent condition of the VM or
     /// the input (no disks, a hook that failed, a size mismatch).
     #[error("{0}")]
@@ -156,6 +183,11 @@ impl JobError {
             JobError::QmpNotConnected { .. } => ErrorKind::QemuGone,
             JobError::Qga { source, .. } => match source.kind() {
                 guest_agent::ErrorKind::Temporary => ErrorKind::Retryable,
+                _ => ErrorKind::Permanent,
+            },
+            JobError::ForeignNbdServer => ErrorKind::Retryable,
+            JobError::ReadFailed { source, .. } => match source.kind() {
+                nbd_export::ErrorKind::Temporary => ErrorKind::Retryable,
                 _ => ErrorKind::Permanent,
             },
             JobError::Nbd { source, .. } => match source.kind() {
