@@ -16,10 +16,11 @@ use std::sync::Arc;
 
 use zerocopy::FromBytes;
 
-use crate::error::{Error, Result, Violation};
+use crate::error::{Error, Result};
 use crate::handshake::ExportInfo;
 use crate::plan::{self, Extent};
 use crate::tuning;
+use crate::violation::Violation;
 use crate::wire::{self, ChunkHeader};
 
 /// Index of a destination buffer owned by a [`Conn`].

@@ -26,11 +26,12 @@ use crate::client;
 use crate::conn::{BufId, Conn, ConnStats, Done, DoneOk};
 use crate::driver::Link;
 use crate::engine::{self, EngineChoice, EngineKind, SocketIo};
-use crate::error::{Error, Result, Violation};
+use crate::error::{Error, Result};
 use crate::handshake::ExportInfo;
 use crate::plan::{self, ChunkPlan, Extent};
 use crate::transport::{ExportSource, Stream};
 use crate::tuning;
+use crate::violation::Violation;
 use crate::wire;
 
 /// What a chunk turned out to be.

@@ -42,7 +42,7 @@ pub struct BackupArgs {
     #[arg(long)]
     pub workers: Option<usize>,
     /// NBD connections per disk.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = nbd_export::tuning::DEFAULT_CONNECTIONS)]
     pub connections: usize,
     /// Read bandwidth limit in KiB/s (0: none).
     #[arg(long, default_value_t = 0)]

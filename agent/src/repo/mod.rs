@@ -165,7 +165,7 @@ pub struct InitOptions {
 impl Default for InitOptions {
     fn default() -> Self {
         InitOptions {
-            chunk_size: format::DEFAULT_CHUNK_SIZE_U32,
+            chunk_size: format::DEFAULT_CHUNK_SIZE,
             zstd_level: 1,
         }
     }
