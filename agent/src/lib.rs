@@ -5,5 +5,6 @@
 
 pub mod cli;
 pub mod config;
+pub mod fsutil;
 pub mod job;
 pub mod repo;

@@ -240,6 +240,16 @@ fn io_kind(e: &io::Error) -> ErrorKind {
     }
 }
 
+impl From<crate::fsutil::WriteError> for RepoError {
+    fn from(e: crate::fsutil::WriteError) -> Self {
+        RepoError::Io {
+            op: e.op,
+            path: e.path,
+            source: e.source,
+        }
+    }
+}
+
 /// Result alias for the repository.
 pub type Result<T, E = RepoError> = std::result::Result<T, E>;
 
