@@ -8,11 +8,11 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 
+use crate::chain;
 use crate::config::Config;
 use crate::job::backup::{
     run_backup, BackupOptions, BackupReport, Cancel, Mode, DEFAULT_CBW_TIMEOUT_S,
 };
-use crate::job::chain;
 
 /// `shear backup …`
 #[derive(Debug, Args)]

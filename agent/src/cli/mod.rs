@@ -207,13 +207,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Prints an error and its causes as a numbered chain.
+/// Prints an error and its causes ([`crate::chain`]).
 pub fn print_error(err: &anyhow::Error) {
-    let mut chain = err.chain();
-    if let Some(first) = chain.next() {
-        eprintln!("error: {first}");
-    }
-    for (n, cause) in chain.enumerate() {
-        eprintln!("  {}: {cause}", n + 1);
-    }
+    let e: &dyn std::error::Error = err.as_ref();
+    eprintln!("error: {}", crate::chain(e));
 }

@@ -111,14 +111,5 @@ impl JobError {
     }
 }
 
-/// The error and its causes on one line: `a: b: c`.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+/// The error and its causes on one line (the crate's one printer).
+pub use crate::chain;
