@@ -818,8 +818,13 @@ impl Worker {
             self.next_plan += 1;
             let len32 = wire::sat_u32(len);
             match plan {
-                ChunkPlan::Zero => {
-                    shared.counters.zero_chunks.fetch_add(1, Ordering::Relaxed);
+                ChunkPlan::Zero | ChunkPlan::Clean => {
+                    let (counter, kind) = if matches!(plan, ChunkPlan::Zero) {
+                        (&shared.counters.zero_chunks, ChunkKind::Zero)
+                    } else {
+                        (&shared.counters.clean_chunks, ChunkKind::Clean)
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
                     emit(
                         tx,
                         shared,
@@ -827,20 +832,7 @@ impl Worker {
                             index,
                             offset: off,
                             len: len32,
-                            kind: ChunkKind::Zero,
-                        },
-                    )?;
-                }
-                ChunkPlan::Clean => {
-                    shared.counters.clean_chunks.fetch_add(1, Ordering::Relaxed);
-                    emit(
-                        tx,
-                        shared,
-                        Chunk {
-                            index,
-                            offset: off,
-                            len: len32,
-                            kind: ChunkKind::Clean,
+                            kind,
                         },
                     )?;
                 }
