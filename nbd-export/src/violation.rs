@@ -1,6 +1,7 @@
-//! [`Violation`]: the ways a server can break the NBD protocol. Its own
-//! module so that the wire codec ([`crate::wire`]) and the error type
-//! ([`crate::error`]) both use it without depending on each other.
+//! [`Violation`]: the ways a server can break the NBD protocol. A module of
+//! its own, depending on nothing else in the crate, so that the wire codec
+//! (`wire.rs`) and the error type (`error.rs`) both use it and only the
+//! error type depends on the codec (for errno names).
 
 /// A way in which the server broke the NBD protocol. Any of these ends the
 /// connection (hard disconnect): the byte stream can no longer be trusted.
