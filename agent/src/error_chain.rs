@@ -1,20 +1,15 @@
-//! The one error-chain printer of the workspace: an error and its causes
-//! on one line, `a: b: c`. The CLI, the job layer, the watchdog and the
-//! tests all print errors through it, so a cause (why a guest may still be
-//! frozen, which NBD offset failed) is never dropped by one printer and
-//! shown by another.
+//! The workspace's one error-chain printer. The protocol crates do not
+//! print chains: their errors keep the cause in `source()`, and whoever
+//! reports the error (the agent, the CLI, the tests through `shear::chain`)
+//! prints the whole chain with [`chain`].
 
-/// The error and its causes on one line: `a: b: c`. A cause whose text the
-/// previous message already ends with is not repeated.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+/// The error and its causes on one line: `a: b: c`.
+pub fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
-        let msg = c.to_string();
-        if !msg.is_empty() && !s.ends_with(&msg) {
-            s.push_str(": ");
-            s.push_str(&msg);
-        }
+        s.push_str(": ");
+        s.push_str(&c.to_string());
         cur = c.source();
     }
     s
@@ -22,15 +17,15 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::error_chain;
+    use super::*;
 
     #[derive(Debug, thiserror::Error)]
     #[error("outer")]
     struct Outer(#[source] std::io::Error);
 
     #[test]
-    fn chain_prints_every_cause_once() {
-        let e = Outer(std::io::Error::other("disk on fire"));
-        assert_eq!(error_chain(&e), "outer: disk on fire");
+    fn chain_walks_every_source() {
+        let e = Outer(std::io::Error::other("inner"));
+        assert_eq!(chain(&e), "outer: inner");
     }
 }

@@ -6,6 +6,8 @@
 pub mod cli;
 pub mod config;
 mod error_chain;
-pub use error_chain::error_chain;
+pub mod fsutil;
 pub mod job;
 pub mod repo;
+
+pub use error_chain::chain;

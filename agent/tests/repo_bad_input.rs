@@ -106,9 +106,9 @@ fn unwritable_repository_is_a_clear_error_and_reads_still_work() {
     let e = repo.begin_backup(&meta).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
     assert!(
-        shear::repo::error_chain(&e).contains("Read-only"),
+        shear::chain(&e).contains("Read-only"),
         "{}",
-        shear::repo::error_chain(&e)
+        shear::chain(&e)
     );
     // Reading is unaffected.
     let out = tempfile::tempdir().unwrap();
@@ -148,12 +148,7 @@ fn f33_full_filesystem_fails_cleanly_and_recovers() {
         .enumerate()
         .find_map(|(i, c)| d.put_chunk(i as u64, c).err())
         .expect("the filesystem must fill up");
-    assert_eq!(
-        err.kind(),
-        ErrorKind::NoSpace,
-        "{}",
-        shear::repo::error_chain(&err)
-    );
+    assert_eq!(err.kind(), ErrorKind::NoSpace, "{}", shear::chain(&err));
     drop(d);
     drop(s);
     // Nothing earlier damaged; the failed backup is invisible; no temp files.

@@ -1,7 +1,8 @@
 //! A minimal blocking (std-only, no tokio) client used where no async
 //! runtime can be relied on: the thaw that a dropped [`crate::FreezeGuard`]
-//! runs on its own thread, and [`thaw_blocking`] for an out-of-process
-//! watchdog that thaws the guest when the agent itself dies (F-04).
+//! runs on its own thread, and [`crate::thaw_blocking`] for an
+//! out-of-process watchdog that thaws the guest when the agent itself dies
+//! (F-04). The thaw loop itself is in `thaw.rs`.
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -11,10 +12,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::client::ReadFail;
-use crate::commands::{self, Command, FsFreezeStatus};
+use crate::commands::Command;
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::freeze::ThawReport;
 use crate::wire::{Session, SYNC_COMMAND};
 
 const READ_CHUNK: usize = 16 << 10;
@@ -188,110 +188,5 @@ impl BlockingConn {
             }
         };
         crate::client::decode::<C>(&raw)
-    }
-}
-
-/// Thaws the guest behind `socket_path`, blocking the calling thread, and
-/// keeps trying (reconnecting and resyncing after every failure) until
-/// `guest-fsfreeze-status` reports `thawed` or `deadline` passes.
-///
-/// Meant for a watchdog process that outlives the agent: when the agent
-/// dies holding a freeze (SIGKILL, abort), the watchdog calls this. It uses
-/// only std (no async runtime). It sends a thaw even if nothing is frozen;
-/// callers must only use it for a freeze they made.
-pub fn thaw_blocking(socket_path: impl AsRef<Path>, deadline: Instant) -> Result<ThawReport> {
-    thaw_loop(socket_path.as_ref(), &Config::default(), deadline, None)
-}
-
-/// The blocking thaw loop (see [`thaw_blocking`]). `freeze_sent`, when
-/// known, gives the report its freeze window.
-pub(crate) fn thaw_loop(
-    path: &Path,
-    config: &Config,
-    deadline: Instant,
-    freeze_sent: Option<Instant>,
-) -> Result<ThawReport> {
-    let start = Instant::now();
-    let mut conn: Option<BlockingConn> = None;
-    let mut attempts = 0u32;
-    let mut first_thaw_answer: Option<Instant> = None;
-    let mut backoff = Duration::from_millis(50);
-    loop {
-        attempts += 1;
-        let now = Instant::now();
-        let attempt_deadline = (now + config.thaw_attempt_timeout).min(deadline);
-        let budget = attempt_deadline.saturating_duration_since(now);
-        let attempt = (|| -> Result<u32> {
-            if conn.is_none() {
-                conn = Some(BlockingConn::connect(
-                    path,
-                    config,
-                    attempt_deadline,
-                    budget,
-                )?);
-            }
-            let Some(c) = conn.as_mut() else {
-                return Err(Error::Eof {
-                    command: SYNC_COMMAND,
-                });
-            };
-            let thawed = c.execute(&commands::FsFreezeThaw {}, attempt_deadline, budget)?;
-            first_thaw_answer.get_or_insert_with(Instant::now);
-            match c.execute(&commands::FsFreezeStatusCmd {}, attempt_deadline, budget)? {
-                FsFreezeStatus::Thawed => Ok(thawed),
-                FsFreezeStatus::Frozen => Err(Error::StillFrozen),
-            }
-        })();
-        let last = match attempt {
-            Ok(thawed_filesystems) => {
-                let report = ThawReport {
-                    thawed_filesystems,
-                    attempts,
-                    freeze_window: freeze_sent.map(|sent| {
-                        first_thaw_answer
-                            .unwrap_or(now)
-                            .saturating_duration_since(sent)
-                    }),
-                };
-                tracing::info!(
-                    socket = %path.display(),
-                    attempts,
-                    thawed_filesystems,
-                    freeze_window_ms = report.freeze_window.map(|w| w.as_millis()),
-                    "guest thawed (blocking path)"
-                );
-                return Ok(report);
-            }
-            Err(e) => {
-                tracing::warn!(
-                    socket = %path.display(),
-                    attempt = attempts,
-                    error = %e,
-                    "thaw attempt failed; reconnecting and retrying"
-                );
-                if e.desyncs_connection() {
-                    conn = None;
-                }
-                e
-            }
-        };
-        let now = Instant::now();
-        if now >= deadline {
-            let elapsed = now.saturating_duration_since(start);
-            tracing::error!(
-                socket = %path.display(),
-                attempts,
-                elapsed_ms = elapsed.as_millis(),
-                error = %last,
-                "COULD NOT THAW THE GUEST: its filesystems may still be frozen"
-            );
-            return Err(Error::ThawFailed {
-                attempts,
-                elapsed,
-                last: Box::new(last),
-            });
-        }
-        thread::sleep(backoff.min(deadline - now));
-        backoff = (backoff * 2).min(Duration::from_secs(1));
     }
 }

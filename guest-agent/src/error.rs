@@ -197,15 +197,19 @@ pub enum Error {
     NoFilesystemFrozen,
     /// Freezing failed. A freeze was sent, so the guard ran its thaw loop;
     /// `thaw_error` is `None` when the guest was confirmed `thawed`.
-    #[error("freezing the guest filesystems failed ({})", match thaw_error {
+    ///
+    /// The freeze's cause is in the message; the error's `source()` is the
+    /// thaw error, so an error-chain printer shows why the guest may still
+    /// be frozen.
+    #[error("freezing the guest filesystems failed: {source} ({})", match thaw_error {
         None => "the guest was thawed again",
         Some(_) => "AND THAWING FAILED: the guest may still be frozen",
     })]
     FreezeFailed {
         /// Why the freeze failed.
-        #[source]
         source: Box<Error>,
         /// Why the thaw that followed failed, if it did.
+        #[source]
         thaw_error: Option<Box<Error>>,
     },
     /// The agent still reports `frozen` right after a successful thaw.
@@ -346,5 +350,35 @@ mod tests {
         };
         assert_eq!(agent.kind(), ErrorKind::Permanent);
         assert!(agent.to_string().contains("thawed again"));
+        assert!(std::error::Error::source(&agent).is_none());
+    }
+
+    /// An error-chain printer must reach the thaw error (why the guest may
+    /// still be frozen), and the message keeps the freeze's cause.
+    #[test]
+    fn freeze_failed_chains_to_the_thaw_error() {
+        let e = Error::FreezeFailed {
+            source: Box::new(Error::Timeout {
+                command: "guest-fsfreeze-freeze",
+                timeout: Duration::from_secs(1),
+            }),
+            thaw_error: Some(Box::new(Error::ThawFailed {
+                attempts: 3,
+                elapsed: Duration::from_secs(2),
+                last: Box::new(Error::StillFrozen),
+            })),
+        };
+        assert!(e.to_string().contains("guest-fsfreeze-freeze"), "{e}");
+        let thaw = std::error::Error::source(&e).expect("thaw error is the source");
+        // Boxed causes are sources as the box itself.
+        assert!(matches!(
+            thaw.downcast_ref::<Box<Error>>().map(|b| &**b),
+            Some(Error::ThawFailed { .. })
+        ));
+        let last = thaw.source().expect("the last attempt's error");
+        assert!(matches!(
+            last.downcast_ref::<Box<Error>>().map(|b| &**b),
+            Some(Error::StillFrozen)
+        ));
     }
 }

@@ -1,20 +1,17 @@
 //! The freeze guard (see [`FreezeGuard`]).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Condvar, Mutex, PoisonError};
 use std::thread;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::blocking;
 use crate::client::GuestAgent;
-use crate::commands::{self, FsFreezeStatus};
+use crate::commands::{self, Command, FsFreezeStatus};
 use crate::config::Config;
 use crate::error::{Error, Result};
-
-/// Freeze windows above this are logged as warnings (F-07 alarm level).
-const WINDOW_ALARM: Duration = Duration::from_secs(5);
+use crate::thaw::{self, ThawConn, ThawReport};
 
 /// What to freeze.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,20 +20,6 @@ pub enum FreezeScope {
     All,
     /// These mountpoints (`guest-fsfreeze-freeze-list`).
     Mountpoints(Vec<String>),
-}
-
-/// The outcome of a successful thaw.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ThawReport {
-    /// Filesystems the answered thaw reported (a retry after a lost reply
-    /// may report 0).
-    pub thawed_filesystems: u32,
-    /// Thaw attempts made (1 when nothing went wrong).
-    pub attempts: u32,
-    /// Freeze sent → first thaw answered; `None` for
-    /// [`crate::thaw_blocking`], which does not know when the freeze was
-    /// sent.
-    pub freeze_window: Option<Duration>,
 }
 
 /// Drop-path thaws still running on their threads.
@@ -94,102 +77,43 @@ impl Armed {
         })
     }
 
-    async fn thaw_attempt(
-        &mut self,
-        deadline: Instant,
-        budget: Duration,
-        first_thaw_answer: &mut Option<std::time::Instant>,
-    ) -> Result<u32> {
-        let agent = self.agent(deadline, budget).await?;
-        let thawed = agent
-            .execute_until(&commands::FsFreezeThaw {}, deadline, budget)
-            .await?;
-        first_thaw_answer.get_or_insert_with(std::time::Instant::now);
-        match agent
-            .execute_until(&commands::FsFreezeStatusCmd {}, deadline, budget)
-            .await?
-        {
-            FsFreezeStatus::Thawed => Ok(thawed),
-            FsFreezeStatus::Frozen => Err(Error::StillFrozen),
-        }
+    /// Thaws until `thawed` or [`Config::thaw_deadline`] (the one retry
+    /// loop, [`thaw::thaw_until`], over this connection). Either way the
+    /// outcome is final: the drop path must not start over.
+    async fn thaw_loop(&mut self) -> Result<ThawReport> {
+        let deadline = std::time::Instant::now() + self.config.thaw_deadline;
+        let attempt_timeout = self.config.thaw_attempt_timeout;
+        let freeze_sent = Some(self.freeze_sent);
+        let result = thaw::thaw_until(self, attempt_timeout, deadline, freeze_sent).await;
+        self.done = true;
+        result
+    }
+}
+
+impl ThawConn for Armed {
+    fn socket(&self) -> &Path {
+        &self.path
     }
 
-    /// Thaws until `thawed` or [`Config::thaw_deadline`]. After any failure
-    /// that leaves the stream in doubt it reconnects (new connection, new
-    /// sync id), so a late freeze reply is discarded by the sync.
-    async fn thaw_loop(&mut self) -> Result<ThawReport> {
-        let start = Instant::now();
-        let deadline = start + self.config.thaw_deadline;
-        let mut attempts = 0u32;
-        let mut first_thaw_answer = None;
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            attempts += 1;
-            let now = Instant::now();
-            let attempt_deadline = (now + self.config.thaw_attempt_timeout).min(deadline);
-            let budget = attempt_deadline.saturating_duration_since(now);
-            let last = match self
-                .thaw_attempt(attempt_deadline, budget, &mut first_thaw_answer)
-                .await
-            {
-                Ok(thawed_filesystems) => {
-                    self.done = true;
-                    let window = first_thaw_answer
-                        .unwrap_or_else(std::time::Instant::now)
-                        .saturating_duration_since(self.freeze_sent);
-                    if window > WINDOW_ALARM {
-                        tracing::warn!(
-                            freeze_window_ms = window.as_millis(),
-                            "guest thawed, but the freeze window was long"
-                        );
-                    } else {
-                        tracing::info!(
-                            freeze_window_ms = window.as_millis(),
-                            attempts,
-                            thawed_filesystems,
-                            "guest thawed"
-                        );
-                    }
-                    return Ok(ThawReport {
-                        thawed_filesystems,
-                        attempts,
-                        freeze_window: Some(window),
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        socket = %self.path.display(),
-                        attempt = attempts,
-                        error = %e,
-                        "thaw attempt failed; resyncing and retrying"
-                    );
-                    if e.desyncs_connection() {
-                        self.agent = None;
-                    }
-                    e
-                }
-            };
-            let now = Instant::now();
-            if now >= deadline {
-                // Giving up is final: the drop path must not start over.
-                self.done = true;
-                let elapsed = now - start;
-                tracing::error!(
-                    socket = %self.path.display(),
-                    attempts,
-                    elapsed_ms = elapsed.as_millis(),
-                    error = %last,
-                    "COULD NOT THAW THE GUEST: its filesystems may still be frozen"
-                );
-                return Err(Error::ThawFailed {
-                    attempts,
-                    elapsed,
-                    last: Box::new(last),
-                });
-            }
-            tokio::time::sleep(backoff.min(deadline - now)).await;
-            backoff = (backoff * 2).min(Duration::from_secs(1));
-        }
+    async fn execute<C: Command>(
+        &mut self,
+        command: &C,
+        deadline: std::time::Instant,
+        budget: Duration,
+    ) -> Result<C::Ok> {
+        let deadline = Instant::from_std(deadline);
+        self.agent(deadline, budget)
+            .await?
+            .execute_until(command, deadline, budget)
+            .await
+    }
+
+    fn disconnect(&mut self) {
+        self.agent = None;
+    }
+
+    async fn sleep(&mut self, pause: Duration) {
+        tokio::time::sleep(pause).await;
     }
 }
 
@@ -216,7 +140,7 @@ impl Drop for Armed {
             let (path, config) = (path.clone(), config.clone());
             move || {
                 // The loop logs its own outcome (error level on failure).
-                let _ = blocking::thaw_loop(&path, &config, deadline, Some(freeze_sent));
+                let _ = thaw::thaw_until_blocking(&path, &config, deadline, Some(freeze_sent));
                 drop_thaw_finished();
                 let _ = tx.send(());
             }
@@ -237,7 +161,7 @@ impl Drop for Armed {
                 // No thread to be had: thaw here, blocking, rather than not
                 // at all.
                 tracing::error!(error = %e, "cannot spawn the thaw thread; thawing inline");
-                let _ = blocking::thaw_loop(&path, &config, deadline, Some(freeze_sent));
+                let _ = thaw::thaw_until_blocking(&path, &config, deadline, Some(freeze_sent));
                 drop_thaw_finished();
             }
         }

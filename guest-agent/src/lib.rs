@@ -62,6 +62,7 @@ pub mod commands;
 mod config;
 mod error;
 mod freeze;
+mod thaw;
 mod wire;
 
 #[cfg(any(test, feature = "test-utils"))]
@@ -70,9 +71,9 @@ pub mod fake;
 #[cfg(test)]
 mod tests;
 
-pub use blocking::thaw_blocking;
 pub use client::{ExecStatus, FileChunk, FileHandle, GuestAgent};
 pub use commands::{AgentInfo, FilesystemInfo, FsFreezeStatus, GuestExec, ShutdownMode};
 pub use config::{Config, MAX_REPLY_BYTES_CEILING};
 pub use error::{Error, ErrorKind, Result};
-pub use freeze::{pending_drop_thaws, wait_for_drop_thaws, FreezeGuard, FreezeScope, ThawReport};
+pub use freeze::{pending_drop_thaws, wait_for_drop_thaws, FreezeGuard, FreezeScope};
+pub use thaw::{thaw_blocking, ThawReport};

@@ -8,11 +8,12 @@ use std::time::{Duration, Instant};
 use crate::conn::{Conn, ContextExtents, DoneOk};
 use crate::driver::Link;
 use crate::engine::{self, EngineChoice, EngineKind, SocketIo};
-use crate::error::{Error, Result, Violation};
+use crate::error::{Error, Result};
 use crate::handshake::{self, ExportInfo, HandshakeParams};
 use crate::plan::{self, Extent};
 use crate::transport::{ExportSource, Stream};
 use crate::tuning;
+use crate::violation::Violation;
 use crate::wire;
 
 /// Connection options.

@@ -16,10 +16,11 @@ use std::sync::Arc;
 
 use zerocopy::FromBytes;
 
-use crate::error::{Error, Result, Violation};
+use crate::error::{Error, Result};
 use crate::handshake::ExportInfo;
 use crate::plan::{self, Extent};
 use crate::tuning;
+use crate::violation::Violation;
 use crate::wire::{self, ChunkHeader};
 
 /// Index of a destination buffer owned by a [`Conn`].
@@ -125,6 +126,33 @@ enum Kind {
         /// Indexed like `ExportInfo::contexts`.
         got: Vec<Option<Vec<Extent>>>,
     },
+}
+
+/// Where a data or hole piece `off..off + len` of a read reply lands:
+/// checks that it lies inside the request and is not covered yet, marks it
+/// covered, and returns the read's buffer and the position in it.
+fn place_piece(p: &mut Pending, off: u64, len: u64, what: &str) -> Result<(BufId, usize)> {
+    let (req_off, req_len) = (p.offset, u64::from(p.len));
+    if off < req_off || off.checked_add(len).is_none_or(|e| e > req_off + req_len) {
+        return Err(Violation::ChunkOutOfRange {
+            offset: off,
+            len,
+            req_offset: req_off,
+            req_len,
+        }
+        .into());
+    }
+    let Kind::Read {
+        buf,
+        buf_off,
+        coverage,
+    } = &mut p.kind
+    else {
+        return Err(Violation::Malformed(format!("{what} chunk for non-read")).into());
+    };
+    coverage.insert(off - req_off, len)?;
+    // Both ≤ the request length, which fits the buffer.
+    Ok((*buf, *buf_off + wire::sat_usize(off - req_off)))
 }
 
 #[derive(Debug)]
@@ -831,17 +859,6 @@ impl Conn {
         };
         let req_off = p.offset;
         let req_len = u64::from(p.len);
-        let in_range = |off: u64, len: u64| -> Result<(), Violation> {
-            if off < req_off || off.checked_add(len).is_none_or(|e| e > req_off + req_len) {
-                return Err(Violation::ChunkOutOfRange {
-                    offset: off,
-                    len,
-                    req_offset: req_off,
-                    req_len,
-                });
-            }
-            Ok(())
-        };
         match ty {
             wire::NBD_REPLY_TYPE_OFFSET_DATA => {
                 let off = u64::from_be_bytes(
@@ -850,21 +867,10 @@ impl Conn {
                         .map_err(|_| Violation::Malformed("short data offset".into()))?,
                 );
                 let dlen = u64::from(h.length.get() - 8);
-                in_range(off, dlen)?;
-                let Kind::Read {
-                    buf,
-                    buf_off,
-                    coverage,
-                } = &mut p.kind
-                else {
-                    return Err(Violation::Malformed("data chunk for non-read".into()).into());
-                };
-                coverage.insert(off - req_off, dlen)?;
-                // Both ≤ the request length, which fits the buffer.
-                let pos = *buf_off + wire::sat_usize(off - req_off);
+                let (buf, pos) = place_piece(p, off, dlen, "data")?;
                 self.rx = Rx::Data {
                     h,
-                    buf: *buf,
+                    buf,
                     pos,
                     end: pos + wire::sat_usize(dlen),
                 };
@@ -878,20 +884,9 @@ impl Conn {
                 if hlen == 0 {
                     return Err(Violation::Malformed("zero-length hole".into()).into());
                 }
-                in_range(off, hlen)?;
-                let Kind::Read {
-                    buf,
-                    buf_off,
-                    coverage,
-                } = &mut p.kind
-                else {
-                    return Err(Violation::Malformed("hole chunk for non-read".into()).into());
-                };
-                coverage.insert(off - req_off, hlen)?;
                 // The hole's bytes are zero: write them, so the result never
                 // depends on what the buffer held (e.g. a failed earlier try).
-                let pos = *buf_off + wire::sat_usize(off - req_off);
-                let buf = *buf;
+                let (buf, pos) = place_piece(p, off, hlen, "hole")?;
                 if let Some(d) = self.slots.get_mut(buf.0).and_then(|s| s.data.as_mut()) {
                     if let Some(z) = d.get_mut(pos..pos + wire::sat_usize(hlen)) {
                         z.fill(0);

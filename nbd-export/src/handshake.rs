@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use zerocopy::FromBytes;
 
-use crate::error::{Error, Result, Violation};
+use crate::error::{Error, Result};
 use crate::tuning;
+use crate::violation::Violation;
 use crate::wire::{self, Info, OptionReply};
 
 /// Transmission flags of an export.

@@ -97,13 +97,15 @@ pub mod plan;
 mod reader;
 mod transport;
 pub mod tuning;
+mod violation;
 pub mod wire;
 
 pub use client::{Client, ClientOptions};
 pub use conn::ContextExtents;
 pub use engine::{EngineChoice, EngineKind, ENGINE_ENV};
-pub use error::{Error, ErrorKind, Result, Violation};
+pub use error::{Error, ErrorKind, Result};
 pub use handshake::{BlockSizes, ExportFlags, ExportInfo, MetaContext};
 pub use plan::{ChunkPlan, Extent, Run, RunKind};
 pub use reader::{Chunk, ChunkKind, ChunkReader, ChunkStream, ReadStats, ReaderConfig, Recycler};
 pub use transport::{Endpoint, ExportSource, Stream};
+pub use violation::Violation;

@@ -5,7 +5,7 @@
 //! ranges clean in the dirty bitmap (never read for an incremental), then
 //! into per-chunk plans with coalesced, aligned read requests.
 
-use crate::error::Violation;
+use crate::violation::Violation;
 use crate::wire::{self, Descriptor};
 
 /// One block status extent.

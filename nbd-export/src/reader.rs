@@ -26,11 +26,12 @@ use crate::client;
 use crate::conn::{BufId, Conn, ConnStats, Done, DoneOk};
 use crate::driver::Link;
 use crate::engine::{self, EngineChoice, EngineKind, SocketIo};
-use crate::error::{Error, Result, Violation};
+use crate::error::{Error, Result};
 use crate::handshake::ExportInfo;
 use crate::plan::{self, ChunkPlan, Extent};
 use crate::transport::{ExportSource, Stream};
 use crate::tuning;
+use crate::violation::Violation;
 use crate::wire;
 
 /// What a chunk turned out to be.
@@ -817,8 +818,13 @@ impl Worker {
             self.next_plan += 1;
             let len32 = wire::sat_u32(len);
             match plan {
-                ChunkPlan::Zero => {
-                    shared.counters.zero_chunks.fetch_add(1, Ordering::Relaxed);
+                ChunkPlan::Zero | ChunkPlan::Clean => {
+                    let (counter, kind) = if matches!(plan, ChunkPlan::Zero) {
+                        (&shared.counters.zero_chunks, ChunkKind::Zero)
+                    } else {
+                        (&shared.counters.clean_chunks, ChunkKind::Clean)
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
                     emit(
                         tx,
                         shared,
@@ -826,20 +832,7 @@ impl Worker {
                             index,
                             offset: off,
                             len: len32,
-                            kind: ChunkKind::Zero,
-                        },
-                    )?;
-                }
-                ChunkPlan::Clean => {
-                    shared.counters.clean_chunks.fetch_add(1, Ordering::Relaxed);
-                    emit(
-                        tx,
-                        shared,
-                        Chunk {
-                            index,
-                            offset: off,
-                            len: len32,
-                            kind: ChunkKind::Clean,
+                            kind,
                         },
                     )?;
                 }

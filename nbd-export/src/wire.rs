@@ -12,8 +12,8 @@
 use zerocopy::byteorder::{BigEndian, U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use crate::error::Violation;
 use crate::tuning;
+use crate::violation::Violation;
 
 type Be16 = U16<BigEndian>;
 type Be32 = U32<BigEndian>;

@@ -9,11 +9,11 @@ use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 
 use super::progress::CliObserver;
+use crate::chain;
 use crate::config::Config;
 use crate::job::backup::{
     held_hook_from_env, run_backup, BackupOptions, Cancel, Mode, DEFAULT_CBW_TIMEOUT_S,
 };
-use crate::job::chain;
 use crate::job::report::BackupReport;
 
 /// `--mode` (vzdump's names).
@@ -65,7 +65,7 @@ pub struct BackupArgs {
     #[arg(long)]
     pub workers: Option<usize>,
     /// NBD connections per disk.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = nbd_export::tuning::DEFAULT_CONNECTIONS)]
     pub connections: usize,
     /// Read bandwidth limit in KiB/s (0: none).
     #[arg(long, default_value_t = 0)]

@@ -208,7 +208,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Prints an error and its causes on one line (`error: a: b: c`).
+/// Prints an error and its causes ([`crate::chain`]).
 pub fn print_error(err: &anyhow::Error) {
-    eprintln!("error: {}", crate::error_chain(err.as_ref()));
+    let e: &dyn std::error::Error = err.as_ref();
+    eprintln!("error: {}", crate::chain(e));
 }

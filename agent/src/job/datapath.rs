@@ -18,10 +18,6 @@ use super::report::DiskReport;
 use super::JobError;
 use crate::repo;
 
-/// Most chunk bytes the NBD reader holds at once (read ahead of hashing
-/// and compression). 64 MiB keeps two connections and the workers busy;
-/// more only costs memory.
-const READ_BYTE_BUDGET: u64 = 64 << 20;
 /// Data path settings.
 #[derive(Debug, Clone)]
 pub(super) struct DataPathConfig {
@@ -112,17 +108,19 @@ pub(super) fn read_all(
         // Memory: the reader holds at most its byte budget. With a bandwidth
         // limit, keep it to two chunks so the limit bounds the NBD reads too
         // (not only how fast chunks are consumed).
+        // Otherwise the reader's own tuned default (nbd-export's tuning).
         let chunk = u64::from(writer.chunk_size());
+        let defaults = nbd_export::ReaderConfig::default();
         let byte_budget = if dp.bwlimit_bytes > 0 {
             2 * chunk
         } else {
-            READ_BYTE_BUDGET.max(2 * chunk)
+            defaults.byte_budget.max(2 * chunk)
         };
         let cfg = nbd_export::ReaderConfig {
             chunk_size: writer.chunk_size(),
             connections: dp.connections,
             byte_budget,
-            ..nbd_export::ReaderConfig::default()
+            ..defaults
         };
         let mut stream =
             nbd_export::ChunkReader::start(&src, &cfg).map_err(|source| JobError::ReadFailed {

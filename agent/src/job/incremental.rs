@@ -283,7 +283,7 @@ fn check(
             return Err(format!(
                 "the verify state of backup {} is unreadable: {}",
                 s.backup,
-                crate::error_chain(&err)
+                crate::chain(&err)
             ))
         }
     }
@@ -293,7 +293,7 @@ fn check(
             format!(
                 "the manifest of backup {} is unreadable: {}",
                 s.backup,
-                crate::error_chain(&err)
+                crate::chain(&err)
             )
         })?
         .encryption
@@ -305,7 +305,7 @@ fn check(
         format!(
             "backup {} cannot be opened: {}",
             s.backup,
-            crate::error_chain(&err)
+            crate::chain(&err)
         )
     })?;
     let d = reader.open_disk(&disk.name).map_err(|err| {
@@ -313,7 +313,7 @@ fn check(
             "the index of {} in backup {} is unreadable: {}",
             disk.name,
             s.backup,
-            crate::error_chain(&err)
+            crate::chain(&err)
         )
     })?;
     Ok(IncrementalBase {

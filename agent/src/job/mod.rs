@@ -43,7 +43,7 @@ pub mod record;
 pub mod report;
 pub mod watchdog;
 
-pub use crate::error_chain as chain;
+pub use crate::chain;
 
 /// What kind of failure a [`JobError`] is: what a caller (the CLI, a
 /// scheduler) should do about it.
@@ -275,7 +275,7 @@ mod tests {
             state: "frozen",
             source: Box::new(JobError::Invalid("qemu-ga did not answer the thaw".into())),
         };
-        let s = crate::error_chain(&e);
+        let s = chain(&e);
         assert!(s.contains("may still be frozen"), "{s}");
         assert!(s.ends_with("qemu-ga did not answer the thaw"), "{s}");
     }

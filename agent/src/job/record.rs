@@ -11,10 +11,11 @@
 //! step that never happened (a node that does not exist, a drive that
 //! already points at its original node).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+use crate::fsutil::{self, Existing};
 
 /// One change made to the VM, in the order made.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -183,30 +184,17 @@ impl RunRecord {
             })
     }
 
-    /// Write the record atomically: temp file, fsync, rename, fsync dir.
+    /// Write the record atomically and durably ([`fsutil::write_atomic`]).
     pub fn save(&self, path: &Path) -> Result<(), RecordError> {
-        let io = |op: &'static str| {
-            move |source| RecordError::Io {
-                path: path.into(),
-                op,
-                source,
-            }
-        };
-        let dir = path.parent().unwrap_or(Path::new("."));
-        let tmp = path.with_extension(format!("json.tmp.{}", std::process::id()));
         let bytes = serde_json::to_vec_pretty(self).map_err(|source| RecordError::Corrupt {
             path: path.into(),
             source,
         })?;
-        let mut f = std::fs::File::create(&tmp).map_err(io("create temp"))?;
-        f.write_all(&bytes).map_err(io("write temp"))?;
-        f.sync_all().map_err(io("fsync temp"))?;
-        drop(f);
-        std::fs::rename(&tmp, path).map_err(io("rename"))?;
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io("fsync dir"))?;
-        Ok(())
+        fsutil::write_atomic(path, &bytes, Existing::Replace).map_err(|e| RecordError::Io {
+            path: path.into(),
+            op: e.op,
+            source: e.source,
+        })
     }
 
     /// Remove the record file (after a complete undo).

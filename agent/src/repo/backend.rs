@@ -13,14 +13,14 @@
 //!   stale lock outlives a killed process (F-31, F-38).
 
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::error::{RepoError, Result};
+use crate::fsutil::{self, Existing};
 
 /// Shared or exclusive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,11 +106,7 @@ pub trait Backend: Send + Sync + fmt::Debug {
 #[derive(Debug)]
 pub struct LocalBackend {
     root: PathBuf,
-    tmp_counter: AtomicU64,
 }
-
-/// Marker inside temp file names (`<name>.tmp-<pid>-<n>`).
-const TMP_MARK: &str = ".tmp-";
 
 impl LocalBackend {
     /// Uses `root` (which must be an existing directory).
@@ -124,7 +120,6 @@ impl LocalBackend {
         }
         Ok(LocalBackend {
             root: root.to_owned(),
-            tmp_counter: AtomicU64::new(0),
         })
     }
 
@@ -147,13 +142,7 @@ impl LocalBackend {
     }
 
     fn sync_dir(dir: &Path) -> Result<()> {
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| RepoError::io("sync directory", dir, e))
-    }
-
-    fn parent(path: &Path) -> &Path {
-        path.parent().unwrap_or(Path::new("/"))
+        Ok(fsutil::sync_dir(dir)?)
     }
 }
 
@@ -164,35 +153,8 @@ impl Backend for LocalBackend {
 
     fn put(&self, key: &str, data: &[u8]) -> Result<()> {
         let path = self.path(key)?;
-        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
-        let mut tmp_name = path.clone().into_os_string();
-        tmp_name.push(format!("{TMP_MARK}{}-{n}", std::process::id()));
-        let tmp = PathBuf::from(tmp_name);
-        let write = || -> Result<()> {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&tmp)
-                .map_err(|e| RepoError::io("create temp file", &tmp, e))?;
-            f.write_all(data)
-                .map_err(|e| RepoError::io("write temp file", &tmp, e))?;
-            // A failed fsync is final: the page cache may have dropped the
-            // data, so the temp file is discarded, never re-synced (F-34).
-            f.sync_all()
-                .map_err(|e| RepoError::io("sync temp file", &tmp, e))?;
-            Ok(())
-        };
-        if let Err(e) = write() {
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
-        }
-        if let Err(e) = fs::rename(&tmp, &path) {
-            let _ = fs::remove_file(&tmp);
-            return Err(RepoError::io("rename temp file to", &path, e));
-        }
-        Self::sync_dir(Self::parent(&path))
+        fsutil::write_atomic(&path, data, Existing::Replace)?;
+        Ok(())
     }
 
     fn get(&self, key: &str, max_len: usize) -> Result<Vec<u8>> {
@@ -257,7 +219,7 @@ impl Backend for LocalBackend {
         let path = self.path(key)?;
         match fs::remove_file(&path) {
             Ok(()) => {
-                Self::sync_dir(Self::parent(&path))?;
+                Self::sync_dir(fsutil::parent_dir(&path))?;
                 Ok(true)
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
@@ -268,9 +230,9 @@ impl Backend for LocalBackend {
     fn rename(&self, from: &str, to: &str) -> Result<()> {
         let (a, b) = (self.path(from)?, self.path(to)?);
         fs::rename(&a, &b).map_err(|e| RepoError::io("rename", &a, e))?;
-        Self::sync_dir(Self::parent(&b))?;
-        if Self::parent(&a) != Self::parent(&b) {
-            Self::sync_dir(Self::parent(&a))?;
+        Self::sync_dir(fsutil::parent_dir(&b))?;
+        if fsutil::parent_dir(&a) != fsutil::parent_dir(&b) {
+            Self::sync_dir(fsutil::parent_dir(&a))?;
         }
         Ok(())
     }
@@ -316,7 +278,7 @@ impl Backend for LocalBackend {
             },
             _ => RepoError::io("create directory", &path, e),
         })?;
-        Self::sync_dir(Self::parent(&path))
+        Self::sync_dir(fsutil::parent_dir(&path))
     }
 
     fn ensure_dir(&self, key: &str) -> Result<()> {
@@ -332,7 +294,7 @@ impl Backend for LocalBackend {
             cur.push_str(comp);
             let p = self.path(&cur)?;
             match fs::create_dir(&p) {
-                Ok(()) => Self::sync_dir(Self::parent(&p))?,
+                Ok(()) => Self::sync_dir(fsutil::parent_dir(&p))?,
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists && p.is_dir() => {}
                 Err(e) => return Err(RepoError::io("create directory", &p, e)),
             }
@@ -343,7 +305,7 @@ impl Backend for LocalBackend {
     fn remove_tree(&self, key: &str) -> Result<()> {
         let path = self.path(key)?;
         match fs::remove_dir_all(&path) {
-            Ok(()) => Self::sync_dir(Self::parent(&path)),
+            Ok(()) => Self::sync_dir(fsutil::parent_dir(&path)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(RepoError::io("remove directory", &path, e)),
         }
@@ -386,7 +348,7 @@ impl Backend for LocalBackend {
     }
 
     fn is_temp_name(&self, name: &str) -> bool {
-        name.contains(TMP_MARK)
+        fsutil::is_temp_name(name)
     }
 }
 

@@ -14,9 +14,9 @@
 //! buffers or zeroize-on-drop cipher states (aes `zeroize` feature).
 
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use aes_gcm::aead::{AeadInPlace, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce};
@@ -26,6 +26,7 @@ use zeroize::Zeroizing;
 
 use super::error::{RepoError, Result};
 use super::format::{Digest, NONCE_LEN, TAG_LEN};
+use crate::fsutil::{self, Existing};
 
 const KEYFILE_FORMAT: &str = "shear-key";
 const KEYFILE_VERSION: u32 = 1;
@@ -378,37 +379,15 @@ fn read_key_json(path: &Path) -> Result<KeyFileJson> {
 
 /// Writes a new file with mode 0600 durably; fails if `path` exists.
 fn write_new_private_file(path: &Path, data: &[u8]) -> Result<()> {
-    let dir = parent_dir(path);
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::AlreadyExists => RepoError::AlreadyExists {
+    fsutil::write_atomic(path, data, Existing::Keep).map_err(|e| {
+        if e.source.kind() == std::io::ErrorKind::AlreadyExists && e.path == path {
+            RepoError::AlreadyExists {
                 what: format!("key file {}", path.display()),
-            },
-            _ => RepoError::io("create key file", path, e),
-        })?;
-    let res = f
-        .write_all(data)
-        .and_then(|()| f.sync_all())
-        .map_err(|e| RepoError::io("write key file", path, e));
-    if let Err(e) = res {
-        let _ = fs::remove_file(path);
-        return Err(e);
-    }
-    fs::File::open(&dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| RepoError::io("sync directory", dir, e))
-}
-
-fn parent_dir(path: &Path) -> PathBuf {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-        _ => PathBuf::from("."),
-    }
+            }
+        } else {
+            e.into()
+        }
+    })
 }
 
 #[cfg(test)]

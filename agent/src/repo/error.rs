@@ -1,7 +1,7 @@
 //! The repository's one public error type, [`RepoError`].
 //!
 //! Variants name the step that failed; `Display` never repeats the source
-//! (print the chain with [`crate::repo::error_chain`] or anyhow's `{:#}`).
+//! (print the chain with [`crate::chain`]).
 
 use std::io;
 use std::path::PathBuf;
@@ -240,18 +240,15 @@ fn io_kind(e: &io::Error) -> ErrorKind {
     }
 }
 
+impl From<crate::fsutil::WriteError> for RepoError {
+    fn from(e: crate::fsutil::WriteError) -> Self {
+        RepoError::Io {
+            op: e.op,
+            path: e.path,
+            source: e.source,
+        }
+    }
+}
+
 /// Result alias for the repository.
 pub type Result<T, E = RepoError> = std::result::Result<T, E>;
-
-/// Renders an error and its sources as a numbered chain, one per line.
-pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut cur = err.source();
-    let mut n = 1;
-    while let Some(e) = cur {
-        out.push_str(&format!("\n  {n}: {e}"));
-        n += 1;
-        cur = e.source();
-    }
-    out
-}

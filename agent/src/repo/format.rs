@@ -36,10 +36,8 @@ pub const NONCE_LEN: usize = 12;
 pub const MAX_CHUNK_SIZE: usize = 16 << 20;
 /// Smallest configurable chunk size (one qcow2 cluster).
 pub const MIN_CHUNK_SIZE: usize = 64 << 10;
-/// Default chunk size.
-pub const DEFAULT_CHUNK_SIZE: usize = 4 << 20;
-/// Default chunk size as stored in headers.
-pub const DEFAULT_CHUNK_SIZE_U32: u32 = 4 << 20;
+/// Default chunk size (as stored in headers).
+pub const DEFAULT_CHUNK_SIZE: u32 = 4 << 20;
 /// Largest index (entries) decoded: 2^24 entries = 64 TiB at 4 MiB chunks.
 pub const MAX_INDEX_ENTRIES: u64 = 1 << 24;
 /// Largest manifest payload decoded.

@@ -99,7 +99,7 @@ use serde::{Deserialize, Serialize};
 
 pub use backend::{Backend, LocalBackend, LockMode, LockWait};
 pub use crypto::{Fingerprint, KdfParams, Key};
-pub use error::{error_chain, ErrorKind, RepoError, Result, Retry};
+pub use error::{ErrorKind, RepoError, Result, Retry};
 
 pub use format::Digest;
 pub use manifest::{BackupMode, Consistency, DiskEntry, DiskRead, Manifest, ReadKind};
@@ -171,7 +171,7 @@ pub struct InitOptions {
 impl Default for InitOptions {
     fn default() -> Self {
         InitOptions {
-            chunk_size: format::DEFAULT_CHUNK_SIZE_U32,
+            chunk_size: format::DEFAULT_CHUNK_SIZE,
             zstd_level: 1,
         }
     }

@@ -10,9 +10,9 @@
 //! no output, and `--force` replaces an existing *regular file* only then
 //! (F-46).
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::sync_channel;
@@ -26,6 +26,7 @@ use super::manifest::{DiskEntry, Manifest};
 use super::names::{validate_name, BackupId};
 use super::qcow2::Qcow2Writer;
 use super::{Repository, MAX_CHUNK_BLOB};
+use crate::fsutil::{self, Existing};
 
 /// Output image format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -450,7 +451,6 @@ struct OutputFile {
     tmp: PathBuf,
     path: PathBuf,
     force: bool,
-    dir: PathBuf,
 }
 
 impl OutputFile {
@@ -488,48 +488,34 @@ impl OutputFile {
             std::process::id(),
             rand::random::<u32>()
         ));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)
+        let file = fsutil::create_private(&tmp)
             .map_err(|e| RepoError::io("create restore output", &tmp, e))?;
         Ok(OutputFile {
             file,
             tmp,
             path,
             force,
-            dir: dir.to_owned(),
         })
     }
 
+    /// Moves the output (already written and fsynced) to its name:
+    /// replacing what is there only with `--force`.
     fn commit(self) -> Result<PathBuf> {
-        if self.force {
-            // rename() replaces a symlink or file at the name itself and
-            // never follows it.
-            if let Err(e) = fs::rename(&self.tmp, &self.path) {
-                let _ = fs::remove_file(&self.tmp);
-                return Err(RepoError::io("move restore output to", &self.path, e));
-            }
+        let existing = if self.force {
+            Existing::Replace
         } else {
-            // link() fails if the name appeared meanwhile: never overwrite.
-            if let Err(e) = fs::hard_link(&self.tmp, &self.path) {
-                let _ = fs::remove_file(&self.tmp);
-                return Err(match e.kind() {
-                    io::ErrorKind::AlreadyExists => RepoError::AlreadyExists {
-                        what: format!("{} (use --force to replace it)", self.path.display()),
-                    },
-                    _ => RepoError::io("move restore output to", &self.path, e),
-                });
-            }
-            let _ = fs::remove_file(&self.tmp);
+            Existing::Keep
+        };
+        match fsutil::publish(&self.tmp, &self.path, existing) {
+            Ok(()) => Ok(self.path),
+            Err(e) if e.path == self.path => Err(match e.source.kind() {
+                io::ErrorKind::AlreadyExists => RepoError::AlreadyExists {
+                    what: format!("{} (use --force to replace it)", self.path.display()),
+                },
+                _ => RepoError::io("move restore output to", &self.path, e.source),
+            }),
+            Err(e) => Err(e.into()),
         }
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| RepoError::io("sync directory", &self.dir, e))?;
-        Ok(self.path)
     }
 
     fn discard(self) {

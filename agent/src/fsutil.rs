@@ -1,0 +1,203 @@
+//! Durable file writes: the one atomic-write helper of the agent.
+//!
+//! Everything shear writes that must survive a crash (run records,
+//! repository objects, key files, restore outputs) goes through
+//! [`write_atomic`] or [`publish`]: a private temp file next to the target,
+//! written and fsynced, moved to its name, then the directory fsynced. A
+//! reader sees either the old file or the whole new one, never a torn one;
+//! a crash leaves at most a temp file ([`is_temp_name`]) that nothing reads.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Marker inside temp file names (`<name>.tmp-<pid>-<n>`).
+const TMP_MARK: &str = ".tmp-";
+
+/// Temp files created by this process so far (makes names unique).
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Which step of a durable write failed, on which path.
+#[derive(Debug, thiserror::Error)]
+#[error("{op} {}", path.display())]
+pub struct WriteError {
+    /// The step, e.g. `"sync temp file"`.
+    pub op: &'static str,
+    /// The file or directory it was done to.
+    pub path: PathBuf,
+    /// Cause.
+    #[source]
+    pub source: io::Error,
+}
+
+impl WriteError {
+    fn new(op: &'static str, path: &Path, source: io::Error) -> Self {
+        WriteError {
+            op,
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+/// What to do when the target name already exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Existing {
+    /// Replace it (`rename(2)`: replaces a file or symlink at the name, never
+    /// follows it).
+    Replace,
+    /// Fail with `AlreadyExists` (`link(2)`: never overwrites, even if the
+    /// name appeared while the temp file was written).
+    Keep,
+}
+
+/// Whether `name` is a leftover temp file of an interrupted [`write_atomic`].
+pub fn is_temp_name(name: &str) -> bool {
+    name.contains(TMP_MARK)
+}
+
+/// A fresh temp path next to `path`: `<path>.tmp-<pid>-<n>`, unique within
+/// this process (and across processes by the pid).
+pub fn temp_path(path: &Path) -> PathBuf {
+    let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!("{TMP_MARK}{}-{n}", std::process::id()));
+    PathBuf::from(name)
+}
+
+/// Creates `path` new (never an existing file, never through a symlink),
+/// mode 0600.
+pub fn create_private(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
+/// fsyncs a directory, so a rename, link or unlink in it is durable.
+pub fn sync_dir(dir: &Path) -> Result<(), WriteError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| WriteError::new("sync directory", dir, e))
+}
+
+/// The directory `path` is in (`.` for a bare name).
+pub fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Writes `data` to `path` atomically and durably: a private temp file in
+/// the same directory (unique name), write, fsync, move to `path`
+/// ([`Existing`] says whether an existing file is replaced), fsync the
+/// directory. On any error the temp file is removed. A failed fsync is
+/// final: the page cache may have dropped the data, so the temp file is
+/// discarded, never re-synced (F-34).
+pub fn write_atomic(path: &Path, data: &[u8], existing: Existing) -> Result<(), WriteError> {
+    let tmp = temp_path(path);
+    let mut f = create_private(&tmp).map_err(|e| WriteError::new("create temp file", &tmp, e))?;
+    let written = f
+        .write_all(data)
+        .map_err(|e| WriteError::new("write temp file", &tmp, e))
+        .and_then(|()| {
+            f.sync_all()
+                .map_err(|e| WriteError::new("sync temp file", &tmp, e))
+        });
+    drop(f);
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    publish(&tmp, path, existing)
+}
+
+/// Moves the written and fsynced temp file `tmp` to `path` (in the same
+/// directory) and fsyncs the directory. The temp file is gone afterwards,
+/// whether this succeeds or not.
+pub fn publish(tmp: &Path, path: &Path, existing: Existing) -> Result<(), WriteError> {
+    let moved = match existing {
+        Existing::Replace => fs::rename(tmp, path),
+        Existing::Keep => fs::hard_link(tmp, path).map(|()| {
+            let _ = fs::remove_file(tmp);
+        }),
+    };
+    if let Err(e) = moved {
+        let _ = fs::remove_file(tmp);
+        return Err(WriteError::new("move temp file to", path, e));
+    }
+    sync_dir(parent_dir(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn write_atomic_replaces_and_leaves_no_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        write_atomic(&p, b"one", Existing::Replace).unwrap();
+        write_atomic(&p, b"two", Existing::Replace).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        assert_eq!(names(dir.path()), ["f"]);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+
+    #[test]
+    fn keep_refuses_an_existing_name_and_cleans_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        fs::write(&p, b"theirs").unwrap();
+        let e = write_atomic(&p, b"ours", Existing::Keep).unwrap_err();
+        assert_eq!(e.source.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(fs::read(&p).unwrap(), b"theirs");
+        assert_eq!(names(dir.path()), ["f"]);
+        let q = dir.path().join("g");
+        write_atomic(&q, b"new", Existing::Keep).unwrap();
+        assert_eq!(fs::read(&q).unwrap(), b"new");
+        assert_eq!(names(dir.path()), ["f", "g"]);
+    }
+
+    #[test]
+    fn failed_write_removes_the_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        // The target is a directory: the rename fails after the temp file
+        // was written, and the temp file must not stay behind.
+        let p = dir.path().join("d");
+        fs::create_dir(&p).unwrap();
+        fs::write(p.join("x"), b"x").unwrap();
+        let e = write_atomic(&p, b"data", Existing::Replace).unwrap_err();
+        assert_eq!(e.op, "move temp file to");
+        assert_eq!(names(dir.path()), ["d"]);
+    }
+
+    #[test]
+    fn temp_names_are_unique_and_recognised() {
+        let p = Path::new("/r/chunks/ab");
+        let (a, b) = (temp_path(p), temp_path(p));
+        assert_ne!(a, b);
+        assert!(is_temp_name(&a.to_string_lossy()));
+        assert!(!is_temp_name("ab"));
+        assert_eq!(parent_dir(Path::new("x")), Path::new("."));
+    }
+}
