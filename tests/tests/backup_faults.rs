@@ -245,6 +245,46 @@ fn vm_sigint_mid_read_rolls_back_no_backup() {
     run_ok(env.shear(&["verify", "--all"]));
 }
 
+/// Issue 16 A: a dropped SSH session. The terminal is gone (stdout and
+/// stderr are closed pipes: every write fails) and shear gets SIGHUP in the
+/// read phase. It must roll back like SIGINT, not die of the signal (129)
+/// with the filter and a growing fleece image left in the VM.
+#[test]
+fn vm_sighup_with_terminal_gone_mid_read_rolls_back_no_backup() {
+    use std::os::unix::process::ExitStatusExt;
+    if !require_guest() {
+        return;
+    }
+    let env = ShearEnv::new();
+    let mut vm = slow_backup_vm();
+    let mut child = spawn(env.backup(&vm, &["--bwlimit", "2048"]));
+    wait_reading(&mut vm, &mut child);
+    // The session's terminal goes away: nobody reads stdout/stderr any more.
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    std::thread::sleep(Duration::from_millis(300));
+    signal(&child, "-HUP");
+    let t = Instant::now();
+    let st = wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        "shear to exit after SIGHUP",
+        || child.try_wait().unwrap(),
+    )
+    .unwrap();
+    eprintln!(
+        "SIGHUP: exit {st:?} after {:.2} s",
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(st.signal(), None, "killed by a signal: {st:?}");
+    assert_eq!(st.code(), Some(1), "{st:?}");
+    assert_released_and_clean(&mut vm, &env, &["d0"]);
+    assert!(
+        env.list().is_empty(),
+        "a cancelled backup must not be listed"
+    );
+}
+
 #[test]
 fn vm_sigkill_mid_read_next_run_cleans_up() {
     if !require_guest() {
@@ -283,7 +323,19 @@ fn vm_f12_fleece_storage_full_backup_fails_guest_unaffected() {
     };
     let mut vm = TestVm::start(VmConfig::guest().disk(DiskSpec::raw("d0", 32 * MIB))).unwrap();
     vm.qemu_io("d0", "write -P 0xab 0 24M").unwrap();
-    let cmd = env.backup_with(&vm, &vm.qga_socket(), &small, &["--bwlimit", "1024"]);
+    // A 2 MiB tmpfs on purpose: allowed explicitly, no free-space floor.
+    let cmd = env.backup_with(
+        &vm,
+        &vm.qga_socket(),
+        &small,
+        &[
+            "--bwlimit",
+            "1024",
+            "--fleecing-allow-tmpfs",
+            "--fleecing-min-free",
+            "0",
+        ],
+    );
     let mut child = spawn(cmd);
     wait_reading(&mut vm, &mut child);
     // Guest writes over data not read yet: copy-before-write needs 16 MiB
@@ -661,4 +713,73 @@ fn qemu_several_vms_from_config_templates_with_exclude() {
     for mut vm in vms {
         assert_graph_clean(&mut vm, &env, &["d0", "d1"]);
     }
+}
+
+/// Issue 16 B (F-12 before it happens): a RAM-backed fleecing directory is
+/// refused unless allowed, and a directory with less free space than the
+/// bound is refused saying how much is needed and free; both before
+/// anything changes in the VM.
+#[test]
+fn qemu_f12_fleecing_on_tmpfs_or_short_of_space_refused_before_touching_vm() {
+    if !require_qemu() {
+        return;
+    }
+    let env = ShearEnv::new();
+    let mut vm = TestVm::start(VmConfig::paused().disk(DiskSpec::qcow2("d0", 64 * MIB))).unwrap();
+    vm.qemu_io("d0", "write -P 0x5a 0 8M").unwrap();
+    let no_agent = env.dir.path().join("no-agent.sock");
+    let shm = tempfile::Builder::new()
+        .prefix("shear-fleece-")
+        .tempdir_in("/dev/shm")
+        .unwrap();
+    let graph_before = vm.harness_qmp("query-block", json!({})).unwrap();
+    let refused = |fleece: &Path, extra: &[&str]| {
+        let out = env
+            .backup_with(&vm, &no_agent, fleece, extra)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(!out.status.success(), "must be refused: {stdout}");
+        stdout
+    };
+    // tmpfs: refused by default, naming the way out.
+    let msg = refused(shm.path(), &[]);
+    assert!(
+        msg.contains("tmpfs") && msg.contains("--fleecing-allow-tmpfs"),
+        "{msg}"
+    );
+    assert_eq!(std::fs::read_dir(shm.path()).unwrap().count(), 0);
+    // Free space short of the bound: says needed and free.
+    let msg = refused(&env.fleece_dir(), &["--fleecing-min-free", "1000000T"]);
+    assert!(
+        msg.contains("not enough free space for fleecing")
+            && msg.contains(&format!("{} bytes needed", 1_000_000u64 << 40))
+            && msg.contains("bytes free"),
+        "{msg}"
+    );
+    assert_eq!(
+        vm.harness_qmp("query-block", json!({})).unwrap(),
+        graph_before,
+        "the VM's block graph changed"
+    );
+    assert_graph_clean(&mut vm, &env, &["d0"]);
+    assert!(env.list().is_empty());
+    // Allowed explicitly: backs up, and says the fleece was in RAM.
+    let r = report_of(&run_ok(env.backup_with(
+        &vm,
+        &no_agent,
+        shm.path(),
+        &["--fleecing-allow-tmpfs"],
+    )));
+    assert!(r["warnings"].to_string().contains("in RAM"), "{r}");
+    assert_eq!(std::fs::read_dir(shm.path()).unwrap().count(), 0);
+    // The default bound (10 % of the allocation) is met on the test's disk.
+    report_of(&run_ok(env.backup_with(
+        &vm,
+        &no_agent,
+        &env.fleece_dir(),
+        &[],
+    )));
+    assert_graph_clean(&mut vm, &env, &["d0"]);
+    assert_eq!(env.list().len(), 2);
 }

@@ -208,12 +208,15 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 /// Prints an error and its causes as a numbered chain.
+/// Never panics (stderr may be gone: a closed terminal).
 pub fn print_error(err: &anyhow::Error) {
+    use std::io::Write;
+    let mut e = std::io::stderr().lock();
     let mut chain = err.chain();
     if let Some(first) = chain.next() {
-        eprintln!("error: {first}");
+        let _ = writeln!(e, "error: {first}");
     }
     for (n, cause) in chain.enumerate() {
-        eprintln!("  {}: {cause}", n + 1);
+        let _ = writeln!(e, "  {}: {cause}", n + 1);
     }
 }

@@ -80,6 +80,8 @@ pub struct BackupOptions {
     pub run_dir: PathBuf,
     /// Fleecing images directory.
     pub fleecing_dir: PathBuf,
+    /// What the fleecing directory must satisfy (not RAM, free space).
+    pub fleecing: super::fleece::FleecePolicy,
     /// zstd level; `None` = the repository's default.
     pub zstd_level: Option<i32>,
     /// Hash/compress worker threads.
@@ -370,6 +372,7 @@ async fn backup_inner(
             opts.vmid
         )));
     }
+    warnings.extend(check_fleecing(opts, &disks)?);
     let status = qmp
         .query_status()
         .await
@@ -719,6 +722,23 @@ async fn stop_guest(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Refuse a RAM-backed or too small fleecing directory before the guest is
+/// touched (see [`super::fleece`]); a warning when RAM was allowed.
+fn check_fleecing(opts: &BackupOptions, disks: &[VmDisk]) -> Result<Option<String>, JobError> {
+    private_dir(&opts.fleecing_dir)?;
+    let allocated = disks
+        .iter()
+        .map(|d| d.allocated_size.unwrap_or(d.virtual_size))
+        .fold(0u64, u64::saturating_add);
+    let space = super::fleece::check(&opts.fleecing_dir, allocated, opts.fleecing)?;
+    Ok(space.ram_backed.then(|| {
+        format!(
+            "fleecing directory {} is in RAM (allowed by configuration)",
+            opts.fleecing_dir.display()
+        )
+    }))
 }
 
 /// The VM's name (`query-name`), or empty.

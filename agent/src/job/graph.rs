@@ -35,6 +35,8 @@ pub struct VmDisk {
     pub filename: String,
     /// Exact virtual size in bytes.
     pub virtual_size: u64,
+    /// Host allocation of the image in bytes, when QEMU knows it.
+    pub allocated_size: Option<u64>,
     /// Read-only medium.
     pub read_only: bool,
 }
@@ -65,6 +67,7 @@ pub async fn discover_disks(qmp: &qmp::Qmp) -> Result<Vec<VmDisk>, JobError> {
             format: node.drv.clone(),
             filename: node.file.clone(),
             virtual_size: image.virtual_size,
+            allocated_size: image.actual_size,
             read_only: node.ro,
         });
     }

@@ -8,6 +8,7 @@
 
 pub mod backup;
 mod datapath;
+pub mod fleece;
 pub mod freeze;
 pub mod graph;
 pub mod record;
@@ -64,6 +65,9 @@ pub enum JobError {
         #[source]
         source: std::io::Error,
     },
+    /// The fleecing directory was refused (RAM-backed, too little space).
+    #[error(transparent)]
+    Fleece(#[from] fleece::FleeceError),
     /// Another backup of this VM is running.
     #[error("another shear backup of VM {0} is running")]
     Busy(String),

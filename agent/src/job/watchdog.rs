@@ -111,26 +111,28 @@ pub fn run(qmp: &Path, qga: Option<&Path>) -> i32 {
     if !held.frozen && !held.paused {
         return 0;
     }
-    eprintln!(
+    say(format_args!(
         "shear watchdog: the agent exited while holding the guest (frozen: {}, paused: {}); rescuing",
         held.frozen, held.paused
-    );
+    ));
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("shear watchdog: cannot start a runtime: {e}");
+            say(format_args!("shear watchdog: cannot start a runtime: {e}"));
             return 2;
         }
     };
     let ok = rt.block_on(rescue(qmp, qga, held));
     if ok {
-        eprintln!("shear watchdog: guest released");
+        say(format_args!("shear watchdog: guest released"));
         0
     } else {
-        eprintln!("shear watchdog: FAILED to release the guest within {RESCUE_DEADLINE:?}");
+        say(format_args!(
+            "shear watchdog: FAILED to release the guest within {RESCUE_DEADLINE:?}"
+        ));
         1
     }
 }
@@ -163,6 +165,13 @@ async fn try_cont(qmp: &Path) -> bool {
         return false;
     };
     super::graph::resume_held(&client).await.is_ok()
+}
+
+/// A line on stderr that never panics: the agent's terminal may be gone
+/// (a dropped SSH session), and the rescue must go on regardless.
+fn say(line: std::fmt::Arguments<'_>) {
+    let mut e = std::io::stderr().lock();
+    let _ = e.write_fmt(line).and_then(|()| e.write_all(b"\n"));
 }
 
 #[cfg(test)]
