@@ -163,7 +163,7 @@ fn vm_f02_freeze_hook_hangs_guest_thawed_backup_crash_consistent() {
 }
 
 #[test]
-fn vm_f04_agent_sigkill_while_frozen_watchdog_thaws_rerun_cleans_up() {
+fn vm_f04_agent_sigkill_while_frozen_watchdog_thaws_and_takes_back_graph() {
     if !require_guest() {
         return;
     }
@@ -195,19 +195,14 @@ fn vm_f04_agent_sigkill_while_frozen_watchdog_thaws_rerun_cleans_up() {
         "F-04: thawed {:.2} s after SIGKILL",
         killed.elapsed().as_secs_f64()
     );
-    // The graph changes are still there, and the record says so.
-    let nodes = vm
-        .harness_qmp("query-named-block-nodes", json!({"flat": true}))
-        .unwrap();
-    assert!(
-        nodes.to_string().contains("shear-cbw"),
-        "filter should be left behind"
-    );
-    assert!(env.run_dir().join("backup-100.json").exists());
-    // The next run cleans up first, then backs up.
+    // Issue 16 D(b): the watchdog also takes back the graph changes the
+    // dead agent recorded (filters, fleece, record), without a new backup.
+    wait_record_gone(&env, Duration::from_secs(15));
+    assert_released_and_clean(&mut vm, &env, &["d0"]);
+    assert!(env.list().is_empty());
     let out = run_ok(env.backup(&vm, &[]));
     let r = report_of(&out);
-    assert!(r["warnings"].to_string().contains("cleaned up"), "{r}");
+    assert!(!r["warnings"].to_string().contains("cleaned up"), "{r}");
     assert_eq!(r["consistency"], "application");
     assert_released_and_clean(&mut vm, &env, &["d0"]);
     assert_eq!(env.list().len(), 1);
@@ -285,8 +280,48 @@ fn vm_sighup_with_terminal_gone_mid_read_rolls_back_no_backup() {
     );
 }
 
+/// Wait until the run record is gone (the watchdog took the run back).
+fn wait_record_gone(env: &ShearEnv, timeout: Duration) {
+    let rec = env.run_dir().join("backup-100.json");
+    let t = Instant::now();
+    wait_until(
+        timeout,
+        Duration::from_millis(50),
+        "the run record to go",
+        || (!rec.exists()).then_some(()),
+    )
+    .unwrap();
+    eprintln!(
+        "run taken back {:.2} s after the kill",
+        t.elapsed().as_secs_f64()
+    );
+}
+
+/// The `shear __watchdog` child of the shear process `pid`.
+fn watchdog_of(pid: u32) -> u32 {
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        "shear's watchdog",
+        || {
+            std::fs::read_dir("/proc").ok()?.find_map(|e| {
+                let e = e.ok()?;
+                let p: u32 = e.file_name().to_str()?.parse().ok()?;
+                let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+                let ppid: u32 = stat.rsplit(") ").next()?.split(' ').nth(1)?.parse().ok()?;
+                let cmd = std::fs::read(format!("/proc/{p}/cmdline")).ok()?;
+                (ppid == pid && String::from_utf8_lossy(&cmd).contains("__watchdog")).then_some(p)
+            })
+        },
+    )
+    .unwrap()
+}
+
+/// Issue 16 D(b): SIGKILL in the read phase. The watchdog takes back the
+/// filter, export, fleece image and record within seconds, without waiting
+/// for a next backup of the VM.
 #[test]
-fn vm_sigkill_mid_read_next_run_cleans_up() {
+fn vm_sigkill_mid_read_watchdog_takes_back_graph_without_next_run() {
     if !require_guest() {
         return;
     }
@@ -296,16 +331,12 @@ fn vm_sigkill_mid_read_next_run_cleans_up() {
     wait_reading(&mut vm, &mut child);
     child.kill().unwrap();
     let _ = child.wait();
-    assert!(
-        env.run_dir().join("backup-100.json").exists(),
-        "record left by the killed run"
-    );
-    let exports = vm.harness_qmp("query-block-exports", json!({})).unwrap();
-    assert_ne!(exports, json!([]), "the killed run's export is still there");
+    wait_record_gone(&env, Duration::from_secs(10));
+    assert_released_and_clean(&mut vm, &env, &["d0"]);
     assert!(env.list().is_empty());
     let out = run_ok(env.backup(&vm, &[]));
     let r = report_of(&out);
-    assert!(r["warnings"].to_string().contains("cleaned up"), "{r}");
+    assert!(!r["warnings"].to_string().contains("cleaned up"), "{r}");
     assert_released_and_clean(&mut vm, &env, &["d0"]);
     assert_eq!(env.list().len(), 1);
     run_ok(env.shear(&["verify", "--all"]));
@@ -640,10 +671,8 @@ fn vm_stop_mode_agent_killed_while_guest_down_watchdog_boots_it() {
         || vm.qga("guest-ping", json!(null)).ok(),
     )
     .unwrap();
-    let out = run_ok(env.backup(&vm, &[]));
-    assert!(report_of(&out)["warnings"]
-        .to_string()
-        .contains("cleaned up"));
+    wait_record_gone(&env, Duration::from_secs(30));
+    report_of(&run_ok(env.backup(&vm, &[])));
     assert_released_and_clean(&mut vm, &env, &["d0"]);
 }
 
@@ -782,4 +811,67 @@ fn qemu_f12_fleecing_on_tmpfs_or_short_of_space_refused_before_touching_vm() {
     )));
     assert_graph_clean(&mut vm, &env, &["d0"]);
     assert_eq!(env.list().len(), 2);
+}
+
+/// Issue 16 D(a): `shear cleanup VMID` takes back a killed run's changes
+/// now (shear and its watchdog both SIGKILLed), saying what it did; it is
+/// refused while a live backup of the VM holds the per-VM lock.
+#[test]
+fn qemu_cleanup_command_takes_back_killed_run_refused_during_live_backup() {
+    if !require_qemu() {
+        return;
+    }
+    let env = ShearEnv::new();
+    let mut vm = TestVm::start(VmConfig::paused().disk(DiskSpec::raw("d0", 32 * MIB))).unwrap();
+    vm.qemu_io("d0", "write -P 0xab 0 24M").unwrap();
+    let no_agent = env.dir.path().join("no-agent.sock");
+    let mut child =
+        spawn(env.backup_with(&vm, &no_agent, &env.fleece_dir(), &["--bwlimit", "2048"]));
+    wait_reading(&mut vm, &mut child);
+    let wd = watchdog_of(child.id());
+    let st = Command::new("kill")
+        .args(["-KILL", &wd.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    child.kill().unwrap();
+    let _ = child.wait();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(env.run_dir().join("backup-100.json").exists());
+    assert_ne!(
+        vm.harness_qmp("query-block-exports", json!({})).unwrap(),
+        json!([]),
+        "the killed run's export is still there"
+    );
+    let out = run_ok(env.shear(&["cleanup", "100"]));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("cleanup said:\n{said}");
+    assert!(said.contains("took back"), "{said}");
+    assert!(said.contains("removed NBD export"), "{said}");
+    assert!(said.contains("pointed "), "{said}");
+    assert!(said.contains("removed fleecing image"), "{said}");
+    assert_graph_clean(&mut vm, &env, &["d0"]);
+    assert!(env.list().is_empty());
+    let again = run_ok(env.shear(&["cleanup", "100"]));
+    assert!(String::from_utf8_lossy(&again.stdout).contains("nothing to clean up"));
+
+    // A live backup holds the VM: cleanup is refused and changes nothing.
+    let hook = HeldHook::new(&env);
+    let mut cmd = env.backup_with(&vm, &no_agent, &env.fleece_dir(), &[]);
+    hook.install(&mut cmd);
+    let mut child = spawn(cmd);
+    hook.wait_held(&mut child, Duration::from_secs(60));
+    let busy = env.shear(&["cleanup", "100"]).output().unwrap();
+    assert!(!busy.status.success());
+    let err = String::from_utf8_lossy(&busy.stderr);
+    assert!(
+        err.contains("another shear backup of VM 100 is running"),
+        "{err}"
+    );
+    assert!(env.run_dir().join("backup-100.json").exists());
+    hook.release();
+    let (ok, stdout, stderr) = finish(child);
+    assert!(ok, "{stdout}{stderr}");
+    assert_graph_clean(&mut vm, &env, &["d0"]);
+    assert_eq!(env.list().len(), 1);
 }

@@ -323,6 +323,60 @@ fn print_human(r: &BackupReport) {
     }
 }
 
+/// `shear cleanup VMID`
+#[derive(Debug, Args)]
+pub struct CleanupArgs {
+    /// VM id.
+    pub vmid: String,
+    /// QMP socket (default: the one the run record names).
+    #[arg(long)]
+    pub qmp: Option<PathBuf>,
+    /// qemu-ga socket (default: the one the run record names).
+    #[arg(long)]
+    pub qga: Option<PathBuf>,
+    /// Run directory (default: the config's, /run/shear).
+    #[arg(long, env = "SHEAR_RUN_DIR")]
+    pub run_dir: Option<PathBuf>,
+}
+
+/// Run `shear cleanup`.
+pub fn cleanup(args: &CleanupArgs) -> anyhow::Result<ExitCode> {
+    use crate::job::cleanup::{cleanup_vm, Whose};
+    crate::repo::VmId::new(&args.vmid).with_context(|| format!("bad VM id {:?}", args.vmid))?;
+    let cfg = Config::load()?;
+    let run_dir = args.run_dir.clone().unwrap_or_else(|| cfg.run_dir.clone());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let vmid = &args.vmid;
+    let result = rt.block_on(cleanup_vm(
+        &run_dir,
+        vmid,
+        args.qmp.as_deref(),
+        args.qga.as_deref(),
+        Whose::Any,
+    ));
+    let r = match result {
+        Ok(r) => r,
+        Err(e) => anyhow::bail!("cleanup of VM {vmid}: {}", chain(&e)),
+    };
+    if !r.found {
+        out(format_args!("VM {vmid}: nothing to clean up"));
+        return Ok(ExitCode::SUCCESS);
+    }
+    out(format_args!(
+        "VM {vmid}: took back {} change(s) left by shear pid {}{}",
+        r.undone.len(),
+        r.pid.unwrap_or(0),
+        if r.qemu_gone { " (QEMU is gone)" } else { "" }
+    ));
+    for u in &r.undone {
+        out(format_args!("  {u}"));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `shear __watchdog` (internal): see [`crate::job::watchdog`].
 #[derive(Debug, Args)]
 pub struct WatchdogArgs {
@@ -332,11 +386,18 @@ pub struct WatchdogArgs {
     /// qemu-ga socket.
     #[arg(long)]
     pub qga: Option<PathBuf>,
+    /// Run directory holding the agent's run record.
+    #[arg(long, requires = "vmid")]
+    pub run_dir: Option<PathBuf>,
+    /// VM id of the run record.
+    #[arg(long, requires = "run_dir")]
+    pub vmid: Option<String>,
 }
 
 /// Run the watchdog process.
 pub fn watchdog(args: &WatchdogArgs) -> ExitCode {
-    let code = crate::job::watchdog::run(&args.qmp, args.qga.as_deref());
+    let record = args.run_dir.as_deref().zip(args.vmid.as_deref());
+    let code = crate::job::watchdog::run(&args.qmp, args.qga.as_deref(), record);
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 

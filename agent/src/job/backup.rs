@@ -191,11 +191,11 @@ impl Cancel {
 
 /// Exclusive per-VM lock in the run directory (F-30: one backup per VM).
 #[derive(Debug)]
-struct VmLock {
+pub(crate) struct VmLock {
     _file: std::fs::File,
 }
 
-fn lock_vm(run_dir: &Path, vmid: &str) -> Result<VmLock, JobError> {
+pub(crate) fn lock_vm(run_dir: &Path, vmid: &str) -> Result<VmLock, JobError> {
     let path = run_dir.join(format!("backup-{vmid}.lock"));
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -310,6 +310,11 @@ pub async fn run_backup(
     match result {
         Ok(pending) => {
             if let Err(e) = &teardown {
+                if !released {
+                    // Never report success while the guest may be held.
+                    pending.session.abort();
+                    return Err(JobError::NotReleased(chain(e)));
+                }
                 warnings.push(format!("teardown: {}", chain(e)));
             }
             pending.commit(t0, warnings)
@@ -433,7 +438,7 @@ async fn backup_inner(
         }
     }
     *watchdog = Some(
-        Watchdog::spawn(&opts.qmp, opts.qga.as_deref())
+        Watchdog::spawn(&opts.qmp, opts.qga.as_deref(), &opts.run_dir, &opts.vmid)
             .map_err(|e| JobError::io("starting the thaw watchdog", e))?,
     );
 

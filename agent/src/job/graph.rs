@@ -330,6 +330,7 @@ fn qemu_gone(e: &JobError) -> bool {
             qmp::ErrorKind::Disconnected | qmp::ErrorKind::Connect | qmp::ErrorKind::Closed
         ),
         JobError::Invalid(m) => m.starts_with("QMP is not connected"),
+        JobError::VmGone(_) => true,
         _ => false,
     }
 }

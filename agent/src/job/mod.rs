@@ -7,6 +7,7 @@
 //! bounded whatever the disk size.
 
 pub mod backup;
+pub mod cleanup;
 mod datapath;
 pub mod fleece;
 pub mod freeze;
@@ -68,6 +69,16 @@ pub enum JobError {
     /// The fleecing directory was refused (RAM-backed, too little space).
     #[error(transparent)]
     Fleece(#[from] fleece::FleeceError),
+    /// The VM is gone (QEMU exited) while we still had something to undo.
+    #[error("{0}: the VM is gone (QEMU exited)")]
+    VmGone(String),
+    /// The guest could not be confirmed released (thawed, resumed): the
+    /// backup is not recorded; the watchdog and `shear cleanup` go on.
+    #[error(
+        "the guest could not be confirmed released (thawed/resumed): {0}; the watchdog keeps \
+         trying, `shear cleanup` retries; no backup was recorded"
+    )]
+    NotReleased(String),
     /// Another backup of this VM is running.
     #[error("another shear backup of VM {0} is running")]
     Busy(String),
