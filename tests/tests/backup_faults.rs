@@ -875,3 +875,90 @@ fn qemu_cleanup_command_takes_back_killed_run_refused_during_live_backup() {
     assert_graph_clean(&mut vm, &env, &["d0"]);
     assert_eq!(env.list().len(), 1);
 }
+
+/// Issue 16 C: shear checks which VM is behind the QMP socket before it
+/// changes anything. A QEMU with Proxmox's pidfile of VM 101, reached as
+/// VM 100, is refused with nothing changed in its graph; a QEMU named
+/// `100` (`-name guest=100,…`) is backed up; one with no identity at all is
+/// backed up as asked, with a warning saying identity was not checked.
+#[test]
+fn qemu_wrong_vm_behind_qmp_socket_refused_matching_one_proceeds() {
+    if !require_qemu() {
+        return;
+    }
+    let env = ShearEnv::new();
+    let no_agent = env.dir.path().join("no-agent.sock");
+    let qs = env.dir.path().join("qemu-server");
+    std::fs::create_dir_all(&qs).unwrap();
+    let pidfile = qs.join("101.pid");
+    let mut other = TestVm::start(
+        VmConfig::paused()
+            .disk(DiskSpec::qcow2("d0", 16 * MIB))
+            .arg("-name")
+            .arg("web01,debug-threads=on")
+            .arg("-pidfile")
+            .arg(pidfile.to_str().unwrap()),
+    )
+    .unwrap();
+    assert!(pidfile.exists(), "QEMU wrote the Proxmox-style pidfile");
+    let before = other.harness_qmp("query-block", json!({})).unwrap();
+    let nodes_before = other
+        .harness_qmp("query-named-block-nodes", json!({"flat": true}))
+        .unwrap();
+    let out = env
+        .backup_with(&other, &no_agent, &env.fleece_dir(), &[])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success(),
+        "another VM's QEMU must be refused: {stdout}"
+    );
+    assert!(
+        stdout.contains("refusing to back up VM 100") && stdout.contains("VM 101"),
+        "{stdout}"
+    );
+    assert_eq!(other.harness_qmp("query-block", json!({})).unwrap(), before);
+    assert_eq!(
+        other
+            .harness_qmp("query-named-block-nodes", json!({"flat": true}))
+            .unwrap(),
+        nodes_before,
+        "the other VM's graph changed"
+    );
+    assert_graph_clean(&mut other, &env, &["d0"]);
+    assert!(env.list().is_empty());
+    drop(other);
+
+    let mut named = TestVm::start(
+        VmConfig::paused()
+            .disk(DiskSpec::qcow2("d0", 16 * MIB))
+            .arg("-name")
+            .arg("guest=100,debug-threads=on"),
+    )
+    .unwrap();
+    let r = report_of(&run_ok(env.backup_with(
+        &named,
+        &no_agent,
+        &env.fleece_dir(),
+        &[],
+    )));
+    assert!(
+        !r["warnings"].to_string().contains("could not check"),
+        "{r}"
+    );
+    assert_graph_clean(&mut named, &env, &["d0"]);
+    drop(named);
+
+    let mut plain =
+        TestVm::start(VmConfig::paused().disk(DiskSpec::qcow2("d0", 16 * MIB))).unwrap();
+    let r = report_of(&run_ok(env.backup_with(
+        &plain,
+        &no_agent,
+        &env.fleece_dir(),
+        &[],
+    )));
+    assert!(r["warnings"].to_string().contains("could not check"), "{r}");
+    assert_graph_clean(&mut plain, &env, &["d0"]);
+    assert_eq!(env.list().len(), 2);
+}

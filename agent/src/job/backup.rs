@@ -272,6 +272,8 @@ pub async fn run_backup(
         .await
         .map_err(JobError::qmp("connect"))?;
     let mut warnings = Vec::new();
+    // Before anything changes in it (leftovers included): is it this VM?
+    warnings.extend(super::identity::verify(&qmp, &opts.vmid).await?);
     if let Some(w) = cleanup_leftovers(&qmp, &opts.run_dir, &opts.vmid).await? {
         tracing::warn!("{w}");
         warnings.push(w);

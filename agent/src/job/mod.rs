@@ -12,6 +12,7 @@ mod datapath;
 pub mod fleece;
 pub mod freeze;
 pub mod graph;
+pub mod identity;
 pub mod record;
 pub mod watchdog;
 
@@ -79,6 +80,20 @@ pub enum JobError {
          trying, `shear cleanup` retries; no backup was recorded"
     )]
     NotReleased(String),
+    /// The QMP socket leads to another VM's QEMU: refused before any change.
+    #[error(
+        "refusing to back up VM {vmid}: {} leads to another VM ({found}); check --qmp or \
+         the qmp_socket template ({{vmid}})",
+        socket.display()
+    )]
+    WrongVm {
+        /// The VM id asked for.
+        vmid: String,
+        /// The QMP socket.
+        socket: std::path::PathBuf,
+        /// What identifies the VM found there.
+        found: String,
+    },
     /// Another backup of this VM is running.
     #[error("another shear backup of VM {0} is running")]
     Busy(String),
