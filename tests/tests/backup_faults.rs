@@ -962,3 +962,52 @@ fn qemu_wrong_vm_behind_qmp_socket_refused_matching_one_proceeds() {
     assert_graph_clean(&mut plain, &env, &["d0"]);
     assert_eq!(env.list().len(), 2);
 }
+
+/// Issue 16 D(c) (F-04 with qemu-ga out of reach): shear is SIGKILLed
+/// while the guest is frozen, and qemu-ga stays unreachable for longer than
+/// the watchdog's old 60 s rescue deadline (the socket shear was given
+/// disappears; QEMU itself is alive). The watchdog must not give up: when
+/// qemu-ga is back it thaws the guest and takes back the graph.
+#[test]
+fn vm_f04_qga_unreachable_past_old_deadline_watchdog_never_gives_up() {
+    if !require_guest() {
+        return;
+    }
+    let env = ShearEnv::new();
+    let mut vm =
+        TestVm::start(VmConfig::guest().disk(DiskSpec::qcow2("d0", 32 * MIB).ext4())).unwrap();
+    let link = env.dir.path().join("qga-link.sock");
+    std::os::unix::fs::symlink(vm.qga_socket(), &link).unwrap();
+    let hook = HeldHook::new(&env);
+    let mut cmd = env.backup_with(&vm, &link, &env.fleece_dir(), &[]);
+    hook.install(&mut cmd);
+    let mut child = spawn(cmd);
+    hook.wait_held(&mut child, Duration::from_secs(60));
+    let rec = std::fs::read_to_string(env.run_dir().join("backup-100.json")).unwrap();
+    assert!(rec.contains("\"freeze\""), "{rec}");
+    // qemu-ga goes out of reach, then shear dies holding the freeze.
+    std::fs::remove_file(&link).unwrap();
+    let wd = watchdog_of(child.id());
+    child.kill().unwrap();
+    let _ = child.wait();
+    hook.release();
+    std::thread::sleep(Duration::from_secs(65));
+    assert!(
+        Path::new(&format!("/proc/{wd}")).exists(),
+        "the watchdog gave up on a frozen guest"
+    );
+    assert_eq!(
+        vm.qga("guest-fsfreeze-status", json!(null)).unwrap(),
+        "frozen",
+        "nobody could have thawed it yet"
+    );
+    std::os::unix::fs::symlink(vm.qga_socket(), &link).unwrap();
+    let back = Instant::now();
+    wait_record_gone(&env, Duration::from_secs(30));
+    eprintln!(
+        "D(c): thawed and taken back {:.2} s after qemu-ga came back",
+        back.elapsed().as_secs_f64()
+    );
+    assert_released_and_clean(&mut vm, &env, &["d0"]);
+    assert!(env.list().is_empty());
+}

@@ -3,8 +3,10 @@
 //! undo and by the watchdog. Each round is guest-agent's `thaw_blocking`
 //! (reconnect, resync, thaw until `guest-fsfreeze-status` says thawed) on a
 //! blocking thread. Nothing gives up on a frozen guest: rounds repeat, with
-//! backoff, until qemu-ga confirms the thaw or the VM is gone (its qemu-ga
-//! socket is missing or nobody listens on it: QEMU exited).
+//! backoff, until qemu-ga confirms the thaw or the VM is gone (QEMU's QMP
+//! socket — else its qemu-ga socket — is missing or nobody listens on it:
+//! QEMU exited). An unreachable qemu-ga alone is not "gone": it may come
+//! back, and the guest stays frozen until it does.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -18,8 +20,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Thaw a freeze that a record says this agent made. Only for our own
 /// freezes: it sends a thaw whatever the status. Returns only when the
-/// guest is confirmed thawed, or with [`JobError::VmGone`].
-pub async fn thaw_recorded(qga: &Path) -> Result<(), JobError> {
+/// guest is confirmed thawed, or with [`JobError::VmGone`]. `qmp` is the
+/// VM's QMP socket (the better sign of life), when known.
+pub async fn thaw_recorded(qga: &Path, qmp: Option<&Path>) -> Result<(), JobError> {
     let mut backoff = Duration::from_millis(250);
     loop {
         let path = qga.to_path_buf();
@@ -30,7 +33,7 @@ pub async fn thaw_recorded(qga: &Path) -> Result<(), JobError> {
         match r {
             Ok(_) => return Ok(()),
             Err(e) => {
-                if socket_dead(qga) {
+                if socket_dead(qmp.unwrap_or(qga)) {
                     return Err(JobError::VmGone(format!(
                         "thaw of a recorded freeze ({})",
                         super::chain(&e)

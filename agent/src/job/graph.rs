@@ -456,7 +456,7 @@ async fn undo_step(
                     "the record holds a freeze but no qemu-ga socket is known".into(),
                 ));
             };
-            super::freeze::thaw_recorded(qga).await
+            super::freeze::thaw_recorded(qga, qmp.map(qmp::Qmp::path)).await
         }
     }
 }

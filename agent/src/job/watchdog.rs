@@ -188,10 +188,12 @@ async fn rescue(qmp: &Path, qga: Option<&Path>, held: Held) -> Rescue {
         if !resumed {
             resumed = try_cont(qmp).await;
         }
-        if !thawed {
+        // A paused guest cannot run the thaw, and the thaw loop only ends
+        // when thawed: resume first, retry the resume until it works.
+        if !thawed && resumed {
             thawed = match qga {
                 // Keeps trying until thawed, or fails only when the VM is gone.
-                Some(qga) => match super::freeze::thaw_recorded(qga).await {
+                Some(qga) => match super::freeze::thaw_recorded(qga, Some(qmp)).await {
                     Ok(()) => true,
                     Err(e) if super::freeze::is_vm_gone(&e) => return Rescue::VmGone,
                     Err(_) => false,
