@@ -109,6 +109,10 @@ pub async fn cleanup_vm(
         }
         Err(e) => return Err(JobError::qmp("connect")(e)),
     };
+    if let Some(c) = &client {
+        // Never undo one VM's record in another VM (a wrong --qmp).
+        super::identity::verify(c, vmid).await?;
+    }
     let result = graph::undo(client.as_ref(), qga.as_deref(), &mut rec, &path).await;
     report.remaining = rec.steps.iter().map(describe).collect();
     report.undone = before
