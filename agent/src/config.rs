@@ -7,9 +7,23 @@
 //! run_dir = "/run/shear"
 //! qmp_socket = "/var/run/qemu-server/{vmid}.qmp"
 //! qga_socket = "/var/run/qemu-server/{vmid}.qga"
-//! # fleecing_dir = "/var/lib/shear/fleece"   # default: <run_dir>/fleece
+//! fleecing_dir = "/var/lib/shear/fleece"     # on disk, never in RAM
+//! fleecing_allow_tmpfs = false               # refuse tmpfs/ramfs targets
+//! fleecing_min_free = "10%"                  # or bytes: "20G", "0"
 //! # node = "pve1"                            # default: the host name
 //! ```
+//!
+//! Fleecing images hold the old data of every block the guest overwrites
+//! before shear has read it; on a busy guest they can grow up to the size
+//! of its disks. They go to `/var/lib/shear/fleece` (the host's disk, like
+//! `/var/lib/vz`) by default, not to the run directory: `/run` is a tmpfs,
+//! and a long backup of a busy guest would fill the host's RAM. A tmpfs or
+//! ramfs fleecing directory is refused unless `fleecing_allow_tmpfs = true`
+//! (`--fleecing-allow-tmpfs`). Before the guest is touched, the fleecing
+//! filesystem must have `fleecing_min_free` free: a size (`"20G"`) or a
+//! percentage of the backed-up disks' allocated size (default `"10%"`);
+//! otherwise the backup fails saying how much is needed and how much is
+//! free.
 
 use std::path::{Path, PathBuf};
 
@@ -22,14 +36,19 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/shear/shear.toml";
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Private run directory: run records, NBD sockets, default fleecing.
+    /// Private run directory: run records, locks, NBD sockets.
     pub run_dir: PathBuf,
     /// QMP socket template; `{vmid}` is replaced.
     pub qmp_socket: String,
     /// qemu-guest-agent socket template; `{vmid}` is replaced.
     pub qga_socket: String,
-    /// Where fleecing images go (default `<run_dir>/fleece`).
+    /// Where fleecing images go (default `/var/lib/shear/fleece`).
     pub fleecing_dir: Option<PathBuf>,
+    /// Accept a RAM-backed (tmpfs, ramfs) fleecing directory.
+    pub fleecing_allow_tmpfs: bool,
+    /// Free space the fleecing directory needs before a backup: `"10%"`
+    /// (of the disks' allocated size, the default), `"20G"`, `"0"`.
+    pub fleecing_min_free: Option<String>,
     /// This host's name for notes templates (default: the host name).
     pub node: Option<String>,
 }
@@ -41,6 +60,8 @@ impl Default for Config {
             qmp_socket: "/var/run/qemu-server/{vmid}.qmp".into(),
             qga_socket: "/var/run/qemu-server/{vmid}.qga".into(),
             fleecing_dir: None,
+            fleecing_allow_tmpfs: false,
+            fleecing_min_free: None,
             node: None,
         }
     }
@@ -122,7 +143,16 @@ impl Config {
     pub fn fleecing_dir(&self) -> PathBuf {
         self.fleecing_dir
             .clone()
-            .unwrap_or_else(|| self.run_dir.join("fleece"))
+            .unwrap_or_else(|| PathBuf::from(crate::job::fleece::DEFAULT_FLEECING_DIR))
+    }
+
+    /// The configured fleecing minimum free space.
+    pub fn fleecing_min_free(&self) -> Result<crate::job::fleece::MinFree, String> {
+        self.fleecing_min_free
+            .as_deref()
+            .map_or(Ok(crate::job::fleece::MinFree::default()), |s| {
+                crate::job::fleece::MinFree::parse(s)
+            })
     }
 
     /// This host's name.
@@ -153,7 +183,13 @@ mod tests {
             c.qga_socket_for("100"),
             Path::new("/var/run/qemu-server/100.qga")
         );
-        assert_eq!(c.fleecing_dir(), Path::new("/run/shear/fleece"));
+        // Fleecing on disk, not in /run (a tmpfs): a busy guest would fill RAM.
+        assert_eq!(c.fleecing_dir(), Path::new("/var/lib/shear/fleece"));
+        assert!(!c.fleecing_allow_tmpfs);
+        assert_eq!(
+            c.fleecing_min_free().unwrap(),
+            crate::job::fleece::MinFree::Percent(10)
+        );
     }
 
     #[test]

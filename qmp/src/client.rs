@@ -181,6 +181,7 @@ struct Inner {
     next_id: AtomicU64,
     greeting: Greeting,
     path: PathBuf,
+    peer_pid: Option<u32>,
     tasks: [AbortHandle; 2],
 }
 
@@ -239,6 +240,13 @@ impl Qmp {
                 path: path.clone(),
                 source,
             })?;
+        // SO_PEERCRED: the pid of the process serving the socket (QEMU
+        // itself, whatever wrapper started it).
+        let peer_pid = stream
+            .peer_cred()
+            .ok()
+            .and_then(|c| c.pid())
+            .and_then(|p| u32::try_from(p).ok());
         let (read_half, write_half) = stream.into_split();
         let mut reader = BufReader::new(read_half);
 
@@ -268,6 +276,7 @@ impl Qmp {
                 next_id: AtomicU64::new(1),
                 greeting,
                 path: path.clone(),
+                peer_pid,
                 tasks: [reader_task.abort_handle(), writer_task.abort_handle()],
             }),
             timeout: opts.command_timeout,
@@ -288,6 +297,12 @@ impl Qmp {
     /// The server greeting (QEMU version and offered capabilities).
     pub fn greeting(&self) -> &Greeting {
         &self.inner.greeting
+    }
+
+    /// The pid of the process at the other end of the socket (SO_PEERCRED),
+    /// when the kernel reports one.
+    pub fn peer_pid(&self) -> Option<u32> {
+        self.inner.peer_pid
     }
 
     /// The socket path this client connected to.

@@ -31,7 +31,7 @@ impl ShearEnv {
         let env = ShearEnv {
             dir: tempfile::Builder::new()
                 .prefix("shear-e2e-")
-                .tempdir()
+                .tempdir_in(disk_tmp())
                 .unwrap(),
         };
         let out = env.shear(&["init"]).output().unwrap();
@@ -81,6 +81,27 @@ impl ShearEnv {
         c.arg("--fleecing-dir").arg(fleece);
         c.args(extra);
         c
+    }
+}
+
+/// A temporary directory on disk for repositories and fleecing images:
+/// `$SHEAR_TEST_TMP`, else the system's temp dir unless that is a RAM
+/// filesystem (shear refuses tmpfs fleecing by default), else `/var/tmp`.
+pub fn disk_tmp() -> PathBuf {
+    if let Some(d) = std::env::var_os("SHEAR_TEST_TMP") {
+        return PathBuf::from(d);
+    }
+    let tmp = std::env::temp_dir();
+    let fs = Command::new("stat")
+        .args(["-f", "-c", "%T"])
+        .arg(&tmp)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    if fs == "tmpfs" || fs == "ramfs" {
+        PathBuf::from("/var/tmp")
+    } else {
+        tmp
     }
 }
 

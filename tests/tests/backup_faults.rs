@@ -163,7 +163,7 @@ fn vm_f02_freeze_hook_hangs_guest_thawed_backup_crash_consistent() {
 }
 
 #[test]
-fn vm_f04_agent_sigkill_while_frozen_watchdog_thaws_rerun_cleans_up() {
+fn vm_f04_agent_sigkill_while_frozen_watchdog_thaws_and_takes_back_graph() {
     if !require_guest() {
         return;
     }
@@ -195,19 +195,14 @@ fn vm_f04_agent_sigkill_while_frozen_watchdog_thaws_rerun_cleans_up() {
         "F-04: thawed {:.2} s after SIGKILL",
         killed.elapsed().as_secs_f64()
     );
-    // The graph changes are still there, and the record says so.
-    let nodes = vm
-        .harness_qmp("query-named-block-nodes", json!({"flat": true}))
-        .unwrap();
-    assert!(
-        nodes.to_string().contains("shear-cbw"),
-        "filter should be left behind"
-    );
-    assert!(env.run_dir().join("backup-100.json").exists());
-    // The next run cleans up first, then backs up.
+    // Issue 16 D(b): the watchdog also takes back the graph changes the
+    // dead agent recorded (filters, fleece, record), without a new backup.
+    wait_record_gone(&env, Duration::from_secs(15));
+    assert_released_and_clean(&mut vm, &env, &["d0"]);
+    assert!(env.list().is_empty());
     let out = run_ok(env.backup(&vm, &[]));
     let r = report_of(&out);
-    assert!(r["warnings"].to_string().contains("cleaned up"), "{r}");
+    assert!(!r["warnings"].to_string().contains("cleaned up"), "{r}");
     assert_eq!(r["consistency"], "application");
     assert_released_and_clean(&mut vm, &env, &["d0"]);
     assert_eq!(env.list().len(), 1);
@@ -245,8 +240,88 @@ fn vm_sigint_mid_read_rolls_back_no_backup() {
     run_ok(env.shear(&["verify", "--all"]));
 }
 
+/// Issue 16 A: a dropped SSH session. The terminal is gone (stdout and
+/// stderr are closed pipes: every write fails) and shear gets SIGHUP in the
+/// read phase. It must roll back like SIGINT, not die of the signal (129)
+/// with the filter and a growing fleece image left in the VM.
 #[test]
-fn vm_sigkill_mid_read_next_run_cleans_up() {
+fn vm_sighup_with_terminal_gone_mid_read_rolls_back_no_backup() {
+    use std::os::unix::process::ExitStatusExt;
+    if !require_guest() {
+        return;
+    }
+    let env = ShearEnv::new();
+    let mut vm = slow_backup_vm();
+    let mut child = spawn(env.backup(&vm, &["--bwlimit", "2048"]));
+    wait_reading(&mut vm, &mut child);
+    // The session's terminal goes away: nobody reads stdout/stderr any more.
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    std::thread::sleep(Duration::from_millis(300));
+    signal(&child, "-HUP");
+    let t = Instant::now();
+    let st = wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        "shear to exit after SIGHUP",
+        || child.try_wait().unwrap(),
+    )
+    .unwrap();
+    eprintln!(
+        "SIGHUP: exit {st:?} after {:.2} s",
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(st.signal(), None, "killed by a signal: {st:?}");
+    assert_eq!(st.code(), Some(1), "{st:?}");
+    assert_released_and_clean(&mut vm, &env, &["d0"]);
+    assert!(
+        env.list().is_empty(),
+        "a cancelled backup must not be listed"
+    );
+}
+
+/// Wait until the run record is gone (the watchdog took the run back).
+fn wait_record_gone(env: &ShearEnv, timeout: Duration) {
+    let rec = env.run_dir().join("backup-100.json");
+    let t = Instant::now();
+    wait_until(
+        timeout,
+        Duration::from_millis(50),
+        "the run record to go",
+        || (!rec.exists()).then_some(()),
+    )
+    .unwrap();
+    eprintln!(
+        "run taken back {:.2} s after the kill",
+        t.elapsed().as_secs_f64()
+    );
+}
+
+/// The `shear __watchdog` child of the shear process `pid`.
+fn watchdog_of(pid: u32) -> u32 {
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        "shear's watchdog",
+        || {
+            std::fs::read_dir("/proc").ok()?.find_map(|e| {
+                let e = e.ok()?;
+                let p: u32 = e.file_name().to_str()?.parse().ok()?;
+                let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+                let ppid: u32 = stat.rsplit(") ").next()?.split(' ').nth(1)?.parse().ok()?;
+                let cmd = std::fs::read(format!("/proc/{p}/cmdline")).ok()?;
+                (ppid == pid && String::from_utf8_lossy(&cmd).contains("__watchdog")).then_some(p)
+            })
+        },
+    )
+    .unwrap()
+}
+
+/// Issue 16 D(b): SIGKILL in the read phase. The watchdog takes back the
+/// filter, export, fleece image and record within seconds, without waiting
+/// for a next backup of the VM.
+#[test]
+fn vm_sigkill_mid_read_watchdog_takes_back_graph_without_next_run() {
     if !require_guest() {
         return;
     }
@@ -256,16 +331,12 @@ fn vm_sigkill_mid_read_next_run_cleans_up() {
     wait_reading(&mut vm, &mut child);
     child.kill().unwrap();
     let _ = child.wait();
-    assert!(
-        env.run_dir().join("backup-100.json").exists(),
-        "record left by the killed run"
-    );
-    let exports = vm.harness_qmp("query-block-exports", json!({})).unwrap();
-    assert_ne!(exports, json!([]), "the killed run's export is still there");
+    wait_record_gone(&env, Duration::from_secs(10));
+    assert_released_and_clean(&mut vm, &env, &["d0"]);
     assert!(env.list().is_empty());
     let out = run_ok(env.backup(&vm, &[]));
     let r = report_of(&out);
-    assert!(r["warnings"].to_string().contains("cleaned up"), "{r}");
+    assert!(!r["warnings"].to_string().contains("cleaned up"), "{r}");
     assert_released_and_clean(&mut vm, &env, &["d0"]);
     assert_eq!(env.list().len(), 1);
     run_ok(env.shear(&["verify", "--all"]));
@@ -283,7 +354,19 @@ fn vm_f12_fleece_storage_full_backup_fails_guest_unaffected() {
     };
     let mut vm = TestVm::start(VmConfig::guest().disk(DiskSpec::raw("d0", 32 * MIB))).unwrap();
     vm.qemu_io("d0", "write -P 0xab 0 24M").unwrap();
-    let cmd = env.backup_with(&vm, &vm.qga_socket(), &small, &["--bwlimit", "1024"]);
+    // A 2 MiB tmpfs on purpose: allowed explicitly, no free-space floor.
+    let cmd = env.backup_with(
+        &vm,
+        &vm.qga_socket(),
+        &small,
+        &[
+            "--bwlimit",
+            "1024",
+            "--fleecing-allow-tmpfs",
+            "--fleecing-min-free",
+            "0",
+        ],
+    );
     let mut child = spawn(cmd);
     wait_reading(&mut vm, &mut child);
     // Guest writes over data not read yet: copy-before-write needs 16 MiB
@@ -606,10 +689,8 @@ fn vm_stop_mode_agent_killed_while_guest_down_watchdog_boots_it() {
         || vm.qga("guest-ping", json!(null)).ok(),
     )
     .unwrap();
-    let out = run_ok(env.backup(&vm, &[]));
-    assert!(report_of(&out)["warnings"]
-        .to_string()
-        .contains("cleaned up"));
+    wait_record_gone(&env, Duration::from_secs(30));
+    report_of(&run_ok(env.backup(&vm, &[])));
     assert_released_and_clean(&mut vm, &env, &["d0"]);
 }
 
@@ -751,4 +832,272 @@ fn qemu_foreign_nbd_server_is_left_alone_backup_fails_clearly() {
     vm.harness_qmp("nbd-server-stop", json!({})).unwrap();
     report_of(&run_ok(env.backup(&vm, &[])));
     assert_graph_clean(&mut vm, &env, &["d0"]);
+}
+
+/// Issue 16 B (F-12 before it happens): a RAM-backed fleecing directory is
+/// refused unless allowed, and a directory with less free space than the
+/// bound is refused saying how much is needed and free; both before
+/// anything changes in the VM.
+#[test]
+fn qemu_f12_fleecing_on_tmpfs_or_short_of_space_refused_before_touching_vm() {
+    if !require_qemu() {
+        return;
+    }
+    let env = ShearEnv::new();
+    let mut vm = TestVm::start(VmConfig::paused().disk(DiskSpec::qcow2("d0", 64 * MIB))).unwrap();
+    vm.qemu_io("d0", "write -P 0x5a 0 8M").unwrap();
+    let no_agent = env.dir.path().join("no-agent.sock");
+    let shm = tempfile::Builder::new()
+        .prefix("shear-fleece-")
+        .tempdir_in("/dev/shm")
+        .unwrap();
+    let graph_before = vm.harness_qmp("query-block", json!({})).unwrap();
+    let refused = |fleece: &Path, extra: &[&str]| {
+        let out = env
+            .backup_with(&vm, &no_agent, fleece, extra)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(!out.status.success(), "must be refused: {stdout}");
+        stdout
+    };
+    // tmpfs: refused by default, naming the way out.
+    let msg = refused(shm.path(), &[]);
+    assert!(
+        msg.contains("tmpfs") && msg.contains("--fleecing-allow-tmpfs"),
+        "{msg}"
+    );
+    assert_eq!(std::fs::read_dir(shm.path()).unwrap().count(), 0);
+    // Free space short of the bound: says needed and free.
+    let msg = refused(&env.fleece_dir(), &["--fleecing-min-free", "1000000T"]);
+    assert!(
+        msg.contains("not enough free space for fleecing")
+            && msg.contains(&format!("{} bytes needed", 1_000_000u64 << 40))
+            && msg.contains("bytes free"),
+        "{msg}"
+    );
+    assert_eq!(
+        vm.harness_qmp("query-block", json!({})).unwrap(),
+        graph_before,
+        "the VM's block graph changed"
+    );
+    assert_graph_clean(&mut vm, &env, &["d0"]);
+    assert!(env.list().is_empty());
+    // Allowed explicitly: backs up, and says the fleece was in RAM.
+    let r = report_of(&run_ok(env.backup_with(
+        &vm,
+        &no_agent,
+        shm.path(),
+        &["--fleecing-allow-tmpfs"],
+    )));
+    assert!(r["warnings"].to_string().contains("in RAM"), "{r}");
+    assert_eq!(std::fs::read_dir(shm.path()).unwrap().count(), 0);
+    // The default bound (10 % of the allocation) is met on the test's disk.
+    report_of(&run_ok(env.backup_with(
+        &vm,
+        &no_agent,
+        &env.fleece_dir(),
+        &[],
+    )));
+    assert_graph_clean(&mut vm, &env, &["d0"]);
+    assert_eq!(env.list().len(), 2);
+}
+
+/// Issue 16 D(a): `shear cleanup VMID` takes back a killed run's changes
+/// now (shear and its watchdog both SIGKILLed), saying what it did; it is
+/// refused while a live backup of the VM holds the per-VM lock.
+#[test]
+fn qemu_cleanup_command_takes_back_killed_run_refused_during_live_backup() {
+    if !require_qemu() {
+        return;
+    }
+    let env = ShearEnv::new();
+    let mut vm = TestVm::start(VmConfig::paused().disk(DiskSpec::raw("d0", 32 * MIB))).unwrap();
+    vm.qemu_io("d0", "write -P 0xab 0 24M").unwrap();
+    let no_agent = env.dir.path().join("no-agent.sock");
+    let mut child =
+        spawn(env.backup_with(&vm, &no_agent, &env.fleece_dir(), &["--bwlimit", "2048"]));
+    wait_reading(&mut vm, &mut child);
+    let wd = watchdog_of(child.id());
+    let st = Command::new("kill")
+        .args(["-KILL", &wd.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    child.kill().unwrap();
+    let _ = child.wait();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(env.run_dir().join("backup-100.json").exists());
+    assert_ne!(
+        vm.harness_qmp("query-block-exports", json!({})).unwrap(),
+        json!([]),
+        "the killed run's export is still there"
+    );
+    let out = run_ok(env.shear(&["cleanup", "100"]));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("cleanup said:\n{said}");
+    assert!(said.contains("took back"), "{said}");
+    assert!(said.contains("removed NBD export"), "{said}");
+    assert!(said.contains("pointed "), "{said}");
+    assert!(said.contains("removed fleecing image"), "{said}");
+    assert_graph_clean(&mut vm, &env, &["d0"]);
+    assert!(env.list().is_empty());
+    let again = run_ok(env.shear(&["cleanup", "100"]));
+    assert!(String::from_utf8_lossy(&again.stdout).contains("nothing to clean up"));
+
+    // A live backup holds the VM: cleanup is refused and changes nothing.
+    let hook = HeldHook::new(&env);
+    let mut cmd = env.backup_with(&vm, &no_agent, &env.fleece_dir(), &[]);
+    hook.install(&mut cmd);
+    let mut child = spawn(cmd);
+    hook.wait_held(&mut child, Duration::from_secs(60));
+    let busy = env.shear(&["cleanup", "100"]).output().unwrap();
+    assert!(!busy.status.success());
+    let err = String::from_utf8_lossy(&busy.stderr);
+    assert!(
+        err.contains("another shear backup of VM 100 is running"),
+        "{err}"
+    );
+    assert!(env.run_dir().join("backup-100.json").exists());
+    hook.release();
+    let (ok, stdout, stderr) = finish(child);
+    assert!(ok, "{stdout}{stderr}");
+    assert_graph_clean(&mut vm, &env, &["d0"]);
+    assert_eq!(env.list().len(), 1);
+}
+
+/// Issue 16 C: shear checks which VM is behind the QMP socket before it
+/// changes anything. A QEMU with Proxmox's pidfile of VM 101, reached as
+/// VM 100, is refused with nothing changed in its graph; a QEMU named
+/// `100` (`-name guest=100,…`) is backed up; one with no identity at all is
+/// backed up as asked, with a warning saying identity was not checked.
+#[test]
+fn qemu_wrong_vm_behind_qmp_socket_refused_matching_one_proceeds() {
+    if !require_qemu() {
+        return;
+    }
+    let env = ShearEnv::new();
+    let no_agent = env.dir.path().join("no-agent.sock");
+    let qs = env.dir.path().join("qemu-server");
+    std::fs::create_dir_all(&qs).unwrap();
+    let pidfile = qs.join("101.pid");
+    let mut other = TestVm::start(
+        VmConfig::paused()
+            .disk(DiskSpec::qcow2("d0", 16 * MIB))
+            .arg("-name")
+            .arg("web01,debug-threads=on")
+            .arg("-pidfile")
+            .arg(pidfile.to_str().unwrap()),
+    )
+    .unwrap();
+    assert!(pidfile.exists(), "QEMU wrote the Proxmox-style pidfile");
+    let before = other.harness_qmp("query-block", json!({})).unwrap();
+    let nodes_before = other
+        .harness_qmp("query-named-block-nodes", json!({"flat": true}))
+        .unwrap();
+    let out = env
+        .backup_with(&other, &no_agent, &env.fleece_dir(), &[])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success(),
+        "another VM's QEMU must be refused: {stdout}"
+    );
+    assert!(
+        stdout.contains("refusing to back up VM 100") && stdout.contains("VM 101"),
+        "{stdout}"
+    );
+    assert_eq!(other.harness_qmp("query-block", json!({})).unwrap(), before);
+    assert_eq!(
+        other
+            .harness_qmp("query-named-block-nodes", json!({"flat": true}))
+            .unwrap(),
+        nodes_before,
+        "the other VM's graph changed"
+    );
+    assert_graph_clean(&mut other, &env, &["d0"]);
+    assert!(env.list().is_empty());
+    drop(other);
+
+    let mut named = TestVm::start(
+        VmConfig::paused()
+            .disk(DiskSpec::qcow2("d0", 16 * MIB))
+            .arg("-name")
+            .arg("guest=100,debug-threads=on"),
+    )
+    .unwrap();
+    let r = report_of(&run_ok(env.backup_with(
+        &named,
+        &no_agent,
+        &env.fleece_dir(),
+        &[],
+    )));
+    assert!(
+        !r["warnings"].to_string().contains("could not check"),
+        "{r}"
+    );
+    assert_graph_clean(&mut named, &env, &["d0"]);
+    drop(named);
+
+    let mut plain =
+        TestVm::start(VmConfig::paused().disk(DiskSpec::qcow2("d0", 16 * MIB))).unwrap();
+    let r = report_of(&run_ok(env.backup_with(
+        &plain,
+        &no_agent,
+        &env.fleece_dir(),
+        &[],
+    )));
+    assert!(r["warnings"].to_string().contains("could not check"), "{r}");
+    assert_graph_clean(&mut plain, &env, &["d0"]);
+    assert_eq!(env.list().len(), 2);
+}
+
+/// Issue 16 D(c) (F-04 with qemu-ga out of reach): shear is SIGKILLed
+/// while the guest is frozen, and qemu-ga stays unreachable for longer than
+/// the watchdog's old 60 s rescue deadline (the socket shear was given
+/// disappears; QEMU itself is alive). The watchdog must not give up: when
+/// qemu-ga is back it thaws the guest and takes back the graph.
+#[test]
+fn vm_f04_qga_unreachable_past_old_deadline_watchdog_never_gives_up() {
+    if !require_guest() {
+        return;
+    }
+    let env = ShearEnv::new();
+    let mut vm =
+        TestVm::start(VmConfig::guest().disk(DiskSpec::qcow2("d0", 32 * MIB).ext4())).unwrap();
+    let link = env.dir.path().join("qga-link.sock");
+    std::os::unix::fs::symlink(vm.qga_socket(), &link).unwrap();
+    let hook = HeldHook::new(&env);
+    let mut cmd = env.backup_with(&vm, &link, &env.fleece_dir(), &[]);
+    hook.install(&mut cmd);
+    let mut child = spawn(cmd);
+    hook.wait_held(&mut child, Duration::from_secs(60));
+    let rec = std::fs::read_to_string(env.run_dir().join("backup-100.json")).unwrap();
+    assert!(rec.contains("\"freeze\""), "{rec}");
+    // qemu-ga goes out of reach, then shear dies holding the freeze.
+    std::fs::remove_file(&link).unwrap();
+    let wd = watchdog_of(child.id());
+    child.kill().unwrap();
+    let _ = child.wait();
+    hook.release();
+    std::thread::sleep(Duration::from_secs(65));
+    assert!(
+        Path::new(&format!("/proc/{wd}")).exists(),
+        "the watchdog gave up on a frozen guest"
+    );
+    assert_eq!(
+        vm.qga("guest-fsfreeze-status", json!(null)).unwrap(),
+        "frozen",
+        "nobody could have thawed it yet"
+    );
+    std::os::unix::fs::symlink(vm.qga_socket(), &link).unwrap();
+    let back = Instant::now();
+    wait_record_gone(&env, Duration::from_secs(30));
+    eprintln!(
+        "D(c): thawed and taken back {:.2} s after qemu-ga came back",
+        back.elapsed().as_secs_f64()
+    );
+    assert_released_and_clean(&mut vm, &env, &["d0"]);
+    assert!(env.list().is_empty());
 }

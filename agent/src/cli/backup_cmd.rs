@@ -36,6 +36,7 @@ impl From<ModeArg> for Mode {
         }
     }
 }
+use crate::job::fleece::{FleecePolicy, MinFree};
 
 /// `shear backup …`
 #[derive(Debug, Args)]
@@ -52,9 +53,16 @@ pub struct BackupArgs {
     /// qemu-guest-agent socket (default: the config's template).
     #[arg(long)]
     pub qga: Option<PathBuf>,
-    /// Where fleecing images go (default: <run_dir>/fleece).
+    /// Where fleecing images go (default: the config's, /var/lib/shear/fleece).
     #[arg(long)]
     pub fleecing_dir: Option<PathBuf>,
+    /// Accept a RAM-backed (tmpfs/ramfs) fleecing directory.
+    #[arg(long)]
+    pub fleecing_allow_tmpfs: bool,
+    /// Free space the fleecing directory needs before the backup starts:
+    /// a percentage of the disks' allocated size (10%) or a size (20G, 0).
+    #[arg(long)]
+    pub fleecing_min_free: Option<String>,
     /// Run directory (default: the config's, /run/shear).
     #[arg(long, env = "SHEAR_RUN_DIR")]
     pub run_dir: Option<PathBuf>,
@@ -121,13 +129,17 @@ pub fn run(repo: crate::repo::Repository, args: &BackupArgs) -> anyhow::Result<E
     }
     let cfg = Config::load()?;
     let run_dir = args.run_dir.clone().unwrap_or_else(|| cfg.run_dir.clone());
-    let fleecing_dir = args.fleecing_dir.clone().unwrap_or_else(|| {
-        Config {
-            run_dir: run_dir.clone(),
-            ..cfg.clone()
-        }
-        .fleecing_dir()
-    });
+    let fleecing_dir = args
+        .fleecing_dir
+        .clone()
+        .unwrap_or_else(|| cfg.fleecing_dir());
+    let fleecing = FleecePolicy {
+        allow_tmpfs: args.fleecing_allow_tmpfs || cfg.fleecing_allow_tmpfs,
+        min_free: match &args.fleecing_min_free {
+            Some(s) => MinFree::parse(s).map_err(anyhow::Error::msg)?,
+            None => cfg.fleecing_min_free().map_err(anyhow::Error::msg)?,
+        },
+    };
     let zstd_level = parse_compress(args.compress.as_deref())?;
     let workers = args
         .workers
@@ -142,26 +154,7 @@ pub fn run(repo: crate::repo::Repository, args: &BackupArgs) -> anyhow::Result<E
         .build()
         .context("starting the async runtime")?;
     let cancel = Cancel::default();
-    {
-        let cancel = cancel.clone();
-        rt.spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut int), Ok(mut term)) = (
-                signal(SignalKind::interrupt()),
-                signal(SignalKind::terminate()),
-            ) else {
-                return;
-            };
-            loop {
-                let which = tokio::select! {
-                    _ = int.recv() => "SIGINT",
-                    _ = term.recv() => "SIGTERM",
-                };
-                eprintln!("shear: {which} received: stopping, releasing the guest and cleaning up");
-                cancel.cancel(which);
-            }
-        });
-    }
+    rt.spawn(cancel_on_signals(cancel.clone()));
 
     let mut reports: Vec<serde_json::Value> = Vec::new();
     let mut failed = 0usize;
@@ -176,6 +169,7 @@ pub fn run(repo: crate::repo::Repository, args: &BackupArgs) -> anyhow::Result<E
             mode,
             run_dir: run_dir.clone(),
             fleecing_dir: fleecing_dir.clone(),
+            fleecing,
             zstd_level,
             workers,
             connections: args.connections,
@@ -192,7 +186,10 @@ pub fn run(repo: crate::repo::Repository, args: &BackupArgs) -> anyhow::Result<E
         let progress = !args.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
         let observer = Arc::new(CliObserver::new(progress));
         if !args.json {
-            println!("backing up VM {vmid} ({} mode)", mode.as_str());
+            out(format_args!(
+                "backing up VM {vmid} ({} mode)",
+                mode.as_str()
+            ));
         }
         let result = rt.block_on(run_backup(repo.clone(), opts, cancel.clone(), observer));
         match result {
@@ -209,8 +206,10 @@ pub fn run(repo: crate::repo::Repository, args: &BackupArgs) -> anyhow::Result<E
                 if args.json {
                     reports.push(serde_json::json!({"vmid": vmid, "error": msg}));
                 } else {
-                    eprintln!("shear: backup of VM {vmid} FAILED: {msg}");
-                    eprintln!("shear: the guest was released and no backup was recorded");
+                    err(format_args!("shear: backup of VM {vmid} FAILED: {msg}"));
+                    err(format_args!(
+                        "shear: the guest was released and no backup was recorded"
+                    ));
                 }
             }
         }
@@ -221,13 +220,83 @@ pub fn run(repo: crate::repo::Repository, args: &BackupArgs) -> anyhow::Result<E
     // A guard dropped on an error path thaws from a thread: let it finish.
     guest_agent::wait_for_drop_thaws(Duration::from_secs(30));
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&reports)?);
+        out(format_args!("{}", serde_json::to_string_pretty(&reports)?));
     }
     Ok(if failed == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Signals whose default action ends the process. Each one cancels the run
+/// the way SIGINT does (guest released, graph restored, nothing recorded):
+/// a dropped SSH session (SIGHUP), Ctrl-\ (SIGQUIT), a stray `kill -USR1`,
+/// a CPU or file-size limit… must never leave a filter in a VM. SIGPIPE is
+/// not among them: the Rust runtime ignores it, so a closed stdout gives
+/// EPIPE on write (which [`out`] and [`err`] ignore) instead of killing us.
+/// SIGKILL cannot be caught: the thaw watchdog covers it.
+const CANCEL_SIGNALS: &[(libc::c_int, &str)] = &[
+    (libc::SIGHUP, "SIGHUP"),
+    (libc::SIGINT, "SIGINT"),
+    (libc::SIGQUIT, "SIGQUIT"),
+    (libc::SIGTERM, "SIGTERM"),
+    (libc::SIGUSR1, "SIGUSR1"),
+    (libc::SIGUSR2, "SIGUSR2"),
+    (libc::SIGALRM, "SIGALRM"),
+    (libc::SIGVTALRM, "SIGVTALRM"),
+    (libc::SIGPROF, "SIGPROF"),
+    (libc::SIGXCPU, "SIGXCPU"),
+    (libc::SIGXFSZ, "SIGXFSZ"),
+    (libc::SIGPOLL, "SIGPOLL"),
+    (libc::SIGPWR, "SIGPWR"),
+    (libc::SIGSTKFLT, "SIGSTKFLT"),
+];
+
+/// Cancel `cancel` on any of [`CANCEL_SIGNALS`], for the life of the runtime.
+async fn cancel_on_signals(cancel: Cancel) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<&'static str>();
+    for &(num, name) in CANCEL_SIGNALS {
+        match signal(SignalKind::from_raw(num)) {
+            Ok(mut s) => {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    while s.recv().await.is_some() {
+                        if tx.send(name).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+            Err(e) => err(format_args!("shear: cannot handle {name}: {e}")),
+        }
+    }
+    drop(tx);
+    while let Some(which) = rx.recv().await {
+        // Cancel first: the message may fail (the terminal is gone after a
+        // SIGHUP) and must not stand in the way.
+        cancel.cancel(which);
+        err(format_args!(
+            "shear: {which} received: stopping, releasing the guest and cleaning up"
+        ));
+    }
+}
+
+/// A line on stdout; a closed or broken stdout is not an error of the
+/// backup (never panics, unlike `println!`).
+fn out(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    let _ = o.write_fmt(line).and_then(|()| o.write_all(b"\n"));
+    let _ = o.flush();
+}
+
+/// A line on stderr; never panics (the terminal may be gone).
+fn err(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut e = std::io::stderr().lock();
+    let _ = e.write_fmt(line).and_then(|()| e.write_all(b"\n"));
 }
 
 fn human_bytes(b: u64) -> String {
@@ -247,19 +316,19 @@ fn human_bytes(b: u64) -> String {
 }
 
 fn print_human(r: &BackupReport) {
-    println!("backup {} committed", r.backup_id);
+    out(format_args!("backup {} committed", r.backup_id));
     let held = r.freeze_window_ms.map_or_else(
         || "guest not held".to_string(),
         |ms| format!("guest held {ms} ms"),
     );
-    println!(
+    out(format_args!(
         "  mode {}, consistency {}, {held}",
         r.mode.as_str(),
         match r.consistency {
             crate::repo::Consistency::Application => "application",
             crate::repo::Consistency::Crash => "crash",
         },
-    );
+    ));
     for d in &r.disks {
         let how = match (&d.kind, &d.full_reason, d.dirty_bytes) {
             (crate::repo::ReadKind::Incremental, _, dirty) => format!(
@@ -270,7 +339,7 @@ fn print_human(r: &BackupReport) {
             (crate::repo::ReadKind::Full, Some(why), _) => format!("full read: {why}"),
             (crate::repo::ReadKind::Full, None, _) => "full read".to_string(),
         };
-        println!(
+        out(format_args!(
             "  disk {}: {how}\n    {} virtual, {} read, {} skipped (holes/zeros/unchanged), {} stored, {} deduplicated",
             d.name,
             human_bytes(d.virtual_size),
@@ -278,19 +347,73 @@ fn print_human(r: &BackupReport) {
             human_bytes(d.bytes_skipped),
             human_bytes(d.bytes_stored),
             human_bytes(d.bytes_deduplicated)
-        );
+        ));
     }
     #[allow(clippy::cast_precision_loss)]
     let s = |ms: u64| ms as f64 / 1000.0;
-    println!(
+    out(format_args!(
         "  took {:.2} s (setup {:.2} s, read {:.2} s)",
         s(r.total_ms),
         s(r.setup_ms),
         s(r.read_ms)
-    );
+    ));
     for w in &r.warnings {
-        println!("  warning: {w}");
+        out(format_args!("  warning: {w}"));
     }
+}
+
+/// `shear cleanup VMID`
+#[derive(Debug, Args)]
+pub struct CleanupArgs {
+    /// VM id.
+    pub vmid: String,
+    /// QMP socket (default: the one the run record names).
+    #[arg(long)]
+    pub qmp: Option<PathBuf>,
+    /// qemu-ga socket (default: the one the run record names).
+    #[arg(long)]
+    pub qga: Option<PathBuf>,
+    /// Run directory (default: the config's, /run/shear).
+    #[arg(long, env = "SHEAR_RUN_DIR")]
+    pub run_dir: Option<PathBuf>,
+}
+
+/// Run `shear cleanup`.
+pub fn cleanup(args: &CleanupArgs) -> anyhow::Result<ExitCode> {
+    use crate::job::cleanup::{cleanup_vm, Whose};
+    crate::repo::VmId::new(&args.vmid).with_context(|| format!("bad VM id {:?}", args.vmid))?;
+    let cfg = Config::load()?;
+    let run_dir = args.run_dir.clone().unwrap_or_else(|| cfg.run_dir.clone());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let vmid = &args.vmid;
+    let result = rt.block_on(cleanup_vm(
+        &run_dir,
+        vmid,
+        args.qmp.as_deref(),
+        args.qga.as_deref(),
+        Whose::Any,
+    ));
+    let r = match result {
+        Ok(r) => r,
+        Err(e) => anyhow::bail!("cleanup of VM {vmid}: {}", chain(&e)),
+    };
+    if !r.found {
+        out(format_args!("VM {vmid}: nothing to clean up"));
+        return Ok(ExitCode::SUCCESS);
+    }
+    out(format_args!(
+        "VM {vmid}: took back {} change(s) left by shear pid {}{}",
+        r.undone.len(),
+        r.pid.unwrap_or(0),
+        if r.qemu_gone { " (QEMU is gone)" } else { "" }
+    ));
+    for u in &r.undone {
+        out(format_args!("  {u}"));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `shear __watchdog` (internal): see [`crate::job::watchdog`].
@@ -302,11 +425,18 @@ pub struct WatchdogArgs {
     /// qemu-ga socket.
     #[arg(long)]
     pub qga: Option<PathBuf>,
+    /// Run directory holding the agent's run record.
+    #[arg(long, requires = "vmid")]
+    pub run_dir: Option<PathBuf>,
+    /// VM id of the run record.
+    #[arg(long, requires = "run_dir")]
+    pub vmid: Option<String>,
 }
 
 /// Run the watchdog process.
 pub fn watchdog(args: &WatchdogArgs) -> ExitCode {
-    let code = crate::job::watchdog::run(&args.qmp, args.qga.as_deref());
+    let record = args.run_dir.as_deref().zip(args.vmid.as_deref());
+    let code = crate::job::watchdog::run(&args.qmp, args.qga.as_deref(), record);
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 

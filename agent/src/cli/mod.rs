@@ -7,7 +7,7 @@ pub mod boot_cmdline;
 mod progress;
 mod repo_cmds;
 
-pub use backup_cmd::{BackupArgs, WatchdogArgs};
+pub use backup_cmd::{BackupArgs, CleanupArgs, WatchdogArgs};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -37,6 +37,10 @@ pub struct Cli {
 pub enum Command {
     /// Back up running VMs (live, point-in-time, deduplicated).
     Backup(BackupArgs),
+    /// Take back now what a killed backup run left in a VM (filters,
+    /// exports, fleecing images, a freeze or pause), like `qm unlock`.
+    /// Refused while a shear backup of that VM runs.
+    Cleanup(CleanupArgs),
     /// Internal: the thaw watchdog a backup starts (see job::watchdog).
     #[command(name = "__watchdog", hide = true)]
     Watchdog(WatchdogArgs),
@@ -204,12 +208,15 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Backup(args) => backup_cmd::run(repo_cmds::open(&cli)?, args),
         Command::Watchdog(args) => Ok(backup_cmd::watchdog(args)),
+        Command::Cleanup(args) => backup_cmd::cleanup(args),
         _ => repo_cmds::run(cli),
     }
 }
 
-/// Prints an error and its causes ([`crate::chain`]).
+/// Prints an error and its causes on one line ([`crate::chain`]).
+/// Never panics (stderr may be gone: a closed terminal).
 pub fn print_error(err: &anyhow::Error) {
+    use std::io::Write;
     let e: &dyn std::error::Error = err.as_ref();
-    eprintln!("error: {}", crate::chain(e));
+    let _ = writeln!(std::io::stderr().lock(), "error: {}", crate::chain(e));
 }

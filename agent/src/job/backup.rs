@@ -88,6 +88,8 @@ pub struct BackupOptions {
     pub run_dir: PathBuf,
     /// Fleecing images directory.
     pub fleecing_dir: PathBuf,
+    /// What the fleecing directory must satisfy (not RAM, free space).
+    pub fleecing: super::fleece::FleecePolicy,
     /// zstd level; `None` = the repository's default.
     pub zstd_level: Option<i32>,
     /// Hash/compress worker threads.
@@ -144,12 +146,12 @@ pub fn render_notes(template: &str, vmid: &str, guestname: &str, node: &str) -> 
 
 /// Exclusive per-VM lock in the run directory (F-30: one backup per VM).
 #[derive(Debug)]
-pub(super) struct VmLock {
+pub(crate) struct VmLock {
     _file: std::fs::File,
 }
 
 /// Take the per-VM lock without waiting.
-pub(super) fn lock_vm(run_dir: &Path, vmid: &str) -> Result<VmLock, JobError> {
+pub(crate) fn lock_vm(run_dir: &Path, vmid: &str) -> Result<VmLock, JobError> {
     let path = run_dir.join(format!("backup-{vmid}.lock"));
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -284,6 +286,8 @@ impl BackupRun {
             .map_err(JobError::qmp("connect"))?;
         let rpath = record_path(&opts.run_dir, &opts.vmid);
         let record = RunRecord::new(&opts.vmid, &opts.qmp, opts.qga.as_deref());
+        // Before anything changes in it (leftovers included): is it this VM?
+        let identity = super::identity::verify(&qmp, &opts.vmid).await?;
         let mut run = BackupRun {
             repo,
             cancel,
@@ -313,6 +317,9 @@ impl BackupRun {
             setup_ms: 0,
             opts,
         };
+        if let Some(w) = identity {
+            run.warn(w);
+        }
         if let Some(w) = cleanup_leftovers(&run.qmp, &run.opts.run_dir, &run.opts.vmid).await? {
             run.warn(w);
         }
@@ -377,6 +384,9 @@ impl BackupRun {
                 self.opts.vmid
             )));
         }
+        if let Some(w) = check_fleecing(&self.opts, &self.disks)? {
+            self.warn(w);
+        }
         let status = self
             .qmp
             .query_status()
@@ -428,8 +438,13 @@ impl BackupRun {
         g.start_nbd_server(&self.nbd_dir.join("nbd.sock"), max_conn)
             .await?;
         self.watchdog = Some(
-            Watchdog::spawn(&self.opts.qmp, self.opts.qga.as_deref())
-                .map_err(|e| JobError::io("starting the thaw watchdog", e))?,
+            Watchdog::spawn(
+                &self.opts.qmp,
+                self.opts.qga.as_deref(),
+                &self.opts.run_dir,
+                &self.opts.vmid,
+            )
+            .map_err(|e| JobError::io("starting the thaw watchdog", e))?,
         );
         Ok(())
     }
@@ -818,6 +833,23 @@ impl BackupRun {
             warnings: self.warnings,
         })
     }
+}
+
+/// Refuse a RAM-backed or too small fleecing directory before the guest is
+/// touched (see [`super::fleece`]); a warning when RAM was allowed.
+fn check_fleecing(opts: &BackupOptions, disks: &[VmDisk]) -> Result<Option<String>, JobError> {
+    private_dir(&opts.fleecing_dir)?;
+    let allocated = disks
+        .iter()
+        .map(|d| d.allocated_size.unwrap_or(d.virtual_size))
+        .fold(0u64, u64::saturating_add);
+    let space = super::fleece::check(&opts.fleecing_dir, allocated, opts.fleecing)?;
+    Ok(space.ram_backed.then(|| {
+        format!(
+            "fleecing directory {} is in RAM (allowed by configuration)",
+            opts.fleecing_dir.display()
+        )
+    }))
 }
 
 /// The VM's name (`query-name`), or empty.

@@ -35,6 +35,8 @@ pub struct VmDisk {
     pub filename: String,
     /// Exact virtual size in bytes.
     pub virtual_size: u64,
+    /// Host allocation of the image in bytes, when QEMU knows it.
+    pub allocated_size: Option<u64>,
     /// Read-only medium.
     pub read_only: bool,
 }
@@ -97,6 +99,7 @@ pub async fn discover_disks(
             format: node.drv.clone(),
             filename: node.file.clone(),
             virtual_size: image.virtual_size,
+            allocated_size: image.actual_size,
             read_only: node.ro,
         });
     }
@@ -552,7 +555,7 @@ async fn undo_step(
                     "the record holds a freeze but no qemu-ga socket is known".into(),
                 ));
             };
-            super::freeze::thaw_recorded(qga).await
+            super::freeze::thaw_recorded(qga, qmp.map(qmp::Qmp::path)).await
         }
     }
 }

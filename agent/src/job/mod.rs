@@ -32,12 +32,15 @@
 
 pub mod backup;
 pub mod cancel;
+pub mod cleanup;
 mod datapath;
 mod diagnose;
 pub mod events;
+pub mod fleece;
 pub mod freeze;
 pub mod graph;
 pub mod hold;
+pub mod identity;
 pub mod incremental;
 pub mod record;
 pub mod report;
@@ -138,6 +141,33 @@ pub enum JobError {
         #[source]
         source: std::io::Error,
     },
+    /// The fleecing directory was refused (RAM-backed, too little space).
+    #[error(transparent)]
+    Fleece(#[from] fleece::FleeceError),
+    /// The VM is gone (QEMU exited) while we still had something to undo.
+    #[error("{0}: the VM is gone (QEMU exited)")]
+    VmGone(String),
+    /// The guest could not be confirmed released (thawed, resumed): the
+    /// backup is not recorded; the watchdog and `shear cleanup` go on.
+    #[error(
+        "the guest could not be confirmed released (thawed/resumed): {0}; the watchdog keeps \
+         trying, `shear cleanup` retries; no backup was recorded"
+    )]
+    NotReleased(String),
+    /// The QMP socket leads to another VM's QEMU: refused before any change.
+    #[error(
+        "refusing to back up VM {vmid}: {} leads to another VM ({found}); check --qmp or \
+         the qmp_socket template ({{vmid}})",
+        socket.display()
+    )]
+    WrongVm {
+        /// The VM id asked for.
+        vmid: String,
+        /// The QMP socket.
+        socket: std::path::PathBuf,
+        /// What identifies the VM found there.
+        found: String,
+    },
     /// Another backup of this VM is running.
     #[error("another shear backup of VM {0} is running")]
     Busy(String),
@@ -201,6 +231,9 @@ impl JobError {
             JobError::Record(_) | JobError::Io { .. } => ErrorKind::Retryable,
             JobError::Busy(_) => ErrorKind::Retryable,
             JobError::Interrupted(_) => ErrorKind::Interrupted,
+            JobError::VmGone(_) => ErrorKind::QemuGone,
+            JobError::Fleece(_) | JobError::WrongVm { .. } => ErrorKind::Permanent,
+            JobError::NotReleased(_) => ErrorKind::Permanent,
             JobError::GuestNotReleased { .. } | JobError::Invalid(_) => ErrorKind::Permanent,
         }
     }

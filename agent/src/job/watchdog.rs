@@ -7,19 +7,24 @@
 //! as lines: `frozen`, `thawed`, `paused`, `resumed`, and `done` when it no
 //! longer needs the watchdog. When the pipe closes without `done` — the
 //! agent died, even by SIGKILL — the watchdog thaws the guest (if the last
-//! state was `frozen`) and resumes it (if `paused`), retrying until a
-//! deadline, then exits. Graph cleanup is left to the next `shear` run,
-//! which finds the run record.
+//! state was `frozen`) and resumes it (if `paused`), retrying with backoff
+//! until qemu-ga confirms the thaw or the VM is gone (it never gives up on
+//! a frozen guest). Then it takes the per-VM lock and takes back the graph
+//! changes the dead agent recorded (`<run_dir>/backup-<vmid>.json`): filters,
+//! exports, fleecing images — the same undo as `shear cleanup`.
 
 use std::io::{BufRead, Write};
 use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// How long the watchdog keeps trying to thaw or resume after the agent died.
-pub const RESCUE_DEADLINE: Duration = Duration::from_secs(60);
-/// Deadline of one qemu-ga / QMP attempt inside the rescue loop.
+/// Deadline of one QMP attempt inside the rescue loop.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest pause between two rescue attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long the watchdog waits for the per-VM lock (a dying agent may
+/// still hold it for a moment) before leaving the record to the holder.
+const LOCK_WAIT: Duration = Duration::from_secs(30);
 
 /// What the agent holds, as last reported to the watchdog.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -40,12 +45,19 @@ pub struct Watchdog {
 }
 
 impl Watchdog {
-    /// Start `shear __watchdog` for this VM.
-    pub fn spawn(qmp: &Path, qga: Option<&Path>) -> std::io::Result<Watchdog> {
+    /// Start `shear __watchdog` for this VM (its run record is in
+    /// `run_dir`).
+    pub fn spawn(
+        qmp: &Path,
+        qga: Option<&Path>,
+        run_dir: &Path,
+        vmid: &str,
+    ) -> std::io::Result<Watchdog> {
         use std::os::unix::process::CommandExt;
         let exe = std::env::current_exe()?;
         let mut cmd = Command::new(exe);
         cmd.arg("__watchdog").arg("--qmp").arg(qmp);
+        cmd.arg("--run-dir").arg(run_dir).arg("--vmid").arg(vmid);
         if let Some(q) = qga {
             cmd.arg("--qga").arg(q);
         }
@@ -104,58 +116,117 @@ pub fn read_states(input: impl BufRead) -> Option<Held> {
     Some(held)
 }
 
-/// The watchdog process's main: block on stdin, then rescue if needed.
-pub fn run(qmp: &Path, qga: Option<&Path>) -> i32 {
+/// The watchdog process's main: block on stdin, then rescue if needed and
+/// take back the dead agent's recorded graph changes (`record`: its run
+/// directory and VM id).
+pub fn run(qmp: &Path, qga: Option<&Path>, record: Option<(&Path, &str)>) -> i32 {
+    // The agent that started us; its pid is in the run record.
+    let agent_pid = std::os::unix::process::parent_id();
     let held = read_states(std::io::stdin().lock());
     let Some(held) = held else { return 0 };
-    if !held.frozen && !held.paused {
-        return 0;
-    }
-    eprintln!(
-        "shear watchdog: the agent exited while holding the guest (frozen: {}, paused: {}); rescuing",
-        held.frozen, held.paused
-    );
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("shear watchdog: cannot start a runtime: {e}");
+            say(format_args!("shear watchdog: cannot start a runtime: {e}"));
             return 2;
         }
     };
-    let ok = rt.block_on(rescue(qmp, qga, held));
-    if ok {
-        eprintln!("shear watchdog: guest released");
-        0
-    } else {
-        eprintln!("shear watchdog: FAILED to release the guest within {RESCUE_DEADLINE:?}");
-        1
+    let mut code = 0;
+    if held.frozen || held.paused {
+        say(format_args!(
+            "shear watchdog: the agent exited while holding the guest (frozen: {}, paused: {}); rescuing",
+            held.frozen, held.paused
+        ));
+        match rt.block_on(rescue(qmp, qga, held)) {
+            Rescue::Released => say(format_args!("shear watchdog: guest released")),
+            Rescue::VmGone => say(format_args!(
+                "shear watchdog: the VM is gone (QEMU exited); nothing to release"
+            )),
+        }
     }
+    if let Some((run_dir, vmid)) = record {
+        let r = rt.block_on(super::cleanup::cleanup_after_agent(
+            run_dir, vmid, qmp, qga, agent_pid, LOCK_WAIT,
+        ));
+        match r {
+            Ok(r) if r.found => say(format_args!(
+                "shear watchdog: took back {} change(s) the agent left in VM {vmid}",
+                r.undone.len()
+            )),
+            Ok(_) => {}
+            Err(e) => {
+                say(format_args!(
+                    "shear watchdog: cleanup of VM {vmid} failed ({}); `shear cleanup {vmid}` retries",
+                    super::chain(&e)
+                ));
+                code = 1;
+            }
+        }
+    }
+    code
 }
 
-async fn rescue(qmp: &Path, qga: Option<&Path>, held: Held) -> bool {
-    let deadline = Instant::now() + RESCUE_DEADLINE;
+/// How a rescue ended (it does not end otherwise).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rescue {
+    /// Thawed (confirmed by qemu-ga) and resumed.
+    Released,
+    /// QEMU is gone: nothing is held any more.
+    VmGone,
+}
+
+async fn rescue(qmp: &Path, qga: Option<&Path>, held: Held) -> Rescue {
     let mut thawed = !held.frozen;
     let mut resumed = !held.paused;
-    while Instant::now() < deadline && !(thawed && resumed) {
+    let mut backoff = Duration::from_millis(250);
+    let mut attempts = 0u32;
+    loop {
         // Resume first: a paused guest cannot run qemu-ga's thaw.
         if !resumed {
             resumed = try_cont(qmp).await;
         }
-        if !thawed {
-            if let Some(qga) = qga {
-                thawed = super::freeze::thaw_recorded(qga).await.is_ok();
-            } else {
-                thawed = true;
-            }
+        // A paused guest cannot run the thaw, and the thaw loop only ends
+        // when thawed: resume first, retry the resume until it works.
+        if !thawed && resumed {
+            thawed = match qga {
+                // Keeps trying until thawed, or fails only when the VM is gone.
+                Some(qga) => match super::freeze::thaw_recorded(qga, Some(qmp)).await {
+                    Ok(()) => true,
+                    Err(e) if super::freeze::is_vm_gone(&e) => return Rescue::VmGone,
+                    Err(_) => false,
+                },
+                None => true,
+            };
         }
-        if !(thawed && resumed) {
-            tokio::time::sleep(Duration::from_millis(250)).await;
+        if thawed && resumed {
+            return Rescue::Released;
         }
+        if vm_gone(qmp).await {
+            return Rescue::VmGone;
+        }
+        attempts += 1;
+        if attempts.is_multiple_of(10) {
+            say(format_args!(
+                "shear watchdog: guest not released yet after {attempts} attempts; still trying"
+            ));
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
-    thawed && resumed
+}
+
+/// QEMU is gone: its QMP socket is missing or nobody listens on it.
+async fn vm_gone(qmp: &Path) -> bool {
+    match tokio::net::UnixStream::connect(qmp).await {
+        Ok(_) => false,
+        Err(e) => matches!(
+            e.kind(),
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+        ),
+    }
 }
 
 async fn try_cont(qmp: &Path) -> bool {
@@ -163,6 +234,13 @@ async fn try_cont(qmp: &Path) -> bool {
         return false;
     };
     super::graph::resume_held(&client).await.is_ok()
+}
+
+/// A line on stderr that never panics: the agent's terminal may be gone
+/// (a dropped SSH session), and the rescue must go on regardless.
+fn say(line: std::fmt::Arguments<'_>) {
+    let mut e = std::io::stderr().lock();
+    let _ = e.write_fmt(line).and_then(|()| e.write_all(b"\n"));
 }
 
 #[cfg(test)]
