@@ -34,6 +34,7 @@ use super::events::{JobEvent, Observer, Phase};
 use super::graph::{self, GraphBuilder, NodeNames, VmDisk};
 use super::hold::{ms, Hold};
 use super::incremental::{self, DiskTracking};
+use super::monitor::{Monitor, Reconnect};
 use super::record::{record_path, RunRecord, Step};
 use super::report::{BackupReport, DiskReport};
 use super::watchdog::Watchdog;
@@ -42,8 +43,6 @@ use crate::repo::{self, Consistency, Repository};
 
 pub use super::cancel::Cancel;
 
-/// How long connecting to QMP may take.
-const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long connecting to qemu-ga may take before the backup goes on
 /// crash-consistent (F-01 asks for ≤ 2 s).
 const QGA_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -225,7 +224,7 @@ pub(super) struct BackupRun {
     pub(super) opts: BackupOptions,
     pub(super) cancel: Cancel,
     pub(super) observer: Observer,
-    pub(super) qmp: qmp::Qmp,
+    pub(super) monitor: Monitor,
     pub(super) record: RunRecord,
     pub(super) rpath: PathBuf,
     pub(super) watchdog: Option<Watchdog>,
@@ -281,18 +280,16 @@ impl BackupRun {
         });
         private_dir(&opts.run_dir)?;
         let lock = lock_vm(&opts.run_dir, &opts.vmid)?;
-        let (qmp, _events) = qmp::Qmp::connect(&opts.qmp, QMP_CONNECT_TIMEOUT)
-            .await
-            .map_err(JobError::qmp("connect"))?;
+        let monitor = Monitor::connect(&opts.qmp).await?;
         let rpath = record_path(&opts.run_dir, &opts.vmid);
         let record = RunRecord::new(&opts.vmid, &opts.qmp, opts.qga.as_deref());
         // Before anything changes in it (leftovers included): is it this VM?
-        let identity = super::identity::verify(&qmp, &opts.vmid).await?;
+        let identity = super::identity::verify(monitor.get()?, &opts.vmid).await?;
         let mut run = BackupRun {
             repo,
             cancel,
             observer,
-            qmp,
+            monitor,
             record,
             rpath,
             watchdog: None,
@@ -320,7 +317,9 @@ impl BackupRun {
         if let Some(w) = identity {
             run.warn(w);
         }
-        if let Some(w) = cleanup_leftovers(&run.qmp, &run.opts.run_dir, &run.opts.vmid).await? {
+        if let Some(w) =
+            cleanup_leftovers(run.monitor.get()?, &run.opts.run_dir, &run.opts.vmid).await?
+        {
             run.warn(w);
         }
         run.cancel.check()?;
@@ -344,6 +343,9 @@ impl BackupRun {
         self.phase(Phase::Export);
         self.export().await?;
         self.cancel.check()?;
+        // Let the monitor go for the whole read: QEMU serves one client per
+        // monitor, and the host's own tools need it.
+        self.monitor.release();
         self.phase(Phase::Read);
         let pending = self.read().await?;
         self.retire_bitmaps()?;
@@ -370,7 +372,7 @@ impl BackupRun {
     /// Nothing the guest sees changes here.
     async fn prepare(&mut self) -> Result<(), JobError> {
         let mut skipped = Vec::new();
-        let all = graph::discover_disks(&self.qmp, &mut skipped).await?;
+        let all = graph::discover_disks(self.monitor.get()?, &mut skipped).await?;
         for w in skipped {
             self.warn(w);
         }
@@ -388,19 +390,17 @@ impl BackupRun {
             self.warn(w);
         }
         let status = self
-            .qmp
+            .monitor
+            .get()?
             .query_status()
             .await
             .map_err(JobError::qmp("query-status"))?;
         self.was_running = status.running;
-        self.vm_name = qmp_vm_name(&self.qmp).await;
-        self.vm_config = vm_config_json(&self.qmp, &self.disks).await;
+        self.vm_name = qmp_vm_name(self.monitor.get()?).await;
+        self.vm_config = vm_config_json(self.monitor.get()?, &self.disks).await;
         self.plan_tracking().await?;
 
-        // qemu-ga, only when the guest runs (a paused guest cannot answer).
-        if self.opts.mode == Mode::Snapshot && self.was_running {
-            self.connect_agent().await;
-        } else if !self.was_running {
+        if !self.was_running {
             self.warn(format!(
                 "VM is {} (not running): no freeze; backup is crash-consistent",
                 status.status
@@ -408,7 +408,9 @@ impl BackupRun {
         }
         self.cancel.check()?;
 
-        // Private directories, fleece images, watchdog.
+        // Private directories, fleece files, watchdog: no QMP needed, so
+        // the monitor is let go meanwhile (qemu-img takes a while).
+        self.monitor.release();
         let tag = random_hex(3);
         self.nbd_dir = self
             .opts
@@ -418,25 +420,21 @@ impl BackupRun {
         self.names = (0..self.disks.len())
             .map(|i| NodeNames::new(&tag, i))
             .collect();
-        let mut g = GraphBuilder::new(&self.qmp, &mut self.record, &self.rpath);
-        g.log(Step::Dir {
+        self.record.steps.push(Step::Dir {
             path: self.nbd_dir.clone(),
-        })?;
+        });
+        self.record.save(&self.rpath).map_err(JobError::Record)?;
         private_dir(&self.nbd_dir)?;
-        for (disk, n) in self.disks.iter().zip(&self.names) {
+        let mut files = Vec::new();
+        for disk in &self.disks {
             let file = self.opts.fleecing_dir.join(format!(
                 "{}-{}-{tag}.fleece.qcow2",
                 self.opts.vmid, disk.name
             ));
-            g.add_fleece(disk, n, &file).await?;
+            graph::create_fleece_file(&mut self.record, &self.rpath, disk, &file).await?;
+            files.push(file);
             self.cancel.check()?;
         }
-        // Before the guest is touched: an NBD server someone else runs
-        // fails the backup here, and is left alone.
-        let max_conn = u32::try_from(self.disks.len() * (self.opts.connections.max(1) + 1))
-            .unwrap_or(u32::MAX);
-        g.start_nbd_server(&self.nbd_dir.join("nbd.sock"), max_conn)
-            .await?;
         self.watchdog = Some(
             Watchdog::spawn(
                 &self.opts.qmp,
@@ -446,10 +444,30 @@ impl BackupRun {
             )
             .map_err(|e| JobError::io("starting the thaw watchdog", e))?,
         );
+
+        // qemu-ga from just before the freeze to the confirmed thaw (only
+        // when the guest runs: a paused guest cannot answer), connected
+        // while the monitor is let go (it may take its 2 s deadline).
+        if self.opts.mode == Mode::Snapshot && self.was_running {
+            self.connect_agent().await;
+        }
+        // The monitor again, from here through the exports.
+        self.reconnect_for_setup().await?;
+        let mut g = GraphBuilder::new(self.monitor.get()?, &mut self.record, &self.rpath);
+        for ((disk, n), file) in self.disks.iter().zip(&self.names).zip(&files) {
+            g.add_fleece(disk, n, file).await?;
+            self.cancel.check()?;
+        }
+        // Before the guest is touched: an NBD server someone else runs
+        // fails the backup here, and is left alone.
+        let max_conn = u32::try_from(self.disks.len() * (self.opts.connections.max(1) + 1))
+            .unwrap_or(u32::MAX);
+        g.start_nbd_server(&self.nbd_dir.join("nbd.sock"), max_conn)
+            .await?;
         Ok(())
     }
 
-    async fn connect_agent(&mut self) {
+    pub(super) async fn connect_agent(&mut self) {
         let warning = match self.opts.qga.clone() {
             Some(path) if path.exists() => {
                 let mut cfg = guest_agent::Config::default();
@@ -479,7 +497,7 @@ impl BackupRun {
     /// access nodes; then the test-only held hook. Runs while held.
     async fn insert(&mut self) -> Result<(), JobError> {
         self.split_bitmaps().await?;
-        let mut g = GraphBuilder::new(&self.qmp, &mut self.record, &self.rpath);
+        let mut g = GraphBuilder::new(self.monitor.get()?, &mut self.record, &self.rpath);
         for (disk, n) in self.disks.iter().zip(&self.names) {
             g.insert_filter(disk, n, self.opts.cbw_timeout_s).await?;
         }
@@ -498,7 +516,7 @@ impl BackupRun {
     /// on the NBD server started (on a private socket) in `prepare`.
     async fn export(&mut self) -> Result<(), JobError> {
         self.export_names = (0..self.disks.len()).map(|_| random_hex(16)).collect();
-        let mut g = GraphBuilder::new(&self.qmp, &mut self.record, &self.rpath);
+        let mut g = GraphBuilder::new(self.monitor.get()?, &mut self.record, &self.rpath);
         for (i, ((disk, n), name)) in self
             .disks
             .iter()
@@ -523,7 +541,7 @@ impl BackupRun {
     /// any backup; keeping them would only cost the guest).
     async fn plan_tracking(&mut self) -> Result<(), JobError> {
         let plan = incremental::plan(
-            &self.qmp,
+            self.monitor.get()?,
             &self.repo,
             &self.opts.vmid,
             &self.disks,
@@ -531,7 +549,7 @@ impl BackupRun {
         )
         .await?;
         for (node, name) in &plan.remove {
-            if let Err(e) = incremental::remove_bitmap(&self.qmp, node, name).await {
+            if let Err(e) = incremental::remove_bitmap(self.monitor.get()?, node, name).await {
                 self.warn(format!(
                     "could not remove stale change-tracking bitmap {name}: {}",
                     chain(&e)
@@ -562,7 +580,7 @@ impl BackupRun {
             actions.extend(t.split_actions());
         }
         self.record.save(&self.rpath).map_err(JobError::Record)?;
-        if let Err(e) = self.qmp.transaction(&actions).await {
+        if let Err(e) = self.monitor.get()?.transaction(&actions).await {
             // The transaction is atomic: nothing changed; drop the steps.
             self.record
                 .steps
@@ -584,7 +602,8 @@ impl BackupRun {
             return Ok(vec![None; self.disks.len()]);
         }
         let nodes = self
-            .qmp
+            .monitor
+            .get()?
             .query_named_block_nodes()
             .await
             .map_err(JobError::qmp("query-named-block-nodes"))?;
@@ -709,7 +728,8 @@ impl BackupRun {
             }),
             Err(e) => {
                 session.abort();
-                Err(super::diagnose::explain(&self.qmp, &self.opts.fleecing_dir, e).await)
+                let _ = self.reconnect().await;
+                Err(super::diagnose::explain(self.monitor.conn(), &self.opts.fleecing_dir, e).await)
             }
         }
     }
@@ -718,8 +738,14 @@ impl BackupRun {
     /// path), then let the watchdog go if the guest is released.
     async fn teardown(&mut self) -> Result<(), JobError> {
         self.phase(Phase::Teardown);
+        if let Err(e) = self.reconnect().await {
+            // Someone holds the monitor: the record stays for the watchdog,
+            // `shear cleanup` and the next run.
+            self.release_watchdog_if_released();
+            return Err(e);
+        }
         let teardown = graph::undo(
-            Some(&self.qmp),
+            self.monitor.conn(),
             self.opts.qga.as_deref(),
             &mut self.record,
             &self.rpath,
@@ -750,6 +776,52 @@ impl BackupRun {
             });
         }
         teardown
+    }
+
+    /// Reconnect the monitor (let go during the read) and act on what
+    /// changed while away: QEMU gone or replaced means its graph is gone
+    /// (or not ours): teardown then only removes our files.
+    async fn reconnect(&mut self) -> Result<(), JobError> {
+        match self.monitor.reconnect().await? {
+            Reconnect::Same => {}
+            Reconnect::Gone(why) => self.warn(format!(
+                "QEMU is gone since the read began ({why}): its graph went with it"
+            )),
+            Reconnect::Replaced { was, now } => self.warn(format!(
+                "another QEMU process (pid {now}, was {was}) answers on {} now: the graph shear \
+                 changed went with the old one; the new one is left alone",
+                self.opts.qmp.display()
+            )),
+        }
+        Ok(())
+    }
+
+    /// Setup reconnects after letting the monitor go for the fleece files:
+    /// anything but the same QEMU fails the backup (nothing of ours is in
+    /// the graph yet).
+    async fn reconnect_for_setup(&mut self) -> Result<(), JobError> {
+        match self.monitor.reconnect().await? {
+            Reconnect::Same => Ok(()),
+            Reconnect::Gone(why) => Err(JobError::Invalid(format!(
+                "QEMU went away during setup ({why})"
+            ))),
+            Reconnect::Replaced { was, now } => Err(JobError::Invalid(format!(
+                "another QEMU process (pid {now}, was {was}) answers on {} since setup began",
+                self.opts.qmp.display()
+            ))),
+        }
+    }
+
+    /// Teardown could not run: let the watchdog go only if nothing holds
+    /// the guest (it rescues a held guest when its pipe closes).
+    fn release_watchdog_if_released(&mut self) {
+        if let Some(w) = self.watchdog.take() {
+            if self.still_held() {
+                drop(w);
+            } else {
+                w.finish();
+            }
+        }
     }
 
     /// Whether the record still holds a freeze or pause of ours.

@@ -20,7 +20,7 @@ const PROBE_BYTES: usize = 2 << 20;
 
 /// Give a failed read ([`JobError::ReadFailed`]) its cause; other errors
 /// are returned as they are. Called while QMP is still connected.
-pub(super) async fn explain(qmp: &qmp::Qmp, fleecing_dir: &Path, e: JobError) -> JobError {
+pub(super) async fn explain(qmp: Option<&qmp::Qmp>, fleecing_dir: &Path, e: JobError) -> JobError {
     match e {
         JobError::ReadFailed {
             disk,
@@ -40,7 +40,10 @@ pub(super) async fn explain(qmp: &qmp::Qmp, fleecing_dir: &Path, e: JobError) ->
     }
 }
 
-async fn cause(qmp: &qmp::Qmp, fleecing_dir: &Path, source: &nbd_export::Error) -> String {
+async fn cause(qmp: Option<&qmp::Qmp>, fleecing_dir: &Path, source: &nbd_export::Error) -> String {
+    let Some(qmp) = qmp else {
+        return "QEMU exited or closed its monitor (cannot reconnect)".to_string();
+    };
     match tokio::time::timeout(CHECK_TIMEOUT, qmp.query_status()).await {
         Err(_) => return format!("QEMU does not answer QMP within {CHECK_TIMEOUT:?} (hung?)"),
         Ok(Err(e)) => return format!("QEMU exited or closed its monitor ({})", super::chain(&e)),

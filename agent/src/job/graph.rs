@@ -201,18 +201,14 @@ impl<'a> GraphBuilder<'a> {
             .map_err(JobError::Record)
     }
 
-    /// Create the fleece image (qcow2, exact virtual size) and add its node.
-    /// Done before the freeze: neither changes what the guest sees.
+    /// Add the node of a fleece image made by [`create_fleece_file`].
+    /// Done before the freeze: it does not change what the guest sees.
     pub async fn add_fleece(
         &mut self,
         disk: &VmDisk,
         names: &NodeNames,
         path: &Path,
     ) -> Result<(), JobError> {
-        self.log(Step::FleeceFile {
-            path: path.to_path_buf(),
-        })?;
-        create_qcow2(path, disk.virtual_size).await?;
         self.log(Step::Node {
             name: names.fleece.clone(),
         })?;
@@ -324,6 +320,22 @@ impl<'a> GraphBuilder<'a> {
             .await
             .map_err(JobError::qmp_at("block-export-add", &disk.name))
     }
+}
+
+/// Create the fleece image of `disk` (qcow2, exact virtual size) at `path`,
+/// recorded first. Needs no QMP connection (the monitor is let go while
+/// `qemu-img` runs).
+pub async fn create_fleece_file(
+    record: &mut RunRecord,
+    record_path: &Path,
+    disk: &VmDisk,
+    path: &Path,
+) -> Result<(), JobError> {
+    record.steps.push(Step::FleeceFile {
+        path: path.to_path_buf(),
+    });
+    record.save(record_path).map_err(JobError::Record)?;
+    create_qcow2(path, disk.virtual_size).await
 }
 
 /// Create a qcow2 image of exactly `size` bytes with `qemu-img create`.

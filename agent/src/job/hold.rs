@@ -63,7 +63,7 @@ impl BackupRun {
             .agent
             .take()
             .ok_or_else(|| JobError::Invalid("qemu-ga connection vanished".into()))?;
-        self.graph().log(Step::Freeze)?;
+        self.graph()?.log(Step::Freeze)?;
         tell_watchdog(&mut self.watchdog, "frozen");
         match guest_agent::FreezeGuard::freeze(agent, guest_agent::FreezeScope::All).await {
             Ok(guard) => {
@@ -72,7 +72,7 @@ impl BackupRun {
             }
             Err(guest_agent::Error::AlreadyFrozen) => {
                 // Not ours: never thaw it (F-05).
-                self.graph().forget(&Step::Freeze)?;
+                self.graph()?.forget(&Step::Freeze)?;
                 tell_watchdog(&mut self.watchdog, "thawed");
                 self.warn(
                     "guest filesystems already frozen by someone else: not freezing, not \
@@ -97,7 +97,7 @@ impl BackupRun {
                 self.thaw_unconfirmed = Some(e);
             }
             Err(e) => {
-                self.graph().forget(&Step::Freeze)?;
+                self.graph()?.forget(&Step::Freeze)?;
                 tell_watchdog(&mut self.watchdog, "thawed");
                 self.warn(format!(
                     "fsfreeze failed ({}); guest thawed, pausing instead; backup is \
@@ -116,9 +116,13 @@ impl BackupRun {
         if !self.was_running {
             return Ok(Hold::None);
         }
-        self.graph().log(Step::Pause)?;
+        self.graph()?.log(Step::Pause)?;
         tell_watchdog(&mut self.watchdog, "paused");
-        self.qmp.stop().await.map_err(JobError::qmp("stop"))?;
+        self.monitor
+            .get()?
+            .stop()
+            .await
+            .map_err(JobError::qmp("stop"))?;
         Ok(Hold::Paused)
     }
 
@@ -143,23 +147,32 @@ impl BackupRun {
                     .await
                     .map_err(JobError::qga("guest-fsfreeze-thaw"))?;
                 tell_watchdog(&mut self.watchdog, "thawed");
-                self.graph().forget(&Step::Freeze)?;
+                self.graph()?.forget(&Step::Freeze)?;
                 Ok(thawed.freeze_window)
             }
             Hold::Paused => {
-                self.qmp.cont().await.map_err(JobError::qmp("cont"))?;
+                self.monitor
+                    .get()?
+                    .cont()
+                    .await
+                    .map_err(JobError::qmp("cont"))?;
                 tell_watchdog(&mut self.watchdog, "resumed");
-                self.graph().forget(&Step::Pause)?;
+                self.graph()?.forget(&Step::Pause)?;
                 Ok(None)
             }
             Hold::ShutDown => {
-                self.qmp
+                self.monitor
+                    .get()?
                     .system_reset()
                     .await
                     .map_err(JobError::qmp("system_reset"))?;
-                self.qmp.cont().await.map_err(JobError::qmp("cont"))?;
+                self.monitor
+                    .get()?
+                    .cont()
+                    .await
+                    .map_err(JobError::qmp("cont"))?;
                 tell_watchdog(&mut self.watchdog, "resumed");
-                self.graph().forget(&Step::Pause)?;
+                self.graph()?.forget(&Step::Pause)?;
                 Ok(None)
             }
             Hold::None => Ok(None),
@@ -170,10 +183,11 @@ impl BackupRun {
     /// ask the guest to power down, wait until it has.
     async fn stop_guest(&mut self) -> Result<(), JobError> {
         // QEMU has no query for the current action; restore its default.
-        self.graph().log(Step::ShutdownAction {
+        self.graph()?.log(Step::ShutdownAction {
             restore: "poweroff".into(),
         })?;
-        self.qmp
+        self.monitor
+            .get()?
             .execute_value(
                 "set-action",
                 serde_json::json!({"shutdown": "pause", "reboot": "reset"}),
@@ -182,17 +196,22 @@ impl BackupRun {
             .map_err(JobError::qmp("set-action shutdown=pause"))?;
         // From here the VM is "held": if we die, the watchdog (or the next
         // run) boots it again.
-        self.graph().log(Step::Pause)?;
+        self.graph()?.log(Step::Pause)?;
         tell_watchdog(&mut self.watchdog, "paused");
-        self.qmp
+        self.monitor
+            .get()?
             .system_powerdown()
             .await
             .map_err(JobError::qmp("system_powerdown"))?;
-        wait_shut_down(&self.qmp, self.opts.stop_timeout, &self.cancel).await
+        wait_shut_down(self.monitor.get()?, self.opts.stop_timeout, &self.cancel).await
     }
 
-    fn graph(&mut self) -> GraphBuilder<'_> {
-        GraphBuilder::new(&self.qmp, &mut self.record, &self.rpath)
+    fn graph(&mut self) -> Result<GraphBuilder<'_>, JobError> {
+        Ok(GraphBuilder::new(
+            self.monitor.get()?,
+            &mut self.record,
+            &self.rpath,
+        ))
     }
 }
 

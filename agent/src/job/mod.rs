@@ -42,6 +42,7 @@ pub mod graph;
 pub mod hold;
 pub mod identity;
 pub mod incremental;
+pub mod monitor;
 pub mod record;
 pub mod report;
 pub mod watchdog;

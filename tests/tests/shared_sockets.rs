@@ -1,0 +1,122 @@
+//! Issue 11 §1: shear holds QEMU's sockets only while it changes something.
+//! QEMU serves one client per QMP monitor (and qemu-ga one per channel);
+//! on a Proxmox host those sockets are the hypervisor's own. Another client
+//! polls both sockets through a whole backup: every QMP poll gets its
+//! greeting and a `query-status` answer within 1 s; every qemu-ga poll
+//! answers within 1 s of the freeze window ending.
+// Test code: a failed step is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use shear_tests::shear::{report_of, ShearEnv as Env};
+use shear_tests::wire::{qga_call, HarnessQmp};
+use shear_tests::{require_guest, DiskSpec, TestVm, VmConfig};
+
+const MIB: u64 = 1 << 20;
+
+/// Poll `f` until `stop`; returns (worst latency, polls, time of the worst).
+fn poll(stop: &AtomicBool, f: impl Fn() -> bool) -> (Duration, usize, usize) {
+    let mut worst = Duration::ZERO;
+    let mut n = 0;
+    let mut failed = 0;
+    while !stop.load(Ordering::SeqCst) {
+        let t = Instant::now();
+        if !f() {
+            failed += 1;
+        }
+        worst = worst.max(t.elapsed());
+        n += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (worst, n, failed)
+}
+
+#[test]
+fn vm_other_clients_get_qmp_and_qga_answers_within_1s_during_a_backup() {
+    if !require_guest() {
+        return;
+    }
+    let env = Env::new();
+    let cfg = VmConfig::guest()
+        .disk(DiskSpec::qcow2("d0", 128 * MIB).file("/seed.bin", &vec![0x5a; 16 << 20]));
+    let vm = TestVm::start(cfg).unwrap();
+    // A read phase of several seconds (bwlimit), so a monitor held for
+    // the read would show.
+    let mut cmd = env.backup(&vm, &["--bwlimit", "4096"]);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let stop = Arc::new(AtomicBool::new(false));
+    let qmp_path = vm.qmp_socket();
+    let qga_path = vm.qga_socket();
+    let qmp_poller = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            poll(&stop, || {
+                // Greeting + negotiation + query-status, all within 1 s.
+                HarnessQmp::connect(&qmp_path, Duration::from_secs(1))
+                    .and_then(|mut q| {
+                        q.execute("query-status", Value::Null, Duration::from_secs(1))
+                    })
+                    .is_ok()
+            })
+        })
+    };
+    let qga_poller = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            poll(&stop, || {
+                qga_call(
+                    &qga_path,
+                    "guest-ping",
+                    json!(null),
+                    Duration::from_secs(3),
+                    true,
+                )
+                .is_ok()
+            })
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    let out = cmd.spawn().unwrap().wait_with_output().unwrap();
+    let took = t0.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::SeqCst);
+    let (qmp_worst, qmp_polls, qmp_failed) = qmp_poller.join().unwrap();
+    let (qga_worst, qga_polls, qga_failed) = qga_poller.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = report_of(&out);
+    let window = Duration::from_millis(report["freeze_window_ms"].as_u64().unwrap());
+    eprintln!(
+        "backup {took:?} (read {} ms, freeze {window:?}); QMP: {qmp_polls} polls, worst \
+         {qmp_worst:?}, {qmp_failed} failed; qemu-ga: {qga_polls} polls, worst {qga_worst:?}, \
+         {qga_failed} failed",
+        report["read_ms"]
+    );
+    assert!(
+        report["read_ms"].as_u64().unwrap() >= 2000,
+        "the read phase must be long enough to show a held monitor: {report}"
+    );
+    assert!(qmp_polls >= 10, "too few QMP polls: {qmp_polls}");
+    assert_eq!(
+        qmp_failed, 0,
+        "a QMP client was refused or timed out during the backup"
+    );
+    assert!(
+        qmp_worst <= Duration::from_secs(1),
+        "a QMP client waited {qmp_worst:?}"
+    );
+    assert_eq!(qga_failed, 0, "a qemu-ga client failed during the backup");
+    assert!(
+        qga_worst <= window + Duration::from_secs(1),
+        "a qemu-ga client waited {qga_worst:?} (freeze window {window:?})"
+    );
+}
