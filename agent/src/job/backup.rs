@@ -167,6 +167,24 @@ pub(crate) fn lock_vm(run_dir: &Path, vmid: &str) -> Result<VmLock, JobError> {
     }
 }
 
+/// How long a backup waits for the per-VM lock: long enough for a
+/// watchdog taking back a killed run's leftovers (it holds the lock for
+/// that), short enough that a running backup is reported promptly.
+const VM_LOCK_WAIT: Duration = Duration::from_secs(15);
+
+/// [`lock_vm`], retrying while another holder has it, up to `wait`.
+async fn lock_vm_waiting(run_dir: &Path, vmid: &str, wait: Duration) -> Result<VmLock, JobError> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match lock_vm(run_dir, vmid) {
+            Err(JobError::Busy(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            r => return r,
+        }
+    }
+}
+
 pub(super) fn private_dir(path: &Path) -> Result<(), JobError> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
@@ -279,7 +297,7 @@ impl BackupRun {
             phase: Phase::Prepare,
         });
         private_dir(&opts.run_dir)?;
-        let lock = lock_vm(&opts.run_dir, &opts.vmid)?;
+        let lock = lock_vm_waiting(&opts.run_dir, &opts.vmid, VM_LOCK_WAIT).await?;
         let monitor = Monitor::connect(&opts.qmp).await?;
         let rpath = record_path(&opts.run_dir, &opts.vmid);
         let record = RunRecord::new(&opts.vmid, &opts.qmp, opts.qga.as_deref());
