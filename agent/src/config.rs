@@ -51,6 +51,9 @@ pub struct Config {
     pub fleecing_min_free: Option<String>,
     /// This host's name for notes templates (default: the host name).
     pub node: Option<String>,
+    /// Proxmox VM config template captured into each backup when it
+    /// exists; `{vmid}` is replaced.
+    pub pve_config: String,
 }
 
 impl Default for Config {
@@ -63,6 +66,7 @@ impl Default for Config {
             fleecing_allow_tmpfs: false,
             fleecing_min_free: None,
             node: None,
+            pve_config: "/etc/pve/qemu-server/{vmid}.conf".into(),
         }
     }
 }
@@ -132,6 +136,11 @@ impl Config {
     /// The QMP socket of `vmid`.
     pub fn qmp_socket_for(&self, vmid: &str) -> PathBuf {
         PathBuf::from(self.qmp_socket.replace("{vmid}", vmid))
+    }
+
+    /// The Proxmox VM config file of `vmid`.
+    pub fn pve_config_for(&self, vmid: &str) -> PathBuf {
+        PathBuf::from(self.pve_config.replace("{vmid}", vmid))
     }
 
     /// The qemu-ga socket of `vmid`.

@@ -120,3 +120,102 @@ fn vm_other_clients_get_qmp_and_qga_answers_within_1s_during_a_backup() {
         "a qemu-ga client waited {qga_worst:?} (freeze window {window:?})"
     );
 }
+
+/// Issue 11 §2: the VM's definition goes into the backup: QEMU's view, the
+/// process's full command line (via the QMP peer's pid) and the Proxmox
+/// config; `show --config` prints it; `restore` writes it beside the disks
+/// with a QEMU command line adapted to the restored files, which starts.
+#[test]
+fn qemu_backup_captures_the_vm_definition_and_restore_writes_it() {
+    if !shear_tests::require_qemu() {
+        return;
+    }
+    let env = Env::new();
+    let pve = env.dir.path().join("100.conf");
+    std::fs::write(&pve, "boot: order=scsi0\nmemory: 2048\nname: web\n").unwrap();
+    let cfg_path = env.dir.path().join("shear.toml");
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "pve_config = \"{}\"\n",
+            env.dir.path().join("{vmid}.conf").display()
+        ),
+    )
+    .unwrap();
+    let mut vm = TestVm::start(
+        VmConfig::paused()
+            .disk(DiskSpec::qcow2("d0", 16 * MIB))
+            .arg("-name")
+            .arg("guest=web-100"),
+    )
+    .unwrap();
+    vm.qemu_io("d0", "write -P 0x77 0 2M").unwrap();
+    let mut cmd = env.backup(&vm, &[]);
+    cmd.env("SHEAR_CONFIG", &cfg_path);
+    let report = report_of(&shear_tests::shear::run_ok(cmd));
+    let id = report["backup_id"].as_str().unwrap().to_string();
+
+    let shown = shear_tests::shear::run_ok(env.shear(&["show", &id, "--config", "--json"]));
+    let def: Value = serde_json::from_slice(&shown.stdout).unwrap();
+    let argv: Vec<&str> = def["cmdline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(argv[0].ends_with("qemu-system-x86_64"), "{argv:?}");
+    assert!(argv.contains(&"guest=web-100"), "{argv:?}");
+    assert_eq!(def["qemu_pid"], vm.pid());
+    assert_eq!(
+        def["pve_config"]["text"],
+        "boot: order=scsi0\nmemory: 2048\nname: web\n"
+    );
+    let text = shear_tests::shear::run_ok(env.shear(&["show", &id, "--config"]));
+    assert!(String::from_utf8_lossy(&text.stdout).contains("memory: 2048"));
+
+    let target = env.dir.path().join("restored");
+    shear_tests::shear::run_ok(env.shear(&[
+        "restore",
+        &id,
+        "--target",
+        target.to_str().unwrap(),
+        "--format",
+        "qcow2",
+    ]));
+    assert_eq!(
+        std::fs::read_to_string(target.join("pve.conf")).unwrap(),
+        "boot: order=scsi0\nmemory: 2048\nname: web\n"
+    );
+    let saved: Value =
+        serde_json::from_slice(&std::fs::read(target.join("vm-definition.json")).unwrap()).unwrap();
+    assert_eq!(saved["cmdline"], def["cmdline"]);
+    let sh = std::fs::read_to_string(target.join("qemu-cmdline.sh")).unwrap();
+    let restored = target.join("d0.qcow2");
+    assert!(sh.contains(&restored.display().to_string()), "{sh}");
+    assert!(
+        !sh.contains(&vm.disk_path("d0").display().to_string()),
+        "{sh}"
+    );
+    assert!(
+        sh.contains("# dropped (belongs to the old process): -qmp"),
+        "{sh}"
+    );
+    assert!(
+        sh.contains("-pidfile"),
+        "the dropped pidfile is listed: {sh}"
+    );
+    drop(vm);
+    // The adapted line starts QEMU on the restored disk (it idles: -S).
+    let out = std::process::Command::new("timeout")
+        .args(["3", "sh"])
+        .arg(target.join("qemu-cmdline.sh"))
+        .current_dir(&target)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(124),
+        "QEMU did not keep running: {}\n{sh}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

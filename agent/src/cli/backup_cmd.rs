@@ -169,6 +169,7 @@ pub fn run(repo: crate::repo::Repository, args: &BackupArgs) -> anyhow::Result<E
             mode,
             run_dir: run_dir.clone(),
             fleecing_dir: fleecing_dir.clone(),
+            pve_config: cfg.pve_config_for(vmid),
             fleecing,
             zstd_level,
             workers,

@@ -6,7 +6,7 @@ use std::path::Path;
 use serde_json::Value;
 
 /// Quote a word for a POSIX shell when it needs it.
-fn sh_quote(w: &str) -> String {
+pub(super) fn sh_quote(w: &str) -> String {
     if !w.is_empty()
         && w.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_./=,:@+".contains(&b))

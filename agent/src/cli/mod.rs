@@ -6,6 +6,7 @@ mod backup_cmd;
 pub mod boot_cmdline;
 mod progress;
 mod repo_cmds;
+mod vm_definition;
 
 pub use backup_cmd::{BackupArgs, CleanupArgs, WatchdogArgs};
 
@@ -74,6 +75,10 @@ pub enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Print the VM definition captured in the backup (QEMU's view,
+        /// its command line, the Proxmox config, the libvirt XML).
+        #[arg(long)]
+        config: bool,
     },
     /// Re-read and check every chunk of one or all backups.
     Verify {

@@ -134,11 +134,21 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Show { backup, json } => {
+        Command::Show {
+            backup,
+            json,
+            config,
+        } => {
             let repo = open(&cli)?;
             let id = parse_backup(backup)?;
             let m = repo.load_manifest(&id)?;
-            if *json {
+            if *config {
+                if *json {
+                    print_json(&m.vm_config)?;
+                } else {
+                    print!("{}", super::vm_definition::show(&m.vm_config));
+                }
+            } else if *json {
                 print_json(&m)?;
             } else {
                 println!("backup       {}", m.backup_id);
@@ -380,10 +390,21 @@ fn restore(cli: &Cli, a: &RestoreArgs) -> anyhow::Result<()> {
         })
         .collect();
     let boot = super::boot_cmdline::qemu_command(&reader.manifest().vm_config, &restored);
+    let definition = super::vm_definition::write_beside(
+        &reader.manifest().vm_config,
+        target,
+        &reports
+            .iter()
+            .map(|r| (r.disk.clone(), r.path.clone(), format))
+            .collect::<Vec<_>>(),
+    )?;
     if a.json {
         print_json(&serde_json::json!({"disks": reports, "qemu_command": boot}))?;
     } else {
         println!("boot the restored disks with:\n  {boot}");
+        for f in &definition {
+            println!("wrote {}", f.display());
+        }
     }
     Ok(())
 }

@@ -87,6 +87,8 @@ pub struct BackupOptions {
     pub run_dir: PathBuf,
     /// Fleecing images directory.
     pub fleecing_dir: PathBuf,
+    /// The Proxmox VM config file captured into the backup, if it exists.
+    pub pve_config: PathBuf,
     /// What the fleecing directory must satisfy (not RAM, free space).
     pub fleecing: super::fleece::FleecePolicy,
     /// zstd level; `None` = the repository's default.
@@ -415,7 +417,9 @@ impl BackupRun {
             .map_err(JobError::qmp("query-status"))?;
         self.was_running = status.running;
         self.vm_name = qmp_vm_name(self.monitor.get()?).await;
-        self.vm_config = vm_config_json(self.monitor.get()?, &self.disks).await;
+        self.vm_config =
+            super::definition::capture(self.monitor.get()?, &self.disks, &self.opts.pve_config)
+                .await;
         self.plan_tracking().await?;
 
         if !self.was_running {
@@ -949,26 +953,6 @@ async fn qmp_vm_name(qmp: &qmp::Qmp) -> String {
         .ok()
         .and_then(|v| v.get("name").and_then(|n| n.as_str()).map(str::to_string))
         .unwrap_or_default()
-}
-
-/// The VM configuration as QEMU reports it: disks, machine, CPUs, memory.
-async fn vm_config_json(qmp: &qmp::Qmp, disks: &[VmDisk]) -> serde_json::Value {
-    let q = |cmd: &'static str| async move {
-        qmp.execute_value(cmd, serde_json::Value::Null)
-            .await
-            .unwrap_or(serde_json::Value::Null)
-    };
-    serde_json::json!({
-        "name": q("query-name").await,
-        "version": q("query-version").await,
-        "cpus": q("query-cpus-fast").await,
-        "memory": q("query-memory-size-summary").await,
-        "machine": q("query-target").await,
-        "disks": disks.iter().map(|d| serde_json::json!({
-            "name": d.name, "device": d.device, "qdev": d.qdev, "node": d.node,
-            "format": d.format, "filename": d.filename, "virtual-size": d.virtual_size,
-        })).collect::<Vec<_>>(),
-    })
 }
 
 /// Test-only (feature `test-hooks`): run the held hook while the guest is

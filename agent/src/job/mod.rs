@@ -34,6 +34,7 @@ pub mod backup;
 pub mod cancel;
 pub mod cleanup;
 mod datapath;
+pub mod definition;
 mod diagnose;
 pub mod events;
 pub mod fleece;
