@@ -27,13 +27,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-
 use super::datapath::{read_all, DataPathConfig, DiskJob};
 use super::events::{JobEvent, Observer, Phase};
 use super::graph::{self, GraphBuilder, NodeNames, VmDisk};
-use super::hold::{ms, Hold};
 use super::incremental::{self, DiskTracking};
+use super::lock::{lock_vm_waiting, private_dir, VmLock, VM_LOCK_WAIT};
 use super::monitor::{Monitor, Reconnect};
 use super::record::{record_path, RunRecord, Step};
 use super::report::{BackupReport, DiskReport};
@@ -42,160 +40,13 @@ use super::{chain, JobError};
 use crate::repo::{self, Consistency, Repository};
 
 pub use super::cancel::Cancel;
+pub use super::options::{
+    held_hook_from_env, render_notes, BackupOptions, Mode, DEFAULT_CBW_TIMEOUT_S, TEST_HOOKS,
+};
 
 /// How long connecting to qemu-ga may take before the backup goes on
 /// crash-consistent (F-01 asks for ≤ 2 s).
 const QGA_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Default `cbw-timeout`: below every guest's disk timeout (virtio-win: 60 s).
-pub const DEFAULT_CBW_TIMEOUT_S: u32 = 45;
-
-/// Backup mode, as vzdump names them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// Live: freeze (if qemu-ga answers), insert filters, thaw at once.
-    Snapshot,
-    /// Pause the vCPUs while the filters go in.
-    Suspend,
-    /// Orderly shutdown, filters in, boot again at once; back up the clean state.
-    Stop,
-}
-
-impl Mode {
-    /// Lower-case name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Snapshot => "snapshot",
-            Mode::Suspend => "suspend",
-            Mode::Stop => "stop",
-        }
-    }
-}
-
-/// Everything a backup run needs to know.
-#[derive(Debug, Clone)]
-pub struct BackupOptions {
-    /// VM id.
-    pub vmid: String,
-    /// QMP socket (a monitor of our own).
-    pub qmp: PathBuf,
-    /// qemu-ga socket; `None` or absent means crash-consistent.
-    pub qga: Option<PathBuf>,
-    /// Mode.
-    pub mode: Mode,
-    /// Run directory (record, lock, NBD socket dir).
-    pub run_dir: PathBuf,
-    /// Fleecing images directory.
-    pub fleecing_dir: PathBuf,
-    /// The Proxmox VM config file captured into the backup, if it exists.
-    pub pve_config: PathBuf,
-    /// What the fleecing directory must satisfy (not RAM, free space).
-    pub fleecing: super::fleece::FleecePolicy,
-    /// zstd level; `None` = the repository's default.
-    pub zstd_level: Option<i32>,
-    /// Hash/compress worker threads.
-    pub workers: usize,
-    /// NBD connections per disk.
-    pub connections: usize,
-    /// Bandwidth limit on reads, KiB/s (0 = none).
-    pub bwlimit_kib: u64,
-    /// Disk names to skip.
-    pub exclude: Vec<String>,
-    /// Notes template (vzdump's): `{{vmid}}`, `{{guestname}}`, `{{node}}`.
-    pub notes_template: String,
-    /// This host's name, for `{{node}}`.
-    pub node: String,
-    /// Deadline of `guest-fsfreeze-freeze`; on expiry the backup goes on
-    /// crash-consistent (the guest is thawed first).
-    pub freeze_timeout: Duration,
-    /// `cbw-timeout` in seconds.
-    pub cbw_timeout_s: u32,
-    /// Stop mode: how long the guest may take to shut down.
-    pub stop_timeout: Duration,
-    /// Read every disk in full even where change tracking would allow an
-    /// incremental read (tracking still starts anew).
-    pub full: bool,
-    /// Test-only: a program run while the guest is held with every filter
-    /// in place (to take a ground-truth copy). Only honoured when
-    /// [`TEST_HOOKS`] (see [`held_hook_from_env`]).
-    pub held_hook: Option<PathBuf>,
-}
-
-/// Whether this build honours test hooks: debug builds (the test suite's)
-/// and builds with the `test-hooks` feature. A release build, which is what
-/// `cargo install` and packages ship, never runs them.
-pub const TEST_HOOKS: bool = cfg!(any(debug_assertions, feature = "test-hooks"));
-
-/// The held hook named by `$SHEAR_TEST_FROZEN_HOOK` when [`TEST_HOOKS`];
-/// `None` in the builds users install, whatever the environment says.
-pub fn held_hook_from_env() -> Option<PathBuf> {
-    if TEST_HOOKS {
-        std::env::var_os("SHEAR_TEST_FROZEN_HOOK").map(PathBuf::from)
-    } else {
-        None
-    }
-}
-
-/// Render a vzdump notes template (`\n` in the template is a newline).
-pub fn render_notes(template: &str, vmid: &str, guestname: &str, node: &str) -> String {
-    template
-        .replace("{{vmid}}", vmid)
-        .replace("{{guestname}}", guestname)
-        .replace("{{node}}", node)
-        .replace("\\n", "\n")
-}
-
-/// Exclusive per-VM lock in the run directory (F-30: one backup per VM).
-#[derive(Debug)]
-pub(crate) struct VmLock {
-    _file: std::fs::File,
-}
-
-/// Take the per-VM lock without waiting.
-pub(crate) fn lock_vm(run_dir: &Path, vmid: &str) -> Result<VmLock, JobError> {
-    let path = run_dir.join(format!("backup-{vmid}.lock"));
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| JobError::io(format!("opening lock {}", path.display()), e))?;
-    match file.try_lock() {
-        Ok(()) => Ok(VmLock { _file: file }),
-        Err(std::fs::TryLockError::WouldBlock) => Err(JobError::Busy(vmid.to_string())),
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(JobError::io(format!("locking {}", path.display()), e))
-        }
-    }
-}
-
-/// How long a backup waits for the per-VM lock: long enough for a
-/// watchdog taking back a killed run's leftovers (it holds the lock for
-/// that), short enough that a running backup is reported promptly.
-const VM_LOCK_WAIT: Duration = Duration::from_secs(15);
-
-/// [`lock_vm`], retrying while another holder has it, up to `wait`.
-async fn lock_vm_waiting(run_dir: &Path, vmid: &str, wait: Duration) -> Result<VmLock, JobError> {
-    let deadline = Instant::now() + wait;
-    loop {
-        match lock_vm(run_dir, vmid) {
-            Err(JobError::Busy(_)) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            r => return r,
-        }
-    }
-}
-
-pub(super) fn private_dir(path: &Path) -> Result<(), JobError> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(path)
-        .map_err(|e| JobError::io(format!("creating {}", path.display()), e))
-}
-
 fn random_hex(bytes: usize) -> String {
     use rand::RngCore;
     let mut b = vec![0u8; bytes];
@@ -981,4 +832,23 @@ async fn run_held_hook(
         return Err(JobError::Invalid(format!("held hook exited with {st}")));
     }
     Ok(())
+}
+
+/// How the guest is held while the filters go in.
+#[derive(Debug, Default)]
+pub(super) enum Hold {
+    /// Frozen through qemu-ga by us (boxed: the guard is large).
+    Frozen(Box<guest_agent::FreezeGuard>),
+    /// Paused (`stop`) by us.
+    Paused,
+    /// Shut down (stop mode); resumed with `system_reset` + `cont`.
+    ShutDown,
+    /// Not held (the VM was already paused by someone else, or released).
+    #[default]
+    None,
+}
+
+/// Milliseconds of a duration, saturating.
+pub(super) fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

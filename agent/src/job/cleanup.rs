@@ -9,8 +9,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::backup::lock_vm;
 use super::graph;
+use super::lock::lock_vm;
 use super::record::{record_path, RunRecord, Step};
 use super::JobError;
 

@@ -549,11 +549,9 @@ async fn undo_step(
         }
         Step::Pause => resume_held(need_qmp()?).await,
         Step::BitmapSplit { node, old, new } => {
-            super::incremental::undo_split(need_qmp()?, node, old.as_deref(), new).await
+            undo_split(need_qmp()?, node, old.as_deref(), new).await
         }
-        Step::BitmapRetire { node, name } => {
-            super::incremental::remove_bitmap(need_qmp()?, node, name).await
-        }
+        Step::BitmapRetire { node, name } => remove_bitmap(need_qmp()?, node, name).await,
         Step::ShutdownAction { restore } => {
             let qmp = need_qmp()?;
             qmp.execute_value("set-action", json!({"shutdown": restore}))
@@ -570,6 +568,77 @@ async fn undo_step(
             super::freeze::thaw_recorded(qga, qmp.map(qmp::Qmp::path)).await
         }
     }
+}
+
+/// The undo of a split that did not end in a committed backup: re-enable
+/// the old bitmap, merge the new one into it, remove the new one; without
+/// an old bitmap, remove the new one. Tolerates a split that never
+/// happened (no new bitmap) and a node that is gone.
+pub async fn undo_split(
+    qmp: &qmp::Qmp,
+    node: &str,
+    old: Option<&str>,
+    new: &str,
+) -> Result<(), JobError> {
+    let Some(bitmaps) = bitmaps_on(qmp, node).await? else {
+        return Ok(());
+    };
+    let find = |n: &str| bitmaps.iter().find(|b| b.name == n);
+    let mut actions = Vec::new();
+    match old.and_then(&find) {
+        Some(o) => {
+            if !o.recording {
+                actions.push(qmp::TransactionAction::bitmap_enable(node, &o.name));
+            }
+            if find(new).is_some() {
+                actions.push(qmp::TransactionAction::bitmap_merge(
+                    node,
+                    &o.name,
+                    &[qmp::BitmapSource::from(new)],
+                ));
+                actions.push(qmp::TransactionAction::bitmap_remove(node, new));
+            }
+        }
+        None => {
+            if find(new).is_some() {
+                actions.push(qmp::TransactionAction::bitmap_remove(node, new));
+            }
+        }
+    }
+    if actions.is_empty() {
+        return Ok(());
+    }
+    qmp.transaction(&actions).await.map_err(JobError::qmp_at(
+        "transaction (merge the bitmap back)",
+        node,
+    ))
+}
+
+/// Remove bitmap `name` from `node` if it is there.
+pub async fn remove_bitmap(qmp: &qmp::Qmp, node: &str, name: &str) -> Result<(), JobError> {
+    let Some(bitmaps) = bitmaps_on(qmp, node).await? else {
+        return Ok(());
+    };
+    if bitmaps.iter().any(|b| b.name == name) {
+        qmp.block_dirty_bitmap_remove(node, name)
+            .await
+            .map_err(JobError::qmp_at("block-dirty-bitmap-remove", name))?;
+    }
+    Ok(())
+}
+
+/// The bitmaps on `node`, or `None` if the node is gone.
+async fn bitmaps_on(
+    qmp: &qmp::Qmp,
+    node: &str,
+) -> Result<Option<Vec<qmp::DirtyBitmapInfo>>, JobError> {
+    Ok(qmp
+        .query_named_block_nodes()
+        .await
+        .map_err(JobError::qmp("query-named-block-nodes"))?
+        .into_iter()
+        .find(|n| n.node_name == node)
+        .map(|n| n.dirty_bitmaps))
 }
 
 #[cfg(test)]

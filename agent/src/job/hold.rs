@@ -6,27 +6,13 @@
 
 use std::time::{Duration, Instant};
 
-use super::backup::{BackupRun, Mode};
+use super::backup::{ms, BackupRun, Hold, Mode};
 use super::cancel::Cancel;
 use super::graph::GraphBuilder;
 use super::record::Step;
 use super::watchdog::Watchdog;
 use super::{chain, JobError};
 use crate::repo::Consistency;
-
-/// How the guest is held while the filters go in.
-#[derive(Debug, Default)]
-pub(super) enum Hold {
-    /// Frozen through qemu-ga by us (boxed: the guard is large).
-    Frozen(Box<guest_agent::FreezeGuard>),
-    /// Paused (`stop`) by us.
-    Paused,
-    /// Shut down (stop mode); resumed with `system_reset` + `cont`.
-    ShutDown,
-    /// Not held (the VM was already paused by someone else, or released).
-    #[default]
-    None,
-}
 
 /// Report a state line to the watchdog, if there is one.
 pub(super) fn tell_watchdog(w: &mut Option<Watchdog>, state: &str) {
@@ -237,9 +223,4 @@ async fn wait_shut_down(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// Milliseconds of a duration, saturating.
-pub(super) fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

@@ -32,9 +32,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use qmp::{BitmapAddOptions, BitmapSource, DirtyBitmapInfo, TransactionAction};
+use qmp::{BitmapAddOptions, DirtyBitmapInfo, TransactionAction};
 
 use super::graph::VmDisk;
+pub use super::graph::{remove_bitmap, undo_split};
 use super::JobError;
 use crate::repo::{self, BackupId, Digest, Repository, VmId};
 
@@ -352,74 +353,6 @@ fn random_generation() -> String {
     let mut b = [0u8; 6];
     rand::rng().fill_bytes(&mut b);
     hex::encode(b)
-}
-
-/// The undo of a split that did not end in a committed backup: re-enable
-/// the old bitmap, merge the new one into it, remove the new one; without
-/// an old bitmap, remove the new one. Tolerates a split that never
-/// happened (no new bitmap) and a node that is gone.
-pub async fn undo_split(
-    qmp: &qmp::Qmp,
-    node: &str,
-    old: Option<&str>,
-    new: &str,
-) -> Result<(), JobError> {
-    let Some(bitmaps) = bitmaps_on(qmp, node).await? else {
-        return Ok(());
-    };
-    let find = |n: &str| bitmaps.iter().find(|b| b.name == n);
-    let mut actions = Vec::new();
-    match old.and_then(&find) {
-        Some(o) => {
-            if !o.recording {
-                actions.push(TransactionAction::bitmap_enable(node, &o.name));
-            }
-            if find(new).is_some() {
-                actions.push(TransactionAction::bitmap_merge(
-                    node,
-                    &o.name,
-                    &[BitmapSource::from(new)],
-                ));
-                actions.push(TransactionAction::bitmap_remove(node, new));
-            }
-        }
-        None => {
-            if find(new).is_some() {
-                actions.push(TransactionAction::bitmap_remove(node, new));
-            }
-        }
-    }
-    if actions.is_empty() {
-        return Ok(());
-    }
-    qmp.transaction(&actions).await.map_err(JobError::qmp_at(
-        "transaction (merge the bitmap back)",
-        node,
-    ))
-}
-
-/// Remove bitmap `name` from `node` if it is there.
-pub async fn remove_bitmap(qmp: &qmp::Qmp, node: &str, name: &str) -> Result<(), JobError> {
-    let Some(bitmaps) = bitmaps_on(qmp, node).await? else {
-        return Ok(());
-    };
-    if bitmaps.iter().any(|b| b.name == name) {
-        qmp.block_dirty_bitmap_remove(node, name)
-            .await
-            .map_err(JobError::qmp_at("block-dirty-bitmap-remove", name))?;
-    }
-    Ok(())
-}
-
-/// The bitmaps on `node`, or `None` if the node is gone.
-async fn bitmaps_on(qmp: &qmp::Qmp, node: &str) -> Result<Option<Vec<DirtyBitmapInfo>>, JobError> {
-    Ok(qmp
-        .query_named_block_nodes()
-        .await
-        .map_err(JobError::qmp("query-named-block-nodes"))?
-        .into_iter()
-        .find(|n| n.node_name == node)
-        .map(|n| n.dirty_bitmaps))
 }
 
 #[cfg(test)]

@@ -1,10 +1,17 @@
 //! Backup jobs on running VMs: the QEMU graph changes, the freeze, the data
 //! path from NBD into the repository, and cleanup on every path.
 //!
-//! Where things live:
-//! - [`backup`]: the options, [`backup::run_backup`] and the `BackupRun`
-//!   type with one method per phase (prepare, hold, insert, release,
-//!   export, read, teardown, commit);
+//! Where things live (module dependencies go one way: no cycles):
+//! - [`options`]: what a run is asked to do (mode, options, test hooks);
+//! - [`backup`]: [`backup::run_backup`] and the `BackupRun` type with one
+//!   method per phase (prepare, hold, insert, release, export, read,
+//!   teardown, commit);
+//! - [`monitor`]: QEMU's QMP monitor, held only while the graph changes;
+//! - [`definition`]: the VM definition captured into every backup;
+//! - [`identity`]: which VM is behind a QMP socket;
+//! - [`fleece`]: where fleecing images may go (not RAM, enough space);
+//! - [`cleanup`]: taking back a killed run's changes (`shear cleanup`);
+//! - `lock`: one backup or cleanup per VM at a time;
 //! - [`hold`]: freezing, pausing or shutting the guest down, and releasing it;
 //! - [`graph`]: QEMU block-graph changes and their undo;
 //! - [`incremental`]: dirty-bitmap change tracking, per disk per repository;
@@ -43,7 +50,9 @@ pub mod graph;
 pub mod hold;
 pub mod identity;
 pub mod incremental;
+mod lock;
 pub mod monitor;
+pub mod options;
 pub mod record;
 pub mod report;
 pub mod watchdog;

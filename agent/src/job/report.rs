@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use super::backup::Mode;
+use super::options::Mode;
 use crate::repo::Consistency;
 
 /// Per-disk figures of a finished backup.
