@@ -1,0 +1,212 @@
+//! `shear backup` against faults in QEMU's block graph, on a QEMU without a
+//! guest (cheap `qemu_*` tests; guest writes are HMP `qemu-io` writes):
+//! setup failing after each step (F-14), EIO on the fleecing target
+//! (F-11), slow fleecing storage and `cbw-timeout` (F-13), the private
+//! sockets (F-21), QEMU quitting (F-28) and conflicting operations (F-30)
+//! during a backup. Faults inside shear's own graph use its test-only hooks
+//! (`SHEAR_TEST_*`, honoured by debug builds only).
+// Test code: a failed step is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use shear_tests::shear::{assert_graph_clean, report_of, run_ok, ShearEnv};
+use shear_tests::{require_qemu, wait_until, DiskSpec, TestVm, VmConfig};
+
+const MIB: u64 = 1 << 20;
+
+fn spawn(mut c: Command) -> Child {
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    c.spawn().unwrap()
+}
+
+fn finish(child: Child) -> (bool, String) {
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Wait until shear's export exists (the read phase has started).
+fn wait_reading(vm: &mut TestVm, child: &mut Child) {
+    wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        "shear's NBD export",
+        || {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!("shear exited before reading: {st}");
+            }
+            let e = vm.harness_qmp("query-block-exports", json!({})).unwrap();
+            (e.as_array().is_some_and(|a| !a.is_empty())).then_some(())
+        },
+    )
+    .unwrap();
+}
+
+/// What QEMU's block layer looks like: every named node (driver, file,
+/// read-only, its bitmaps), which node each device uses, and the exports.
+fn graph_state(vm: &mut TestVm) -> Value {
+    let nodes = vm
+        .harness_qmp("query-named-block-nodes", json!({"flat": true}))
+        .unwrap();
+    let mut nodes: Vec<Value> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            let bitmaps: Vec<Value> = n["dirty-bitmaps"]
+                .as_array()
+                .map(|b| b.iter().map(|x| x["name"].clone()).collect())
+                .unwrap_or_default();
+            json!({"node": n["node-name"], "drv": n["drv"], "file": n["file"],
+                   "ro": n["ro"], "bitmaps": bitmaps})
+        })
+        .collect();
+    nodes.sort_by_key(|v| v["node"].to_string());
+    let blocks: Vec<Value> = vm
+        .harness_qmp("query-block", json!({}))
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| json!({"qdev": b["qdev"], "node": b["inserted"]["node-name"]}))
+        .collect();
+    let exports = vm.harness_qmp("query-block-exports", json!({})).unwrap();
+    json!({"nodes": nodes, "block": blocks, "exports": exports})
+}
+
+fn run_status(vm: &mut TestVm) -> Value {
+    vm.harness_qmp("query-status", json!({})).unwrap()["status"].clone()
+}
+
+/// Bytes `[offset, offset + len)` of a raw image, read from the host.
+fn image_bytes(vm: &TestVm, id: &str, offset: u64, len: usize) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(vm.disk_path(id)).unwrap();
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    let mut buf = vec![0u8; len];
+    f.read_exact(&mut buf).unwrap();
+    buf
+}
+
+/// F-14: setup fails right after each step in turn (fleece file, fleece
+/// node, NBD server, filter node, drive swap, access node, export). Every
+/// failure names its step, and leaves QEMU's graph exactly as it was
+/// (nodes, bitmaps, devices' nodes, exports), the VM running (shear paused
+/// it to insert the filter: that hold is undone too), device I/O flowing,
+/// no fleece file or run record, no backup. Then a backup works.
+#[test]
+fn qemu_f14_setup_failing_after_each_step_leaves_the_graph_as_before() {
+    if !require_qemu() {
+        return;
+    }
+    const STEPS: [&str; 7] = [
+        "fleece-file",
+        "fleece-node",
+        "nbd-server",
+        "cbw-node",
+        "drive-swap",
+        "access-node",
+        "export",
+    ];
+    let env = ShearEnv::new();
+    let mut vm = TestVm::start(VmConfig::paused().disk(DiskSpec::qcow2("d0", 8 * MIB))).unwrap();
+    vm.qemu_io("d0", "write -P 0x11 0 2M").unwrap();
+    // A running VM (no OS: the firmware idles), so shear pauses it to
+    // insert the filter and must resume it on every failure path.
+    vm.harness_qmp("cont", json!({})).unwrap();
+    let before = graph_state(&mut vm);
+    for (i, step) in STEPS.iter().enumerate() {
+        let mut c = env.backup(&vm, &[]);
+        c.env("SHEAR_TEST_FAIL_AFTER", step);
+        let t = Instant::now();
+        let (ok, msg) = finish(spawn(c));
+        assert!(!ok, "{step}: the backup must fail: {msg}");
+        assert!(
+            msg.contains(&format!("setup failed after step {step}")),
+            "{step}: the error does not name the step: {msg}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(30), "{step}: too slow");
+        assert_eq!(
+            graph_state(&mut vm),
+            before,
+            "{step}: the graph differs from before the backup"
+        );
+        assert_eq!(run_status(&mut vm), "running", "{step}: VM left paused");
+        assert_graph_clean(&mut vm, &env, &["d0"]);
+        assert!(env.list().is_empty(), "{step}: a failed run is listed");
+        // Device I/O is not stuck in a drained section.
+        let t = Instant::now();
+        let pattern = 0x20 + i;
+        vm.qemu_io("d0", &format!("write -P {pattern:#x} 4M 64k"))
+            .unwrap();
+        vm.qemu_io("d0", &format!("read -P {pattern:#x} 4M 64k"))
+            .unwrap();
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "{step}: device I/O took {:?}",
+            t.elapsed()
+        );
+    }
+    // With no failpoint, the same VM backs up (the NBD server was stopped,
+    // no name is taken).
+    report_of(&run_ok(env.backup(&vm, &[])));
+    assert_graph_clean(&mut vm, &env, &["d0"]);
+    assert_eq!(run_status(&mut vm), "running");
+    assert_eq!(env.list().len(), 1);
+}
+
+/// A paused QEMU with one raw disk of 32 MiB, 24 MiB of it written with
+/// 0xab: a backup read at 1 MiB/s lasts long enough to act during it.
+fn slow_vm() -> TestVm {
+    let mut vm = TestVm::start(VmConfig::paused().disk(DiskSpec::raw("d0", 32 * MIB))).unwrap();
+    vm.qemu_io("d0", "write -P 0xab 0 24M").unwrap();
+    vm
+}
+
+/// F-11: the fleecing target fails a write with EIO (blkdebug under the
+/// fleece image, via shear's test hook). With `on-cbw-error=break-snapshot`
+/// the guest's write over data not read yet succeeds and lands (PC-G); the
+/// backup fails naming copy-before-write and the I/O error as the cause
+/// (not the EACCES the snapshot-access read returns); the graph is clean,
+/// no backup is listed, and the next backup works.
+#[test]
+fn qemu_f11_eio_on_fleece_target_guest_write_succeeds_backup_fails_named() {
+    if !require_qemu() {
+        return;
+    }
+    let env = ShearEnv::new();
+    let mut vm = slow_vm();
+    let mut c = env.backup(&vm, &["--bwlimit", "1024"]);
+    c.env("SHEAR_TEST_FLEECE_BLKDEBUG", "5");
+    let mut child = spawn(c);
+    wait_reading(&mut vm, &mut child);
+    // The reader is near offset 0; 16 MiB has not been read yet.
+    vm.qemu_io("d0", "write -P 0xcd 16M 1M")
+        .expect("PC-G: the guest write must not fail on a fleecing error");
+    let (ok, msg) = finish(child);
+    assert!(!ok, "the backup must fail: {msg}");
+    eprintln!("F-11 error: {msg}");
+    assert!(
+        msg.contains("copy-before-write broke the snapshot") && msg.contains("I/O error"),
+        "the cause is not named: {msg}"
+    );
+    assert_eq!(
+        image_bytes(&vm, "d0", 16 * MIB, 1 << 20),
+        vec![0xcd; 1 << 20]
+    );
+    assert_graph_clean(&mut vm, &env, &["d0"]);
+    assert!(env.list().is_empty(), "a failed run is listed");
+    report_of(&run_ok(env.backup(&vm, &[])));
+    assert_graph_clean(&mut vm, &env, &["d0"]);
+    assert_eq!(env.list().len(), 1);
+}
+
