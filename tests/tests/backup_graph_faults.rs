@@ -210,3 +210,79 @@ fn qemu_f11_eio_on_fleece_target_guest_write_succeeds_backup_fails_named() {
     assert_eq!(env.list().len(), 1);
 }
 
+/// F-13: the fleecing storage is slow (a 200 KiB/s throttle group under the
+/// fleece image, via shear's test hook). Two guest writes of 1 MiB over
+/// unread data: the first one's copy passes (the throttle's bucket is
+/// empty) and fills the bucket, so the second one's copy would wait ~5 s.
+/// With `--cbw-timeout 1` the second write waits about the timeout, never
+/// longer than timeout + 1 s; the snapshot breaks, a third write is
+/// immediate, and the backup fails clearly with a clean graph. With
+/// `--cbw-timeout 3` the second write waits about 3 s: the timeout is not
+/// cut short (the uint32-nanosecond overflow of pve-qemu #5409 made 45 s
+/// act like ~2 s).
+#[test]
+fn qemu_f13_slow_fleece_storage_guest_waits_at_most_cbw_timeout() {
+    if !require_qemu() {
+        return;
+    }
+    let env = ShearEnv::new();
+    let mut vm = slow_vm();
+    for timeout_s in [1u64, 3] {
+        // A fresh group: the last run's drained copies filled the old one.
+        let group = format!("tg-f13-{timeout_s}");
+        vm.harness_qmp(
+            "object-add",
+            json!({"qom-type": "throttle-group", "id": group,
+                   "limits": {"bps-write": 204_800}}),
+        )
+        .unwrap();
+        let mut c = env.backup(
+            &vm,
+            &["--bwlimit", "1024", "--cbw-timeout", &timeout_s.to_string()],
+        );
+        c.env("SHEAR_TEST_FLEECE_THROTTLE_GROUP", &group);
+        let mut child = spawn(c);
+        wait_reading(&mut vm, &mut child);
+        let limit = Duration::from_secs(timeout_s + 1);
+        let mut waited = Vec::new();
+        for (pattern, at) in [(0xcd, 14), (0xce, 16), (0xcf, 20)] {
+            let t = Instant::now();
+            vm.qemu_io("d0", &format!("write -P {pattern:#x} {at}M 1M"))
+                .unwrap();
+            waited.push(t.elapsed());
+            assert!(
+                t.elapsed() < limit,
+                "PC-G: a guest write waited {:?} with cbw-timeout {timeout_s}",
+                t.elapsed()
+            );
+        }
+        eprintln!("F-13: cbw-timeout {timeout_s} s: the guest writes took {waited:?}");
+        let second = waited[1].as_secs_f64();
+        #[allow(clippy::cast_precision_loss)]
+        let expected = timeout_s as f64;
+        assert!(
+            second > expected - 0.5,
+            "cbw-timeout {timeout_s}: the timeout fired early ({second:.2} s)"
+        );
+        // The snapshot is broken: no more copy-before-write, no wait.
+        assert!(waited[2] < Duration::from_millis(500), "{waited:?}");
+        let (ok, msg) = finish(child);
+        assert!(!ok, "the backup must fail: {msg}");
+        assert!(
+            msg.contains("copy-before-write broke the snapshot"),
+            "the cause is not named: {msg}"
+        );
+        assert_graph_clean(&mut vm, &env, &["d0"]);
+        assert!(env.list().is_empty());
+        // Nothing of ours holds the throttle group any more.
+        vm.harness_qmp("object-del", json!({"id": group})).unwrap();
+    }
+    // The guest's writes all landed.
+    for (pattern, at) in [(0xcdu8, 14u64), (0xce, 16), (0xcf, 20)] {
+        assert_eq!(
+            image_bytes(&vm, "d0", at * MIB, 1 << 20),
+            vec![pattern; 1 << 20]
+        );
+    }
+}
+
