@@ -286,3 +286,82 @@ fn qemu_f13_slow_fleece_storage_guest_waits_at_most_cbw_timeout() {
     }
 }
 
+/// F-21: while shear reads, its run directory (with the NBD socket), the
+/// NBD directory and the fleecing directory are 0700 and shear's own; a
+/// process of another user (nobody) cannot reach the NBD socket even when
+/// every directory above is open; export names are random (128 bits).
+#[test]
+fn qemu_f21_nbd_socket_and_fleece_unreachable_by_other_users() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if !require_qemu()
+        || !shear_tests::require_tool("nbdinfo")
+        || !shear_tests::require_tool("setpriv")
+    {
+        return;
+    }
+    let env = ShearEnv::new();
+    // Only shear's own modes protect its directories from here down.
+    std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut vm = slow_vm();
+    let mut child = spawn(env.backup(&vm, &["--bwlimit", "1024"]));
+    wait_reading(&mut vm, &mut child);
+    let nbd_dir = std::fs::read_dir(env.run_dir())
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("nbd-"))
+        .expect("shear's NBD directory");
+    let me = std::fs::metadata(env.dir.path()).unwrap().uid();
+    for d in [env.run_dir(), nbd_dir.clone(), env.fleece_dir()] {
+        let m = std::fs::metadata(&d).unwrap();
+        assert_eq!(m.mode() & 0o777, 0o700, "{}", d.display());
+        assert_eq!(m.uid(), me, "{}", d.display());
+    }
+    let uri = format!("nbd+unix:///?socket={}", nbd_dir.join("nbd.sock").display());
+    let nobody = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "nbdinfo",
+            "--list",
+        ])
+        .arg(&uri)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&nobody.stderr);
+    assert!(
+        !nobody.status.success() && err.contains("Permission denied"),
+        "another user reached the NBD socket: {}{err}",
+        String::from_utf8_lossy(&nobody.stdout)
+    );
+    // The owner can: the export's name is 32 random hex digits.
+    let list = Command::new("nbdinfo")
+        .args(["--list", "--json"])
+        .arg(&uri)
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&list.stdout).unwrap_or_default();
+    let name = v["exports"][0]["export-name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        name.len() == 32 && name.chars().all(|c| c.is_ascii_hexdigit()),
+        "export name {name:?} ({})",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    signal_int(&child);
+    let (ok, msg) = finish(child);
+    assert!(!ok, "{msg}");
+    assert_graph_clean(&mut vm, &env, &["d0"]);
+}
+
+fn signal_int(child: &Child) {
+    let st = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
