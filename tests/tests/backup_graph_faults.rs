@@ -451,3 +451,117 @@ fn qemu_f28_quit_during_backup_clean_exit_bitmap_consistent() {
     );
 }
 
+/// F-30: conflicting operations while shear reads. A second backup of the
+/// VM is refused (busy). QEMU refuses, with its own errors, a
+/// `block_resize` of the disk (permission conflict with shear's filter), a
+/// `blockdev-mirror` of it (not a root node any more) and `savevm` (the
+/// filter does not support snapshots); nothing crashes and the guest's disk
+/// keeps its size. Then the disk is hot-unplugged (`device_del`): the
+/// point-in-time copy was already isolated, so the backup completes, and
+/// restores the data as it was; the teardown leaves nothing of shear's
+/// (the swapped-back drive belongs to a device that is gone).
+#[test]
+fn qemu_f30_conflicting_operations_during_backup() {
+    if !require_qemu() {
+        return;
+    }
+    let env = ShearEnv::new();
+    let mut vm =
+        TestVm::start(VmConfig::paused().disk(DiskSpec::qcow2("d0", 32 * MIB).scsi())).unwrap();
+    vm.qemu_io("d0", "write -P 0xab 0 24M").unwrap();
+    let mut child = spawn(env.backup(&vm, &["--bwlimit", "4096"]));
+    wait_reading(&mut vm, &mut child);
+
+    let (ok, msg) = finish(spawn(env.backup(&vm, &[])));
+    assert!(!ok, "a second backup must be refused: {msg}");
+    assert!(
+        msg.contains("another shear backup of VM 100 is running"),
+        "{msg}"
+    );
+
+    let node = vm.disk_node("d0");
+    let resize = vm
+        .harness_qmp("block_resize", json!({"node-name": node, "size": 64 * MIB}))
+        .unwrap_err();
+    assert!(
+        resize.0.contains("Permission conflict") && resize.0.contains("shear-cbw"),
+        "{resize}"
+    );
+    let mirror_target = vm.dir().join("mirror.raw");
+    std::fs::File::create(&mirror_target)
+        .unwrap()
+        .set_len(32 * MIB)
+        .unwrap();
+    vm.harness_qmp(
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "mirror-t",
+               "file": {"driver": "file", "filename": mirror_target}}),
+    )
+    .unwrap();
+    let mirror = vm
+        .harness_qmp(
+            "blockdev-mirror",
+            json!({"job-id": "mirror0", "device": node, "target": "mirror-t", "sync": "full"}),
+        )
+        .unwrap_err();
+    assert!(mirror.0.contains("Need a root block node"), "{mirror}");
+    let save = vm.hmp("savevm f30").unwrap();
+    assert!(save.contains("does not support snapshots"), "{save}");
+    assert_eq!(
+        vm.harness_qmp("query-block-jobs", json!({})).unwrap(),
+        json!([])
+    );
+    vm.qemu_io("d0", "write -P 0xcd 20M 1M").unwrap();
+
+    vm.harness_qmp("device_del", json!({"id": "d0"})).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = report_of(&out);
+    assert!(vm.is_running(), "QEMU died");
+    let gone = vm.harness_qmp("query-block", json!({})).unwrap();
+    assert!(
+        !gone.to_string().contains("/machine/peripheral/d0"),
+        "d0 was not unplugged: {gone}"
+    );
+    let nodes = vm
+        .harness_qmp("query-named-block-nodes", json!({"flat": true}))
+        .unwrap();
+    let ours: Vec<&str> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["node-name"].as_str())
+        .filter(|n| n.starts_with("shear-"))
+        .collect();
+    assert!(ours.is_empty(), "leftover nodes: {ours:?}");
+    assert_eq!(
+        vm.harness_qmp("query-block-exports", json!({})).unwrap(),
+        json!([])
+    );
+    let fleece: Vec<_> = std::fs::read_dir(env.fleece_dir()).unwrap().collect();
+    assert!(fleece.is_empty(), "fleece files left: {fleece:?}");
+    assert!(!env.run_dir().join("backup-100.json").exists());
+    assert_eq!(env.list().len(), 1);
+    let target = env.dir.path().join("restored");
+    run_ok(env.shear(&[
+        "restore",
+        r["backup_id"].as_str().unwrap(),
+        "--target",
+        target.to_str().unwrap(),
+        "--format",
+        "raw",
+    ]));
+    let restored = std::fs::read(target.join("d0.raw")).unwrap();
+    assert!(
+        restored[..24 << 20].iter().all(|&b| b == 0xab),
+        "pre-backup data"
+    );
+    assert!(
+        restored[24 << 20..].iter().all(|&b| b == 0),
+        "the unwritten tail"
+    );
+}
