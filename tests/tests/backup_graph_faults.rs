@@ -568,8 +568,9 @@ fn qemu_f30_conflicting_operations_during_backup() {
 
 /// F-16: repeated graph changes under I/O with iothreads. Two disks (a
 /// virtio-blk and a scsi-hd, both in iothread `io0`) on a running VM; 50
-/// cycles (the catalogue asks 200; 50 keep the test under a minute) in which shear builds its whole graph (fleece, filters inserted
-/// while the VM is held, access nodes, exports) and tears it down again (a
+/// cycles (the catalogue asks 200; 50 keep the test under a minute) in
+/// which shear builds its whole graph (fleece, filters inserted while the
+/// VM is held, access nodes, exports) and tears it down again (a
 /// test failpoint after the export), while writes keep coming in through
 /// both devices. QEMU neither asserts nor crashes, no write fails, the
 /// graph is exactly as before after every cycle; then a real backup of
@@ -650,4 +651,84 @@ fn qemu_f16_iothreads_50_insert_remove_cycles_under_io() {
             "{d}: the backup after the cycles differs from the disk"
         );
     }
+}
+
+/// F-15: a second NBD client stays connected to shear's export (a
+/// `qemu-io` session holding its connection open) when the backup is
+/// cancelled (SIGINT). shear's teardown does not wait for that client:
+/// within 10 s the export is gone (hard removal), the graph is clean, QEMU
+/// runs on, and the foreign client's next read fails instead of hanging.
+#[test]
+fn qemu_f15_cancel_with_a_foreign_client_connected_tears_down() {
+    use std::io::Write;
+    if !require_qemu()
+        || !shear_tests::require_tool("qemu-io")
+        || !shear_tests::require_tool("nbdinfo")
+    {
+        return;
+    }
+    let env = ShearEnv::new();
+    let mut vm = slow_vm();
+    let mut child = spawn(env.backup(&vm, &["--bwlimit", "1024"]));
+    wait_reading(&mut vm, &mut child);
+    let nbd_dir = std::fs::read_dir(env.run_dir())
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("nbd-"))
+        .expect("shear's NBD directory");
+    let sock = nbd_dir.join("nbd.sock");
+    let list = Command::new("nbdinfo")
+        .args(["--list", "--json"])
+        .arg(format!("nbd+unix:///?socket={}", sock.display()))
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&list.stdout).unwrap();
+    let name = v["exports"][0]["export-name"].as_str().unwrap().to_string();
+    let out_path = env.dir.path().join("reader.out");
+    let mut reader = Command::new("qemu-io")
+        .args(["-r", "-f", "raw"])
+        .arg(format!("nbd+unix:///{name}?socket={}", sock.display()))
+        .stdin(Stdio::piped())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = reader.stdin.take().unwrap();
+    stdin.write_all(b"read -P 0xab 0 64k\n").unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        "the foreign client's first read",
+        || {
+            std::fs::read_to_string(&out_path)
+                .ok()
+                .filter(|s| s.contains("read 65536/65536 bytes"))
+        },
+    )
+    .unwrap();
+    signal_int(&child);
+    let t = Instant::now();
+    let (ok, msg) = finish(child);
+    let took = t.elapsed();
+    assert!(!ok, "{msg}");
+    assert!(took < Duration::from_secs(10), "teardown took {took:?}");
+    assert!(vm.is_running(), "QEMU died");
+    assert_graph_clean(&mut vm, &env, &["d0"]);
+    // The foreign client was cut off: its next request fails.
+    stdin.write_all(b"read 0 64k\n").unwrap();
+    drop(stdin);
+    let st = wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        "the foreign client to end",
+        || reader.try_wait().ok().flatten(),
+    )
+    .unwrap();
+    let out = std::fs::read_to_string(&out_path).unwrap();
+    assert!(
+        out.matches("read 65536/65536 bytes").count() == 1,
+        "the client still read after the teardown ({st}): {out}"
+    );
+    assert!(env.list().is_empty());
 }
