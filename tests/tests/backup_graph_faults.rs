@@ -567,8 +567,8 @@ fn qemu_f30_conflicting_operations_during_backup() {
 }
 
 /// F-16: repeated graph changes under I/O with iothreads. Two disks (a
-/// virtio-blk and a scsi-hd, both in iothread `io0`) on a running VM; 50
-/// cycles (the catalogue asks 200; 50 keep the test under a minute) in
+/// virtio-blk and a scsi-hd, both in iothread `io0`) on a running VM; 40
+/// cycles (the catalogue asks 200; 40 keep the test under a minute) in
 /// which shear builds its whole graph (fleece, filters inserted while the
 /// VM is held, access nodes, exports) and tears it down again (a
 /// test failpoint after the export), while writes keep coming in through
@@ -576,11 +576,11 @@ fn qemu_f30_conflicting_operations_during_backup() {
 /// graph is exactly as before after every cycle; then a real backup of
 /// both disks restores to exactly their content (pattern-correct).
 #[test]
-fn qemu_f16_iothreads_50_insert_remove_cycles_under_io() {
+fn qemu_f16_iothreads_40_insert_remove_cycles_under_io() {
     if !require_qemu() {
         return;
     }
-    const CYCLES: usize = 50;
+    const CYCLES: usize = 40;
     let env = ShearEnv::new();
     let mut vm = TestVm::start(
         VmConfig::paused()
