@@ -60,14 +60,8 @@ impl Mount {
             .arg(at)
             .output()
             .is_ok_and(|o| o.status.success());
-        if !ok {
-            // Root is a prerequisite under CI (the project machines run as
-            // root); a developer's machine may skip.
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "cannot mount tmpfs under CI"
-            );
-        }
+        // Root is a prerequisite (the project machines run as root); the
+        // callers skip (SHEAR_ALLOW_SKIP=1) or fail on `None`.
         ok.then(|| Mount(at.to_owned()))
     }
 
@@ -93,7 +87,7 @@ fn unwritable_repository_is_a_clear_error_and_reads_still_work() {
     let at = dir.path().join("mnt");
     std::fs::create_dir(&at).unwrap();
     let Some(m) = Mount::tmpfs(&at, "size=64m") else {
-        eprintln!("SKIP: cannot mount a tmpfs here (need root); covered by the fault backend test");
+        skip("mounting a tmpfs (root)");
         return;
     };
     let repo_dir = at.join("repo");
@@ -129,7 +123,7 @@ fn f33_full_filesystem_fails_cleanly_and_recovers() {
     let at = dir.path().join("mnt");
     std::fs::create_dir(&at).unwrap();
     let Some(_m) = Mount::tmpfs(&at, "size=4m") else {
-        eprintln!("SKIP: cannot mount a tmpfs here (need root); covered by the fault backend test");
+        skip("mounting a tmpfs (root)");
         return;
     };
     let repo_dir = at.join("repo");

@@ -15,8 +15,8 @@
 //! failure; QEMU also gets `SIGKILL` if the test process dies first
 //! (`setpriv --pdeathsig`).
 //!
-//! Prerequisites: a missing qemu, qemu-ga, guest image or tool is a skip with
-//! its reason on a developer machine, and a panic under `CI=true`.
+//! Prerequisites: a missing qemu, qemu-ga, guest image or tool fails the
+//! test, unless skips were asked for with `SHEAR_ALLOW_SKIP=1` ([`prereq`]).
 #![forbid(unsafe_code)]
 
 pub mod disk;

@@ -1,23 +1,52 @@
-//! Prerequisite checks: skip with a reason on a developer machine, fail
-//! under `CI=true` (a suite that silently skips every VM test proves nothing).
+//! Prerequisite checks. A missing prerequisite is a failure (a suite that
+//! silently skips every VM test proves nothing), unless the user asked for
+//! skips explicitly with `SHEAR_ALLOW_SKIP=1` (never under `CI=true`). Each
+//! allowed skip is printed and, when `SHEAR_SKIP_LOG` names a file, appended
+//! to it so `scripts/test` can summarise what did not run.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::workspace_root;
 
-/// True when running under CI (`CI=true`), where a missing prerequisite fails.
+/// True when running under CI (`CI=true`).
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
-fn missing(what: &str) -> bool {
+/// Whether the user asked for skips (`SHEAR_ALLOW_SKIP=1`, not under CI).
+pub fn skips_allowed() -> bool {
+    !in_ci() && std::env::var("SHEAR_ALLOW_SKIP").is_ok_and(|v| v == "1")
+}
+
+/// A prerequisite (`what`) is missing: panics unless skips were asked for;
+/// then records the skip and returns `false` (the test returns early).
+pub fn skip(what: &str) -> bool {
     let msg = format!("prerequisite missing: {what} (run scripts/setup)");
-    if in_ci() {
-        panic!("{msg}; under CI=true this is a failure, not a skip");
+    assert!(
+        skips_allowed(),
+        "{msg}; a missing prerequisite is a failure (set SHEAR_ALLOW_SKIP=1 to skip instead)"
+    );
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("unknown test")
+        .to_string();
+    eprintln!("SKIP: {test}: {msg}");
+    if let Some(log) = std::env::var_os("SHEAR_SKIP_LOG") {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+        {
+            let _ = writeln!(f, "{test}: {what}");
+        }
     }
-    eprintln!("SKIP: {msg}");
     false
+}
+
+fn missing(what: &str) -> bool {
+    skip(what)
 }
 
 /// Whether `tool` is on PATH (also looks in /usr/sbin and /sbin).
@@ -28,7 +57,7 @@ pub fn find_tool(tool: &str) -> Option<PathBuf> {
     dirs.into_iter().map(|d| d.join(tool)).find(|p| p.is_file())
 }
 
-/// Require an external tool. Returns false (skip) or panics under CI.
+/// Require an external tool: `false` (skip) only when skips are allowed.
 pub fn require_tool(tool: &str) -> bool {
     find_tool(tool).is_some() || missing(tool)
 }

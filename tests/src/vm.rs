@@ -594,6 +594,19 @@ impl TestVm {
         Ok(())
     }
 
+    /// Wait (at most `timeout`) for QEMU to exit by itself; its exit status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let child = self
+            .child
+            .as_mut()
+            .ok_or_else(|| herr!("QEMU already reaped"))?;
+        let st = wait_until(timeout, Duration::from_millis(20), "QEMU to exit", || {
+            child.try_wait().ok().flatten()
+        })?;
+        self.child = None;
+        Ok(st)
+    }
+
     /// Kill QEMU with SIGKILL now and reap it.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

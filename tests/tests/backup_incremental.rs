@@ -699,3 +699,82 @@ fn qemu_incremental_after_sigkill_in_read_phase_loses_nothing_f22() {
     assert_eq!(b3.disk("d0")["dirty_bytes"], 9 * MIB, "{}", b3.report);
     assert_restores_to_truth(&env, &b3, &disks);
 }
+
+/// F-26(a): a live migration started while shear reads. QEMU must not
+/// move the VM while shear's filter, snapshot and export sit on its disk:
+/// the migration fails (the source keeps the VM, nothing crashes), the
+/// backup is not harmed (it completes and restores to the truth), the
+/// graph is clean afterwards, and a migration started then succeeds.
+#[test]
+fn qemu_migration_during_backup_fails_backup_unharmed_f26() {
+    if !require_qemu() {
+        return;
+    }
+    let env = Env::new();
+    let spec = DiskSpec::qcow2("d0", 32 * MIB).image(&env.dir.path().join("d0.qcow2"));
+    let mut src = TestVm::start(VmConfig::paused().disk(spec.clone())).unwrap();
+    write_pattern(&mut src, "d0", 0x51, 0, 12);
+    let mut cmd = env.backup(&src, &["--bwlimit", "2048"]);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    shear_tests::wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        "shear's export",
+        || {
+            let e = src.harness_qmp("query-block-exports", json!({})).ok()?;
+            e.as_array().is_some_and(|a| !a.is_empty()).then_some(())
+        },
+    )
+    .unwrap();
+    let sock = env.dir.path().join("mig-during.sock");
+    let mut dst = migration_target(std::slice::from_ref(&spec), &sock);
+    let started = src.harness_qmp(
+        "migrate",
+        json!({"uri": format!("unix:{}", sock.display())}),
+    );
+    let outcome = shear_tests::wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        "the migration to end",
+        || {
+            let st = src.harness_qmp("query-migrate", json!({})).ok()?;
+            match st["status"].as_str()? {
+                "completed" | "failed" | "cancelled" => Some(st),
+                _ => None,
+            }
+        },
+    );
+    eprintln!("F-26(a): migrate {started:?} -> {outcome:?}");
+    let out = child.wait_with_output().unwrap();
+    eprintln!(
+        "F-26(a) backup: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let outcome = outcome.unwrap();
+    assert_eq!(outcome["status"], "failed", "{outcome}");
+    assert!(src.is_running(), "the source QEMU died");
+    assert!(out.status.success(), "the backup was harmed");
+    let r = report_of(&out);
+    drop(dst);
+    shear_tests::shear::assert_graph_clean(&mut src, &env, &["d0"]);
+    let target = env.dir.path().join("restored");
+    run_ok(env.shear(&[
+        "restore",
+        r["backup_id"].as_str().unwrap(),
+        "--target",
+        target.to_str().unwrap(),
+        "--format",
+        "raw",
+    ]));
+    let restored = std::fs::read(target.join("d0.raw")).unwrap();
+    assert!(
+        restored[..12 << 20].iter().all(|&b| b == 0x51),
+        "the restore differs from the disk at the backup"
+    );
+    // Now the VM can move.
+    let sock = env.dir.path().join("mig-after.sock");
+    dst = migration_target(std::slice::from_ref(&spec), &sock);
+    migrate(&mut src, &mut dst, &sock, true);
+}

@@ -402,6 +402,7 @@ async fn vm_f02_hook_hang_f03_agent_killed_f09_reboot_all_thaw() {
            > /etc/qemu/fsfreeze-hook.d/50-kill && chmod +x /etc/qemu/fsfreeze-hook.d/50-kill",
     )
     .unwrap();
+    let pid_before = vm.guest_sh("pidof qemu-ga").unwrap();
     let mut cfg = config();
     cfg.thaw_attempt_timeout = Duration::from_secs(3);
     let guard = GuestAgent::connect(vm.qga_socket(), cfg)
@@ -420,6 +421,13 @@ async fn vm_f02_hook_hang_f03_agent_killed_f09_reboot_all_thaw() {
     );
     assert!(start.elapsed() < Duration::from_secs(15));
     assert_eq!(status(&vm).await, FsFreezeStatus::Thawed);
+    // The agent really was killed while frozen: another qemu-ga process
+    // (restarted by init, in frozen mode) answered the thaw.
+    let pid_after = vm.guest_sh("pidof qemu-ga").unwrap();
+    assert!(
+        !pid_before.trim().is_empty() && pid_before.trim() != pid_after.trim(),
+        "qemu-ga was not restarted: {pid_before:?} -> {pid_after:?}"
+    );
     vm.guest_sh("rm /etc/qemu/fsfreeze-hook.d/50-kill").unwrap();
     let log = vm.guest_sh("cat /var/log/qemu-ga.log; true").unwrap();
     eprintln!(

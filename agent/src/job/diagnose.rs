@@ -50,6 +50,21 @@ async fn cause(qmp: Option<&qmp::Qmp>, fleecing_dir: &Path, source: &nbd_export:
         Ok(Ok(_)) => {}
     }
     let failed = match source.root() {
+        // snapshot-access refuses every request once the snapshot broke:
+        // a read's EACCES arrives as EPERM, but a sparse read fails in its
+        // hole check as EINVAL "unable to check for holes: Permission
+        // denied", and block status as EINVAL "can't get block status"
+        // (F-11). Counted as the snapshot's refusal (EPERM).
+        nbd_export::Error::Command {
+            command,
+            errno,
+            message,
+            ..
+        } if message.contains("Permission denied")
+            || (*errno == nbd_export::wire::NBD_EINVAL && message.contains("block status")) =>
+        {
+            Some((*command, nbd_export::wire::NBD_EPERM))
+        }
         nbd_export::Error::Command { command, errno, .. } => Some((*command, *errno)),
         _ => None,
     };

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use super::backup::TEST_HOOKS;
 use super::record::{RunRecord, Step};
 use super::JobError;
 
@@ -217,10 +218,11 @@ impl<'a> GraphBuilder<'a> {
                 "driver": "qcow2",
                 "node-name": names.fleece,
                 "discard": "unmap",
-                "file": {"driver": "file", "filename": path, "discard": "unmap"},
+                "file": fleece_file(path),
             }))
             .await
-            .map_err(JobError::qmp_at("blockdev-add fleece", &disk.name))
+            .map_err(JobError::qmp_at("blockdev-add fleece", &disk.name))?;
+        failpoint("fleece-node", &disk.name)
     }
 
     /// Insert the copy-before-write filter and point the device at it.
@@ -248,6 +250,7 @@ impl<'a> GraphBuilder<'a> {
                 "blockdev-add copy-before-write",
                 &disk.name,
             ))?;
+        failpoint("cbw-node", &disk.name)?;
         self.log(Step::DriveSwap {
             qdev: disk.qdev.clone(),
             original: disk.node.clone(),
@@ -256,7 +259,8 @@ impl<'a> GraphBuilder<'a> {
         self.qmp
             .qom_set(&disk.qdev, "drive", json!(names.cbw))
             .await
-            .map_err(JobError::qmp_at("qom-set drive to the filter", &disk.name))
+            .map_err(JobError::qmp_at("qom-set drive to the filter", &disk.name))?;
+        failpoint("drive-swap", &disk.name)
     }
 
     /// Add the snapshot-access node over the filter.
@@ -271,7 +275,8 @@ impl<'a> GraphBuilder<'a> {
                 "file": names.cbw,
             }))
             .await
-            .map_err(JobError::qmp_at("blockdev-add snapshot-access", &disk.name))
+            .map_err(JobError::qmp_at("blockdev-add snapshot-access", &disk.name))?;
+        failpoint("access-node", &disk.name)
     }
 
     /// Start QEMU's NBD server on `socket` (one connection per export we
@@ -284,7 +289,7 @@ impl<'a> GraphBuilder<'a> {
             .to_str()
             .ok_or_else(|| JobError::Invalid(format!("socket path {socket:?} is not UTF-8")))?;
         match self.qmp.nbd_server_start_unix(path, Some(max_conn)).await {
-            Ok(()) => Ok(()),
+            Ok(()) => failpoint("nbd-server", "the VM"),
             // QEMU runs one NBD server; this one is someone else's (another
             // tool's, a migration's). Never touch it (undo leaves it alone:
             // it does not listen on our socket).
@@ -318,7 +323,8 @@ impl<'a> GraphBuilder<'a> {
         self.qmp
             .block_export_add(&exp)
             .await
-            .map_err(JobError::qmp_at("block-export-add", &disk.name))
+            .map_err(JobError::qmp_at("block-export-add", &disk.name))?;
+        failpoint("export", &disk.name)
     }
 }
 
@@ -335,7 +341,49 @@ pub async fn create_fleece_file(
         path: path.to_path_buf(),
     });
     record.save(record_path).map_err(JobError::Record)?;
-    create_qcow2(path, disk.virtual_size).await
+    create_qcow2(path, disk.virtual_size).await?;
+    failpoint("fleece-file", &disk.name)
+}
+
+/// Test-only failpoint (F-14; honoured only when [`TEST_HOOKS`]): with
+/// `SHEAR_TEST_FAIL_AFTER=<step>`, setup fails right after `step` succeeded
+/// (`fleece-file`, `fleece-node`, `nbd-server`, `cbw-node`, `drive-swap`,
+/// `access-node`, `export`), so the rollback of a half-built graph can be
+/// tested step by step.
+fn failpoint(step: &str, disk: &str) -> Result<(), JobError> {
+    if TEST_HOOKS && std::env::var("SHEAR_TEST_FAIL_AFTER").is_ok_and(|v| v == step) {
+        return Err(JobError::Invalid(format!(
+            "setup failed after step {step} of {disk} (test failpoint)"
+        )));
+    }
+    Ok(())
+}
+
+/// The fleece image's protocol node. Test-only wrappers (honoured only
+/// when [`TEST_HOOKS`]): `SHEAR_TEST_FLEECE_BLKDEBUG=<errno>` fails the
+/// first data write to the fleece image with that errno (F-11: EIO on the
+/// fleecing target); `SHEAR_TEST_FLEECE_THROTTLE_GROUP=<id>` puts the file
+/// under that (test-created) throttle group (F-13: slow fleecing storage).
+fn fleece_file(path: &Path) -> Value {
+    let mut file = json!({"driver": "file", "filename": path, "discard": "unmap"});
+    if !TEST_HOOKS {
+        return file;
+    }
+    if let Some(errno) = std::env::var("SHEAR_TEST_FLEECE_BLKDEBUG")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+    {
+        file = json!({
+            "driver": "blkdebug",
+            "image": file,
+            "inject-error": [{"event": "write_aio", "errno": errno,
+                              "immediately": false, "once": true}],
+        });
+    }
+    if let Ok(group) = std::env::var("SHEAR_TEST_FLEECE_THROTTLE_GROUP") {
+        file = json!({"driver": "throttle", "throttle-group": group, "file": file});
+    }
+    file
 }
 
 /// Create a qcow2 image of exactly `size` bytes with `qemu-img create`.

@@ -122,6 +122,9 @@ impl BackupRun {
             Ok(Some(w)) => Some(ms(*w)),
             _ => held.then(|| ms(self.hold_start.elapsed())),
         };
+        if let Some(w) = window_alarm(self.freeze_window_ms) {
+            self.warn(w);
+        }
         r.map(|_| ())
     }
 
@@ -222,5 +225,36 @@ async fn wait_shut_down(
             )));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The freeze window above which a run warns (F-07's alarm level): the
+/// guest's applications had their writes blocked that long.
+pub(super) const WINDOW_ALARM_MS: u64 = 5_000;
+
+/// The warning for a freeze (or pause) window over [`WINDOW_ALARM_MS`].
+/// A Linux guest holds a freeze as long as asked; Windows VSS gives up
+/// after 10 s, so a window this long would cost a Windows guest its
+/// application consistency.
+pub(super) fn window_alarm(window_ms: Option<u64>) -> Option<String> {
+    let w = window_ms.filter(|&w| w > WINDOW_ALARM_MS)?;
+    Some(format!(
+        "the guest was held for {:.1} s (freeze window over the {} s alarm level; Windows VSS \
+         cannot hold writes past 10 s)",
+        Duration::from_millis(w).as_secs_f64(),
+        WINDOW_ALARM_MS / 1000
+    ))
+}
+
+#[cfg(test)]
+mod window_tests {
+    use super::window_alarm;
+
+    #[test]
+    fn window_alarm_only_above_5_s() {
+        assert_eq!(window_alarm(None), None);
+        assert_eq!(window_alarm(Some(5_000)), None);
+        let w = window_alarm(Some(12_345)).unwrap_or_default();
+        assert!(w.contains("12.3 s") && w.contains("alarm"), "{w}");
     }
 }

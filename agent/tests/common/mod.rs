@@ -134,3 +134,34 @@ pub fn has_qemu_img() -> bool {
         .output()
         .is_ok_and(|o| o.status.success())
 }
+
+/// A missing prerequisite: a failure unless the user asked for skips with
+/// `SHEAR_ALLOW_SKIP=1` (never under `CI=true`); an allowed skip is printed
+/// and appended to `$SHEAR_SKIP_LOG` for `scripts/test`'s summary. Returns
+/// `false` so a test can `return` on it. (Same rule as `shear_tests::prereq`.)
+#[allow(dead_code)]
+pub fn skip(what: &str) -> bool {
+    use std::io::Write;
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    let allowed = !ci && std::env::var("SHEAR_ALLOW_SKIP").is_ok_and(|v| v == "1");
+    assert!(
+        allowed,
+        "prerequisite missing: {what}; a missing prerequisite is a failure (set \
+         SHEAR_ALLOW_SKIP=1 to skip instead)"
+    );
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("unknown test")
+        .to_string();
+    eprintln!("SKIP: {test}: {what}");
+    if let Some(log) = std::env::var_os("SHEAR_SKIP_LOG") {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+        {
+            let _ = writeln!(f, "{test}: {what}");
+        }
+    }
+    false
+}
