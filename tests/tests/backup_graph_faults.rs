@@ -370,10 +370,10 @@ fn signal_int(child: &Child) {
 /// 10 s naming QEMU's exit, lists no backup, leaves no fleece file or run
 /// record; the persistent change-tracking bitmaps are saved consistent (no
 /// `in-use` flag). After a restart the next backup restores to exactly the
-/// disk's content (no write before the failed run is lost). It is a full
-/// read that says why: the quit left the bitmap split (its frozen half
-/// disabled) and QEMU's exit took the run record's undo with it, so shear
-/// does not trust the bitmap (safe, not yet incremental: issue 16).
+/// disk's content (no write before the failed run is lost), and it is
+/// incremental: the quit left the bitmap split (its frozen half disabled)
+/// and QEMU's exit took the run record's undo with it, so the next run
+/// recognises the interrupted split and merges it back (F-22).
 #[test]
 fn qemu_f28_quit_during_backup_clean_exit_bitmap_consistent() {
     if !require_qemu() {
@@ -419,14 +419,15 @@ fn qemu_f28_quit_during_backup_clean_exit_bitmap_consistent() {
     vm.qemu_io("d0", "write -P 0xef 8M 1M").unwrap();
     let r = report_of(&run_ok(env.backup(&vm, &[])));
     let d0 = &r["disks"][0];
-    assert_eq!(d0["kind"], "full", "{r}");
+    assert_eq!(d0["kind"], "incremental", "{r}");
     assert!(
-        d0["full_reason"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("disabled"),
+        r["warnings"]
+            .to_string()
+            .contains("merged the change tracking of an interrupted run"),
         "{r}"
     );
+    // Both the write before the failed run and the one after are dirty.
+    assert_eq!(d0["dirty_bytes"], 2 * MIB, "{r}");
     vm.shutdown().unwrap();
     let target = env.dir.path().join("restored");
     run_ok(env.shear(&[

@@ -168,10 +168,14 @@ pub async fn plan(
             base: None,
             full_reason: None,
         };
-        let ours: Vec<DirtyBitmapInfo> = bitmaps_of(&disk.node)
+        let mut ours: Vec<DirtyBitmapInfo> = bitmaps_of(&disk.node)
             .into_iter()
             .filter(|b| b.name.starts_with(&prefix))
             .collect();
+        if let Some(w) = heal_interrupted_split(qmp, &disk.node, &ours, &started).await? {
+            plan.warnings.push(format!("disk {}: {w}", disk.name));
+            ours = current_bitmaps(qmp, &disk.node, &prefix).await?;
+        }
         // Pick the one bitmap a committed backup started; every other one
         // of ours is a leftover (a failed or uncommitted run's).
         let mut chosen: Option<(DirtyBitmapInfo, Started)> = None;
@@ -225,6 +229,57 @@ pub async fn plan(
         plan.disks.push(t);
     }
     Ok(plan)
+}
+
+/// A split whose run record is gone (QEMU quit mid-backup: its exit took
+/// the undo along): one of our bitmaps that a committed backup started, now
+/// disabled, and one of ours that no backup started, still recording. Both
+/// were made in one transaction (the split), so their union holds every
+/// change since that backup: undo the split now, exactly as the record
+/// would have. Returns what was done.
+async fn heal_interrupted_split(
+    qmp: &qmp::Qmp,
+    node: &str,
+    ours: &[DirtyBitmapInfo],
+    started: &HashMap<String, Started>,
+) -> Result<Option<String>, JobError> {
+    let usable = |b: &&DirtyBitmapInfo| !b.inconsistent && !b.busy;
+    let frozen: Vec<&DirtyBitmapInfo> = ours
+        .iter()
+        .filter(usable)
+        .filter(|b| !b.recording && started.contains_key(&b.name))
+        .collect();
+    let newer: Vec<&DirtyBitmapInfo> = ours
+        .iter()
+        .filter(usable)
+        .filter(|b| b.recording && !started.contains_key(&b.name))
+        .collect();
+    let ([old], [new]) = (frozen.as_slice(), newer.as_slice()) else {
+        return Ok(None);
+    };
+    undo_split(qmp, node, Some(&old.name), &new.name).await?;
+    Ok(Some(format!(
+        "merged the change tracking of an interrupted run ({}) back into {}",
+        new.name, old.name
+    )))
+}
+
+async fn current_bitmaps(
+    qmp: &qmp::Qmp,
+    node: &str,
+    prefix: &str,
+) -> Result<Vec<DirtyBitmapInfo>, JobError> {
+    Ok(qmp
+        .query_named_block_nodes()
+        .await
+        .map_err(JobError::qmp("query-named-block-nodes"))?
+        .into_iter()
+        .find(|n| n.node_name == node)
+        .map(|n| n.dirty_bitmaps)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|b| b.name.starts_with(prefix))
+        .collect())
 }
 
 /// Whether a bitmap and the backup it started can serve as a base.
