@@ -1,6 +1,11 @@
 //! Command-line definitions and dispatch for the `shear` binary.
 //!
-//! Exit status: 0 success, 1 error, 2 `verify` found problems.
+//! Exit status: 0 success, 1 error, 2 `verify` found damage, 64 usage
+//! error (a bad option or argument; sysexits' `EX_USAGE`).
+//!
+//! Output goes through [`out!`]: when stdout is closed (`shear list --json |
+//! head -1`), the rest of the output is dropped quietly and the command
+//! finishes its work and exits with its own status.
 
 mod backup_cmd;
 pub mod boot_cmdline;
@@ -14,9 +19,50 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+/// Exit status of a usage error (bad option or argument).
+pub const EXIT_USAGE: u8 = 64;
+/// Exit status of `verify` when it found damage.
+pub const EXIT_DAMAGE: u8 = 2;
+
+static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Writes one line to stdout. A closed stdout (EPIPE) drops this and all
+/// later output quietly; other write errors are returned.
+pub fn emit(args: std::fmt::Arguments<'_>) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::sync::atomic::Ordering;
+    if STDOUT_CLOSED.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    match out.write_fmt(args).and_then(|()| out.write_all(b"\n")) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            STDOUT_CLOSED.store(true, Ordering::Relaxed);
+            Ok(())
+        }
+        r => r,
+    }
+}
+
+/// `println!` through [`emit`]; evaluates to `io::Result<()>`.
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::emit(format_args!($($arg)*))?
+    };
+}
+
 /// Live backup of QEMU/KVM virtual machines.
+///
+/// Exit status: 0 success, 1 error, 2 `verify` found damage, 64 usage error
+/// (bad option or argument).
 #[derive(Debug, Parser)]
-#[command(name = "shear", version, about)]
+#[command(
+    name = "shear",
+    version,
+    about,
+    after_help = "Exit status: 0 success, 1 error, 2 damage found by `verify`, 64 usage error (bad option or argument).\nBackup ids: vm/<vmid>/<time>, or vm/<vmid> (or vm/<vmid>/latest) for the newest backup of a VM."
+)]
 pub struct Cli {
     /// Repository directory.
     #[arg(long, global = true, env = "SHEAR_REPO", default_value = crate::repo::DEFAULT_REPO_PATH)]

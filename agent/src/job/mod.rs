@@ -41,6 +41,7 @@ pub mod hold;
 pub mod incremental;
 pub mod record;
 pub mod report;
+mod select;
 pub mod watchdog;
 
 pub use crate::chain;
