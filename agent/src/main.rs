@@ -30,10 +30,11 @@ fn main() -> ExitCode {
             };
         }
     };
+    let json = cli.wants_json();
     match shear::cli::run(cli) {
         Ok(code) => code,
         Err(e) => {
-            shear::cli::print_error(&e);
+            shear::cli::print_error(&e, json);
             ExitCode::FAILURE
         }
     }

@@ -217,6 +217,36 @@ fn qemu_list_shows_damaged_manifest_exit_codes_and_closed_stdout() {
         assert_eq!(out.status.code(), Some(64), "{bad:?}: {}", stderr(&out));
     }
     assert!(env.list().is_empty());
+    // A failure before the guest is held says so (not "released").
+    let out = env
+        .backup_with(&vm, &no_agent, &env.fleece_dir(), &["--exclude", "d0"])
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["guest"], "untouched", "{v}");
+    assert_eq!(v[0]["kind"], "permanent", "{v}");
+    let out = env
+        .shear(&["backup", "100", "--exclude", "d0", "--qmp"])
+        .arg(vm.qmp_socket())
+        .arg("--qga")
+        .arg(&no_agent)
+        .arg("--fleecing-dir")
+        .arg(env.fleece_dir())
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(
+        err.contains("the guest was not touched") && !err.contains("released"),
+        "{err}"
+    );
+    // Error objects of --json commands carry a stable kind.
+    let out = env
+        .shear(&["show", "vm/100/2020-01-01T00:00:00Z", "--json"])
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(v["kind"], "not_found", "{v}");
 
     let r = report_of(&run_ok(env.backup_with(
         &vm,

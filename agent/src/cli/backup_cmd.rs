@@ -195,7 +195,12 @@ pub fn run(repo: crate::repo::Repository, args: &BackupArgs) -> anyhow::Result<E
         if !args.json {
             println!("backing up VM {vmid} ({} mode)", mode.as_str());
         }
-        let result = rt.block_on(run_backup(repo.clone(), opts, cancel.clone(), observer));
+        let result = rt.block_on(run_backup(
+            repo.clone(),
+            opts,
+            cancel.clone(),
+            observer.clone(),
+        ));
         match result {
             Ok(r) => {
                 if args.json {
@@ -207,11 +212,17 @@ pub fn run(repo: crate::repo::Repository, args: &BackupArgs) -> anyhow::Result<E
             Err(e) => {
                 failed += 1;
                 let msg = chain(&e);
+                let failure = super::json_errors::backup_failure(&e, observer.guest_touched());
                 if args.json {
-                    reports.push(serde_json::json!({"vmid": vmid, "error": msg}));
+                    reports.push(serde_json::json!({
+                        "vmid": vmid,
+                        "error": msg,
+                        "kind": failure.kind,
+                        "guest": failure.guest,
+                    }));
                 } else {
                     eprintln!("shear: backup of VM {vmid} FAILED: {msg}");
-                    eprintln!("shear: the guest was released and no backup was recorded");
+                    eprintln!("shear: {}", failure.tail);
                 }
             }
         }

@@ -9,6 +9,7 @@
 
 mod backup_cmd;
 pub mod boot_cmdline;
+pub mod json_errors;
 mod progress;
 mod repo_cmds;
 
@@ -254,8 +255,30 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Prints an error and its causes ([`crate::chain`]).
-pub fn print_error(err: &anyhow::Error) {
+/// Prints an error and its causes ([`crate::chain`]) on stderr; with
+/// `json`, also an error object `{"error", "kind"}` on stdout (docs/json.md).
+pub fn print_error(err: &anyhow::Error, json: bool) {
     let e: &dyn std::error::Error = err.as_ref();
-    eprintln!("error: {}", crate::chain(e));
+    let msg = crate::chain(e);
+    eprintln!("error: {msg}");
+    if json {
+        let obj = serde_json::json!({"error": msg, "kind": json_errors::error_kind(err)});
+        let _ = emit(format_args!("{obj}"));
+    }
+}
+
+impl Cli {
+    /// Whether the command asked for `--json` output.
+    pub fn wants_json(&self) -> bool {
+        match &self.command {
+            Command::Backup(a) => a.json,
+            Command::Restore(a) => a.json,
+            Command::Prune(a) => a.json,
+            Command::List { json, .. }
+            | Command::Show { json, .. }
+            | Command::Verify { json, .. }
+            | Command::Gc { json, .. } => *json,
+            _ => false,
+        }
+    }
 }

@@ -3,10 +3,11 @@
 //! of terminals; it sends [`JobEvent`]s.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::job::events::{JobEvent, JobObserver, LogObserver};
+use crate::job::events::{JobEvent, JobObserver, LogObserver, Phase};
 
 /// Draws bars when `bars` is set; always logs warnings through tracing.
 ///
@@ -18,6 +19,9 @@ use crate::job::events::{JobEvent, JobObserver, LogObserver};
 #[derive(Debug)]
 pub struct CliObserver {
     bars: Option<Mutex<HashMap<String, DiskBar>>>,
+    /// The job reached the hold phase (the guest was frozen, paused or
+    /// stopped, or about to be).
+    touched: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -34,7 +38,13 @@ impl CliObserver {
     pub fn new(bars: bool) -> Self {
         CliObserver {
             bars: bars.then(|| Mutex::new(HashMap::new())),
+            touched: AtomicBool::new(false),
         }
+    }
+
+    /// Whether the job got as far as holding the guest.
+    pub fn guest_touched(&self) -> bool {
+        self.touched.load(Ordering::Relaxed)
     }
 }
 
@@ -67,6 +77,11 @@ fn new_bar(disk: &str, virtual_size: u64, to_read: Option<u64>) -> DiskBar {
 impl JobObserver for CliObserver {
     fn event(&self, event: &JobEvent<'_>) {
         LogObserver.event(event);
+        if let JobEvent::Phase { phase, .. } = event {
+            if *phase == Phase::Hold {
+                self.touched.store(true, Ordering::Relaxed);
+            }
+        }
         let Some(bars) = &self.bars else { return };
         let Ok(mut bars) = bars.lock() else { return };
         match event {
