@@ -88,6 +88,11 @@ pub enum Command {
     #[command(name = "__watchdog", hide = true)]
     Watchdog(WatchdogArgs),
     /// Create a repository (encrypted when --keyfile is given).
+    ///
+    /// A disk's index holds at most 16 Mi (16 777 216) chunks, so the chunk
+    /// size bounds the largest disk: 64 KiB chunks hold 1 TiB, 1 MiB chunks
+    /// 16 TiB, 4 MiB chunks (the default) 64 TiB. init refuses a chunk size
+    /// too small for --max-disk-size-gib.
     Init {
         /// zstd level for new chunks (1..=19; 0 stores them uncompressed).
         #[arg(long, default_value_t = 1)]
@@ -95,6 +100,10 @@ pub enum Command {
         /// Chunk size in bytes (power of two, 64 KiB ..= 16 MiB).
         #[arg(long, default_value_t = 4 << 20)]
         chunk_size: u32,
+        /// Largest disk (GiB) the repository must hold; checked against
+        /// the chunk size (16 Mi chunks per disk at most).
+        #[arg(long, default_value_t = 16384)]
+        max_disk_size_gib: u64,
     },
     /// Key management.
     Key {
@@ -166,7 +175,8 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum KeyCommand {
     /// Create a new key file (mode 0600; passphrase from SHEAR_KEY_PASSPHRASE
-    /// or --passphrase-file).
+    /// or --passphrase-file). A passphrase shorter than 8 characters is
+    /// refused; one shorter than 12 is accepted with a warning.
     Create {
         /// Where to write the key file (must not exist).
         path: PathBuf,
@@ -177,10 +187,18 @@ pub enum KeyCommand {
         #[arg(long, default_value_t = 3)]
         kdf_passes: u32,
     },
-    /// Print the fingerprint of a key file.
+    /// Print the fingerprint of a key file (the global --keyfile, or PATH).
     Show {
-        /// Key file.
-        path: PathBuf,
+        /// Key file (default: --keyfile).
+        path: Option<PathBuf>,
+    },
+    /// Print a key file for paper backup: the file itself (the key stays
+    /// wrapped under its passphrase) between markers, with its
+    /// fingerprint. To recover, type the JSON between the markers back
+    /// into a file (mode 0600) and use it as --keyfile with the passphrase.
+    Paperkey {
+        /// Key file (default: --keyfile).
+        path: Option<PathBuf>,
     },
 }
 

@@ -33,6 +33,34 @@ fn passphrase(cli: &Cli) -> anyhow::Result<Zeroizing<Vec<u8>>> {
     }
 }
 
+/// Shortest passphrase accepted for a new key, and the length below which
+/// a warning is printed.
+const MIN_PASSPHRASE: usize = 8;
+const GOOD_PASSPHRASE: usize = 12;
+
+fn check_passphrase_strength(pw: &[u8]) -> anyhow::Result<()> {
+    let n = String::from_utf8_lossy(pw).chars().count();
+    if n < MIN_PASSPHRASE {
+        bail!("passphrase too short: {n} characters, at least {MIN_PASSPHRASE} are required (the key file is only as strong as it)");
+    }
+    let distinct: std::collections::HashSet<&u8> = pw.iter().collect();
+    if n < GOOD_PASSPHRASE || distinct.len() < 5 {
+        eprintln!(
+            "shear: warning: weak passphrase ({n} characters, {} distinct): use {GOOD_PASSPHRASE} or more varied characters, or several words",
+            distinct.len()
+        );
+    }
+    Ok(())
+}
+
+/// The key file a `key` subcommand works on: its PATH, else --keyfile.
+fn key_path(cli: &Cli, path: Option<&Path>) -> anyhow::Result<std::path::PathBuf> {
+    match path.or(cli.keyfile.as_deref()) {
+        Some(p) => Ok(p.to_owned()),
+        None => bail!("name the key file: --keyfile PATH (or SHEAR_KEYFILE)"),
+    }
+}
+
 fn load_key(cli: &Cli) -> anyhow::Result<Option<Key>> {
     match &cli.keyfile {
         None => Ok(None),
@@ -86,7 +114,18 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Init {
             zstd_level,
             chunk_size,
+            max_disk_size_gib,
         } => {
+            let max_entries = crate::repo::format::MAX_INDEX_ENTRIES;
+            let holds = u64::from(*chunk_size).saturating_mul(max_entries);
+            if holds < max_disk_size_gib.saturating_mul(1 << 30) {
+                bail!(
+                    "chunks of {chunk_size} bytes hold disks up to {} GiB ({max_entries} chunks per disk), \
+                     less than --max-disk-size-gib {max_disk_size_gib}: use a larger --chunk-size \
+                     or a smaller --max-disk-size-gib",
+                    holds >> 30
+                );
+            }
             let key = load_key(&cli)?;
             let opts = InitOptions {
                 zstd_level: *zstd_level,
@@ -109,6 +148,7 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 kdf_passes,
             } => {
                 let pw = passphrase(&cli)?;
+                check_passphrase_strength(&pw)?;
                 let params = KdfParams {
                     m_cost_kib: *kdf_memory_kib,
                     t_cost: *kdf_passes,
@@ -122,7 +162,21 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             }
             KeyCommand::Show { path } => {
-                out!("{}", Key::file_fingerprint(path)?);
+                out!(
+                    "{}",
+                    Key::file_fingerprint(&key_path(&cli, path.as_deref())?)?
+                );
+            }
+            KeyCommand::Paperkey { path } => {
+                let path = key_path(&cli, path.as_deref())?;
+                let fp = Key::file_fingerprint(&path)?;
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("cannot read key file {}", path.display()))?;
+                out!("shear key file {} (fingerprint {fp})", path.display());
+                out!("The key inside is wrapped under its passphrase: keep the passphrase apart.");
+                out!("-----BEGIN SHEAR KEY FILE-----");
+                out!("{}", text.trim_end());
+                out!("-----END SHEAR KEY FILE-----");
             }
         },
         Command::List { vmid, json } => {
