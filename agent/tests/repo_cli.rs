@@ -288,3 +288,50 @@ fn cli_key_commands_and_init_chunk_limit() {
     );
     assert!(o.status.success(), "{}", text(&o));
 }
+
+/// Issue 19: `verify` on a read-only repository (a mirror) verifies and
+/// prints its result; only recording it is skipped, and it says so.
+#[test]
+fn cli_verify_on_read_only_repository_still_reports() {
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let repo_dir = dir.path().join("repo");
+    let o = shear(
+        &repo_dir,
+        &["init", "--chunk-size", "65536", "--max-disk-size-gib", "1"],
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let repo = Repository::open(&repo_dir, None).unwrap();
+    let img = image(71, 4 * CHUNK as usize);
+    let id = backup(&repo, "100", 0, &[("d0", &img)]).to_string();
+    drop(repo);
+    let ro = dir.path().join("mirror");
+    std::fs::create_dir(&ro).unwrap();
+    let bind = Command::new("mount")
+        .arg("--bind")
+        .arg(&repo_dir)
+        .arg(&ro)
+        .status();
+    if !bind.is_ok_and(|s| s.success()) {
+        eprintln!("skipped: cannot bind-mount (needs root)");
+        return;
+    }
+    let _guard = Unmount(ro.clone());
+    let st = Command::new("mount")
+        .args(["-o", "remount,bind,ro"])
+        .arg(&ro)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let o = shear(&ro, &["verify", &id], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains(&format!("ok      {id}")), "{t}");
+    assert!(t.contains("result not recorded"), "{t}");
+}

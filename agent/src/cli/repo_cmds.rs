@@ -304,6 +304,9 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 for s in &report.skipped {
                     out!("skipped {s}");
                 }
+                if let Some(why) = &report.not_recorded {
+                    out!("result not recorded in the repository (read-only?): {why}");
+                }
                 out!(
                     "{} backup(s), {} chunk(s) checked, {} bad",
                     report.backups.len(),
