@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::Parser as _;
 
 fn main() -> ExitCode {
     // Logs (warnings by default; RUST_LOG=shear=debug for phases) go to
@@ -16,11 +16,25 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
-    let cli = shear::cli::Cli::parse();
+    let cli = match shear::cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // --help and --version are not errors; everything else is a
+            // usage error, with its own status (2 means "verify found
+            // damage").
+            return if e.use_stderr() {
+                ExitCode::from(shear::cli::EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let json = cli.wants_json();
     match shear::cli::run(cli) {
         Ok(code) => code,
         Err(e) => {
-            shear::cli::print_error(&e);
+            shear::cli::print_error(&e, json);
             ExitCode::FAILURE
         }
     }

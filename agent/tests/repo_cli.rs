@@ -63,7 +63,15 @@ fn cli_encrypted_repo_lifecycle() {
     );
     let o = shear(
         &repo_dir,
-        &["--keyfile", k, "init", "--chunk-size", "65536"],
+        &[
+            "--keyfile",
+            k,
+            "init",
+            "--chunk-size",
+            "65536",
+            "--max-disk-size-gib",
+            "1024",
+        ],
         &pw,
     );
     assert!(o.status.success(), "{}", text(&o));
@@ -193,7 +201,7 @@ fn cli_encrypted_repo_lifecycle() {
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(text(&o).contains(&format!("used by {s2}")), "{}", text(&o));
     let o = with_key(&["list"]);
-    assert!(text(&o).contains("verify:failed"), "{}", text(&o));
+    assert!(text(&o).contains("last verify: failed at "), "{}", text(&o));
     // Bad ids are refused.
     let o = with_key(&["show", "vm/../x/2024-01-01T00:00:00Z"]);
     assert_eq!(o.status.code(), Some(1));
@@ -211,4 +219,119 @@ fn cli_bad_repository_paths() {
     assert_eq!(o.status.code(), Some(1));
     let o = shear(&dir.path().join("missing"), &["list"], &[]);
     assert!(text(&o).contains("shear init"), "{}", text(&o));
+}
+
+/// Issue 19: weak passphrases are refused, `key show` takes --keyfile,
+/// `key paperkey` prints the key file, and init checks the chunk-count
+/// limit against the largest disk.
+#[test]
+fn cli_key_commands_and_init_chunk_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo_dir = dir.path().join("repo");
+    let key = dir.path().join("key.json");
+    let k = key.to_str().unwrap();
+    let create = |pw: &str| {
+        shear(
+            &repo_dir,
+            &[
+                "key",
+                "create",
+                k,
+                "--kdf-memory-kib",
+                "64",
+                "--kdf-passes",
+                "1",
+            ],
+            &[("SHEAR_KEY_PASSPHRASE", pw)],
+        )
+    };
+    let o = create("abc");
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("too short"), "{}", text(&o));
+    assert!(!key.exists());
+    let o = create("ninechars");
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("weak passphrase"), "{}", text(&o));
+    let by_path = shear(&repo_dir, &["key", "show", k], &[]);
+    let by_flag = shear(&repo_dir, &["--keyfile", k, "key", "show"], &[]);
+    assert!(by_flag.status.success(), "{}", text(&by_flag));
+    assert_eq!(by_path.stdout, by_flag.stdout);
+    let fp = String::from_utf8_lossy(&by_flag.stdout).trim().to_string();
+    let o = shear(&repo_dir, &["--keyfile", k, "key", "paperkey"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(t.contains(&fp), "{t}");
+    let body = t
+        .split("-----BEGIN SHEAR KEY FILE-----\n")
+        .nth(1)
+        .and_then(|r| r.split("-----END SHEAR KEY FILE-----").next())
+        .unwrap();
+    let typed_back = dir.path().join("typed.json");
+    std::fs::write(&typed_back, body).unwrap();
+    std::fs::set_permissions(&typed_back, std::fs::Permissions::from_mode(0o600)).unwrap();
+    Key::load_file(&typed_back, b"ninechars").unwrap();
+
+    let o = shear(&repo_dir, &["init", "--chunk-size", "65536"], &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("1024 GiB"), "{}", text(&o));
+    assert!(!repo_dir.exists());
+    let o = shear(
+        &repo_dir,
+        &[
+            "init",
+            "--chunk-size",
+            "65536",
+            "--max-disk-size-gib",
+            "1024",
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+/// Issue 19: `verify` on a read-only repository (a mirror) verifies and
+/// prints its result; only recording it is skipped, and it says so.
+#[test]
+fn cli_verify_on_read_only_repository_still_reports() {
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let repo_dir = dir.path().join("repo");
+    let o = shear(
+        &repo_dir,
+        &["init", "--chunk-size", "65536", "--max-disk-size-gib", "1"],
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let repo = Repository::open(&repo_dir, None).unwrap();
+    let img = image(71, 4 * CHUNK as usize);
+    let id = backup(&repo, "100", 0, &[("d0", &img)]).to_string();
+    drop(repo);
+    let ro = dir.path().join("mirror");
+    std::fs::create_dir(&ro).unwrap();
+    let bind = Command::new("mount")
+        .arg("--bind")
+        .arg(&repo_dir)
+        .arg(&ro)
+        .status();
+    if !bind.is_ok_and(|s| s.success()) {
+        eprintln!("skipped: cannot bind-mount (needs root)");
+        return;
+    }
+    let _guard = Unmount(ro.clone());
+    let st = Command::new("mount")
+        .args(["-o", "remount,bind,ro"])
+        .arg(&ro)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let o = shear(&ro, &["verify", &id], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains(&format!("ok      {id}")), "{t}");
+    assert!(t.contains("result not recorded"), "{t}");
 }

@@ -82,6 +82,11 @@ pub struct ReaderConfig {
     pub handshake_timeout: Duration,
     /// Longest silence while requests are in flight (F-19).
     pub idle_timeout: Duration,
+    /// Most bytes per second to request with reads (0: no limit). Counted
+    /// on the read requests sent (the bytes actually asked for, not the
+    /// chunks they fill), one request at a time: the rate is smooth at the
+    /// granularity of one read request.
+    pub rate_limit: u64,
 }
 
 impl Default for ReaderConfig {
@@ -96,6 +101,7 @@ impl Default for ReaderConfig {
             read_retries: tuning::READ_RETRIES,
             handshake_timeout: tuning::HANDSHAKE_TIMEOUT,
             idle_timeout: tuning::IDLE_TIMEOUT,
+            rate_limit: 0,
         }
     }
 }
@@ -234,6 +240,59 @@ struct Shared {
     request_len: u32,
     requests_in_flight: usize,
     read_retries: u32,
+    rate: RateLimit,
+}
+
+/// The read rate limit, shared by every connection: a read of `n` bytes may
+/// be sent once every byte sent before it is paid for at `rate` bytes/s
+/// since the start (so the limit is exceeded by at most one request).
+#[derive(Debug)]
+struct RateLimit {
+    rate: u64,
+    start: Instant,
+    sent: Mutex<u64>,
+}
+
+impl RateLimit {
+    fn new(rate: u64) -> Self {
+        RateLimit {
+            rate,
+            start: Instant::now(),
+            sent: Mutex::new(0),
+        }
+    }
+
+    /// How long until the bytes sent so far are paid for (zero: now).
+    fn wait_left(&self, sent: u64) -> Duration {
+        if self.rate == 0 {
+            return Duration::ZERO;
+        }
+        #[allow(clippy::cast_precision_loss)]
+        let due = Duration::from_secs_f64(sent as f64 / self.rate as f64);
+        due.saturating_sub(self.start.elapsed())
+    }
+
+    /// Takes `n` bytes if a request may be sent now.
+    fn try_take(&self, n: u64) -> bool {
+        if self.rate == 0 {
+            return true;
+        }
+        let mut sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.wait_left(*sent).is_zero() {
+            return false;
+        }
+        *sent += n;
+        true
+    }
+
+    /// How long until the next request may be sent (`None`: now).
+    fn throttled_for(&self) -> Option<Duration> {
+        if self.rate == 0 {
+            return None;
+        }
+        let sent = *self.sent.lock().unwrap_or_else(|p| p.into_inner());
+        Some(self.wait_left(sent)).filter(|d| !d.is_zero())
+    }
 }
 
 impl Shared {
@@ -385,6 +444,7 @@ fn start_with(
         request_len,
         requests_in_flight: cfg.requests_in_flight,
         read_retries: cfg.read_retries,
+        rate: RateLimit::new(cfg.rate_limit),
     });
     let (tx, rx) = mpsc::sync_channel(tuning::CHANNEL_CAPACITY);
     let n_conns = links.len();
@@ -478,7 +538,13 @@ fn drive(
         if all_done {
             break;
         }
+        let throttled = shared.rate.throttled_for();
         if io.outstanding() == 0 {
+            if let Some(wait) = throttled {
+                // The rate limit holds the next read back.
+                std::thread::sleep(wait.min(Duration::from_millis(50)));
+                continue;
+            }
             // Nothing in flight anywhere: the workers wait for budget, held
             // by chunks queued for the consumer. Block until it frees some.
             let need = workers
@@ -499,7 +565,10 @@ fn drive(
             .min()
             .map_or(tuning::URING_WAIT_SLICE, |a| {
                 a.min(tuning::URING_WAIT_SLICE)
-            });
+            })
+            .min(throttled.map_or(tuning::URING_WAIT_SLICE, |t| {
+                t.max(Duration::from_millis(1))
+            }));
         let t0 = Instant::now();
         io.wait(slice, &mut comps).map_err(|source| Error::Io {
             step: "waiting for I/O",
@@ -731,6 +800,9 @@ impl Worker {
                     || (conn.in_flight() > 0
                         && conn.bytes_in_flight() + u64::from(p.len) > max_bytes)
                 {
+                    return Ok(());
+                }
+                if !shared.rate.try_take(u64::from(p.len)) {
                     return Ok(());
                 }
                 let Some(p) = a.to_issue.pop_front() else {

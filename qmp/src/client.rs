@@ -231,6 +231,7 @@ impl Qmp {
             path: path.clone(),
             timeout: opts.connect_timeout,
             step,
+            holder_hint: None,
         };
 
         let stream = tokio::time::timeout_at(deadline, UnixStream::connect(&path))
@@ -247,12 +248,23 @@ impl Qmp {
             .ok()
             .and_then(|c| c.pid())
             .and_then(|p| u32::try_from(p).ok());
+        let server_pid = peer_pid.and_then(|p| i32::try_from(p).ok());
         let (read_half, write_half) = stream.into_split();
         let mut reader = BufReader::new(read_half);
 
-        let greeting = tokio::time::timeout_at(deadline, read_greeting(&mut reader, &opts.limits))
-            .await
-            .map_err(|_| timed_out("greeting"))??;
+        let greeting =
+            match tokio::time::timeout_at(deadline, read_greeting(&mut reader, &opts.limits)).await
+            {
+                Ok(g) => g?,
+                Err(_) => {
+                    return Err(Error::ConnectTimeout {
+                        path: path.clone(),
+                        timeout: opts.connect_timeout,
+                        step: "greeting",
+                        holder_hint: Some(busy_monitor_hint(server_pid)),
+                    });
+                }
+            };
 
         let queue_limits = QueueLimits {
             max_events: opts.event_queue_events,
@@ -473,6 +485,26 @@ fn encode_command(
     let mut line = serde_json::to_vec(&msg)?;
     line.push(b'\n');
     Ok(line)
+}
+
+/// Why a server accepts a connection and never greets: QEMU serves one
+/// client per QMP socket at a time, and queues the others. Names the
+/// server process (from the socket's peer credentials) when known.
+fn busy_monitor_hint(server_pid: Option<i32>) -> String {
+    let server = match server_pid {
+        Some(pid) => {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .map(|c| c.trim().to_owned())
+                .unwrap_or_else(|_| "the server".into());
+            format!("{comm} (pid {pid})")
+        }
+        None => "the server".into(),
+    };
+    format!(
+        "{server} accepted the connection but sent no greeting: another client probably holds \
+         this monitor (QEMU serves one QMP client per socket at a time; look for another backup \
+         tool, a management daemon or an open socat/qmp-shell session on it)"
+    )
 }
 
 async fn read_greeting(reader: &mut BufReader<OwnedReadHalf>, limits: &Limits) -> Result<Greeting> {

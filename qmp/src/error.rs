@@ -65,7 +65,10 @@ pub enum Error {
     },
     /// Connecting, reading the greeting or negotiating capabilities did not
     /// finish within the connect deadline.
-    #[error("QMP connect to {path} did not finish within {timeout:?} (step: {step})")]
+    #[error(
+        "QMP connect to {path} did not finish within {timeout:?} (step: {step}){}",
+        .holder_hint.as_deref().map(|h| format!(": {h}")).unwrap_or_default()
+    )]
     ConnectTimeout {
         /// Socket path.
         path: PathBuf,
@@ -73,6 +76,8 @@ pub enum Error {
         timeout: Duration,
         /// Which step was running: `connect`, `greeting` or `qmp_capabilities`.
         step: &'static str,
+        /// At the greeting step: who is probably holding the monitor.
+        holder_hint: Option<String>,
     },
     /// The first message was not a QMP greeting.
     #[error("QMP greeting invalid: {detail}")]

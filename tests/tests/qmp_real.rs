@@ -846,6 +846,13 @@ async fn qemu_connect_deadline_when_monitor_is_busy() {
     );
     assert!(err.is_retryable());
     assert!(elapsed < Duration::from_millis(500) + QUICK, "{elapsed:?}");
+    // The message says why a monitor does not greet, and names QEMU.
+    let msg = err.to_string();
+    assert!(
+        msg.contains("another client probably holds this monitor")
+            && msg.contains(&format!("(pid {})", vm.pid())),
+        "{msg}"
+    );
     assert_eq!(
         qmp.query_status().await.unwrap().status,
         RunState::Prelaunch

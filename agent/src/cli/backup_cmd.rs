@@ -69,12 +69,12 @@ pub struct BackupArgs {
     /// Compression: zstd[:LEVEL] or none (default: the repository's level).
     #[arg(long)]
     pub compress: Option<String>,
-    /// Hash/compress worker threads (default: the number of cores).
-    #[arg(long)]
-    pub workers: Option<usize>,
-    /// NBD connections per disk.
-    #[arg(long, default_value_t = nbd_export::tuning::DEFAULT_CONNECTIONS)]
-    pub connections: usize,
+    /// Hash/compress worker threads, 1..=256 (default: the number of cores).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub workers: Option<u16>,
+    /// NBD connections per disk, 1..=16.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=16))]
+    pub connections: u8,
     /// Read bandwidth limit in KiB/s (0: none).
     #[arg(long, default_value_t = 0)]
     pub bwlimit: u64,
@@ -143,6 +143,7 @@ pub fn run(repo: crate::repo::Repository, args: &BackupArgs) -> anyhow::Result<E
     let zstd_level = parse_compress(args.compress.as_deref())?;
     let workers = args
         .workers
+        .map(usize::from)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
     let held_hook = held_hook_from_env();
     let mode = Mode::from(args.mode);
@@ -173,7 +174,7 @@ pub fn run(repo: crate::repo::Repository, args: &BackupArgs) -> anyhow::Result<E
             fleecing,
             zstd_level,
             workers,
-            connections: args.connections,
+            connections: usize::from(args.connections),
             bwlimit_kib: args.bwlimit,
             exclude: args.exclude.clone(),
             notes_template: args.notes_template.clone(),
@@ -192,7 +193,12 @@ pub fn run(repo: crate::repo::Repository, args: &BackupArgs) -> anyhow::Result<E
                 mode.as_str()
             ));
         }
-        let result = rt.block_on(run_backup(repo.clone(), opts, cancel.clone(), observer));
+        let result = rt.block_on(run_backup(
+            repo.clone(),
+            opts,
+            cancel.clone(),
+            observer.clone(),
+        ));
         match result {
             Ok(r) => {
                 if args.json {
@@ -204,13 +210,17 @@ pub fn run(repo: crate::repo::Repository, args: &BackupArgs) -> anyhow::Result<E
             Err(e) => {
                 failed += 1;
                 let msg = chain(&e);
+                let failure = super::json_errors::backup_failure(&e, observer.guest_touched());
                 if args.json {
-                    reports.push(serde_json::json!({"vmid": vmid, "error": msg}));
+                    reports.push(serde_json::json!({
+                        "vmid": vmid,
+                        "error": msg,
+                        "kind": failure.kind,
+                        "guest": failure.guest,
+                    }));
                 } else {
                     err(format_args!("shear: backup of VM {vmid} FAILED: {msg}"));
-                    err(format_args!(
-                        "shear: the guest was released and no backup was recorded"
-                    ));
+                    err(format_args!("shear: {}", failure.tail));
                 }
             }
         }

@@ -1,9 +1,15 @@
 //! Command-line definitions and dispatch for the `shear` binary.
 //!
-//! Exit status: 0 success, 1 error, 2 `verify` found problems.
+//! Exit status: 0 success, 1 error, 2 `verify` found damage, 64 usage
+//! error (a bad option or argument; sysexits' `EX_USAGE`).
+//!
+//! Output goes through [`out!`]: when stdout is closed (`shear list --json |
+//! head -1`), the rest of the output is dropped quietly and the command
+//! finishes its work and exits with its own status.
 
 mod backup_cmd;
 pub mod boot_cmdline;
+pub mod json_errors;
 mod progress;
 mod repo_cmds;
 mod vm_definition;
@@ -15,9 +21,50 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+/// Exit status of a usage error (bad option or argument).
+pub const EXIT_USAGE: u8 = 64;
+/// Exit status of `verify` when it found damage.
+pub const EXIT_DAMAGE: u8 = 2;
+
+static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Writes one line to stdout. A closed stdout (EPIPE) drops this and all
+/// later output quietly; other write errors are returned.
+pub fn emit(args: std::fmt::Arguments<'_>) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::sync::atomic::Ordering;
+    if STDOUT_CLOSED.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    match out.write_fmt(args).and_then(|()| out.write_all(b"\n")) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            STDOUT_CLOSED.store(true, Ordering::Relaxed);
+            Ok(())
+        }
+        r => r,
+    }
+}
+
+/// `println!` through [`emit`]; evaluates to `io::Result<()>`.
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::emit(format_args!($($arg)*))?
+    };
+}
+
 /// Live backup of QEMU/KVM virtual machines.
+///
+/// Exit status: 0 success, 1 error, 2 `verify` found damage, 64 usage error
+/// (bad option or argument).
 #[derive(Debug, Parser)]
-#[command(name = "shear", version, about)]
+#[command(
+    name = "shear",
+    version,
+    about,
+    after_help = "Exit status: 0 success, 1 error, 2 damage found by `verify`, 64 usage error (bad option or argument).\nBackup ids: vm/<vmid>/<time>, or vm/<vmid> (or vm/<vmid>/latest) for the newest backup of a VM."
+)]
 pub struct Cli {
     /// Repository directory.
     #[arg(long, global = true, env = "SHEAR_REPO", default_value = crate::repo::DEFAULT_REPO_PATH)]
@@ -46,6 +93,11 @@ pub enum Command {
     #[command(name = "__watchdog", hide = true)]
     Watchdog(WatchdogArgs),
     /// Create a repository (encrypted when --keyfile is given).
+    ///
+    /// A disk's index holds at most 16 Mi (16 777 216) chunks, so the chunk
+    /// size bounds the largest disk: 64 KiB chunks hold 1 TiB, 1 MiB chunks
+    /// 16 TiB, 4 MiB chunks (the default) 64 TiB. init refuses a chunk size
+    /// too small for --max-disk-size-gib.
     Init {
         /// zstd level for new chunks (1..=19; 0 stores them uncompressed).
         #[arg(long, default_value_t = 1)]
@@ -53,6 +105,10 @@ pub enum Command {
         /// Chunk size in bytes (power of two, 64 KiB ..= 16 MiB).
         #[arg(long, default_value_t = 4 << 20)]
         chunk_size: u32,
+        /// Largest disk (GiB) the repository must hold; checked against
+        /// the chunk size (16 Mi chunks per disk at most).
+        #[arg(long, default_value_t = 16384)]
+        max_disk_size_gib: u64,
     },
     /// Key management.
     Key {
@@ -128,7 +184,8 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum KeyCommand {
     /// Create a new key file (mode 0600; passphrase from SHEAR_KEY_PASSPHRASE
-    /// or --passphrase-file).
+    /// or --passphrase-file). A passphrase shorter than 8 characters is
+    /// refused; one shorter than 12 is accepted with a warning.
     Create {
         /// Where to write the key file (must not exist).
         path: PathBuf,
@@ -139,10 +196,18 @@ pub enum KeyCommand {
         #[arg(long, default_value_t = 3)]
         kdf_passes: u32,
     },
-    /// Print the fingerprint of a key file.
+    /// Print the fingerprint of a key file (the global --keyfile, or PATH).
     Show {
-        /// Key file.
-        path: PathBuf,
+        /// Key file (default: --keyfile).
+        path: Option<PathBuf>,
+    },
+    /// Print a key file for paper backup: the file itself (the key stays
+    /// wrapped under its passphrase) between markers, with its
+    /// fingerprint. To recover, type the JSON between the markers back
+    /// into a file (mode 0600) and use it as --keyfile with the passphrase.
+    Paperkey {
+        /// Key file (default: --keyfile).
+        path: Option<PathBuf>,
     },
 }
 
@@ -218,10 +283,34 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Prints an error and its causes on one line ([`crate::chain`]).
-/// Never panics (stderr may be gone: a closed terminal).
-pub fn print_error(err: &anyhow::Error) {
-    use std::io::Write;
+/// Prints an error and its causes ([`crate::chain`]) on stderr; with
+/// `json`, also an error object `{"error", "kind"}` on stdout (docs/json.md).
+pub fn print_error(err: &anyhow::Error, json: bool) {
     let e: &dyn std::error::Error = err.as_ref();
-    let _ = writeln!(std::io::stderr().lock(), "error: {}", crate::chain(e));
+    let msg = crate::chain(e);
+    {
+        use std::io::Write;
+        // Never panics: stderr may be gone (a closed terminal).
+        let _ = writeln!(std::io::stderr().lock(), "error: {msg}");
+    }
+    if json {
+        let obj = serde_json::json!({"error": msg, "kind": json_errors::error_kind(err)});
+        let _ = emit(format_args!("{obj}"));
+    }
+}
+
+impl Cli {
+    /// Whether the command asked for `--json` output.
+    pub fn wants_json(&self) -> bool {
+        match &self.command {
+            Command::Backup(a) => a.json,
+            Command::Restore(a) => a.json,
+            Command::Prune(a) => a.json,
+            Command::List { json, .. }
+            | Command::Show { json, .. }
+            | Command::Verify { json, .. }
+            | Command::Gc { json, .. } => *json,
+            _ => false,
+        }
+    }
 }

@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use zeroize::Zeroizing;
 
+use crate::out;
+
 use super::{Cli, Command, FormatArg, KeyCommand, PruneArgs, RestoreArgs};
 use crate::repo::gc::GcOptions;
 use crate::repo::{
@@ -31,6 +33,34 @@ fn passphrase(cli: &Cli) -> anyhow::Result<Zeroizing<Vec<u8>>> {
     }
 }
 
+/// Shortest passphrase accepted for a new key, and the length below which
+/// a warning is printed.
+const MIN_PASSPHRASE: usize = 8;
+const GOOD_PASSPHRASE: usize = 12;
+
+fn check_passphrase_strength(pw: &[u8]) -> anyhow::Result<()> {
+    let n = String::from_utf8_lossy(pw).chars().count();
+    if n < MIN_PASSPHRASE {
+        bail!("passphrase too short: {n} characters, at least {MIN_PASSPHRASE} are required (the key file is only as strong as it)");
+    }
+    let distinct: std::collections::HashSet<&u8> = pw.iter().collect();
+    if n < GOOD_PASSPHRASE || distinct.len() < 5 {
+        eprintln!(
+            "shear: warning: weak passphrase ({n} characters, {} distinct): use {GOOD_PASSPHRASE} or more varied characters, or several words",
+            distinct.len()
+        );
+    }
+    Ok(())
+}
+
+/// The key file a `key` subcommand works on: its PATH, else --keyfile.
+fn key_path(cli: &Cli, path: Option<&Path>) -> anyhow::Result<std::path::PathBuf> {
+    match path.or(cli.keyfile.as_deref()) {
+        Some(p) => Ok(p.to_owned()),
+        None => bail!("name the key file: --keyfile PATH (or SHEAR_KEYFILE)"),
+    }
+}
+
 fn load_key(cli: &Cli) -> anyhow::Result<Option<Key>> {
     match &cli.keyfile {
         None => Ok(None),
@@ -51,8 +81,27 @@ fn parse_backup(s: &str) -> anyhow::Result<BackupId> {
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    out!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
+}
+
+/// A backup id, or `vm/<vmid>` / `vm/<vmid>/latest`: the newest backup of
+/// that VM.
+pub(super) fn resolve_backup(repo: &Repository, s: &str) -> anyhow::Result<BackupId> {
+    let vm = s
+        .strip_suffix("/latest")
+        .unwrap_or(s)
+        .strip_prefix("vm/")
+        .filter(|v| !v.contains('/'));
+    if let Some(v) = vm {
+        let vmid = VmId::new(v)?;
+        let list = repo.list_backups(Some(&vmid))?;
+        return match list.last() {
+            Some(b) => Ok(b.id.clone()),
+            None => bail!("VM {v} has no backups in {}", repo.location()),
+        };
+    }
+    parse_backup(s)
 }
 
 fn mib(bytes: u64) -> String {
@@ -65,7 +114,18 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Init {
             zstd_level,
             chunk_size,
+            max_disk_size_gib,
         } => {
+            let max_entries = crate::repo::format::MAX_INDEX_ENTRIES;
+            let holds = u64::from(*chunk_size).saturating_mul(max_entries);
+            if holds < max_disk_size_gib.saturating_mul(1 << 30) {
+                bail!(
+                    "chunks of {chunk_size} bytes hold disks up to {} GiB ({max_entries} chunks per disk), \
+                     less than --max-disk-size-gib {max_disk_size_gib}: use a larger --chunk-size \
+                     or a smaller --max-disk-size-gib",
+                    holds >> 30
+                );
+            }
             let key = load_key(&cli)?;
             let opts = InitOptions {
                 zstd_level: *zstd_level,
@@ -74,11 +134,11 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let fp = key.as_ref().map(Key::fingerprint);
             let repo = Repository::init(&cli.repo, key, &opts)?;
             match fp {
-                Some(fp) => println!(
+                Some(fp) => out!(
                     "initialised encrypted repository {} (key {fp})",
                     repo.location()
                 ),
-                None => println!("initialised repository {}", repo.location()),
+                None => out!("initialised repository {}", repo.location()),
             }
         }
         Command::Key { command } => match command {
@@ -88,20 +148,35 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 kdf_passes,
             } => {
                 let pw = passphrase(&cli)?;
+                check_passphrase_strength(&pw)?;
                 let params = KdfParams {
                     m_cost_kib: *kdf_memory_kib,
                     t_cost: *kdf_passes,
                     p_cost: 1,
                 };
                 let key = Key::create_file(path, &pw, params)?;
-                println!(
+                out!(
                     "created key {} fingerprint {}",
                     path.display(),
                     key.fingerprint()
                 );
             }
             KeyCommand::Show { path } => {
-                println!("{}", Key::file_fingerprint(path)?);
+                out!(
+                    "{}",
+                    Key::file_fingerprint(&key_path(&cli, path.as_deref())?)?
+                );
+            }
+            KeyCommand::Paperkey { path } => {
+                let path = key_path(&cli, path.as_deref())?;
+                let fp = Key::file_fingerprint(&path)?;
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("cannot read key file {}", path.display()))?;
+                out!("shear key file {} (fingerprint {fp})", path.display());
+                out!("The key inside is wrapped under its passphrase: keep the passphrase apart.");
+                out!("-----BEGIN SHEAR KEY FILE-----");
+                out!("{}", text.trim_end());
+                out!("-----END SHEAR KEY FILE-----");
             }
         },
         Command::List { vmid, json } => {
@@ -110,27 +185,14 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let list = repo.list_backups(vmid.as_ref())?;
             if *json {
                 print_json(&list)?;
+            } else if list.is_empty() {
+                match &vmid {
+                    Some(v) => out!("no backups of VM {v} in {}", repo.location()),
+                    None => out!("no backups in {}", repo.location()),
+                }
             } else {
                 for b in &list {
-                    let mut line = b.id.to_string();
-                    if let Some(s) = &b.summary {
-                        let size: u64 = s.disks.iter().map(|d| d.1).sum();
-                        line.push_str(&format!(
-                            "  {}  {} disk(s) {}  {:?}/{:?}",
-                            s.vm_name,
-                            s.disks.len(),
-                            mib(size),
-                            s.mode,
-                            s.consistency
-                        ));
-                    }
-                    if b.protected {
-                        line.push_str("  protected");
-                    }
-                    if let Some(v) = &b.verify {
-                        line.push_str(&format!("  verify:{}", v.state));
-                    }
-                    println!("{line}");
+                    out!("{}", list_line(b));
                 }
             }
         }
@@ -140,7 +202,7 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             config,
         } => {
             let repo = open(&cli)?;
-            let id = parse_backup(backup)?;
+            let id = resolve_backup(&repo, backup)?;
             let m = repo.load_manifest(&id)?;
             if *config {
                 if *json {
@@ -151,25 +213,25 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else if *json {
                 print_json(&m)?;
             } else {
-                println!("backup       {}", m.backup_id);
-                println!("vm           {} ({})", m.vmid, m.vm_name);
-                println!("mode         {:?}, {:?} consistent", m.mode, m.consistency);
+                out!("backup       {}", m.backup_id);
+                out!("vm           {} ({})", m.vmid, m.vm_name);
+                out!("mode         {:?}, {:?} consistent", m.mode, m.consistency);
                 if let Some(b) = &m.base {
-                    println!("base         {b}");
+                    out!("base         {b}");
                 }
                 if let Some(e) = &m.encryption {
-                    println!("encryption   {} key {}", e.alg, e.key_fingerprint);
+                    out!("encryption   {} key {}", e.alg, e.key_fingerprint);
                 }
-                println!(
+                out!(
                     "timings      total {} ms, freeze {}",
                     m.timings.total_ms,
                     m.timings
                         .freeze_window_ms
                         .map_or("-".into(), |f| format!("{f} ms"))
                 );
-                println!("tool         {}", m.tool_version);
+                out!("tool         {}", m.tool_version);
                 for d in &m.disks {
-                    println!(
+                    out!(
                         "disk {}: {} virtual, {} data, {} new stored, {} dedup, image {}",
                         d.name,
                         mib(d.virtual_size),
@@ -180,18 +242,18 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     );
                     if let Some(r) = &d.read {
                         match (r.kind, &r.full_reason) {
-                            (crate::repo::ReadKind::Incremental, _) => println!(
+                            (crate::repo::ReadKind::Incremental, _) => out!(
                                 "  read incremental from {}: {} changed",
                                 r.base.as_deref().unwrap_or("?"),
                                 mib(r.dirty_bytes.unwrap_or(0))
                             ),
                             (crate::repo::ReadKind::Full, Some(why)) => {
-                                println!("  read in full: {why}");
+                                out!("  read in full: {why}");
                             }
-                            (crate::repo::ReadKind::Full, None) => println!("  read in full"),
+                            (crate::repo::ReadKind::Full, None) => out!("  read in full"),
                         }
                         if let Some(b) = &r.bitmap {
-                            println!(
+                            out!(
                                 "  tracking   {b} ({})",
                                 if r.bitmap_persistent {
                                     "persistent"
@@ -203,14 +265,14 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 }
                 if !m.notes.is_empty() {
-                    println!("notes        {}", m.notes);
+                    out!("notes        {}", m.notes);
                 }
             }
         }
         Command::Verify { backup, all, json } => {
             let repo = open(&cli)?;
             let target = match (backup, all) {
-                (Some(b), false) => VerifyTarget::Backup(parse_backup(b)?),
+                (Some(b), false) => VerifyTarget::Backup(resolve_backup(&repo, b)?),
                 (None, true) => VerifyTarget::All,
                 _ => bail!("give a backup id or --all"),
             };
@@ -220,7 +282,7 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print_json(&report)?;
             } else {
                 for c in &report.bad_chunks {
-                    println!(
+                    out!(
                         "BAD chunk {}: {}{}",
                         c.digest,
                         c.problem,
@@ -231,26 +293,31 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         }
                     );
                     for u in &c.used_by {
-                        println!(
+                        out!(
                             "    used by {} disk {} at offsets {:?}",
-                            u.backup, u.disk, u.offsets
+                            u.backup,
+                            u.disk,
+                            u.offsets
                         );
                     }
                 }
                 for b in &report.backups {
                     if b.ok {
-                        println!("ok      {}", b.backup);
+                        out!("ok      {}", b.backup);
                     } else {
-                        println!("FAILED  {}", b.backup);
+                        out!("FAILED  {}", b.backup);
                         for p in &b.problems {
-                            println!("    {p}");
+                            out!("    {p}");
                         }
                     }
                 }
                 for s in &report.skipped {
-                    println!("skipped {s}");
+                    out!("skipped {s}");
                 }
-                println!(
+                if let Some(why) = &report.not_recorded {
+                    out!("result not recorded in the repository (read-only?): {why}");
+                }
+                out!(
                     "{} backup(s), {} chunk(s) checked, {} bad",
                     report.backups.len(),
                     report.chunks_checked,
@@ -258,18 +325,21 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             }
             if !report.is_clean() {
-                return Ok(ExitCode::from(2));
+                return Ok(ExitCode::from(super::EXIT_DAMAGE));
             }
         }
         Command::Prune(args) => prune(&cli, args)?,
         Command::Protect { backup } => {
-            open(&cli)?.set_protected(&parse_backup(backup)?, true)?;
+            let repo = open(&cli)?;
+            repo.set_protected(&resolve_backup(&repo, backup)?, true)?;
         }
         Command::Unprotect { backup } => {
-            open(&cli)?.set_protected(&parse_backup(backup)?, false)?;
+            let repo = open(&cli)?;
+            repo.set_protected(&resolve_backup(&repo, backup)?, false)?;
         }
         Command::Forget { backup } => {
-            open(&cli)?.forget(&parse_backup(backup)?)?;
+            let repo = open(&cli)?;
+            repo.forget(&resolve_backup(&repo, backup)?)?;
         }
         Command::Gc {
             wait,
@@ -284,7 +354,7 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if *json {
                 print_json(&r)?;
             } else {
-                println!(
+                out!(
                     "marked {} backup(s), {} chunk(s) referenced; removed {} chunk(s) ({}), {} temp file(s), {} incomplete backup(s), {} quarantined chunk(s){}",
                     r.backups_marked,
                     r.chunks_referenced,
@@ -303,6 +373,47 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One line of `shear list`: id, name, disks, sizes, consistency, state.
+fn list_line(b: &crate::repo::BackupInfo) -> String {
+    use crate::repo::ManifestState;
+    let mut line = b.id.to_string();
+    match (&b.summary, b.manifest) {
+        (Some(s), _) => {
+            let size: u64 = s.disks.iter().map(|d| d.1).sum();
+            line.push_str(&format!(
+                "  {}  {} disk(s) {} virtual, {} stored  {:?}, {} consistent",
+                s.vm_name,
+                s.disks.len(),
+                mib(size),
+                mib(s.stored_bytes),
+                s.mode,
+                match s.consistency {
+                    crate::repo::Consistency::Application => "application",
+                    crate::repo::Consistency::Crash => "crash",
+                },
+            ));
+        }
+        (None, ManifestState::Locked) => line.push_str("  (encrypted: give --keyfile for details)"),
+        (None, _) => line.push_str(&format!(
+            "  MANIFEST DAMAGED ({})",
+            b.manifest_error.as_deref().unwrap_or("unreadable")
+        )),
+    }
+    if b.protected {
+        line.push_str("  protected");
+    }
+    match &b.verify {
+        Some(v) => line.push_str(&format!("  last verify: {} at {}", v.state, v.time)),
+        None => line.push_str("  never verified"),
+    }
+    if let Some(s) = &b.summary {
+        if !s.notes.is_empty() {
+            line.push_str(&format!("  \"{}\"", s.notes));
+        }
+    }
+    line
 }
 
 fn prune(cli: &Cli, a: &PruneArgs) -> anyhow::Result<()> {
@@ -328,22 +439,36 @@ fn prune(cli: &Cli, a: &PruneArgs) -> anyhow::Result<()> {
             (PruneMark::Remove, false, Some(why)) => format!("remove: skipped, {why}"),
             (PruneMark::Remove, false, None) => "remove (dry run)".to_string(),
         };
-        println!("{}  {what}", e.backup);
+        out!("{}  {what}", e.backup);
     }
     Ok(())
 }
 
 fn restore(cli: &Cli, a: &RestoreArgs) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
     let repo = open(cli)?;
-    let id = parse_backup(&a.backup)?;
+    let id = resolve_backup(&repo, &a.backup)?;
     let reader = repo.open_backup(&id)?;
+    let names: Vec<String> = reader
+        .manifest()
+        .disks
+        .iter()
+        .map(|d| d.name.clone())
+        .collect();
+    let unknown: Vec<&String> = a.disks.iter().filter(|d| !names.contains(d)).collect();
+    if !unknown.is_empty() {
+        bail!(
+            "backup {id} has no disk {}; its disks: {}",
+            unknown
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            names.join(", ")
+        );
+    }
     let disks: Vec<String> = if a.disks.is_empty() {
-        reader
-            .manifest()
-            .disks
-            .iter()
-            .map(|d| d.name.clone())
-            .collect()
+        names
     } else {
         a.disks.clone()
     };
@@ -356,16 +481,29 @@ fn restore(cli: &Cli, a: &RestoreArgs) -> anyhow::Result<()> {
         ..RestoreOptions::default()
     };
     let target: &Path = &a.target;
-    std::fs::create_dir_all(target)
-        .with_context(|| format!("creating restore target {}", target.display()))?;
+    let device = std::fs::metadata(target).is_ok_and(|m| m.file_type().is_block_device());
+    if device && disks.len() != 1 {
+        bail!(
+            "{} is a block device: restore one disk onto it (--disk NAME; the backup has {})",
+            target.display(),
+            disks.join(", ")
+        );
+    }
+    if !device {
+        std::fs::create_dir_all(target)
+            .with_context(|| format!("creating restore target {}", target.display()))?;
+    }
     let mut reports = Vec::new();
     for d in &disks {
-        let r = reader
-            .restore_disk(d, target, &opts)
-            .with_context(|| format!("restore of disk {d} from {id} failed"))?;
+        let r = if device {
+            reader.restore_disk_to_device(d, target, &opts)
+        } else {
+            reader.restore_disk(d, target, &opts)
+        }
+        .with_context(|| format!("restore of disk {d} from {id} failed"))?;
         if !a.json {
             let secs = r.elapsed.as_secs_f64().max(1e-9);
-            println!(
+            out!(
                 "restored {} → {} ({} virtual, {} data, {:.0} MiB/s), image digest {} verified",
                 r.disk,
                 r.path.display(),
@@ -401,9 +539,9 @@ fn restore(cli: &Cli, a: &RestoreArgs) -> anyhow::Result<()> {
     if a.json {
         print_json(&serde_json::json!({"disks": reports, "qemu_command": boot}))?;
     } else {
-        println!("boot the restored disks with:\n  {boot}");
+        out!("boot the restored disks with:\n  {boot}");
         for f in &definition {
-            println!("wrote {}", f.display());
+            out!("wrote {}", f.display());
         }
     }
     Ok(())

@@ -244,13 +244,10 @@ impl BackupRun {
     async fn prepare(&mut self) -> Result<(), JobError> {
         let mut skipped = Vec::new();
         let all = graph::discover_disks(self.monitor.get()?, &mut skipped).await?;
+        self.disks = super::select::apply_exclude(all, &self.opts.exclude, &skipped)?;
         for w in skipped {
             self.warn(w);
         }
-        self.disks = all
-            .into_iter()
-            .filter(|d| !self.opts.exclude.iter().any(|x| x == &d.name))
-            .collect();
         if self.disks.is_empty() {
             return Err(JobError::Invalid(format!(
                 "VM {} has no disks to back up",

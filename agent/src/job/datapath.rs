@@ -9,7 +9,6 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use super::cancel::Cancel;
 use super::events::{JobEvent, JobObserver};
@@ -29,36 +28,6 @@ pub(super) struct DataPathConfig {
     pub connections: usize,
     /// Read limit in bytes/s (0: none).
     pub bwlimit_bytes: u64,
-}
-
-/// A token bucket on bytes read (vzdump's `bwlimit`).
-#[derive(Debug)]
-struct Throttle {
-    rate: u64,
-    start: Instant,
-    consumed: u64,
-}
-
-impl Throttle {
-    fn new(rate: u64) -> Self {
-        Throttle {
-            rate,
-            start: Instant::now(),
-            consumed: 0,
-        }
-    }
-    fn take(&mut self, bytes: u64, cancel: &Cancel) {
-        if self.rate == 0 {
-            return;
-        }
-        self.consumed += bytes;
-        #[allow(clippy::cast_precision_loss)]
-        let due = Duration::from_secs_f64(self.consumed as f64 / self.rate as f64);
-        while self.start.elapsed() < due && !cancel.is_cancelled() {
-            let left = due.saturating_sub(self.start.elapsed());
-            std::thread::sleep(left.min(Duration::from_millis(100)));
-        }
-    }
 }
 
 /// One disk to read.
@@ -84,7 +53,6 @@ pub(super) fn read_all(
     observer: &dyn JobObserver,
 ) -> Result<Vec<DiskReport>, JobError> {
     let mut reports = Vec::new();
-    let mut throttle = Throttle::new(dp.bwlimit_bytes);
     for job in jobs {
         let (disk, export) = (&job.disk, &job.export);
         let spec = repo::DiskSpec {
@@ -105,22 +73,13 @@ pub(super) fn read_all(
         if let Some((bitmap, _)) = &job.incremental {
             src = src.with_dirty_bitmap(bitmap.clone());
         }
-        // Memory: the reader holds at most its byte budget. With a bandwidth
-        // limit, keep it to two chunks so the limit bounds the NBD reads too
-        // (not only how fast chunks are consumed).
-        // Otherwise the reader's own tuned default (nbd-export's tuning).
-        let chunk = u64::from(writer.chunk_size());
-        let defaults = nbd_export::ReaderConfig::default();
-        let byte_budget = if dp.bwlimit_bytes > 0 {
-            2 * chunk
-        } else {
-            defaults.byte_budget.max(2 * chunk)
-        };
+        // The bandwidth limit is applied by the reader to the read requests
+        // it sends (the bytes actually read, smoothly), not per chunk.
         let cfg = nbd_export::ReaderConfig {
             chunk_size: writer.chunk_size(),
             connections: dp.connections,
-            byte_budget,
-            ..defaults
+            rate_limit: dp.bwlimit_bytes,
+            ..nbd_export::ReaderConfig::default()
         };
         let mut stream =
             nbd_export::ChunkReader::start(&src, &cfg).map_err(|source| JobError::ReadFailed {
@@ -146,11 +105,16 @@ pub(super) fn read_all(
         observer.event(&JobEvent::DiskStarted {
             disk: &disk.name,
             virtual_size: disk.virtual_size,
+            // Known up front only for an incremental read (the dirty bytes).
+            to_read: job.incremental.as_ref().and(job.read.dirty_bytes),
         });
+        let mut read_so_far = 0u64;
         let mut failed = None;
         // Clean chunks whose base chunk is no longer stored: read them.
         let mut missing: Vec<u64> = Vec::new();
-        for item in stream.by_ref() {
+        // Not `for … in stream.by_ref()`: the loop reads the stream's stats.
+        #[allow(clippy::while_let_on_iterator)]
+        while let Some(item) = stream.next() {
             if cancel.is_cancelled() {
                 break;
             }
@@ -167,15 +131,15 @@ pub(super) fn read_all(
                     break;
                 }
             };
+            let read_now = stream.stats().bytes_read;
             observer.event(&JobEvent::DiskProgress {
                 disk: &disk.name,
                 bytes: u64::from(chunk.len),
+                read: read_now.saturating_sub(read_so_far),
             });
+            read_so_far = read_now;
             let r = match chunk.kind {
-                nbd_export::ChunkKind::Data(data) => {
-                    throttle.take(u64::from(chunk.len), cancel);
-                    pipeline.submit(&writer, chunk.index, data)
-                }
+                nbd_export::ChunkKind::Data(data) => pipeline.submit(&writer, chunk.index, data),
                 nbd_export::ChunkKind::Zero => writer.put_zero(chunk.index),
                 nbd_export::ChunkKind::Clean => match &job.incremental {
                     Some((_, base)) => reuse_or_mark(&writer, base, chunk.index, &mut missing),

@@ -66,16 +66,23 @@ pub enum JobEvent<'a> {
     DiskStarted {
         /// Disk name.
         disk: &'a str,
-        /// Virtual size in bytes (the progress total).
+        /// Virtual size in bytes (what the progress positions cover).
         virtual_size: u64,
+        /// Bytes that will be read, when known before the read (the dirty
+        /// bytes of an incremental read); a full read learns what is
+        /// allocated as it goes.
+        to_read: Option<u64>,
     },
     /// Progress on a disk: `bytes` more of its virtual size are done
-    /// (read, or known to be a hole or unchanged).
+    /// (read, or known to be a hole or unchanged), of which `read` bytes
+    /// were actually read from the export.
     DiskProgress {
         /// Disk name.
         disk: &'a str,
-        /// Bytes done since the last event.
+        /// Bytes of the virtual size done since the last event.
         bytes: u64,
+        /// Bytes read from the export since the last event.
+        read: u64,
     },
     /// The data path finished a disk (or gave up on it).
     DiskFinished {

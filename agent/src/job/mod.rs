@@ -55,6 +55,7 @@ pub mod monitor;
 pub mod options;
 pub mod record;
 pub mod report;
+mod select;
 pub mod watchdog;
 
 pub use crate::chain;

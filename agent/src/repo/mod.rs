@@ -89,6 +89,7 @@ pub mod names;
 pub mod prune;
 pub mod qcow2;
 pub mod reader;
+pub mod target;
 pub mod verify;
 pub mod writer;
 
@@ -201,8 +202,19 @@ pub struct VerifyState {
 /// One backup as listed.
 #[derive(Debug, Clone, Serialize)]
 pub struct BackupInfo {
-    /// The id.
+    /// The id (`backup_id`, the name `backup --json` uses).
+    #[serde(rename = "backup_id")]
     pub id: BackupId,
+    /// The same id under its old name (kept for scripts written before
+    /// `backup_id`; deprecated).
+    #[serde(rename = "id")]
+    pub legacy_id: BackupId,
+    /// Whether the manifest reads and checks now: `ok`, `damaged`, or
+    /// `locked` (encrypted, no key given).
+    pub manifest: ManifestState,
+    /// Why the manifest cannot be read (when `damaged`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub manifest_error: Option<String>,
     /// Never pruned.
     pub protected: bool,
     /// Result of the last verify, if any.
@@ -226,6 +238,20 @@ pub struct BackupSummary {
     pub disks: Vec<(String, u64)>,
     /// Bytes this backup added to the store.
     pub stored_bytes: u64,
+    /// First line of the notes.
+    pub notes: String,
+}
+
+/// The state of a backup's manifest as `list` found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ManifestState {
+    /// Read and checked.
+    Ok,
+    /// Unreadable or failing its checks (the backup cannot be restored).
+    Damaged,
+    /// Encrypted and no key was given.
+    Locked,
 }
 
 pub(crate) struct Inner {
@@ -515,22 +541,35 @@ impl Repository {
                 .map(|f| f.size)
                 .sum();
             let verify = self.verify_state(&s.id).ok().flatten();
-            let summary = match self.inner.key.is_some() || !self.is_encrypted() {
-                true => self.load_manifest(&s.id).ok().map(|m| BackupSummary {
-                    vm_name: m.vm_name.clone(),
-                    mode: m.mode,
-                    consistency: m.consistency,
-                    disks: m
-                        .disks
-                        .iter()
-                        .map(|d| (d.name.clone(), d.virtual_size))
-                        .collect(),
-                    stored_bytes: m.disks.iter().map(|d| d.stored_bytes).sum(),
-                }),
-                false => None,
-            };
+            let (summary, manifest, manifest_error) =
+                if self.inner.key.is_some() || !self.is_encrypted() {
+                    match self.load_manifest(&s.id) {
+                        Ok(m) => (
+                            Some(BackupSummary {
+                                vm_name: m.vm_name.clone(),
+                                mode: m.mode,
+                                consistency: m.consistency,
+                                disks: m
+                                    .disks
+                                    .iter()
+                                    .map(|d| (d.name.clone(), d.virtual_size))
+                                    .collect(),
+                                stored_bytes: m.disks.iter().map(|d| d.stored_bytes).sum(),
+                                notes: m.notes.lines().next().unwrap_or("").to_owned(),
+                            }),
+                            ManifestState::Ok,
+                            None,
+                        ),
+                        Err(e) => (None, ManifestState::Damaged, Some(crate::chain(&e))),
+                    }
+                } else {
+                    (None, ManifestState::Locked, None)
+                };
             out.push(BackupInfo {
+                legacy_id: s.id.clone(),
                 id: s.id,
+                manifest,
+                manifest_error,
                 protected: s.protected,
                 verify,
                 metadata_bytes,

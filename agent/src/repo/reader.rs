@@ -8,7 +8,9 @@
 //! is written to a temp file opened `O_CREAT|O_EXCL|O_NOFOLLOW` in the target
 //! directory and moved into place only after success: a failed restore leaves
 //! no output, and `--force` replaces an existing *regular file* only then
-//! (F-46).
+//! (F-46). A file any process holds open (a running VM's disk) is never
+//! replaced, and a block device target is written in place
+//! ([`super::target`]).
 
 use std::fs::{self, File};
 use std::io;
@@ -194,7 +196,7 @@ impl BackupReader {
         let d = self.open_disk(disk)?;
         let name = format!("{disk}.{}", opts.format.extension());
         let out = OutputFile::create(target_dir, &name, opts.force)?;
-        match d.write_image(&out.file, &out.tmp, opts) {
+        match d.write_image(&out.file, &out.tmp, opts, false) {
             Ok((data_bytes, zero_chunks, digest)) => {
                 let path = out.commit()?;
                 Ok(RestoreReport {
@@ -212,6 +214,46 @@ impl BackupReader {
                 Err(e)
             }
         }
+    }
+}
+
+impl BackupReader {
+    /// Restores one disk onto block device `device` (raw only; see
+    /// [`super::target`]): data written, the rest discarded or zeroed. A
+    /// failed restore leaves the device partly written.
+    pub fn restore_disk_to_device(
+        &self,
+        disk: &str,
+        device: &Path,
+        opts: &RestoreOptions,
+    ) -> Result<RestoreReport> {
+        let started = Instant::now();
+        if opts.format != ImageFormat::Raw {
+            return Err(RepoError::invalid(
+                "restore format",
+                "a block device is written raw (--format raw)",
+            ));
+        }
+        let d = self.open_disk(disk)?;
+        if !opts.force {
+            return Err(RepoError::AlreadyExists {
+                what: format!(
+                    "block device {} (use --force to overwrite it)",
+                    device.display()
+                ),
+            });
+        }
+        let file = super::target::open_block_device(device, d.entry.virtual_size)?;
+        let (data_bytes, zero_chunks, digest) = d.write_image(&file, device, opts, true)?;
+        Ok(RestoreReport {
+            disk: disk.to_owned(),
+            path: device.to_owned(),
+            virtual_size: d.entry.virtual_size,
+            data_bytes,
+            zero_chunks,
+            image_digest: hex::encode(digest),
+            elapsed: started.elapsed(),
+        })
     }
 }
 
@@ -310,11 +352,13 @@ impl DiskReader<'_> {
         file: &File,
         path: &Path,
         opts: &RestoreOptions,
+        device: bool,
     ) -> Result<(u64, u64, format::Digest)> {
         let vsize = self.index.virtual_size;
         let cs = u64::from(self.index.chunk_size);
         let count = self.chunk_count();
         let mut qcow = match opts.format {
+            ImageFormat::Raw if device => None,
             ImageFormat::Raw => {
                 file.set_len(vsize)
                     .map_err(|e| RepoError::io("size restore output", path, e))?;
@@ -364,7 +408,12 @@ impl DiskReader<'_> {
                     match data {
                         None => {
                             zero_chunks += 1;
-                            Ok(())
+                            if device {
+                                super::target::zero_range(file, i * cs, self.chunk_len(i) as u64)
+                                    .map_err(|e| RepoError::io("zero restore output", path, e))
+                            } else {
+                                Ok(())
+                            }
                         }
                         Some(data) => {
                             verified[n] = self.index.entries[n];
@@ -372,7 +421,7 @@ impl DiskReader<'_> {
                             let off = i * cs;
                             match qcow.as_mut() {
                                 Some(q) => q.write_at(off, &data),
-                                None => write_sparse(file, off, &data),
+                                None => write_sparse(file, off, &data, device),
                             }
                             .map_err(|e| RepoError::io("write restore output", path, e))
                         }
@@ -420,26 +469,44 @@ impl DiskReader<'_> {
     }
 }
 
-/// Writes the non-zero 4 KiB runs of `data` at `offset`; zero runs stay holes.
-fn write_sparse(file: &File, offset: u64, data: &[u8]) -> io::Result<()> {
+/// Writes the non-zero 4 KiB runs of `data` at `offset`; zero runs stay
+/// holes (a file) or are discarded/zeroed (`device`).
+fn write_sparse(file: &File, offset: u64, data: &[u8], device: bool) -> io::Result<()> {
     const BLOCK: usize = 4096;
     let mut run_start: Option<usize> = None;
+    let mut zero_from = 0;
     let mut pos = 0;
     while pos < data.len() {
         let end = (pos + BLOCK).min(data.len());
         let zero = format::is_zero(&data[pos..end]);
         match (zero, run_start) {
-            (false, None) => run_start = Some(pos),
+            (false, None) => {
+                if device {
+                    super::target::zero_range(
+                        file,
+                        offset + zero_from as u64,
+                        (pos - zero_from) as u64,
+                    )?;
+                }
+                run_start = Some(pos);
+            }
             (true, Some(s)) => {
                 file.write_all_at(&data[s..pos], offset + s as u64)?;
                 run_start = None;
+                zero_from = pos;
             }
             _ => {}
         }
         pos = end;
     }
-    if let Some(s) = run_start {
-        file.write_all_at(&data[s..], offset + s as u64)?;
+    match run_start {
+        Some(s) => file.write_all_at(&data[s..], offset + s as u64)?,
+        None if device => super::target::zero_range(
+            file,
+            offset + zero_from as u64,
+            (data.len() - zero_from) as u64,
+        )?,
+        None => {}
     }
     Ok(())
 }
@@ -479,7 +546,7 @@ impl OutputFile {
                     ),
                 ));
             }
-            Ok(_) => {}
+            Ok(m) => super::target::refuse_if_held(&path, &m)?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(RepoError::io("stat restore target", &path, e)),
         }
@@ -501,6 +568,13 @@ impl OutputFile {
     /// Moves the output (already written and fsynced) to its name:
     /// replacing what is there only with `--force`.
     fn commit(self) -> Result<PathBuf> {
+        // Checked again: a VM may have been started on it meanwhile.
+        if let Ok(m) = fs::metadata(&self.path) {
+            if let Err(e) = super::target::refuse_if_held(&self.path, &m) {
+                self.discard();
+                return Err(e);
+            }
+        }
         let existing = if self.force {
             Existing::Replace
         } else {

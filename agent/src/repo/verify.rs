@@ -71,6 +71,10 @@ pub struct VerifyReport {
     pub bad_chunks: Vec<BadChunk>,
     /// Backups skipped because another operation (prune) held them.
     pub skipped: Vec<String>,
+    /// Why the results could not be recorded in the repository (a
+    /// read-only repository, a mirror): the verify itself still ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_recorded: Option<String>,
 }
 
 impl VerifyReport {
@@ -283,10 +287,15 @@ impl Repository {
             };
             let json = serde_json::to_vec(&state)
                 .map_err(|e| RepoError::invalid("verify state", e.to_string()))?;
-            self.inner.backend.put(
+            if let Err(e) = self.inner.backend.put(
                 &format!("{}/{VERIFY_STATE_NAME}", b.backup.dir_key()),
                 &json,
-            )?;
+            ) {
+                // Recording is a convenience for `list`; the report is the
+                // result. Say why it was not recorded and stop trying.
+                report.not_recorded = Some(crate::chain(&e));
+                break;
+            }
         }
         drop(locks);
         Ok(report)
