@@ -4,6 +4,7 @@
 
 mod backup_cmd;
 pub mod boot_cmdline;
+mod nbd_cmd;
 mod progress;
 mod repo_cmds;
 
