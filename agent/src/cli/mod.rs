@@ -4,6 +4,7 @@
 
 mod backup_cmd;
 pub mod boot_cmdline;
+mod hook_cmd;
 mod nbd_cmd;
 mod progress;
 mod repo_cmds;
@@ -118,6 +119,13 @@ pub enum Command {
     },
     /// Restore disk images of a backup into a directory.
     Restore(RestoreArgs),
+    /// Lifecycle hooks: libvirt's /etc/libvirt/hooks/qemu, a Proxmox VE
+    /// hookscript ([hooks] in shear.toml; see docs/hooks.md).
+    Hook {
+        /// Which hypervisor calls.
+        #[command(subcommand)]
+        command: hook_cmd::HookCommand,
+    },
 }
 
 /// `shear key …`
@@ -210,6 +218,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Backup(args) => backup_cmd::run(repo_cmds::open(&cli)?, args),
         Command::Watchdog(args) => Ok(backup_cmd::watchdog(args)),
         Command::Cleanup(args) => backup_cmd::cleanup(args),
+        Command::Hook { command } => hook_cmd::run(&cli, command),
         _ => repo_cmds::run(cli),
     }
 }
