@@ -19,20 +19,11 @@ const HOOK_BOUND: Duration = Duration::from_secs(3);
 
 fn image(dir: &Path) -> (std::path::PathBuf, Vec<u8>) {
     let img = dir.join("vm.qcow2");
-    for args in [vec![
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        img.to_str().unwrap(),
-        "16M",
-    ]] {
-        run_ok({
-            let mut c = Command::new("qemu-img");
-            c.args(args);
-            c
-        });
-    }
+    run_ok({
+        let mut c = Command::new("qemu-img");
+        c.args(["create", "-q", "-f", "qcow2"]).arg(&img).arg("16M");
+        c
+    });
     run_ok({
         let mut c = Command::new("qemu-io");
         c.args(["-f", "qcow2", "-c", "write -P 0x7e 2M 3M"])

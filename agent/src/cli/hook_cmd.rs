@@ -162,7 +162,7 @@ fn check_start(cli: &Cli, cfg: &Config, vmid: &str) -> anyhow::Result<ExitCode> 
 
 fn humantime(d: Duration) -> String {
     let s = d.as_secs();
-    if s % 3600 == 0 {
+    if s.is_multiple_of(3600) {
         format!("{}h", s / 3600)
     } else {
         format!("{s}s")
@@ -507,6 +507,6 @@ mod tests {
         assert_eq!(d[0].path, "local-lvm:vm-100-disk-0");
         assert_eq!(d[1].format, "qcow2");
         assert_eq!(parse_age("48h").unwrap(), Duration::from_secs(48 * 3600));
-        assert!(parse_age("48").is_err());
+        parse_age("48").unwrap_err();
     }
 }

@@ -530,7 +530,7 @@ mod tests {
         assert!(!parse_uri("nbd://u:pw@h/e?tls-creds=x")
             .unwrap_err()
             .contains("pw"));
-        assert!(parse_disk_arg("nouri").is_err());
-        assert!(parse_disk_arg("a/b=nbd://h/e").is_err());
+        parse_disk_arg("nouri").unwrap_err();
+        parse_disk_arg("a/b=nbd://h/e").unwrap_err();
     }
 }
