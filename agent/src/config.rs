@@ -11,6 +11,11 @@
 //! fleecing_allow_tmpfs = false               # refuse tmpfs/ramfs targets
 //! fleecing_min_free = "10%"                  # or bytes: "20G", "0"
 //! # node = "pve1"                            # default: the host name
+//!
+//! [hooks]                                    # `shear hook libvirt|pve …`
+//! backup_on = ["post-stop", "release"]       # phases/operations that back up
+//! refuse_start_if_backup_older_than = "48h"  # pre-start/prepare refuses
+//! pve_config_dir = "/etc/pve/qemu-server"
 //! ```
 //!
 //! Fleecing images hold the old data of every block the guest overwrites
@@ -54,6 +59,23 @@ pub struct Config {
     /// Proxmox VM config template captured into each backup when it
     /// exists; `{vmid}` is replaced.
     pub pve_config: String,
+    /// Lifecycle hooks (`shear hook libvirt|pve …`).
+    pub hooks: HooksConfig,
+}
+
+/// `[hooks]`: what `shear hook` does at each lifecycle event.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HooksConfig {
+    /// Operations (libvirt: `release`, `stopped`…) and phases (PVE:
+    /// `post-stop`…) after which an offline backup is taken in the
+    /// background.
+    pub backup_on: Vec<String>,
+    /// Refuse to start a VM (libvirt `prepare`, PVE `pre-start`) whose
+    /// newest good backup is older than this (`"48h"`, `"7d"`) or absent.
+    pub refuse_start_if_backup_older_than: Option<String>,
+    /// Where PVE VM configs are (default `/etc/pve/qemu-server`).
+    pub pve_config_dir: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -67,6 +89,7 @@ impl Default for Config {
             fleecing_min_free: None,
             node: None,
             pve_config: "/etc/pve/qemu-server/{vmid}.conf".into(),
+            hooks: HooksConfig::default(),
         }
     }
 }

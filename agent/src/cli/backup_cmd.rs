@@ -99,6 +99,17 @@ pub struct BackupArgs {
     /// incremental read (tracking starts anew from this backup).
     #[arg(long)]
     pub full: bool,
+    /// Back up an NBD export as disk NAME instead of asking QEMU
+    /// (no QMP, no qemu-ga): NAME=nbd+unix:///EXPORT?socket=PATH or
+    /// NAME=nbd://HOST[:PORT]/EXPORT; repeatable, one VMID.
+    #[arg(long, value_name = "NAME=URI")]
+    pub nbd: Vec<String>,
+    /// With --nbd: read only what meta context qemu:dirty-bitmap:BITMAP
+    /// marks dirty in disk NAME's export, reusing the previous backup of
+    /// that disk for the rest (read in full, with the reason, when there
+    /// is none); repeatable.
+    #[arg(long, value_name = "NAME=BITMAP", requires = "nbd")]
+    pub bitmap: Vec<String>,
     /// One JSON document (an array with one entry per VM) on stdout.
     #[arg(long)]
     pub json: bool,
@@ -157,6 +168,11 @@ pub fn run(repo: crate::repo::Repository, args: &BackupArgs) -> anyhow::Result<E
     let cancel = Cancel::default();
     rt.spawn(cancel_on_signals(cancel.clone()));
 
+    if !args.nbd.is_empty() {
+        return super::nbd_cmd::run(
+            &rt, repo, args, &cfg, &run_dir, zstd_level, workers, &cancel,
+        );
+    }
     let mut reports: Vec<serde_json::Value> = Vec::new();
     let mut failed = 0usize;
     for vmid in &args.vmids {
@@ -296,7 +312,7 @@ async fn cancel_on_signals(cancel: Cancel) {
 
 /// A line on stdout; a closed or broken stdout is not an error of the
 /// backup (never panics, unlike `println!`).
-fn out(line: std::fmt::Arguments<'_>) {
+pub(super) fn out(line: std::fmt::Arguments<'_>) {
     use std::io::Write;
     let mut o = std::io::stdout().lock();
     let _ = o.write_fmt(line).and_then(|()| o.write_all(b"\n"));
@@ -304,7 +320,7 @@ fn out(line: std::fmt::Arguments<'_>) {
 }
 
 /// A line on stderr; never panics (the terminal may be gone).
-fn err(line: std::fmt::Arguments<'_>) {
+pub(super) fn err(line: std::fmt::Arguments<'_>) {
     use std::io::Write;
     let mut e = std::io::stderr().lock();
     let _ = e.write_fmt(line).and_then(|()| e.write_all(b"\n"));

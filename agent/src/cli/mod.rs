@@ -9,7 +9,9 @@
 
 mod backup_cmd;
 pub mod boot_cmdline;
+mod hook_cmd;
 pub mod json_errors;
+mod nbd_cmd;
 mod progress;
 mod repo_cmds;
 mod vm_definition;
@@ -178,6 +180,13 @@ pub enum Command {
     },
     /// Restore disk images of a backup into a directory.
     Restore(RestoreArgs),
+    /// Lifecycle hooks: libvirt's /etc/libvirt/hooks/qemu, a Proxmox VE
+    /// hookscript ([hooks] in shear.toml; see docs/hooks.md).
+    Hook {
+        /// Which hypervisor calls.
+        #[command(subcommand)]
+        command: hook_cmd::HookCommand,
+    },
 }
 
 /// `shear key …`
@@ -279,6 +288,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Backup(args) => backup_cmd::run(repo_cmds::open(&cli)?, args),
         Command::Watchdog(args) => Ok(backup_cmd::watchdog(args)),
         Command::Cleanup(args) => backup_cmd::cleanup(args),
+        Command::Hook { command } => hook_cmd::run(&cli, command),
         _ => repo_cmds::run(cli),
     }
 }

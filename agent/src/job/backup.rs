@@ -536,7 +536,7 @@ impl BackupRun {
         };
         DiskJob {
             disk: disk.clone(),
-            export: export.to_string(),
+            source: nbd_export::ExportSource::unix(self.nbd_socket(), export),
             incremental,
             read,
         }
@@ -577,7 +577,6 @@ impl BackupRun {
             .map(|(i, (disk, export))| self.disk_job(i, disk, export))
             .collect();
         let dp = DataPathConfig {
-            socket: self.nbd_socket(),
             workers: self.opts.workers.max(1),
             connections: self.opts.connections.max(1),
             bwlimit_bytes: self.opts.bwlimit_kib.saturating_mul(1024),

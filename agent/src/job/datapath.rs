@@ -7,7 +7,6 @@
 //! pool and records holes directly. Memory is the reader's budget plus the
 //! pool's queue, whatever the disk size.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::cancel::Cancel;
@@ -20,8 +19,6 @@ use crate::repo;
 /// Data path settings.
 #[derive(Debug, Clone)]
 pub(super) struct DataPathConfig {
-    /// NBD server socket.
-    pub socket: PathBuf,
     /// Hash/compress threads.
     pub workers: usize,
     /// NBD connections per export.
@@ -35,8 +32,9 @@ pub(super) struct DataPathConfig {
 pub(super) struct DiskJob {
     /// The disk.
     pub disk: VmDisk,
-    /// Its export name.
-    pub export: String,
+    /// Where its export is (server and export name; the dirty bitmap
+    /// context is added from `incremental`).
+    pub source: nbd_export::ExportSource,
     /// Incremental: the dirty bitmap exported with it and the base's
     /// index digests (clean chunks reuse them).
     pub incremental: Option<(String, Arc<Vec<repo::Digest>>)>,
@@ -54,7 +52,7 @@ pub(super) fn read_all(
 ) -> Result<Vec<DiskReport>, JobError> {
     let mut reports = Vec::new();
     for job in jobs {
-        let (disk, export) = (&job.disk, &job.export);
+        let disk = &job.disk;
         let spec = repo::DiskSpec {
             name: disk.name.clone(),
             device: if disk.device.is_empty() {
@@ -69,7 +67,7 @@ pub(super) fn read_all(
         let writer = session
             .add_disk(&spec)
             .map_err(JobError::repo(format!("adding disk {}", disk.name)))?;
-        let mut src = nbd_export::ExportSource::unix(&dp.socket, export.clone());
+        let mut src = job.source.clone();
         if let Some((bitmap, _)) = &job.incremental {
             src = src.with_dirty_bitmap(bitmap.clone());
         }

@@ -19,6 +19,7 @@
 //! - [`watchdog`]: the child process that releases the guest if we die;
 //! - [`events`]: progress and warnings leave the job as [`events::JobEvent`]s
 //!   (the CLI draws bars from them; a daemon logs them);
+//! - [`nbd_source`]: `shear backup --nbd`: any NBD export, no QEMU changes;
 //! - `datapath`: NBD export → chunks → repository on dedicated threads;
 //! - [`report`]: what a finished backup reports.
 //!
@@ -52,6 +53,7 @@ pub mod identity;
 pub mod incremental;
 mod lock;
 pub mod monitor;
+pub mod nbd_source;
 pub mod options;
 pub mod record;
 pub mod report;
