@@ -205,6 +205,88 @@ fn vm_f04_agent_sigkill_while_frozen_watchdog_thaws_and_takes_back_graph() {
     assert_eq!(env.list().len(), 1);
 }
 
+/// The cgroup v2 hierarchy's mount point.
+fn cgroup2_root() -> std::path::PathBuf {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            (post.split(' ').next() == Some("cgroup2"))
+                .then(|| pre.split(' ').nth(4).map(std::path::PathBuf::from))
+                .flatten()
+        })
+        .expect("no cgroup v2 hierarchy mounted (needed to act as a service manager)")
+}
+
+/// Issue 16 bug 6: what systemd does on a unit's stop timeout or OOM —
+/// SIGKILL to every process of the unit's cgroup, shear and its children —
+/// while the guest is frozen. The watchdog moved itself out of that cgroup
+/// when it started, so it survives, thaws the guest and takes back the
+/// graph. (Before, it died with shear and the guest stayed frozen.)
+#[test]
+fn vm_f04_unit_cgroup_killed_while_frozen_watchdog_outside_thaws() {
+    if !require_guest() {
+        return;
+    }
+    let env = ShearEnv::new();
+    let mut vm =
+        TestVm::start(VmConfig::guest().disk(DiskSpec::qcow2("d0", 32 * MIB).ext4())).unwrap();
+    // The "unit": a cgroup of the test's own that shear is started in.
+    let unit = cgroup2_root().join(format!("shear-test-unit-{}", std::process::id()));
+    std::fs::create_dir(&unit).unwrap();
+    let hook = HeldHook::new(&env);
+    let mut inner = env.backup(&vm, &[]);
+    hook.install(&mut inner);
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg("echo $$ > \"$1/cgroup.procs\" && shift && exec \"$@\"")
+        .arg("sh")
+        .arg(&unit)
+        .arg(inner.get_program())
+        .args(inner.get_args());
+    for (k, v) in inner.get_envs() {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    let mut child = spawn(cmd);
+    hook.wait_held(&mut child, Duration::from_secs(60));
+    let rec = std::fs::read_to_string(env.run_dir().join("backup-100.json")).unwrap();
+    assert!(rec.contains("\"freeze\""), "{rec}");
+    // The unit is stopped the hard way: every process in its cgroup.
+    std::fs::write(unit.join("cgroup.kill"), "1").unwrap();
+    let _ = child.wait();
+    let killed = Instant::now();
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        "the unit's processes to die",
+        || {
+            std::fs::read_to_string(unit.join("cgroup.procs"))
+                .ok()
+                .filter(|p| p.trim().is_empty())
+        },
+    )
+    .unwrap();
+    hook.release();
+    wait_until(
+        Duration::from_secs(15),
+        Duration::from_millis(100),
+        "watchdog thaw after the unit's cgroup was killed",
+        || (vm.qga("guest-fsfreeze-status", json!(null)).ok()? == "thawed").then_some(()),
+    )
+    .unwrap();
+    eprintln!(
+        "bug 6: thawed {:.2} s after the cgroup kill",
+        killed.elapsed().as_secs_f64()
+    );
+    wait_record_gone(&env, Duration::from_secs(15));
+    assert_released_and_clean(&mut vm, &env, &["d0"]);
+    assert!(env.list().is_empty());
+    std::fs::remove_dir(&unit).unwrap();
+}
+
 /// F-07: the guest is held 12 s (the test's held hook sleeps while shear
 /// holds it frozen with the filters in place). The freeze window is
 /// measured and reported (≥ 12 s), and the run raises the alarm (> 5 s) in

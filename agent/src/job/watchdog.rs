@@ -67,6 +67,12 @@ impl Watchdog {
             .process_group(0);
         let mut child = cmd.spawn()?;
         let pipe = child.stdin.take();
+        if let Err(e) = move_to_rescue_cgroup(child.id()) {
+            tracing::warn!(
+                "the thaw watchdog stays in shear's cgroup ({e}): stopping shear's service \
+                 (killing its whole cgroup) while the guest is frozen would kill it too"
+            );
+        }
         Ok(Watchdog { child, pipe })
     }
 
@@ -96,6 +102,47 @@ impl Drop for Watchdog {
         // wait for it here (it outlives us on purpose).
         self.pipe = None;
     }
+}
+
+/// The cgroup (v2, directly under the unified hierarchy's root) the
+/// watchdog moves to: outside the cgroup of whatever started shear, so a
+/// service manager that kills a unit's whole cgroup on stop or OOM
+/// (systemd's `KillMode=control-group`) kills shear but not the process
+/// that releases the guest. `$SHEAR_RESCUE_CGROUP` names another one; an
+/// empty value keeps the watchdog where it is.
+pub const RESCUE_CGROUP: &str = "shear-rescue";
+
+/// Move process `pid` into the rescue cgroup (needs root and a cgroup v2
+/// hierarchy; on failure the watchdog stays in shear's cgroup).
+fn move_to_rescue_cgroup(pid: u32) -> Result<(), String> {
+    let name = std::env::var("SHEAR_RESCUE_CGROUP").unwrap_or_else(|_| RESCUE_CGROUP.into());
+    if name.is_empty() {
+        return Err("disabled by SHEAR_RESCUE_CGROUP".into());
+    }
+    if name.contains('/') || name == ".." {
+        return Err(format!("bad cgroup name {name:?}"));
+    }
+    let root = cgroup2_mount().ok_or("no cgroup v2 hierarchy is mounted")?;
+    let dir = root.join(&name);
+    match std::fs::create_dir(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(format!("creating {}: {e}", dir.display())),
+    }
+    std::fs::write(dir.join("cgroup.procs"), pid.to_string())
+        .map_err(|e| format!("moving pid {pid} into {}: {e}", dir.display()))
+}
+
+/// Where the cgroup v2 (unified) hierarchy is mounted, from
+/// `/proc/self/mountinfo` (`… MOUNTPOINT … - cgroup2 …`).
+fn cgroup2_mount() -> Option<std::path::PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        (post.split(' ').next() == Some("cgroup2"))
+            .then(|| pre.split(' ').nth(4).map(std::path::PathBuf::from))
+            .flatten()
+    })
 }
 
 /// Read state lines until `done` or EOF; returns what is held at EOF
