@@ -14,6 +14,10 @@
 //! 6. the freeze window of consecutive backups;
 //! 7. guest `dd oflag=direct` throughput idle, with the copy-before-write
 //!    filter in place, and during backups (as is, `--workers 1`, `nice`);
+//! 8. incremental backups (issue 10) with 1 % of the disk dirtied through
+//!    the guest before each, into the last full backup's repository;
+//! 9. a 1 TiB sparse qcow2 on a paused VM: full, incrementals with 8 × 1 MiB
+//!    written, and the dirty-range mapping alone over NBD;
 //!
 //! plus peak RSS of a backup of a larger (mostly sparse) disk, and `perf`
 //! profiles of one backup (all CPUs) and of both restores. The anchors read an export the
