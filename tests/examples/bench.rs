@@ -1078,6 +1078,9 @@ struct Results {
     block_status: (u64, u64),
     series: BTreeMap<&'static str, Series>,
     freeze_ms: Vec<f64>,
+    /// Another QMP client's waits (connect, greeting, `query-status`) while
+    /// the consecutive backups ran, ms: (worst, polls, failed).
+    qmp_wait: Option<(f64, usize, usize)>,
     freeze_consistency: Vec<String>,
     guest: BTreeMap<&'static str, Rates>,
     guest_dd_mib: u64,
@@ -1692,6 +1695,29 @@ fn freeze_phase(b: &Bench, vm: &TestVm, r: &mut Results) -> Res<()> {
     ));
     let repo = b.run.join("repo-freeze");
     b.fresh_repo(&repo)?;
+    // Issue 11: another client of the same QMP socket (Proxmox's qm, its
+    // status daemon) polls it through every backup; its worst wait.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poller = {
+        let stop = stop.clone();
+        let path = vm.qmp_socket();
+        std::thread::spawn(move || {
+            let (mut worst, mut polls, mut failed) = (0f64, 0usize, 0usize);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let t = Instant::now();
+                let ok = shear_tests::wire::HarnessQmp::connect(&path, Duration::from_secs(5))
+                    .and_then(|mut q| {
+                        q.execute("query-status", Value::Null, Duration::from_secs(5))
+                    })
+                    .is_ok();
+                worst = worst.max(t.elapsed().as_secs_f64() * 1000.0);
+                polls += 1;
+                failed += usize::from(!ok);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (worst, polls, failed)
+        })
+    };
     for _ in 0..b.opts.freeze_runs {
         let s = b.shear_backup(vm, &repo)?;
         let ms = s.extra["freeze_window_ms"]
@@ -1707,6 +1733,8 @@ fn freeze_phase(b: &Bench, vm: &TestVm, r: &mut Results) -> Res<()> {
         .samples
         .push(s);
     }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    r.qmp_wait = poller.join().ok();
     remove(&repo);
     Ok(())
 }
@@ -2337,6 +2365,14 @@ fn render(b: &Bench, r: &Results) -> (String, Value) {
         fz.max,
         r.freeze_consistency.len()
     );
+    if let Some((worst, polls, failed)) = r.qmp_wait {
+        let _ = writeln!(
+            md,
+            "\nAnother QMP client polling the same monitor through these backups (connect, \
+             greeting, `query-status`): worst wait **{worst:.0} ms** over {polls} polls, {failed} \
+             failed (issue 11's aim: ≤ 1000 ms at any moment)."
+        );
+    }
     if let Some(s) = r.get("shear_backup_repeat") {
         let _ = writeln!(
             md,
@@ -2650,6 +2686,7 @@ fn render(b: &Bench, r: &Results) -> (String, Value) {
         "series": r.series.iter().map(|(k, v)| (k.to_string(), v.json())).collect::<serde_json::Map<_, _>>(),
         "freeze_window_ms": {"samples": r.freeze_ms, "summary": fz.json(),
                              "consistency": r.freeze_consistency},
+        "other_qmp_client_wait_ms": r.qmp_wait.map(|(w, p, f)| json!({"worst": w, "polls": p, "failed": f})),
         "guest_write": {"dd_mib": r.guest_dd_mib,
                         "conditions": r.guest.iter().map(|(k, v)| (k.to_string(), v.json())).collect::<serde_json::Map<_, _>>()},
         "peak_rss": r.rss,
