@@ -219,3 +219,36 @@ fn qemu_backup_captures_the_vm_definition_and_restore_writes_it() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Issue 11, bad input: a client that holds the QMP monitor and never lets
+/// go. shear waits a bounded time, then fails naming the socket and saying
+/// another client holds it; nothing in the VM changed, nothing recorded.
+#[test]
+fn qemu_monitor_held_by_another_client_fails_bounded_and_says_so() {
+    if !shear_tests::require_qemu() {
+        return;
+    }
+    let env = Env::new();
+    let mut vm = TestVm::start(VmConfig::paused().disk(DiskSpec::qcow2("d0", 16 * MIB))).unwrap();
+    // Someone else's session on shear's monitor, kept open.
+    let holder = HarnessQmp::connect(&vm.qmp_socket(), Duration::from_secs(5)).unwrap();
+    let t = Instant::now();
+    let out = env.backup(&vm, &[]).output().unwrap();
+    let took = t.elapsed();
+    drop(holder);
+    assert!(!out.status.success());
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("took {took:?}: {text}");
+    assert!(took < Duration::from_secs(30), "not bounded: {took:?}");
+    assert!(
+        text.contains(&vm.qmp_socket().display().to_string()),
+        "the socket is not named: {text}"
+    );
+    assert!(text.contains("another client"), "{text}");
+    assert!(shear_tests::shear::ShearEnv::list(&env).is_empty());
+    shear_tests::shear::assert_graph_clean(&mut vm, &env, &["d0"]);
+}

@@ -101,19 +101,13 @@ impl Monitor {
     }
 }
 
-/// A connect failure; a greeting that never came usually means another
-/// client holds the monitor (QEMU serves one at a time).
+/// A connect failure, naming the socket (the qmp crate's error says when
+/// the greeting never came: another client holds the monitor).
 fn held_elsewhere(path: &Path, e: qmp::Error) -> JobError {
-    let step = if greeting_timeout(&e) {
-        format!(
-            "connect to {} (no greeting: another client probably holds this monitor; QEMU \
-             serves one client at a time)",
-            path.display()
-        )
-    } else {
-        format!("connect to {}", path.display())
-    };
-    JobError::Qmp { step, source: e }
+    JobError::Qmp {
+        step: format!("connect to {}", path.display()),
+        source: e,
+    }
 }
 
 fn greeting_timeout(e: &qmp::Error) -> bool {
