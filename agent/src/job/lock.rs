@@ -12,17 +12,61 @@ pub(crate) struct VmLock {
     _file: std::fs::File,
 }
 
-/// Take the per-VM lock without waiting.
+impl Drop for VmLock {
+    fn drop(&mut self) {
+        // No role left behind for the next holder's waiters to misread.
+        let _ = self._file.set_len(0);
+    }
+}
+
+/// Who holds a per-VM lock (written into the lock file once held, so a
+/// waiter can tell a backup from a short cleanup).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LockRole {
+    /// A backup run: another backup is refused at once.
+    Backup,
+    /// `shear cleanup` or a watchdog taking back a killed run: brief; a
+    /// backup waits for it.
+    Cleanup,
+}
+
+impl LockRole {
+    fn as_str(self) -> &'static str {
+        match self {
+            LockRole::Backup => "backup",
+            LockRole::Cleanup => "cleanup",
+        }
+    }
+}
+
+fn lock_path(run_dir: &Path, vmid: &str) -> std::path::PathBuf {
+    run_dir.join(format!("backup-{vmid}.lock"))
+}
+
+/// Take the per-VM lock as a cleanup, without waiting.
 pub(crate) fn lock_vm(run_dir: &Path, vmid: &str) -> Result<VmLock, JobError> {
-    let path = run_dir.join(format!("backup-{vmid}.lock"));
-    let file = std::fs::OpenOptions::new()
+    lock_vm_as(run_dir, vmid, LockRole::Cleanup)
+}
+
+/// Take the per-VM lock as `role`, without waiting.
+pub(crate) fn lock_vm_as(run_dir: &Path, vmid: &str, role: LockRole) -> Result<VmLock, JobError> {
+    use std::io::{Seek, Write};
+    let path = lock_path(run_dir, vmid);
+    let mut file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
+        .read(true)
         .write(true)
         .open(&path)
         .map_err(|e| JobError::io(format!("opening lock {}", path.display()), e))?;
     match file.try_lock() {
-        Ok(()) => Ok(VmLock { _file: file }),
+        Ok(()) => {
+            // Best effort: the role only decides whether a backup waits.
+            let _ = file.set_len(0);
+            let _ = file.rewind();
+            let _ = write!(file, "{} {}", role.as_str(), std::process::id());
+            Ok(VmLock { _file: file })
+        }
         Err(std::fs::TryLockError::WouldBlock) => Err(JobError::Busy(vmid.to_string())),
         Err(std::fs::TryLockError::Error(e)) => {
             Err(JobError::io(format!("locking {}", path.display()), e))
@@ -30,12 +74,13 @@ pub(crate) fn lock_vm(run_dir: &Path, vmid: &str) -> Result<VmLock, JobError> {
     }
 }
 
-/// How long a backup waits for the per-VM lock: long enough for a
-/// watchdog taking back a killed run's leftovers (it holds the lock for
-/// that), short enough that a running backup is reported promptly.
+/// How long a backup waits for the per-VM lock while a cleanup holds it
+/// (a watchdog taking back a killed run's leftovers: milliseconds to
+/// seconds). Another backup holding it is reported at once (F-30).
 pub(super) const VM_LOCK_WAIT: Duration = Duration::from_secs(15);
 
-/// [`lock_vm`], retrying while another holder has it, up to `wait`.
+/// Take the per-VM lock for a backup, waiting up to `wait` while a cleanup
+/// holds it; `Busy` at once while another backup does.
 pub(super) async fn lock_vm_waiting(
     run_dir: &Path,
     vmid: &str,
@@ -43,8 +88,12 @@ pub(super) async fn lock_vm_waiting(
 ) -> Result<VmLock, JobError> {
     let deadline = Instant::now() + wait;
     loop {
-        match lock_vm(run_dir, vmid) {
-            Err(JobError::Busy(_)) if Instant::now() < deadline => {
+        match lock_vm_as(run_dir, vmid, LockRole::Backup) {
+            Err(JobError::Busy(v)) => {
+                let holder = std::fs::read_to_string(lock_path(run_dir, vmid)).unwrap_or_default();
+                if holder.starts_with(LockRole::Backup.as_str()) || Instant::now() >= deadline {
+                    return Err(JobError::Busy(v));
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             r => return r,
