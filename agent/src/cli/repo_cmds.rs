@@ -528,14 +528,20 @@ fn restore(cli: &Cli, a: &RestoreArgs) -> anyhow::Result<()> {
         })
         .collect();
     let boot = super::boot_cmdline::qemu_command(&reader.manifest().vm_config, &restored);
-    let definition = super::vm_definition::write_beside(
-        &reader.manifest().vm_config,
-        target,
-        &reports
-            .iter()
-            .map(|r| (r.disk.clone(), r.path.clone(), format))
-            .collect::<Vec<_>>(),
-    )?;
+    // The VM's definition goes beside restored files; a block device
+    // target has no "beside" (`show --config` prints it).
+    let definition = if target.is_dir() {
+        super::vm_definition::write_beside(
+            &reader.manifest().vm_config,
+            target,
+            &reports
+                .iter()
+                .map(|r| (r.disk.clone(), r.path.clone(), format))
+                .collect::<Vec<_>>(),
+        )?
+    } else {
+        Vec::new()
+    };
     if a.json {
         print_json(&serde_json::json!({"disks": reports, "qemu_command": boot}))?;
     } else {
