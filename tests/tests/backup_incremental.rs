@@ -190,8 +190,8 @@ fn vm_incremental_chain_survives_restart_and_kill_f22_f23() {
     let raw = env.dir.path().join("d1.raw");
     let cfg = VmConfig::guest()
         .disk(
-            DiskSpec::qcow2("d0", 256 * MIB)
-                .file("/seed.bin", &noise(48 << 20, 1))
+            DiskSpec::qcow2("d0", 128 * MIB)
+                .file("/seed.bin", &noise(32 << 20, 1))
                 .image(&qcow),
         )
         .disk(
