@@ -191,7 +191,7 @@ fn vm_incremental_chain_survives_restart_and_kill_f22_f23() {
     let cfg = VmConfig::guest()
         .disk(
             DiskSpec::qcow2("d0", 128 * MIB)
-                .file("/seed.bin", &noise(32 << 20, 1))
+                .file("/seed.bin", &noise(48 << 20, 1))
                 .image(&qcow),
         )
         .disk(
