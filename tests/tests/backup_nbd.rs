@@ -381,6 +381,38 @@ fn qemu_nbd_bad_input_is_a_clear_error_and_stores_nothing() {
         ],
         &["qemu:dirty-bitmap:real"],
     );
+    // An export that lies about its size: it claims 64 MiB and fails
+    // every read past its first MiB (nbdkit's sh plugin).
+    if has_tools(&["nbdkit"]) {
+        let script = d.join("liar.sh");
+        std::fs::write(
+            &script,
+            "#!/bin/sh\ncase \"$1\" in\n  get_size) echo 67108864 ;;\n  pread) if [ \"$4\" -ge 1048576 ]; \
+             then echo 'EIO no data past 1 MiB' >&2; exit 1; fi; head -c \"$3\" /dev/zero ;;\n  \
+             *) exit 2 ;;\nesac\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let liar = d.join("liar.sock");
+        let _k = Server(
+            Command::new("nbdkit")
+                .args(["-f", "-U"])
+                .arg(&liar)
+                .arg("sh")
+                .arg(&script)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        wait_socket(&liar);
+        assert_fails_nothing_stored(
+            &env,
+            &["--nbd".into(), format!("d0={}", unix_uri(&liar, ""))],
+            &["d0", "offset"],
+        );
+    }
     // A --bitmap for a disk no --nbd names.
     assert_fails_nothing_stored(
         &env,
