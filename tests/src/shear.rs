@@ -105,6 +105,24 @@ pub fn disk_tmp() -> PathBuf {
     }
 }
 
+/// Wait until shear's NBD exports exist (its data path has started),
+/// at most `timeout`; panics if `child` (the `shear backup`) exits first.
+pub fn wait_reading(vm: &mut TestVm, child: &mut Child, timeout: Duration) {
+    crate::wait_until(
+        timeout,
+        Duration::from_millis(20),
+        "shear's NBD export",
+        || {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!("shear exited before reading: {st}");
+            }
+            let e = vm.harness_qmp("query-block-exports", json!({})).unwrap();
+            (e.as_array().is_some_and(|a| !a.is_empty())).then_some(())
+        },
+    )
+    .unwrap();
+}
+
 /// Run; panic with its output unless it succeeds.
 pub fn run_ok(mut c: Command) -> Output {
     let out = c.output().unwrap();

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use shear_tests::shear::{
-    assert_graph_clean, assert_released_and_clean, report_of, run_ok, HeldHook, ShearEnv,
+    assert_graph_clean, assert_released_and_clean, report_of, run_ok, wait_reading, HeldHook,
+    ShearEnv,
 };
 use shear_tests::{require_guest, require_qemu, wait_until, DiskSpec, TestVm, VmConfig};
 
@@ -28,23 +29,6 @@ fn signal(child: &Child, sig: &str) {
         .status()
         .unwrap();
     assert!(st.success());
-}
-
-/// Wait until shear's exports exist (the data path has started).
-fn wait_reading(vm: &mut TestVm, child: &mut Child) {
-    wait_until(
-        Duration::from_secs(60),
-        Duration::from_millis(20),
-        "shear's NBD export",
-        || {
-            if let Ok(Some(st)) = child.try_wait() {
-                panic!("shear exited before reading: {st}");
-            }
-            let e = vm.harness_qmp("query-block-exports", json!({})).unwrap();
-            (e.as_array().is_some_and(|a| !a.is_empty())).then_some(())
-        },
-    )
-    .unwrap();
 }
 
 fn finish(child: Child) -> (bool, String, String) {
@@ -332,7 +316,7 @@ fn vm_f28_guest_poweroff_during_backup_fails_cleanly() {
     let env = ShearEnv::new();
     let mut vm = slow_backup_vm();
     let mut child = spawn(env.backup(&vm, &["--bwlimit", "2048"]));
-    wait_reading(&mut vm, &mut child);
+    wait_reading(&mut vm, &mut child, Duration::from_secs(60));
     // No reply comes back: the guest powers off under qemu-ga.
     let _ = vm.qga("guest-exec", json!({"path": "/sbin/shear-poweroff"}));
     let st = vm.wait_exit(Duration::from_secs(60)).unwrap();
@@ -366,7 +350,7 @@ fn vm_sigint_mid_read_rolls_back_no_backup() {
     let env = ShearEnv::new();
     let mut vm = slow_backup_vm();
     let mut child = spawn(env.backup(&vm, &["--bwlimit", "2048"]));
-    wait_reading(&mut vm, &mut child);
+    wait_reading(&mut vm, &mut child, Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(500));
     signal(&child, "-INT");
     let t = Instant::now();
@@ -395,7 +379,7 @@ fn vm_sighup_with_terminal_gone_mid_read_rolls_back_no_backup() {
     let env = ShearEnv::new();
     let mut vm = slow_backup_vm();
     let mut child = spawn(env.backup(&vm, &["--bwlimit", "2048"]));
-    wait_reading(&mut vm, &mut child);
+    wait_reading(&mut vm, &mut child, Duration::from_secs(60));
     // The session's terminal goes away: nobody reads stdout/stderr any more.
     drop(child.stdout.take());
     drop(child.stderr.take());
@@ -470,7 +454,7 @@ fn vm_sigkill_mid_read_watchdog_takes_back_graph_without_next_run() {
     let env = ShearEnv::new();
     let mut vm = slow_backup_vm();
     let mut child = spawn(env.backup(&vm, &["--bwlimit", "2048"]));
-    wait_reading(&mut vm, &mut child);
+    wait_reading(&mut vm, &mut child, Duration::from_secs(60));
     child.kill().unwrap();
     let _ = child.wait();
     wait_record_gone(&env, Duration::from_secs(10));
@@ -510,7 +494,7 @@ fn vm_f12_fleece_storage_full_backup_fails_guest_unaffected() {
         ],
     );
     let mut child = spawn(cmd);
-    wait_reading(&mut vm, &mut child);
+    wait_reading(&mut vm, &mut child, Duration::from_secs(60));
     // Guest writes over data not read yet: copy-before-write needs 16 MiB
     // of fleece space and has 2. The guest's write must still succeed.
     vm.qemu_io("d0", "write -P 0xcd 8M 16M").unwrap();
@@ -603,7 +587,7 @@ fn vm_f27_qemu_killed_mid_backup_clear_error_no_manifest() {
     let env = ShearEnv::new();
     let mut vm = slow_backup_vm();
     let mut child = spawn(env.backup(&vm, &["--bwlimit", "2048"]));
-    wait_reading(&mut vm, &mut child);
+    wait_reading(&mut vm, &mut child, Duration::from_secs(60));
     vm.kill();
     let t = Instant::now();
     let (ok, stdout, stderr) = finish(child);
@@ -1059,7 +1043,7 @@ fn qemu_cleanup_command_takes_back_killed_run_refused_during_live_backup() {
     let no_agent = env.dir.path().join("no-agent.sock");
     let mut child =
         spawn(env.backup_with(&vm, &no_agent, &env.fleece_dir(), &["--bwlimit", "2048"]));
-    wait_reading(&mut vm, &mut child);
+    wait_reading(&mut vm, &mut child, Duration::from_secs(60));
     let wd = watchdog_of(child.id());
     let st = Command::new("kill")
         .args(["-KILL", &wd.to_string()])

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use shear_tests::shear::{assert_graph_clean, report_of, run_ok, ShearEnv};
+use shear_tests::shear::{assert_graph_clean, report_of, run_ok, wait_reading, ShearEnv};
 use shear_tests::{require_qemu, wait_until, DiskSpec, TestVm, VmConfig};
 
 const MIB: u64 = 1 << 20;
@@ -32,23 +32,6 @@ fn finish(child: Child) -> (bool, String) {
             String::from_utf8_lossy(&out.stderr)
         ),
     )
-}
-
-/// Wait until shear's export exists (the read phase has started).
-fn wait_reading(vm: &mut TestVm, child: &mut Child) {
-    wait_until(
-        Duration::from_secs(60),
-        Duration::from_millis(20),
-        "shear's NBD export",
-        || {
-            if let Ok(Some(st)) = child.try_wait() {
-                panic!("shear exited before reading: {st}");
-            }
-            let e = vm.harness_qmp("query-block-exports", json!({})).unwrap();
-            (e.as_array().is_some_and(|a| !a.is_empty())).then_some(())
-        },
-    )
-    .unwrap();
 }
 
 /// What QEMU's block layer looks like: every named node (driver, file,
@@ -188,7 +171,7 @@ fn qemu_f11_eio_on_fleece_target_guest_write_succeeds_backup_fails_named() {
     let mut c = env.backup(&vm, &["--bwlimit", "1024"]);
     c.env("SHEAR_TEST_FLEECE_BLKDEBUG", "5");
     let mut child = spawn(c);
-    wait_reading(&mut vm, &mut child);
+    wait_reading(&mut vm, &mut child, Duration::from_secs(60));
     // The reader is near offset 0; 16 MiB has not been read yet.
     vm.qemu_io("d0", "write -P 0xcd 16M 1M")
         .expect("PC-G: the guest write must not fail on a fleecing error");
@@ -242,7 +225,7 @@ fn qemu_f13_slow_fleece_storage_guest_waits_at_most_cbw_timeout() {
         );
         c.env("SHEAR_TEST_FLEECE_THROTTLE_GROUP", &group);
         let mut child = spawn(c);
-        wait_reading(&mut vm, &mut child);
+        wait_reading(&mut vm, &mut child, Duration::from_secs(60));
         let limit = Duration::from_secs(timeout_s + 1);
         let mut waited = Vec::new();
         for (pattern, at) in [(0xcd, 14), (0xce, 16), (0xcf, 20)] {
@@ -304,7 +287,7 @@ fn qemu_f21_nbd_socket_and_fleece_unreachable_by_other_users() {
     std::fs::set_permissions(env.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let mut vm = slow_vm();
     let mut child = spawn(env.backup(&vm, &["--bwlimit", "1024"]));
-    wait_reading(&mut vm, &mut child);
+    wait_reading(&mut vm, &mut child, Duration::from_secs(60));
     let nbd_dir = std::fs::read_dir(env.run_dir())
         .unwrap()
         .filter_map(Result::ok)
@@ -388,7 +371,7 @@ fn qemu_f28_quit_during_backup_clean_exit_bitmap_consistent() {
     // Changed before the failed run: must be in the next incremental.
     vm.qemu_io("d0", "write -P 0xcd 4M 1M").unwrap();
     let mut child = spawn(env.backup(&vm, &["--bwlimit", "1024", "--full"]));
-    wait_reading(&mut vm, &mut child);
+    wait_reading(&mut vm, &mut child, Duration::from_secs(60));
     let _ = vm.harness_qmp("quit", json!({}));
     let st = vm.wait_exit(Duration::from_secs(20)).unwrap();
     let t = Instant::now();
@@ -471,7 +454,7 @@ fn qemu_f30_conflicting_operations_during_backup() {
         TestVm::start(VmConfig::paused().disk(DiskSpec::qcow2("d0", 32 * MIB).scsi())).unwrap();
     vm.qemu_io("d0", "write -P 0xab 0 24M").unwrap();
     let mut child = spawn(env.backup(&vm, &["--bwlimit", "4096"]));
-    wait_reading(&mut vm, &mut child);
+    wait_reading(&mut vm, &mut child, Duration::from_secs(60));
 
     let (ok, msg) = finish(spawn(env.backup(&vm, &[])));
     assert!(!ok, "a second backup must be refused: {msg}");
@@ -671,7 +654,7 @@ fn qemu_f15_cancel_with_a_foreign_client_connected_tears_down() {
     let env = ShearEnv::new();
     let mut vm = slow_vm();
     let mut child = spawn(env.backup(&vm, &["--bwlimit", "1024"]));
-    wait_reading(&mut vm, &mut child);
+    wait_reading(&mut vm, &mut child, Duration::from_secs(60));
     let nbd_dir = std::fs::read_dir(env.run_dir())
         .unwrap()
         .filter_map(Result::ok)

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use shear_tests::shear::{
-    report_of, run_ok, start_writer, stop_writer, take_truth_when_held, wait_truth_jobs, HeldHook,
-    ShearEnv as Env,
+    report_of, run_ok, start_writer, stop_writer, take_truth_when_held, wait_reading,
+    wait_truth_jobs, HeldHook, ShearEnv as Env,
 };
 use shear_tests::{require_guest, require_qemu, DiskSpec, TestVm, VmConfig};
 
@@ -314,16 +314,7 @@ fn vm_incremental_after_sigkill_in_read_phase_loses_nothing_f22() {
     cmd.stdout(Stdio::null()).stderr(Stdio::null());
     let mut child = cmd.spawn().unwrap();
     // The read phase: our export exists.
-    shear_tests::wait_until(
-        Duration::from_secs(120),
-        Duration::from_millis(20),
-        "export",
-        || {
-            let e = vm.harness_qmp("query-block-exports", json!({})).ok()?;
-            (!e.as_array()?.is_empty()).then_some(())
-        },
-    )
-    .unwrap();
+    wait_reading(&mut vm, &mut child, Duration::from_secs(120));
     std::thread::sleep(Duration::from_millis(300));
     child.kill().unwrap();
     child.wait().unwrap();
@@ -679,16 +670,7 @@ fn qemu_incremental_after_sigkill_in_read_phase_loses_nothing_f22() {
     let mut cmd = env.backup(&vm, &["--bwlimit", "512"]);
     cmd.stdout(Stdio::null()).stderr(Stdio::null());
     let mut child = cmd.spawn().unwrap();
-    shear_tests::wait_until(
-        Duration::from_secs(60),
-        Duration::from_millis(20),
-        "export",
-        || {
-            let e = vm.harness_qmp("query-block-exports", json!({})).ok()?;
-            (!e.as_array()?.is_empty()).then_some(())
-        },
-    )
-    .unwrap();
+    wait_reading(&mut vm, &mut child, Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(300));
     child.kill().unwrap();
     child.wait().unwrap();
@@ -716,17 +698,8 @@ fn qemu_migration_during_backup_fails_backup_unharmed_f26() {
     write_pattern(&mut src, "d0", 0x51, 0, 12);
     let mut cmd = env.backup(&src, &["--bwlimit", "2048"]);
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let child = cmd.spawn().unwrap();
-    shear_tests::wait_until(
-        Duration::from_secs(60),
-        Duration::from_millis(20),
-        "shear's export",
-        || {
-            let e = src.harness_qmp("query-block-exports", json!({})).ok()?;
-            e.as_array().is_some_and(|a| !a.is_empty()).then_some(())
-        },
-    )
-    .unwrap();
+    let mut child = cmd.spawn().unwrap();
+    wait_reading(&mut src, &mut child, Duration::from_secs(60));
     let sock = env.dir.path().join("mig-during.sock");
     let mut dst = migration_target(std::slice::from_ref(&spec), &sock);
     let started = src.harness_qmp(

@@ -342,7 +342,7 @@ fn human_bytes(b: u64) -> String {
     }
 }
 
-fn print_human(r: &BackupReport) {
+pub(super) fn print_human(r: &BackupReport) {
     out(format_args!("backup {} committed", r.backup_id));
     let held = r.freeze_window_ms.map_or_else(
         || "guest not held".to_string(),

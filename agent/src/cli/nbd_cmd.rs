@@ -6,12 +6,12 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 
-use super::backup_cmd::{err, out, BackupArgs};
+use super::backup_cmd::{err, out, print_human, BackupArgs};
 use super::progress::CliObserver;
 use crate::chain;
 use crate::config::Config;
 use crate::job::backup::{render_notes, Cancel};
-use crate::job::nbd_source::{parse_disk_arg, run_nbd_backup, NbdBackupOptions, NbdBackupReport};
+use crate::job::nbd_source::{parse_disk_arg, run_nbd_backup, NbdBackupOptions};
 
 /// Options of the QMP path that mean nothing with --nbd.
 fn refuse_qmp_options(args: &BackupArgs) -> anyhow::Result<()> {
@@ -99,29 +99,5 @@ pub(super) fn run(
             }
             Ok(ExitCode::FAILURE)
         }
-    }
-}
-
-fn print_human(r: &NbdBackupReport) {
-    out(format_args!(
-        "backup {} committed (from NBD exports)",
-        r.backup_id
-    ));
-    for d in &r.disks {
-        let how = match (&d.kind, &d.full_reason) {
-            (crate::repo::ReadKind::Incremental, _) => format!(
-                "incremental (dirty ranges only; the rest from {})",
-                d.base.as_deref().unwrap_or("the base")
-            ),
-            (crate::repo::ReadKind::Full, Some(why)) => format!("full read: {why}"),
-            (crate::repo::ReadKind::Full, None) => "full read".to_string(),
-        };
-        out(format_args!(
-            "  disk {}: {how}; {} bytes virtual, {} read, {} stored",
-            d.name, d.virtual_size, d.bytes_read, d.bytes_stored
-        ));
-    }
-    for w in &r.warnings {
-        out(format_args!("  warning: {w}"));
     }
 }

@@ -34,7 +34,7 @@ pub async fn capture(qmp: &qmp::Qmp, disks: &[VmDisk], pve_config: &Path) -> Val
             .unwrap_or(Value::Null)
     };
     let pid = qmp.peer_pid();
-    let cmdline = pid.and_then(cmdline_of);
+    let cmdline = pid.and_then(super::identity::cmdline_of);
     let libvirt_xml = match cmdline.as_deref().and_then(libvirt_domain) {
         Some(domain) => virsh_dumpxml(&domain).await,
         None => None,
@@ -57,22 +57,6 @@ pub async fn capture(qmp: &qmp::Qmp, disks: &[VmDisk], pve_config: &Path) -> Val
         })),
         "libvirt_xml": libvirt_xml,
     })
-}
-
-fn cmdline_of(pid: u32) -> Option<Vec<String>> {
-    use std::io::Read;
-    let mut raw = Vec::new();
-    std::fs::File::open(format!("/proc/{pid}/cmdline"))
-        .ok()?
-        .take(MAX_TEXT)
-        .read_to_end(&mut raw)
-        .ok()?;
-    let args: Vec<String> = raw
-        .split(|&b| b == 0)
-        .filter(|a| !a.is_empty())
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
-    (!args.is_empty()).then_some(args)
 }
 
 fn read_text(path: &Path) -> Option<String> {

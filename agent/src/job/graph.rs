@@ -676,7 +676,7 @@ pub async fn remove_bitmap(qmp: &qmp::Qmp, node: &str, name: &str) -> Result<(),
 }
 
 /// The bitmaps on `node`, or `None` if the node is gone.
-async fn bitmaps_on(
+pub(super) async fn bitmaps_on(
     qmp: &qmp::Qmp,
     node: &str,
 ) -> Result<Option<Vec<qmp::DirtyBitmapInfo>>, JobError> {

@@ -139,27 +139,15 @@ impl BackupRun {
                 self.graph()?.forget(&Step::Freeze)?;
                 Ok(thawed.freeze_window)
             }
-            Hold::Paused => {
-                self.monitor
-                    .get()?
-                    .cont()
-                    .await
-                    .map_err(JobError::qmp("cont"))?;
-                tell_watchdog(&mut self.watchdog, "resumed");
-                self.graph()?.forget(&Step::Pause)?;
-                Ok(None)
-            }
-            Hold::ShutDown => {
-                self.monitor
-                    .get()?
-                    .system_reset()
-                    .await
-                    .map_err(JobError::qmp("system_reset"))?;
-                self.monitor
-                    .get()?
-                    .cont()
-                    .await
-                    .map_err(JobError::qmp("cont"))?;
+            held @ (Hold::Paused | Hold::ShutDown) => {
+                let qmp = self.monitor.get()?;
+                // A guest we shut down (stop mode) boots again first.
+                if matches!(held, Hold::ShutDown) {
+                    qmp.system_reset()
+                        .await
+                        .map_err(JobError::qmp("system_reset"))?;
+                }
+                qmp.cont().await.map_err(JobError::qmp("cont"))?;
                 tell_watchdog(&mut self.watchdog, "resumed");
                 self.graph()?.forget(&Step::Pause)?;
                 Ok(None)

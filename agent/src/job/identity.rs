@@ -127,15 +127,25 @@ pub fn judge(vmid: &str, ids: &QemuIds, qmp_name: Option<&str>) -> Verdict {
 }
 
 /// The command line of process `pid` (NUL-separated), if readable.
-fn cmdline_of(pid: u32) -> Option<Vec<String>> {
-    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    Some(
-        raw.split(|b| *b == 0)
-            .filter(|a| !a.is_empty())
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect(),
-    )
+/// The command line of process `pid` (`/proc/PID/cmdline`, read bounded).
+pub(super) fn cmdline_of(pid: u32) -> Option<Vec<String>> {
+    use std::io::Read;
+    let mut raw = Vec::new();
+    std::fs::File::open(format!("/proc/{pid}/cmdline"))
+        .ok()?
+        .take(MAX_CMDLINE)
+        .read_to_end(&mut raw)
+        .ok()?;
+    let args: Vec<String> = raw
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    (!args.is_empty()).then_some(args)
 }
+
+/// Largest command line read (QEMU's are a few KiB; a hostile one is cut).
+const MAX_CMDLINE: u64 = 1 << 20;
 
 /// Check that the QEMU behind `qmp` is VM `vmid`, before anything changes
 /// in it. A mismatch is [`JobError::WrongVm`]; no evidence is a warning

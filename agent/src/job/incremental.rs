@@ -34,7 +34,7 @@ use std::sync::Arc;
 
 use qmp::{BitmapAddOptions, DirtyBitmapInfo, TransactionAction};
 
-use super::graph::VmDisk;
+use super::graph::{bitmaps_on, VmDisk};
 pub use super::graph::{remove_bitmap, undo_split};
 use super::JobError;
 use crate::repo::{self, BackupId, Digest, Repository, VmId};
@@ -174,7 +174,12 @@ pub async fn plan(
             .collect();
         if let Some(w) = heal_interrupted_split(qmp, &disk.node, &ours, &started).await? {
             plan.warnings.push(format!("disk {}: {w}", disk.name));
-            ours = current_bitmaps(qmp, &disk.node, &prefix).await?;
+            ours = bitmaps_on(qmp, &disk.node)
+                .await?
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|b| b.name.starts_with(&prefix))
+                .collect();
         }
         // Pick the one bitmap a committed backup started; every other one
         // of ours is a leftover (a failed or uncommitted run's).
@@ -262,24 +267,6 @@ async fn heal_interrupted_split(
         "merged the change tracking of an interrupted run ({}) back into {}",
         new.name, old.name
     )))
-}
-
-async fn current_bitmaps(
-    qmp: &qmp::Qmp,
-    node: &str,
-    prefix: &str,
-) -> Result<Vec<DirtyBitmapInfo>, JobError> {
-    Ok(qmp
-        .query_named_block_nodes()
-        .await
-        .map_err(JobError::qmp("query-named-block-nodes"))?
-        .into_iter()
-        .find(|n| n.node_name == node)
-        .map(|n| n.dirty_bitmaps)
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|b| b.name.starts_with(prefix))
-        .collect())
 }
 
 /// Whether a bitmap and the backup it started can serve as a base.

@@ -22,15 +22,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-
 use super::backup::ms;
 use super::cancel::Cancel;
 use super::datapath::{read_all, DataPathConfig, DiskJob};
 use super::events::{JobEvent, Observer, Phase};
 use super::graph::VmDisk;
 use super::lock::{lock_vm, private_dir};
-use super::report::DiskReport;
+use super::options::Mode;
+use super::report::BackupReport;
 use super::JobError;
 use crate::repo::{self, Consistency, Repository};
 
@@ -213,32 +212,6 @@ pub struct NbdBackupOptions {
     pub full: bool,
 }
 
-/// What `shear backup --nbd --json` prints: the shape of
-/// [`super::report::BackupReport`], with `mode` = `"nbd"`.
-#[derive(Debug, Clone, Serialize)]
-pub struct NbdBackupReport {
-    /// The committed backup id.
-    pub backup_id: String,
-    /// VM id.
-    pub vmid: String,
-    /// Always `nbd`.
-    pub mode: &'static str,
-    /// Always `crash`: shear cannot know what the exporter held still.
-    pub consistency: Consistency,
-    /// Never held by shear.
-    pub freeze_window_ms: Option<u64>,
-    /// Per disk.
-    pub disks: Vec<DiskReport>,
-    /// Connecting and probing every export, ms.
-    pub setup_ms: u64,
-    /// Data path, ms.
-    pub read_ms: u64,
-    /// Whole run, ms.
-    pub total_ms: u64,
-    /// Full reads where a bitmap was given, and why.
-    pub warnings: Vec<String>,
-}
-
 /// What a probe connection learned about one export.
 #[derive(Debug)]
 struct Probed {
@@ -334,7 +307,7 @@ pub async fn run_nbd_backup(
     opts: NbdBackupOptions,
     cancel: Cancel,
     observer: Observer,
-) -> Result<NbdBackupReport, JobError> {
+) -> Result<BackupReport, JobError> {
     let t0 = Instant::now();
     observer.event(&JobEvent::Phase {
         vmid: &opts.vmid,
@@ -482,7 +455,7 @@ pub async fn run_nbd_backup(
             repo::BackupMode::Full
         },
         consistency: Consistency::Crash,
-        vm_mode: "nbd".into(),
+        vm_mode: Mode::Nbd.as_str().into(),
         vm_config,
         notes: opts.notes.clone(),
         freeze_window_ms: None,
@@ -490,10 +463,10 @@ pub async fn run_nbd_backup(
     let id = session
         .commit(&info)
         .map_err(JobError::repo("committing the manifest"))?;
-    Ok(NbdBackupReport {
+    Ok(BackupReport {
         backup_id: id.to_string(),
         vmid: opts.vmid,
-        mode: "nbd",
+        mode: Mode::Nbd,
         consistency: Consistency::Crash,
         freeze_window_ms: None,
         disks,

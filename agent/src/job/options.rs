@@ -9,7 +9,8 @@ use serde::Serialize;
 /// Default `cbw-timeout`: below every guest's disk timeout (virtio-win: 60 s).
 pub const DEFAULT_CBW_TIMEOUT_S: u32 = 45;
 
-/// Backup mode, as vzdump names them.
+/// Backup mode, as vzdump names them, plus `nbd` (`--nbd`: shear reads
+/// exports someone else made and holds nothing itself).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
@@ -19,6 +20,8 @@ pub enum Mode {
     Suspend,
     /// Orderly shutdown, filters in, boot again at once; back up the clean state.
     Stop,
+    /// Read NBD exports given on the command line; no QMP, no freeze.
+    Nbd,
 }
 
 impl Mode {
@@ -28,6 +31,7 @@ impl Mode {
             Mode::Snapshot => "snapshot",
             Mode::Suspend => "suspend",
             Mode::Stop => "stop",
+            Mode::Nbd => "nbd",
         }
     }
 }
