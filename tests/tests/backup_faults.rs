@@ -189,19 +189,6 @@ fn vm_f04_agent_sigkill_while_frozen_watchdog_thaws_and_takes_back_graph() {
     assert_eq!(env.list().len(), 1);
 }
 
-/// The cgroup v2 hierarchy's mount point.
-fn cgroup2_root() -> std::path::PathBuf {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    info.lines()
-        .find_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            (post.split(' ').next() == Some("cgroup2"))
-                .then(|| pre.split(' ').nth(4).map(std::path::PathBuf::from))
-                .flatten()
-        })
-        .expect("no cgroup v2 hierarchy mounted (needed to act as a service manager)")
-}
-
 /// Issue 16 bug 6: what systemd does on a unit's stop timeout or OOM —
 /// SIGKILL to every process of the unit's cgroup, shear and its children —
 /// while the guest is frozen. The watchdog moved itself out of that cgroup
@@ -216,7 +203,9 @@ fn vm_f04_unit_cgroup_killed_while_frozen_watchdog_outside_thaws() {
     let mut vm =
         TestVm::start(VmConfig::guest().disk(DiskSpec::qcow2("d0", 32 * MIB).ext4())).unwrap();
     // The "unit": a cgroup of the test's own that shear is started in.
-    let unit = cgroup2_root().join(format!("shear-test-unit-{}", std::process::id()));
+    let unit = shear::job::watchdog::cgroup2_mount()
+        .expect("no cgroup v2 hierarchy mounted (needed to act as a service manager)")
+        .join(format!("shear-test-unit-{}", std::process::id()));
     std::fs::create_dir(&unit).unwrap();
     let hook = HeldHook::new(&env);
     let mut inner = env.backup(&vm, &[]);

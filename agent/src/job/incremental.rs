@@ -128,6 +128,8 @@ pub struct TrackingPlan {
 struct Started {
     backup: BackupId,
     entry: repo::DiskEntry,
+    /// The key fingerprint the backup was written with (its manifest's).
+    key_fingerprint: Option<String>,
 }
 
 /// Plan change tracking for `disks`. `force_full`: `--full`.
@@ -330,18 +332,7 @@ fn check(
             ))
         }
     }
-    let manifest_fp = repo
-        .load_manifest(&s.backup)
-        .map_err(|err| {
-            format!(
-                "the manifest of backup {} is unreadable: {}",
-                s.backup,
-                crate::chain(&err)
-            )
-        })?
-        .encryption
-        .map(|e| e.key_fingerprint);
-    if manifest_fp.as_deref() != fingerprint {
+    if s.key_fingerprint.as_deref() != fingerprint {
         return Err(format!("backup {} was written with another key", s.backup));
     }
     let reader = repo.open_backup(&s.backup).map_err(|err| {
@@ -378,11 +369,13 @@ fn started_bitmaps(repo: &Repository, vmid: &str) -> Result<HashMap<String, Star
         let Ok(m) = repo.load_manifest(&info.id) else {
             continue;
         };
+        let key_fingerprint = m.encryption.map(|e| e.key_fingerprint);
         for e in m.disks {
             if let Some(bitmap) = e.read.as_ref().and_then(|r| r.bitmap.clone()) {
                 out.entry(bitmap).or_insert(Started {
                     backup: info.id.clone(),
                     entry: e,
+                    key_fingerprint: key_fingerprint.clone(),
                 });
             }
         }

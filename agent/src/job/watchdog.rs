@@ -135,7 +135,7 @@ fn move_to_rescue_cgroup(pid: u32) -> Result<(), String> {
 
 /// Where the cgroup v2 (unified) hierarchy is mounted, from
 /// `/proc/self/mountinfo` (`… MOUNTPOINT … - cgroup2 …`).
-fn cgroup2_mount() -> Option<std::path::PathBuf> {
+pub fn cgroup2_mount() -> Option<std::path::PathBuf> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     info.lines().find_map(|l| {
         let (pre, post) = l.split_once(" - ")?;
