@@ -1,0 +1,471 @@
+//! Next-elapse computation with systemd's semantics.
+//!
+//! systemd walks a broken-down local time (`struct tm`) field by field and
+//! lets the C library's `mktime(3)` normalise it after every step; its DST
+//! behaviour (times in a spring-forward gap move forward by the gap, a time
+//! that occurs twice in the fall-back hour takes the UTC offset `mktime`
+//! used last) is therefore glibc's. This module reproduces that walk over a
+//! [`Clock`] that models glibc's `mktime`/`localtime_r` on a jiff
+//! [`TimeZone`], including the "offset used last" state, so the elapses
+//! agree with `systemd-analyze calendar` to the microsecond.
+
+use jiff::tz::TimeZone;
+use jiff::Timestamp;
+
+use crate::{CalendarEvent, Component};
+
+pub(crate) const USEC_PER_SEC: i64 = 1_000_000;
+/// The last year systemd computes elapses for.
+pub(crate) const MAX_YEAR: i64 = 2199;
+/// systemd gives up on a computation after this many rounds.
+const MAX_ITERATIONS: u32 = 1000;
+
+/// A broken-down time, fields possibly out of range (as `struct tm`, but
+/// with the full year and a 0-based month).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Tm {
+    pub year: i64,
+    pub mon: i64,
+    pub mday: i64,
+    pub hour: i64,
+    pub min: i64,
+    pub sec: i64,
+    /// -1 unknown, 0 standard time, 1 daylight saving time.
+    pub isdst: i32,
+    /// 0 = Sunday (set by normalisation only).
+    pub wday: i64,
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (month 1..=12).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The date (year, month 1..=12, day) of a day count since 1970-01-01.
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+impl Tm {
+    /// Seconds of this wall time counted as if it were UTC, with every
+    /// field allowed out of range (what `mktime` does before it looks at
+    /// the zone).
+    fn wall_seconds(&self) -> i64 {
+        let year = self.year + self.mon.div_euclid(12);
+        let mon = self.mon.rem_euclid(12);
+        let days = days_from_civil(year, mon + 1, 1) + self.mday - 1;
+        days * 86_400 + self.hour * 3600 + self.min * 60 + self.sec
+    }
+
+    fn from_wall_seconds(w: i64, isdst: i32) -> Tm {
+        let days = w.div_euclid(86_400);
+        let secs = w.rem_euclid(86_400);
+        let (year, m, d) = civil_from_days(days);
+        Tm {
+            year,
+            mon: m - 1,
+            mday: d,
+            hour: secs / 3600,
+            min: secs / 60 % 60,
+            sec: secs % 60,
+            isdst,
+            wday: (days + 4).rem_euclid(7),
+        }
+    }
+}
+
+/// glibc's `mktime`/`localtime_r` (or `timegm`/`gmtime_r` in UTC) on one
+/// time zone, with the offset `mktime` found last (glibc keeps it in a
+/// static variable and starts its next search from it).
+#[derive(Debug)]
+pub(crate) struct Clock<'a> {
+    tz: &'a TimeZone,
+    utc: bool,
+    guess: i64,
+}
+
+impl<'a> Clock<'a> {
+    pub(crate) fn new(tz: &'a TimeZone, utc: bool) -> Clock<'a> {
+        Clock { tz, utc, guess: 0 }
+    }
+
+    /// (UTC offset in seconds, is DST) at instant `t`.
+    fn offset_at(&self, t: i64) -> (i64, bool) {
+        if self.utc {
+            return (0, false);
+        }
+        match Timestamp::from_second(t) {
+            Ok(ts) => {
+                let o = self.tz.to_offset_info(ts);
+                (i64::from(o.offset().seconds()), o.dst().is_dst())
+            }
+            Err(_) => (0, false),
+        }
+    }
+
+    pub(crate) fn localtime(&self, t: i64) -> Tm {
+        let (off, dst) = self.offset_at(t);
+        Tm::from_wall_seconds(t + off, i32::from(dst))
+    }
+
+    /// Normalises `tm` in place and returns its instant, like `mktime`
+    /// (`timegm` for UTC events). `None` where `mktime` would return -1.
+    pub(crate) fn mktime(&mut self, tm: &mut Tm) -> Option<i64> {
+        let w = tm.wall_seconds();
+        if self.utc {
+            *tm = Tm::from_wall_seconds(w, 0);
+            return (w >= 0).then_some(w);
+        }
+        let isdst = tm.isdst;
+        let t0 = w - self.guess;
+        // Probe: t -> w - offset(t) until it settles; glibc gives up
+        // after six probes, and in a spring-forward gap (where the probes
+        // alternate between two instants) takes the later one, which
+        // moves the wall time forward by the size of the gap.
+        let mut t = t0;
+        let mut prev = None;
+        let mut found = None;
+        for _ in 0..6 {
+            let (off, _) = self.offset_at(t);
+            let gt = w - off;
+            if gt == t {
+                found = Some(t);
+                break;
+            }
+            if prev == Some(gt) {
+                found = Some(t.max(gt));
+                break;
+            }
+            prev = Some(t);
+            t = gt;
+        }
+        let mut t = found?;
+        let (_, dst) = self.offset_at(t);
+        if isdst >= 0 && (isdst != 0) != dst {
+            // The wrong one of two candidates: glibc looks for a nearby
+            // instant with the requested DST flag and uses its offset.
+            t = self.other_dst(t, w, isdst != 0).unwrap_or_else(|| {
+                let diff = i64::from(isdst == 0) - i64::from(dst);
+                t + 3600 * diff
+            });
+        }
+        self.guess = t.wrapping_sub(w).wrapping_neg();
+        *tm = self.localtime(t);
+        (t >= 0).then_some(t)
+    }
+
+    fn other_dst(&self, t: i64, w: i64, want_dst: bool) -> Option<i64> {
+        const STRIDE: i64 = 601_200;
+        const BOUND: i64 = 457_243_200 / 2 + STRIDE;
+        let mut delta = STRIDE;
+        while delta < BOUND {
+            for dir in [-1, 1] {
+                let ot = t + delta * dir;
+                let (off, dst) = self.offset_at(ot);
+                if dst == want_dst {
+                    return Some(w - off);
+                }
+            }
+            delta += STRIDE;
+        }
+        None
+    }
+}
+
+/// `mktime` on a copy; the copy's normalised fields and the instant.
+fn normalized(clock: &mut Clock<'_>, tm: &Tm) -> Option<(Tm, i64)> {
+    let mut t = *tm;
+    let s = clock.mktime(&mut t)?;
+    Some((t, s))
+}
+
+/// The day of the month that is `day` days before the end of `tm`'s month
+/// (1 = the last day), or -1.
+fn end_of_month(clock: &mut Clock<'_>, tm: &Tm, day: i64) -> i64 {
+    let mut t = *tm;
+    t.mon += 1;
+    t.mday = 1 - day;
+    match clock.mktime(&mut t) {
+        Some(_) if t.mon == tm.mon => t.mday,
+        _ => -1,
+    }
+}
+
+/// The earliest value of `chain` at or after `*val`: `None` if there is
+/// none, else whether `*val` changed.
+fn find_matching(
+    clock: &mut Clock<'_>,
+    chain: &[Component],
+    end_of_month_days: bool,
+    tm: &Tm,
+    val: &mut i64,
+) -> Option<bool> {
+    if chain.is_empty() {
+        return Some(false);
+    }
+    let mut best: Option<i64> = None;
+    for c in chain {
+        let (mut start, mut stop) = (c.start, c.stop);
+        if end_of_month_days {
+            start = end_of_month(clock, tm, c.start);
+            stop = end_of_month(clock, tm, c.stop);
+            if stop > 0 {
+                std::mem::swap(&mut start, &mut stop);
+            }
+        }
+        if start >= *val {
+            if best.is_none_or(|d| start < d) {
+                best = Some(start);
+            }
+        } else if c.repeat > 0 {
+            let n = (*val - start + c.repeat - 1) / c.repeat;
+            let k = start + c.repeat * n;
+            if best.is_none_or(|d| k < d) && (stop < 0 || k <= stop) {
+                best = Some(k);
+            }
+        }
+    }
+    let d = best?;
+    let changed = *val != d;
+    *val = d;
+    Some(changed)
+}
+
+/// After a field was set: `Err(())` if normalising would go backwards or
+/// the year is out of range, `Ok(true)` if `tm` is already normal,
+/// `Ok(false)` if it was not (then `tm` is the normalised time with the
+/// field below the first changed one reset).
+fn within_bounds(clock: &mut Clock<'_>, tm: &mut Tm) -> Result<bool, ()> {
+    if tm.year > MAX_YEAR {
+        return Err(());
+    }
+    let Some((mut t, _)) = normalized(clock, tm) else {
+        return Err(());
+    };
+    let cmp = if t.year != tm.year {
+        t.mon = 0;
+        t.year.cmp(&tm.year)
+    } else if t.mon != tm.mon {
+        t.mday = 1;
+        t.mon.cmp(&tm.mon)
+    } else if t.mday != tm.mday {
+        t.hour = 0;
+        t.mday.cmp(&tm.mday)
+    } else if t.hour != tm.hour {
+        t.min = 0;
+        t.hour.cmp(&tm.hour)
+    } else if t.min != tm.min {
+        t.sec = 0;
+        t.min.cmp(&tm.min)
+    } else {
+        t.sec.cmp(&tm.sec)
+    };
+    match cmp {
+        std::cmp::Ordering::Less => Err(()),
+        std::cmp::Ordering::Greater => {
+            *tm = t;
+            Ok(false)
+        }
+        std::cmp::Ordering::Equal => Ok(true),
+    }
+}
+
+fn matches_weekday(clock: &mut Clock<'_>, bits: Option<u8>, tm: &Tm) -> bool {
+    let Some(bits) = bits else { return true };
+    let Some((t, _)) = normalized(clock, tm) else {
+        return false;
+    };
+    let k = if t.wday == 0 { 6 } else { t.wday - 1 };
+    bits & (1 << k) != 0
+}
+
+/// systemd's `find_next`: the first matching time at or after `tm` +
+/// `usec` (microseconds within the second).
+fn find_next(ev: &CalendarEvent, clock: &mut Clock<'_>, tm: Tm, usec: i64) -> Option<(Tm, i64)> {
+    let mut c = tm;
+    let mut us = usec;
+    for _ in 0..MAX_ITERATIONS {
+        let _ = clock.mktime(&mut c);
+        c.isdst = ev.dst;
+
+        let snap = c;
+        let r = find_matching(clock, &ev.year, false, &snap, &mut c.year)?;
+        if r {
+            c.mon = 0;
+            c.mday = 1;
+            (c.hour, c.min, c.sec, us) = (0, 0, 0, 0);
+        }
+        if within_bounds(clock, &mut c) != Ok(true) {
+            return None;
+        }
+
+        let mut m = c.mon + 1;
+        let snap = c;
+        let r = find_matching(clock, &ev.month, false, &snap, &mut m);
+        c.mon = m - 1;
+        if r == Some(true) {
+            c.mday = 1;
+            (c.hour, c.min, c.sec, us) = (0, 0, 0, 0);
+        }
+        match r.map(|_| within_bounds(clock, &mut c)) {
+            None | Some(Err(())) => {
+                c.year += 1;
+                c.mon = 0;
+                c.mday = 1;
+                (c.hour, c.min, c.sec, us) = (0, 0, 0, 0);
+                continue;
+            }
+            Some(Ok(false)) => continue,
+            Some(Ok(true)) => {}
+        }
+
+        let mut d = c.mday;
+        let snap = c;
+        let r = find_matching(clock, &ev.day, ev.end_of_month, &snap, &mut d);
+        c.mday = d;
+        if r == Some(true) {
+            (c.hour, c.min, c.sec, us) = (0, 0, 0, 0);
+        }
+        match r.map(|_| within_bounds(clock, &mut c)) {
+            None | Some(Err(())) => {
+                c.mon += 1;
+                c.mday = 1;
+                (c.hour, c.min, c.sec, us) = (0, 0, 0, 0);
+                continue;
+            }
+            Some(Ok(false)) => continue,
+            Some(Ok(true)) => {}
+        }
+
+        if !matches_weekday(clock, ev.weekdays, &c) {
+            c.mday += 1;
+            (c.hour, c.min, c.sec, us) = (0, 0, 0, 0);
+            continue;
+        }
+
+        let mut h = c.hour;
+        let snap = c;
+        let r = find_matching(clock, &ev.hour, false, &snap, &mut h);
+        c.hour = h;
+        if r == Some(true) {
+            (c.min, c.sec, us) = (0, 0, 0);
+        }
+        match r.map(|_| within_bounds(clock, &mut c)) {
+            None | Some(Err(())) => {
+                c.mday += 1;
+                (c.hour, c.min, c.sec, us) = (0, 0, 0, 0);
+                continue;
+            }
+            Some(Ok(false)) => continue,
+            Some(Ok(true)) => {}
+        }
+
+        let mut mi = c.min;
+        let snap = c;
+        let r = find_matching(clock, &ev.minute, false, &snap, &mut mi);
+        c.min = mi;
+        if r == Some(true) {
+            (c.sec, us) = (0, 0);
+        }
+        match r.map(|_| within_bounds(clock, &mut c)) {
+            None | Some(Err(())) => {
+                c.hour += 1;
+                (c.min, c.sec, us) = (0, 0, 0);
+                continue;
+            }
+            Some(Ok(false)) => continue,
+            Some(Ok(true)) => {}
+        }
+
+        let mut s = c.sec * USEC_PER_SEC + us;
+        let snap = c;
+        let r = find_matching(clock, &ev.usec, false, &snap, &mut s);
+        us = s % USEC_PER_SEC;
+        c.sec = s / USEC_PER_SEC;
+        match r.map(|_| within_bounds(clock, &mut c)) {
+            None | Some(Err(())) => {
+                c.min += 1;
+                (c.sec, us) = (0, 0);
+                continue;
+            }
+            Some(Ok(false)) => continue,
+            Some(Ok(true)) => {}
+        }
+        return Some((c, us));
+    }
+    None
+}
+
+/// The first elapse strictly after `after_us` (microseconds since the
+/// epoch), as microseconds since the epoch.
+pub(crate) fn next_usec(ev: &CalendarEvent, tz: &TimeZone, after_us: i64) -> Option<i64> {
+    let usec = after_us.checked_add(1)?;
+    let t = usec.div_euclid(USEC_PER_SEC);
+    let mut clock = Clock::new(tz, ev.utc);
+    let tm = clock.localtime(t);
+    let (mut tm, us) = find_next(ev, &mut clock, tm, usec.rem_euclid(USEC_PER_SEC))?;
+    let t = clock.mktime(&mut tm)?;
+    t.checked_mul(USEC_PER_SEC)?.checked_add(us)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_round_trip() {
+        for days in [-800_000, -1, 0, 1, 59, 365, 11_016, 19_782, 84_000] {
+            let (y, m, d) = civil_from_days(days);
+            assert_eq!(days_from_civil(y, m, d), days, "{y}-{m}-{d}");
+        }
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(days_from_civil(2000, 3, 1), 11_017);
+    }
+
+    #[test]
+    fn mktime_spring_gap_moves_forward_and_fall_back_follows_last_offset() {
+        let tz = TimeZone::get("Europe/Berlin").expect("tzdb has Europe/Berlin");
+        let mut clock = Clock::new(&tz, false);
+        let tm = |h, isdst| Tm {
+            year: 2024,
+            mon: 2,
+            mday: 31,
+            hour: h,
+            min: 30,
+            sec: 0,
+            isdst,
+            wday: 0,
+        };
+        // 02:30 does not exist on 2024-03-31: glibc gives 03:30 CEST.
+        let mut t = tm(2, -1);
+        assert_eq!(clock.mktime(&mut t), Some(1_711_848_600));
+        assert_eq!((t.hour, t.isdst), (3, 1));
+        // 02:30 on 2024-10-27 happens twice: the offset used last decides.
+        let fall = |h| Tm {
+            mon: 9,
+            mday: 27,
+            ..tm(h, -1)
+        };
+        let (mut a, mut b, mut c) = (fall(1), fall(2), fall(4));
+        clock.mktime(&mut a);
+        assert_eq!(clock.mktime(&mut b), Some(1_729_989_000));
+        clock.mktime(&mut c);
+        let mut b = fall(2);
+        assert_eq!(clock.mktime(&mut b), Some(1_729_992_600));
+    }
+}
