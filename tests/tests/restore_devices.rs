@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use shear_tests::shear::{report_of, run_ok, ShearEnv};
+use shear_tests::shear::{assert_graph_clean, report_of, run_ok, ShearEnv};
 use shear_tests::wire::HarnessQmp;
 use shear_tests::{require_qemu, DiskSpec, TestVm, VmConfig};
 
@@ -95,6 +95,12 @@ fn qemu_restore_keeps_read_only_and_device_types_boots_and_master_key_recovers()
         *b = u8::try_from(i % 251).unwrap();
     }
     std::fs::write(&ro_image, &ro_bytes).unwrap();
+    // A CD-ROM with an "ISO", backed up on request (--include-cdrom).
+    let iso = img_dir.join("install.iso");
+    let iso_bytes: Vec<u8> = (0..2 * MIB)
+        .map(|i| u8::try_from(i % 239).unwrap())
+        .collect();
+    std::fs::write(&iso, &iso_bytes).unwrap();
     let mut vm = TestVm::start(
         VmConfig::paused()
             .disk(
@@ -105,7 +111,8 @@ fn qemu_restore_keeps_read_only_and_device_types_boots_and_master_key_recovers()
             )
             .disk(DiskSpec::qcow2("scsi0", 16 * MIB).legacy().scsi())
             .disk(DiskSpec::raw("virtio1", 8 * MIB))
-            .disk(DiskSpec::raw("sata0", 4 * MIB).legacy().ide()),
+            .disk(DiskSpec::raw("sata0", 4 * MIB).legacy().ide())
+            .disk(DiskSpec::cdrom("ide2", &iso)),
     )
     .unwrap();
     vm.qemu_io("scsi0", "write -P 0x5c 1M 3M").unwrap();
@@ -113,17 +120,29 @@ fn qemu_restore_keeps_read_only_and_device_types_boots_and_master_key_recovers()
     vm.qemu_io("sata0", "write -P 0x17 1M 1M").unwrap();
     let no_agent = env.dir.path().join("no-agent.sock");
     let out = run_ok(with_pw(
-        env.backup_with(&vm, &no_agent, &env.fleece_dir(), &["--keyfile", &key]),
+        env.backup_with(
+            &vm,
+            &no_agent,
+            &env.fleece_dir(),
+            &["--keyfile", &key, "--include-cdrom"],
+        ),
         KPW,
     ));
     let id = report_of(&out)["backup_id"].as_str().unwrap().to_string();
+    // Every device, the CD-ROM drive included, is back on its own node.
+    assert_graph_clean(
+        &mut vm,
+        &env,
+        &["virtio0", "scsi0", "virtio1", "sata0", "ide2"],
+    );
 
     // The truth, read while the VM is paused.
     let tmp = env.dir.path().join("truth.raw");
-    let truth: Vec<(&str, Vec<u8>)> = ["virtio0", "scsi0", "virtio1", "sata0"]
+    let mut truth: Vec<(&str, Vec<u8>)> = ["virtio0", "scsi0", "virtio1", "sata0"]
         .iter()
         .map(|d| (*d, guest_bytes(&vm.disk_path(d), &tmp)))
         .collect();
+    truth.push(("ide2", iso_bytes));
     assert_eq!(truth[0].1, ro_bytes);
     drop(vm);
 
@@ -171,7 +190,9 @@ fn qemu_restore_keeps_read_only_and_device_types_boots_and_master_key_recovers()
             && boot.contains("scsi-hd,id=scsi0,drive=drive-scsi0")
             && boot.contains("virtio-blk-pci,id=virtio1,drive=drive-virtio1")
             && boot.contains("virtio-blk-pci,id=virtio0,drive=drive-virtio0")
-            && boot.contains("ide-hd,id=sata0,drive=drive-sata0,bus=ide.0"),
+            && boot.contains("ide-hd,id=sata0,drive=drive-sata0,bus=ide.0")
+            && boot.contains("node-name=drive-ide2,read-only=on")
+            && boot.contains("ide-cd,id=ide2,drive=drive-ide2,bus=ide.1"),
         "{boot}"
     );
     // The captured definition beside the disks keeps both too.
@@ -236,13 +257,14 @@ fn qemu_restore_keeps_read_only_and_device_types_boots_and_master_key_recovers()
             .as_bool()
             .unwrap()
     };
-    assert!(ro_of("virtio0"), "{blocks}");
+    assert!(ro_of("virtio0") && ro_of("ide2"), "{blocks}");
     assert!(
         !ro_of("scsi0") && !ro_of("virtio1") && !ro_of("sata0"),
         "{blocks}"
     );
     for (id, want) in [
         ("sata0", "ide-hd"),
+        ("ide2", "ide-cd"),
         ("virtio0", "virtio-blk-pci"),
         ("virtio1", "virtio-blk-pci"),
         ("scsi0", "scsi-hd"),

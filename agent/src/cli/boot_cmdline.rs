@@ -59,6 +59,9 @@ pub fn attachment(vm_config: &Value, name: &str) -> Attachment {
         // SCSI passthrough of a host device cannot be: the image is a disk.
         Some("scsi-hd" | "scsi-block" | "scsi-generic" | "scsi-disk") => "scsi-hd",
         Some("ide-hd" | "ide-drive") => "ide-hd",
+        // A CD-ROM backed up with --include-cdrom goes back in a drive.
+        Some("ide-cd") => "ide-cd",
+        Some("scsi-cd") => "scsi-cd",
         Some("nvme" | "nvme-ns") => "nvme",
         Some("usb-storage") => "usb-storage",
         Some(_) | None if qdev.ends_with("/virtio-backend") || qdev.is_empty() => "virtio-blk-pci",
@@ -66,7 +69,8 @@ pub fn attachment(vm_config: &Value, name: &str) -> Attachment {
     };
     Attachment {
         device: device.to_string(),
-        read_only,
+        // A CD-ROM medium is read-only whatever QEMU said of its node.
+        read_only: read_only || device.ends_with("-cd"),
     }
 }
 
@@ -143,17 +147,17 @@ pub fn qemu_argv(vm_config: &Value, disks: &[RestoredDisk<'_>]) -> Vec<String> {
         ));
         let name = d.name;
         let device = match at.device.as_str() {
-            "scsi-hd" => {
+            t @ ("scsi-hd" | "scsi-cd") => {
                 if !scsi {
                     argv.push("-device".into());
                     argv.push("virtio-scsi-pci,id=restored-scsi".into());
                     scsi = true;
                 }
-                format!("scsi-hd,id={name},drive={node},bus=restored-scsi.0")
+                format!("{t},id={name},drive={node},bus=restored-scsi.0")
             }
-            "ide-hd" => {
+            t @ ("ide-hd" | "ide-cd") => {
                 // q35's AHCI controller: ports ide.0 … ide.5.
-                let dev = format!("ide-hd,id={name},drive={node},bus=ide.{ide_port}");
+                let dev = format!("{t},id={name},drive={node},bus=ide.{ide_port}");
                 ide_port += 1;
                 dev
             }
