@@ -387,6 +387,29 @@ fn cli_master_key_recovers_a_repository_whose_key_and_passphrase_are_lost() {
     assert!(text(&o).contains("wrong key"), "{}", text(&o));
     assert!(!Path::new(&newkey).exists());
 
+    // A seal file swapped for one of another key (anyone with the master
+    // public key can make one): it opens, but is refused as not this
+    // repository's key.
+    let good_seal = std::fs::read(&seal).unwrap();
+    let other_seal = shear::repo::MasterPublicKey::load_file(Path::new(&mpub))
+        .unwrap()
+        .seal(&Key::generate())
+        .unwrap();
+    std::fs::write(&seal, serde_json::to_vec(&other_seal).unwrap()).unwrap();
+    let o = no_tty(
+        &repo_dir,
+        &args,
+        &[mpw[0], ("SHEAR_KEY_PASSPHRASE", "new passphrase 22")],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("is not the key of repository"),
+        "{}",
+        text(&o)
+    );
+    assert!(!Path::new(&newkey).exists());
+    std::fs::write(&seal, good_seal).unwrap();
+
     // Recovery on a terminal: master passphrase once, the new one twice.
     if has_python() {
         let t = on_tty(

@@ -462,6 +462,20 @@ fn recover(
     let key = master
         .unseal(&seal)
         .with_context(|| format!("cannot open the sealed key from {from}"))?;
+    // A seal that opens but holds another key than the repository's (a
+    // swapped seal file) is refused before anything is written.
+    if let Ok(repo) = Repository::open(&cli.repo, None) {
+        if let Some(e) = &repo.config().encryption {
+            if e.key_fingerprint != key.fingerprint().to_string() {
+                bail!(
+                    "the key sealed in {from} ({}) is not the key of repository {} ({}): nothing was written",
+                    key.fingerprint(),
+                    repo.location(),
+                    e.key_fingerprint
+                );
+            }
+        }
+    }
     let pw = passphrase::new(
         passphrase::key_source(cli.passphrase_file.as_deref()),
         &format!("key file {}", new.display()),
