@@ -455,4 +455,43 @@ fn cli_master_key_recovers_a_repository_whose_key_and_passphrase_are_lost() {
     // It carries the seal again: a second loss is recoverable from it too.
     let sealed = Key::file_master_seal(Path::new(&newkey)).unwrap().unwrap();
     assert_eq!(sealed.key_fingerprint, fp);
+
+    // A repository made without a master key gets one later (`key seal`),
+    // once; then recovery works from it.
+    let repo2 = dir.path().join("repo2");
+    let key2 = p("key2.json");
+    let mut a: Vec<&str> = vec!["key", "create", &key2];
+    a.extend(FAST_KDF);
+    assert!(no_tty(&repo2, &a, &kpw).status.success());
+    assert!(no_tty(&repo2, &["--keyfile", &key2, "init"], &kpw)
+        .status
+        .success());
+    assert!(!repo2.join("master-key-seal.json").exists());
+    let seal_cmd = [
+        "--keyfile",
+        key2.as_str(),
+        "key",
+        "seal",
+        "--master-pubkey",
+        mpub.as_str(),
+    ];
+    let o = no_tty(&repo2, &seal_cmd, &kpw);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = no_tty(&repo2, &seal_cmd, &kpw);
+    assert_eq!(o.status.code(), Some(1), "sealed twice: {}", text(&o));
+    let fp2 = Key::file_fingerprint(Path::new(&key2)).unwrap().to_string();
+    std::fs::remove_file(&key2).unwrap();
+    let new2 = p("recovered2.json");
+    let mut a: Vec<&str> = vec!["key", "recover", &new2, "--master-key", &mkey];
+    a.extend(FAST_KDF);
+    let o = no_tty(
+        &repo2,
+        &a,
+        &[mpw[0], ("SHEAR_KEY_PASSPHRASE", "new passphrase 33")],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        Key::file_fingerprint(Path::new(&new2)).unwrap().to_string(),
+        fp2
+    );
 }

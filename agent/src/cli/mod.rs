@@ -251,6 +251,14 @@ pub enum KeyCommand {
         #[arg(long, default_value_t = 3)]
         kdf_passes: u32,
     },
+    /// Seal an existing encrypted repository's key to a master public key
+    /// (a repository made before it had one): writes the repository's
+    /// master-key-seal.json (needs --keyfile and its passphrase).
+    Seal {
+        /// The master public key file.
+        #[arg(long)]
+        master_pubkey: PathBuf,
+    },
     /// Recover a repository key with the master private key when its
     /// passphrase (or its key file) is lost: writes a new key file NEW
     /// with a new passphrase (--passphrase-file, SHEAR_KEY_PASSPHRASE, else

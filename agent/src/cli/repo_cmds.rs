@@ -195,6 +195,23 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     pk.fingerprint()
                 );
             }
+            KeyCommand::Seal { master_pubkey } => {
+                let master = MasterPublicKey::load_file(master_pubkey)?;
+                let Some(key) = load_key(&cli)? else {
+                    bail!("name the repository's key file: --keyfile PATH (or SHEAR_KEYFILE)");
+                };
+                let seal = master.seal(&key)?;
+                // Only the repository's own key (open checks the fingerprint).
+                let repo = Repository::open(&cli.repo, Some(key))?;
+                let path = cli.repo.join(crate::repo::master::REPO_SEAL_NAME);
+                seal.write_new(&path)?;
+                out!(
+                    "sealed the key of {} to master key {} in {}",
+                    repo.location(),
+                    seal.master_fingerprint,
+                    path.display()
+                );
+            }
             KeyCommand::Recover {
                 new,
                 master_key,
