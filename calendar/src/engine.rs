@@ -126,18 +126,23 @@ impl<'a> Clock<'a> {
     /// Normalises `tm` in place and returns its instant, like `mktime`
     /// (`timegm` for UTC events). `None` where `mktime` would return -1.
     pub(crate) fn mktime(&mut self, tm: &mut Tm) -> Option<i64> {
-        let w = tm.wall_seconds();
         if self.utc {
+            let w = tm.wall_seconds();
             *tm = Tm::from_wall_seconds(w, 0);
             return (w >= 0).then_some(w);
         }
+        // glibc searches with the seconds clamped to 0..=59 (leap second
+        // support) and adds the difference back afterwards; near a DST
+        // change that decides which offset a time like 02:59:61 gets.
+        let sec_clamped = tm.sec.clamp(0, 59);
+        let w = tm.wall_seconds() - tm.sec + sec_clamped;
         let isdst = tm.isdst;
-        let t0 = w - self.guess;
-        // Probe: t -> w - offset(t) until it settles; glibc gives up
-        // after six probes, and in a spring-forward gap (where the probes
-        // alternate between two instants) takes the later one, which
-        // moves the wall time forward by the size of the gap.
-        let mut t = t0;
+        // Probe: t -> w - offset(t) until it settles, starting from the
+        // offset found last; glibc gives up after six probes, and in a
+        // spring-forward gap (where the probes alternate between two
+        // instants) takes the later one, which moves the wall time forward
+        // by the size of the gap.
+        let mut t = w - self.guess;
         let mut prev = None;
         let mut found = None;
         for _ in 0..6 {
@@ -164,7 +169,8 @@ impl<'a> Clock<'a> {
                 t + 3600 * diff
             });
         }
-        self.guess = t.wrapping_sub(w).wrapping_neg();
+        self.guess = w - t;
+        t += tm.sec - sec_clamped;
         *tm = self.localtime(t);
         (t >= 0).then_some(t)
     }

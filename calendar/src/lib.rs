@@ -25,9 +25,10 @@
 //! force when the computation reached it (so `*:0/15` fires through the
 //! first 02:xx hour and skips the repeated one).
 //!
-//! Not supported: the local zone's abbreviation as a suffix
-//! (`… CET`, which systemd takes as "local time, DST forced off"); it is
-//! rejected with a [`ParseError`].
+//! A suffix naming the local zone's abbreviation (`… CET`, `… CEST`)
+//! forces standard or daylight saving time as systemd does (through
+//! glibc's `mktime` with `tm_isdst` set): that makes times in the other
+//! half of the year drift or never elapse, exactly as in systemd.
 
 use std::fmt;
 use std::path::Path;
@@ -61,8 +62,11 @@ pub struct CalendarEvent {
     pub(crate) weekdays: Option<u8>,
     pub(crate) end_of_month: bool,
     pub(crate) utc: bool,
-    /// -1, or the DST flag forced by a zone abbreviation suffix.
+    /// -1, or the DST flag forced by a local zone abbreviation suffix
+    /// (`… CET` = standard time, `… CEST` = daylight saving time).
     pub(crate) dst: i32,
+    /// That abbreviation, for the normalized form.
+    pub(crate) dst_name: Option<String>,
     /// An explicit time zone (`… Europe/Berlin`).
     pub(crate) timezone: Option<NamedZone>,
     // An empty chain is `*`.
@@ -497,15 +501,60 @@ fn const_chain(values: &[i64]) -> Vec<Component> {
         .collect()
 }
 
+/// The local zone's abbreviations for standard and daylight saving time,
+/// as glibc's `tzname[0]` and `tzname[1]` (the most recent ones).
+fn local_abbreviations(local: &TimeZone) -> [String; 2] {
+    let now = Timestamp::now();
+    let mut names: [Option<String>; 2] = [None, None];
+    let note = |names: &mut [Option<String>; 2], abbrev: &str, dst: bool| {
+        let slot = &mut names[usize::from(dst)];
+        if slot.is_none() {
+            *slot = Some(abbrev.to_string());
+        }
+    };
+    let info = local.to_offset_info(now);
+    note(&mut names, info.abbreviation(), info.dst().is_dst());
+    for tr in local.following(now).take(4) {
+        note(&mut names, tr.abbreviation(), tr.dst().is_dst());
+    }
+    for tr in local.preceding(now).take(400) {
+        if names[0].is_some() && names[1].is_some() {
+            break;
+        }
+        note(&mut names, tr.abbreviation(), tr.dst().is_dst());
+    }
+    let [std, dst] = names;
+    let std = std.unwrap_or_default();
+    let dst = dst.unwrap_or_else(|| std.clone());
+    [std, dst]
+}
+
+fn ends_with_ignore_case(s: &str, suffix: &str) -> bool {
+    s.len() >= suffix.len()
+        && s.as_bytes()[s.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
+}
+
 impl FromStr for CalendarEvent {
     type Err = ParseError;
 
+    /// Parses with the system's local zone ([`TimeZone::system`]) as the
+    /// one whose abbreviations (`… CET`) systemd accepts as a suffix.
     fn from_str(input: &str) -> Result<Self, ParseError> {
+        CalendarEvent::parse_with_local(input, &TimeZone::system())
+    }
+}
+
+impl CalendarEvent {
+    /// Parses `input` as systemd would in a process whose local zone is
+    /// `local`: only that matters for an abbreviation suffix (`… CET`,
+    /// `… EDT`), which means "local time with DST forced off/on".
+    pub fn parse_with_local(input: &str, local: &TimeZone) -> Result<Self, ParseError> {
         let mut ev = CalendarEvent {
             weekdays: None,
             end_of_month: false,
             utc: false,
             dst: -1,
+            dst_name: None,
             timezone: None,
             year: Vec::new(),
             month: Vec::new(),
@@ -515,10 +564,22 @@ impl FromStr for CalendarEvent {
             usec: Vec::new(),
         };
         let mut text = input;
-        let bytes = input.as_bytes();
-        if bytes.len() >= 4 && bytes[bytes.len() - 4..].eq_ignore_ascii_case(b" UTC") {
+        let abbrevs = local_abbreviations(local);
+        let abbrev = (0..2).find(|&j| {
+            let name = &abbrevs[j];
+            !name.is_empty()
+                && input.len() > name.len()
+                && ends_with_ignore_case(input, name)
+                && input.as_bytes()[input.len() - name.len() - 1] == b' '
+        });
+        if ends_with_ignore_case(input, " UTC") {
             ev.utc = true;
             text = &input[..input.len() - 4];
+        } else if let Some(j) = abbrev {
+            let name = &abbrevs[j];
+            text = &input[..input.len() - name.len() - 1];
+            ev.dst = i32::from(j == 1);
+            ev.dst_name = Some(name.clone());
         } else if let Some(sp) = input.rfind(' ') {
             if let Some(tz) = load_zone(&input[sp + 1..]) {
                 ev.timezone = Some(NamedZone {
@@ -603,9 +664,7 @@ impl FromStr for CalendarEvent {
         }
         Ok(ev)
     }
-}
 
-impl CalendarEvent {
     fn normalize(&mut self) {
         if self.weekdays.is_some_and(|b| b >= 127) {
             self.weekdays = None;
@@ -773,6 +832,8 @@ impl fmt::Display for CalendarEvent {
             f.write_str(" UTC")?;
         } else if let Some(z) = &self.timezone {
             write!(f, " {}", z.name)?;
+        } else if let Some(name) = &self.dst_name {
+            write!(f, " {name}")?;
         }
         Ok(())
     }
