@@ -12,7 +12,7 @@
 use jiff::tz::TimeZone;
 use jiff::Timestamp;
 
-use crate::{CalendarEvent, Component};
+use crate::{CalendarEvent, Component, GaveUp};
 
 pub(crate) const USEC_PER_SEC: i64 = 1_000_000;
 /// The last year systemd computes elapses for.
@@ -138,13 +138,11 @@ impl<'a> Clock<'a> {
         let w = tm.wall_seconds() - tm.sec + sec_clamped;
         let isdst = tm.isdst;
         // Probe: t -> w - offset(t) until it settles, starting from the
-        // offset found last; glibc gives up after six probes, and in a
-        // spring-forward gap (where the probes alternate between two
-        // instants) takes the later one, which moves the wall time forward
-        // by the size of the gap.
+        // offset found last (glibc gives up after six probes).
         let mut t = w - self.guess;
         let mut prev = None;
         let mut found = None;
+        let mut in_gap = false;
         for _ in 0..6 {
             let (off, _) = self.offset_at(t);
             let gt = w - off;
@@ -153,7 +151,26 @@ impl<'a> Clock<'a> {
                 break;
             }
             if prev == Some(gt) {
-                found = Some(t.max(gt));
+                // The probes alternate between two instants: `w` falls in
+                // a gap (spring forward). glibc takes the one whose DST
+                // flag differs from the requested one, or, with none
+                // requested, the one with DST: that moves 02:30 forward
+                // to 03:30 CEST in Berlin, but 01:30 back to 00:30 GMT in
+                // Dublin (whose winter time is the tzdb's "DST").
+                let wanted = |t: i64| {
+                    let dst = self.offset_at(t).1;
+                    if isdst < 0 {
+                        dst
+                    } else {
+                        dst != (isdst != 0)
+                    }
+                };
+                found = Some(match (wanted(t), wanted(gt)) {
+                    (true, false) => t,
+                    (false, true) => gt,
+                    _ => t.max(gt),
+                });
+                in_gap = true;
                 break;
             }
             prev = Some(t);
@@ -161,7 +178,7 @@ impl<'a> Clock<'a> {
         }
         let mut t = found?;
         let (_, dst) = self.offset_at(t);
-        if isdst >= 0 && (isdst != 0) != dst {
+        if !in_gap && isdst >= 0 && (isdst != 0) != dst {
             // The wrong one of two candidates: glibc looks for a nearby
             // instant with the requested DST flag and uses its offset.
             t = self.other_dst(t, w, isdst != 0).unwrap_or_else(|| {
@@ -302,22 +319,34 @@ fn matches_weekday(clock: &mut Clock<'_>, bits: Option<u8>, tm: &Tm) -> bool {
 
 /// systemd's `find_next`: the first matching time at or after `tm` +
 /// `usec` (microseconds within the second).
-fn find_next(ev: &CalendarEvent, clock: &mut Clock<'_>, tm: Tm, usec: i64) -> Option<(Tm, i64)> {
+fn find_next(
+    ev: &CalendarEvent,
+    clock: &mut Clock<'_>,
+    tm: Tm,
+    usec: i64,
+) -> Result<Option<(Tm, i64)>, GaveUp> {
     let mut c = tm;
     let mut us = usec;
+    // Set once a candidate came out not after the start (a DST change
+    // moved it back): from then on the DST flag mktime found is kept.
+    let mut keep_dst = false;
     for _ in 0..MAX_ITERATIONS {
         let _ = clock.mktime(&mut c);
-        c.isdst = ev.dst;
+        if !keep_dst {
+            c.isdst = ev.dst;
+        }
 
         let snap = c;
-        let r = find_matching(clock, &ev.year, false, &snap, &mut c.year)?;
+        let Some(r) = find_matching(clock, &ev.year, false, &snap, &mut c.year) else {
+            return Ok(None);
+        };
         if r {
             c.mon = 0;
             c.mday = 1;
             (c.hour, c.min, c.sec, us) = (0, 0, 0, 0);
         }
         if within_bounds(clock, &mut c) != Ok(true) {
-            return None;
+            return Ok(None);
         }
 
         let mut m = c.mon + 1;
@@ -412,21 +441,43 @@ fn find_next(ev: &CalendarEvent, clock: &mut Clock<'_>, tm: Tm, usec: i64) -> Op
             Some(Ok(false)) => continue,
             Some(Ok(true)) => {}
         }
-        return Some((c, us));
+        // Not after the start (a gap resolved backwards, as in Dublin
+        // whose winter time is the tzdb's DST): step an hour on and let
+        // mktime pick the DST flag.
+        let fields = |t: &Tm| (t.year, t.mon, t.mday, t.hour, t.min, t.sec);
+        let stuck = match fields(&tm).cmp(&fields(&c)) {
+            std::cmp::Ordering::Equal => usec > us,
+            o => o.is_gt(),
+        };
+        if stuck {
+            keep_dst = true;
+            c.hour += 1;
+            continue;
+        }
+        return Ok(Some((c, us)));
     }
-    None
+    Err(GaveUp)
 }
 
 /// The first elapse strictly after `after_us` (microseconds since the
 /// epoch), as microseconds since the epoch.
-pub(crate) fn next_usec(ev: &CalendarEvent, tz: &TimeZone, after_us: i64) -> Option<i64> {
-    let usec = after_us.checked_add(1)?;
+pub(crate) fn next_usec(
+    ev: &CalendarEvent,
+    tz: &TimeZone,
+    after_us: i64,
+) -> Result<Option<i64>, GaveUp> {
+    let Some(usec) = after_us.checked_add(1) else {
+        return Ok(None);
+    };
     let t = usec.div_euclid(USEC_PER_SEC);
     let mut clock = Clock::new(tz, ev.utc);
     let tm = clock.localtime(t);
-    let (mut tm, us) = find_next(ev, &mut clock, tm, usec.rem_euclid(USEC_PER_SEC))?;
-    let t = clock.mktime(&mut tm)?;
-    t.checked_mul(USEC_PER_SEC)?.checked_add(us)
+    let Some((mut tm, us)) = find_next(ev, &mut clock, tm, usec.rem_euclid(USEC_PER_SEC))? else {
+        return Ok(None);
+    };
+    Ok(clock
+        .mktime(&mut tm)
+        .and_then(|t| t.checked_mul(USEC_PER_SEC)?.checked_add(us)))
 }
 
 #[cfg(test)]
@@ -473,5 +524,34 @@ mod tests {
         clock.mktime(&mut c);
         let mut b = fall(2);
         assert_eq!(clock.mktime(&mut b), Some(1_729_992_600));
+    }
+
+    #[test]
+    fn mktime_gap_takes_the_dst_side_even_when_that_is_backwards() {
+        // Europe/Dublin: winter GMT is the tzdb's DST (negative save), so
+        // glibc resolves 01:30 on 2024-03-31 (a gap) to 00:30 GMT.
+        let tz = TimeZone::get("Europe/Dublin").expect("tzdb has Europe/Dublin");
+        let mut clock = Clock::new(&tz, false);
+        let mut t = Tm {
+            year: 2024,
+            mon: 2,
+            mday: 31,
+            hour: 1,
+            min: 30,
+            sec: 0,
+            isdst: -1,
+            wday: 0,
+        };
+        assert_eq!(clock.mktime(&mut t), Some(1_711_845_000));
+        assert_eq!((t.hour, t.isdst), (0, 1));
+        // With DST requested (isdst = 1) glibc prefers the side whose flag
+        // differs from the request: 02:30 IST.
+        let mut t = Tm {
+            hour: 1,
+            isdst: 1,
+            ..t
+        };
+        assert_eq!(clock.mktime(&mut t), Some(1_711_848_600));
+        assert_eq!((t.hour, t.isdst), (2, 0));
     }
 }

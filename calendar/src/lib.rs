@@ -23,7 +23,12 @@
 //! while `*:30` fires at 03:30 CEST; a wall time that occurs twice (the
 //! fall-back hour) fires once, at the occurrence with the UTC offset in
 //! force when the computation reached it (so `*:0/15` fires through the
-//! first 02:xx hour and skips the repeated one).
+//! first 02:xx hour and skips the repeated one). Where the tzdb calls
+//! winter time "DST" (Europe/Dublin), glibc resolves a gap time backwards;
+//! systemd then steps on by an hour, and so does this crate (`*:30` goes
+//! from 00:30 GMT to 02:30 IST on the change day). A computation that
+//! does not settle within systemd's 1000 rounds gives up as systemd does
+//! ([`CalendarEvent::try_next_after`]).
 //!
 //! A suffix naming the local zone's abbreviation (`… CET`, `… CEST`)
 //! forces standard or daylight saving time as systemd does (through
@@ -102,6 +107,13 @@ pub struct ParseError {
     /// What is wrong.
     pub reason: String,
 }
+
+/// The next-elapse computation gave up: systemd stops after 1000 rounds
+/// of its field-by-field search (it logs "Infinite loop in calendar
+/// calculation" and the timer does not elapse); so does this crate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("calendar computation gave up (systemd's iteration limit)")]
+pub struct GaveUp;
 
 struct Parser<'a> {
     s: &'a [u8],
@@ -718,11 +730,22 @@ impl CalendarEvent {
     /// `None` when the event never elapses again (systemd also gives up
     /// after the year 2199).
     pub fn next_after(&self, after: &Zoned) -> Option<Zoned> {
+        self.try_next_after(after).ok().flatten()
+    }
+
+    /// [`next_after`](Self::next_after), telling "never again" (`Ok(None)`)
+    /// from "gave up" (systemd's iteration limit, which a few odd
+    /// combinations of lists and DST changes hit; systemd then does not
+    /// elapse the timer either).
+    pub fn try_next_after(&self, after: &Zoned) -> Result<Option<Zoned>, GaveUp> {
         let tz = self.zone(after.time_zone());
         let us = after.timestamp().as_microsecond();
-        let next = engine::next_usec(self, &tz, us)?;
-        let ts = Timestamp::from_microsecond(next).ok()?;
-        Some(Zoned::new(ts, tz))
+        let Some(next) = engine::next_usec(self, &tz, us)? else {
+            return Ok(None);
+        };
+        Ok(Timestamp::from_microsecond(next)
+            .ok()
+            .map(|ts| Zoned::new(ts, tz)))
     }
 }
 
