@@ -48,6 +48,10 @@ use engine::USEC_PER_SEC;
 
 const MIN_YEAR: i64 = 1970;
 const MAX_COMPONENTS: usize = 240;
+/// Slots followed past an answer that was not after the base time (see
+/// `try_next_after`); each step moves forward in wall time, a handful
+/// suffice.
+const MAX_CHAIN_STEPS: usize = 100;
 
 /// One element of a component's comma list: `start`, `start..stop`,
 /// `start/repeat` or `start..stop/repeat` (seconds in microseconds).
@@ -487,8 +491,14 @@ fn normalize_chain(chain: &mut Vec<Component>) {
 }
 
 fn chain_valid(chain: &[Component], from: i64, to: i64, end_of_month: bool) -> bool {
-    let to = if end_of_month { to - 3 } else { to };
+    // systemd lowers the upper bound by 3 for `~` days once per list
+    // element (its check recurses with the lowered bound), so a third
+    // `~` element must be <= 22: "*-*~21..22,24/5,10..15" is refused.
+    let mut to = to;
     chain.iter().all(|c| {
+        if end_of_month {
+            to -= 3;
+        }
         if c.start < from || c.start > to || c.repeat > to - from {
             return false;
         }
@@ -739,13 +749,26 @@ impl CalendarEvent {
     /// elapse the timer either).
     pub fn try_next_after(&self, after: &Zoned) -> Result<Option<Zoned>, GaveUp> {
         let tz = self.zone(after.time_zone());
-        let us = after.timestamp().as_microsecond();
-        let Some(next) = engine::next_usec(self, &tz, us)? else {
-            return Ok(None);
-        };
-        Ok(Timestamp::from_microsecond(next)
-            .ok()
-            .map(|ts| Zoned::new(ts, tz)))
+        let after_us = after.timestamp().as_microsecond();
+        // systemd compares wall times, so on a fall-back night it can
+        // answer with the first occurrence of a repeated time although
+        // `after` lies in the second one (an instant in the past). Such an
+        // answer is a slot that is already over: follow systemd's chain
+        // from it to the first slot that is really after `after`, so a
+        // caller never gets the same slot twice.
+        let mut cur = after_us;
+        for _ in 0..MAX_CHAIN_STEPS {
+            let Some(next) = engine::next_usec(self, &tz, cur)? else {
+                return Ok(None);
+            };
+            if next > after_us {
+                return Ok(Timestamp::from_microsecond(next)
+                    .ok()
+                    .map(|ts| Zoned::new(ts, tz)));
+            }
+            cur = next;
+        }
+        Err(GaveUp)
     }
 }
 
@@ -1039,6 +1062,32 @@ mod tests {
                 "Sun 2024-10-27 03:00:00 CET",
                 "Sun 2024-10-27 03:30:00 CET"
             ]
+        );
+    }
+
+    #[test]
+    fn never_answers_a_slot_that_is_already_over() {
+        // 2024-10-27 02:00 CET is in Berlin's repeated hour. systemd
+        // answers 02:30 CEST for the last-week-of-October event, which is
+        // 30 minutes *before* the base; the next slot after the base on
+        // systemd's chain is the next day's.
+        assert_eq!(
+            next_n(
+                "*-03,10~01..07 02:30",
+                "2024-10-27T02:00:00+01:00[Europe/Berlin]",
+                2
+            ),
+            ["Mon 2024-10-28 02:30:00 CET", "Tue 2024-10-29 02:30:00 CET"]
+        );
+        // The third `~` list element is bounded at 22 days, as in systemd.
+        let third = "*-01~21..22,24/5,10..15".parse::<CalendarEvent>();
+        assert_eq!(
+            third.map_err(|e| e.reason),
+            Err("a value or repetition is out of range".to_string())
+        );
+        assert_eq!(
+            ev("*-01~24/5,10..15").to_string(),
+            "*-01~10..15,24/5 00:00:00"
         );
     }
 
