@@ -30,6 +30,10 @@
 //! does not settle within systemd's 1000 rounds gives up as systemd does
 //! ([`CalendarEvent::try_next_after`]).
 //!
+//! Known difference: zones from the tzdb's `right/` tree (leap seconds
+//! counted in `time_t`) are computed like their plain counterparts;
+//! systemd, through glibc, answers 27 s later (the leap seconds so far).
+//!
 //! A suffix naming the local zone's abbreviation (`… CET`, `… CEST`)
 //! forces standard or daylight saving time as systemd does (through
 //! glibc's `mktime` with `tm_isdst` set): that makes times in the other
