@@ -1107,6 +1107,77 @@ mod tests {
     }
 
     #[test]
+    fn garbage_and_extreme_base_times_neither_panic_nor_hang() {
+        // A small deterministic generator over the grammar's alphabet (no
+        // dependency on rand in the library's unit tests).
+        let tokens = [
+            "*",
+            "*",
+            "-",
+            "-",
+            "~",
+            ":",
+            ":",
+            "..",
+            ",",
+            "/",
+            " ",
+            " ",
+            "0",
+            "1",
+            "2",
+            "5",
+            "12",
+            "29",
+            "31",
+            "59",
+            "2024",
+            "2199",
+            "Mon",
+            "fri",
+            "daily",
+            " UTC",
+            "@1700000000",
+            ".5",
+        ];
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let bases: Vec<Zoned> = [
+            "1900-01-01T00:00:00+00:00[UTC]",
+            "1970-01-01T00:00:00+00:00[UTC]",
+            "2199-12-31T23:59:59+01:00[Europe/Berlin]",
+            "2300-06-01T00:00:00-04:00[America/New_York]",
+            "9999-12-30T00:00:00+00:00[UTC]",
+        ]
+        .iter()
+        .map(|s| zoned(s))
+        .collect();
+        let mut parsed = 0;
+        for _ in 0..8000 {
+            let len = usize::try_from(next() % 12).unwrap_or(0) + 1;
+            let s: String = (0..len)
+                .map(|_| tokens[usize::try_from(next() % 28).unwrap_or(0)])
+                .collect();
+            let Ok(e) = s.parse::<CalendarEvent>() else {
+                continue;
+            };
+            parsed += 1;
+            assert_eq!(ev(&e.to_string()), e, "{s:?}");
+            for b in &bases {
+                if let Some(n) = e.next_after(b) {
+                    assert!(n.timestamp() > b.timestamp(), "{s:?} after {b}: {n}");
+                }
+            }
+        }
+        assert!(parsed > 50, "only {parsed} generated strings parsed");
+    }
+
+    #[test]
     fn slots_between_lists_missed_slots_oldest_first() {
         let e = ev("*:0/15");
         let since = zoned("2024-01-01T10:00:00+00:00[UTC]");

@@ -3,8 +3,10 @@
 //! ticks, each event fires every slot that came due since the last tick
 //! (chaining `next_after` from the previous slot), and the fired slots
 //! must be exactly `slots_between` over the whole span, strictly
-//! increasing (none twice), each on a wall time the expression names, and
-//! with the per-day counts systemd gives on the days of the changes.
+//! increasing (none twice), each on a wall time the expression names,
+//! equal to an independent minute-by-minute oracle (each named wall time
+//! once, at its first occurrence), and with the per-day counts systemd
+//! gives on the days of the changes.
 
 use calendar::{slots_between, CalendarEvent};
 use jiff::civil::Date;
@@ -63,6 +65,25 @@ fn simulate(event: &CalendarEvent, start: &Zoned, end: &Zoned, rng: &mut StdRng)
     fired
 }
 
+/// Every whole minute in (start, end] whose wall time was not seen
+/// before (the first pass of a repeated hour), in `start`'s zone.
+fn first_occurrences(start: &Zoned, end: &Zoned) -> Vec<Zoned> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    let (a, b) = (start.timestamp().as_second(), end.timestamp().as_second());
+    let mut t = a - a.rem_euclid(60) + 60;
+    while t <= b {
+        let z = jiff::Timestamp::from_second(t)
+            .expect("instant")
+            .to_zoned(start.time_zone().clone());
+        if seen.insert(z.datetime()) {
+            out.push(z);
+        }
+        t += 60;
+    }
+    out
+}
+
 fn count_on(slots: &[Zoned], zone: &TimeZone, y: i16, m: i8, d: i8) -> usize {
     let day = Date::new(y, m, d).expect("date");
     slots
@@ -99,9 +120,32 @@ fn every_slot_fires_exactly_once_across_both_dst_changes() {
         for (from, to) in [(s0, s1), (f0, f1)] {
             let start = start_of(&zone, from.0, from.1, from.2);
             let end = start_of(&zone, to.0, to.1, to.2);
+            let minutes = first_occurrences(&start, &end);
             for (expr, check) in EVENTS {
                 let event: CalendarEvent = expr.parse().expect("valid expression");
                 let fired = simulate(&event, &start, &end, &mut rng);
+                // Independent oracle: every wall time the expression names
+                // fires once, at its first occurrence; wall times in a gap
+                // do not exist (systemd moves them forward by the gap,
+                // onto a time that either matches anyway or does not).
+                let oracle: Vec<i64> = minutes
+                    .iter()
+                    .filter(|z| {
+                        check(
+                            z.weekday().to_monday_one_offset(),
+                            z.hour(),
+                            z.minute(),
+                            z.second(),
+                        )
+                    })
+                    .map(|z| z.timestamp().as_second())
+                    .collect();
+                let fired_secs: Vec<i64> =
+                    fired.iter().map(|z| z.timestamp().as_second()).collect();
+                assert_eq!(
+                    fired_secs, oracle,
+                    "{zone_name} {expr}: fired slots differ from the oracle"
+                );
                 let expected = slots_between(&event, &start, &end, 100_000);
                 assert_eq!(
                     fired, expected,
