@@ -97,11 +97,20 @@ pub(crate) struct Clock<'a> {
     tz: &'a TimeZone,
     utc: bool,
     guess: i64,
+    /// Leap second table (instant, cumulative correction) of a `right/`
+    /// zone, whose `time_t` counts leap seconds; empty otherwise.
+    leaps: Vec<(i64, i64)>,
 }
 
 impl<'a> Clock<'a> {
     pub(crate) fn new(tz: &'a TimeZone, utc: bool) -> Clock<'a> {
-        Clock { tz, utc, guess: 0 }
+        let leaps = if utc { Vec::new() } else { leap_table(tz) };
+        Clock {
+            tz,
+            utc,
+            guess: 0,
+            leaps,
+        }
     }
 
     /// (UTC offset in seconds, is DST) at instant `t`.
@@ -112,7 +121,14 @@ impl<'a> Clock<'a> {
         match Timestamp::from_second(t) {
             Ok(ts) => {
                 let o = self.tz.to_offset_info(ts);
-                (i64::from(o.offset().seconds()), o.dst().is_dst())
+                // glibc subtracts the leap seconds so far like an offset.
+                let leap = self
+                    .leaps
+                    .iter()
+                    .rev()
+                    .find(|(at, _)| t >= *at)
+                    .map_or(0, |(_, corr)| *corr);
+                (i64::from(o.offset().seconds()) - leap, o.dst().is_dst())
             }
             Err(_) => (0, false),
         }
@@ -208,6 +224,53 @@ impl<'a> Clock<'a> {
         }
         None
     }
+}
+
+/// The leap second records of a `right/` zone's TZif file (version 2+
+/// data block), as glibc applies them; empty for any other zone.
+fn leap_table(tz: &TimeZone) -> Vec<(i64, i64)> {
+    let Some(name) = tz.iana_name().filter(|n| n.starts_with("right/")) else {
+        return Vec::new();
+    };
+    let Ok(data) = std::fs::read(std::path::Path::new("/usr/share/zoneinfo").join(name)) else {
+        return Vec::new();
+    };
+    parse_leaps(&data).unwrap_or_default()
+}
+
+fn parse_leaps(data: &[u8]) -> Option<Vec<(i64, i64)>> {
+    let be32 = |at: usize| -> Option<usize> {
+        let b: [u8; 4] = data.get(at..at + 4)?.try_into().ok()?;
+        usize::try_from(u32::from_be_bytes(b)).ok()
+    };
+    // Header: "TZif", version, 15 reserved, then the six counts.
+    let counts = |at: usize| -> Option<[usize; 6]> {
+        if data.get(at..at + 4)? != b"TZif" {
+            return None;
+        }
+        let mut c = [0; 6];
+        for (i, v) in c.iter_mut().enumerate() {
+            *v = be32(at + 20 + 4 * i)?;
+        }
+        Some(c)
+    };
+    let [isut, isstd, leapcnt, timecnt, typecnt, charcnt] = counts(0)?;
+    if *data.get(4)? < b'2' {
+        return None;
+    }
+    // Skip the version 1 data block to the version 2 header.
+    let v1 = timecnt * 5 + typecnt * 6 + charcnt + leapcnt * 8 + isstd + isut;
+    let h2 = 44 + v1;
+    let [_, _, leapcnt, timecnt, typecnt, charcnt] = counts(h2)?;
+    let mut at = h2 + 44 + timecnt * 9 + typecnt * 6 + charcnt;
+    let mut out = Vec::with_capacity(leapcnt);
+    for _ in 0..leapcnt {
+        let t: [u8; 8] = data.get(at..at + 8)?.try_into().ok()?;
+        let c: [u8; 4] = data.get(at + 8..at + 12)?.try_into().ok()?;
+        out.push((i64::from_be_bytes(t), i64::from(i32::from_be_bytes(c))));
+        at += 12;
+    }
+    Some(out)
 }
 
 /// `mktime` on a copy; the copy's normalised fields and the instant.

@@ -30,9 +30,10 @@
 //! does not settle within systemd's 1000 rounds gives up as systemd does
 //! ([`CalendarEvent::try_next_after`]).
 //!
-//! Known difference: zones from the tzdb's `right/` tree (leap seconds
-//! counted in `time_t`) are computed like their plain counterparts;
-//! systemd, through glibc, answers 27 s later (the leap seconds so far).
+//! Zones from the tzdb's `right/` tree count leap seconds in `time_t`;
+//! glibc applies them like an offset, so systemd's elapses there are 27 s
+//! later than the plain zone's (the leap seconds so far), and so are this
+//! crate's.
 //!
 //! A suffix naming the local zone's abbreviation (`… CET`, `… CEST`)
 //! forces standard or daylight saving time as systemd does (through
@@ -1104,6 +1105,11 @@ mod tests {
         assert_eq!(n.to_string(), "2024-06-01T09:00:00-04:00[America/New_York]");
         let n = ev("daily UTC").next_after(&base).expect("elapses");
         assert_eq!(n.timestamp().to_string(), "2024-06-01T00:00:00Z");
+        // A right/ zone counts the 27 leap seconds so far, as glibc does.
+        if Path::new("/usr/share/zoneinfo/right/UTC").exists() {
+            let n = ev("12:00 right/UTC").next_after(&base).expect("elapses");
+            assert_eq!(n.timestamp().to_string(), "2024-06-01T12:00:27Z");
+        }
     }
 
     #[test]

@@ -536,6 +536,8 @@ const TRICKY: &[&str] = &[
     "hourly UTC",
     "weekly Europe/Dublin",
     "12:00 EST5EDT",
+    "12:00 right/Europe/Berlin",
+    "*:0/20 right/UTC",
     "12:00 Europe/../Europe/Berlin",
     "12:00 /usr/share/zoneinfo/UTC",
     "*-*-* 12:00:00 Asia/Kathmandu",
