@@ -6,7 +6,11 @@
 //! policy in it: the daemon asks it "when is the next slot after T?" and
 //! "which slots fell between T1 and T2?", and everything else (what runs
 //! in a slot, missed-slot policy) stays in the daemon. It is tested
-//! differentially against `systemd-analyze calendar` (see `tests/`).
+//! differentially against `systemd-analyze calendar` of systemd 252
+//! (Debian 12) with glibc (see `tests/`): systemd's answers come from its
+//! field-by-field search over glibc's `mktime(3)`, and the engine here
+//! reproduces both, including `mktime`'s memory of the offset it used
+//! last, which decides repeated fall-back times.
 //!
 //! ```
 //! use calendar::CalendarEvent;
@@ -23,7 +27,9 @@
 //! while `*:30` fires at 03:30 CEST; a wall time that occurs twice (the
 //! fall-back hour) fires once, at the occurrence with the UTC offset in
 //! force when the computation reached it (so `*:0/15` fires through the
-//! first 02:xx hour and skips the repeated one). Where the tzdb calls
+//! first 02:xx hour and skips the repeated one; a process that starts
+//! inside the repeated hour still gets that hour's remaining slots). Where
+//! the tzdb calls
 //! winter time "DST" (Europe/Dublin), glibc resolves a gap time backwards;
 //! systemd then steps on by an hour, and so does this crate (`*:30` goes
 //! from 00:30 GMT to 02:30 IST on the change day). A computation that
@@ -34,6 +40,13 @@
 //! glibc applies them like an offset, so systemd's elapses there are 27 s
 //! later than the plain zone's (the leap seconds so far), and so are this
 //! crate's.
+//!
+//! One deliberate difference: on a fall-back night systemd can answer
+//! with the first occurrence of a repeated time although the base time is
+//! already in the second one, i.e. with an instant in the past;
+//! [`CalendarEvent::next_after`] never does (it follows systemd's chain
+//! to the first slot after the base), so a scheduler never sees a slot
+//! twice.
 //!
 //! A suffix naming the local zone's abbreviation (`… CET`, `… CEST`)
 //! forces standard or daylight saving time as systemd does (through
