@@ -604,7 +604,21 @@ impl CalendarEvent {
             usec: Vec::new(),
         };
         let mut text = input;
-        let abbrevs = local_abbreviations(local);
+        // An abbreviation suffix is the whole last word (systemd wants a
+        // space before it); abbreviations are made of letters, digits, '+'
+        // and '-', so only such a last word needs the zone's names.
+        let last_word = input.rsplit(' ').next().unwrap_or_default();
+        let abbrevs = if input.contains(' ')
+            && !ends_with_ignore_case(input, " UTC")
+            && !last_word.is_empty()
+            && last_word
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'-')
+        {
+            local_abbreviations(local)
+        } else {
+            [String::new(), String::new()]
+        };
         let abbrev = (0..2).find(|&j| {
             let name = &abbrevs[j];
             !name.is_empty()
