@@ -67,9 +67,11 @@ use engine::USEC_PER_SEC;
 const MIN_YEAR: i64 = 1970;
 const MAX_COMPONENTS: usize = 240;
 /// Slots followed past an answer that was not after the base time (see
-/// `try_next_after`); each step moves forward in wall time, a handful
-/// suffice.
-const MAX_CHAIN_STEPS: usize = 100;
+/// `try_next_after`): systemd's chain can walk through the rest of the
+/// first pass of a repeated hour slot by slot, up to 3600 slots for an
+/// every-second event (7200 for a two-hour repeat, as with historical
+/// double summer time).
+const MAX_CHAIN_STEPS: usize = 10_000;
 
 /// One element of a component's comma list: `start`, `start..stop`,
 /// `start/repeat` or `start..stop/repeat` (seconds in microseconds).
@@ -1121,6 +1123,18 @@ mod tests {
             ev("*-01~24/5,10..15").to_string(),
             "*-01~10..15,24/5 00:00:00"
         );
+    }
+
+    #[test]
+    fn a_process_started_in_the_repeated_hour_gets_the_next_real_slot() {
+        // From 02:00 CET (second pass) systemd answers 02:12 CEST (first
+        // pass, 48 minutes earlier) and then chains second by second
+        // through 02:48:59 CEST (2220 slots, all before the base); the
+        // first slot after the base on that chain is 03:12 CET.
+        let e = ev("*~2..07,9..25/1 *:12..48,24:*");
+        let base = zoned("2024-10-27T02:00:00+01:00[Europe/Berlin]");
+        let n = e.next_after(&base).expect("elapses");
+        assert_eq!(n.to_string(), "2024-10-27T03:12:00+01:00[Europe/Berlin]");
     }
 
     #[test]
