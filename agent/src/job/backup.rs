@@ -219,15 +219,23 @@ impl BackupRun {
         self.monitor.release();
         self.phase(Phase::Read);
         let pending = self.read().await?;
+        self.mark("read: done");
         self.retire_bitmaps()?;
         Ok(pending)
     }
 
     pub(super) fn phase(&self, phase: Phase) {
+        self.mark(phase.as_str());
         self.observer.event(&JobEvent::Phase {
             vmid: &self.opts.vmid,
             phase,
         });
+    }
+
+    /// Time since the run began, at a step (`RUST_LOG=shear::timing=debug`
+    /// prints them: where a run's fixed cost goes).
+    pub(super) fn mark(&self, step: &str) {
+        tracing::debug!(target: "shear::timing", step, ms = ms(self.t0.elapsed()));
     }
 
     /// Record a warning for the report and tell the observer.
@@ -265,10 +273,13 @@ impl BackupRun {
             .map_err(JobError::qmp("query-status"))?;
         self.was_running = status.running;
         self.vm_name = qmp_vm_name(self.monitor.get()?).await;
+        self.mark("prepare: disks, status, name");
         self.vm_config =
             super::definition::capture(self.monitor.get()?, &self.disks, &self.opts.pve_config)
                 .await;
+        self.mark("prepare: definition");
         self.plan_tracking().await?;
+        self.mark("prepare: tracking plan");
 
         if !self.was_running {
             self.warn(format!(
@@ -305,6 +316,7 @@ impl BackupRun {
             files.push(file);
             self.cancel.check()?;
         }
+        self.mark("prepare: fleece files");
         self.watchdog = Some(
             Watchdog::spawn(
                 &self.opts.qmp,
@@ -314,6 +326,7 @@ impl BackupRun {
             )
             .map_err(|e| JobError::io("starting the thaw watchdog", e))?,
         );
+        self.mark("prepare: watchdog");
 
         // qemu-ga from just before the freeze to the confirmed thaw (only
         // when the guest runs: a paused guest cannot answer), connected
@@ -321,8 +334,10 @@ impl BackupRun {
         if self.opts.mode == Mode::Snapshot && self.was_running {
             self.connect_agent().await;
         }
+        self.mark("prepare: qemu-ga");
         // The monitor again, from here through the exports.
         self.reconnect_for_setup().await?;
+        self.mark("prepare: reconnect");
         let mut g = GraphBuilder::new(self.monitor.get()?, &mut self.record, &self.rpath);
         for ((disk, n), file) in self.disks.iter().zip(&self.names).zip(&files) {
             g.add_fleece(disk, n, file).await?;
@@ -334,6 +349,7 @@ impl BackupRun {
             .unwrap_or(u32::MAX);
         g.start_nbd_server(&self.nbd_dir.join("nbd.sock"), max_conn)
             .await?;
+        self.mark("prepare: fleece nodes, nbd server");
         Ok(())
     }
 
@@ -367,6 +383,7 @@ impl BackupRun {
     /// access nodes; then the test-only held hook. Runs while held.
     async fn insert(&mut self) -> Result<(), JobError> {
         self.split_bitmaps().await?;
+        self.mark("insert: bitmap split");
         let mut g = GraphBuilder::new(self.monitor.get()?, &mut self.record, &self.rpath);
         for (disk, n) in self.disks.iter().zip(&self.names) {
             g.insert_filter(disk, n, self.opts.cbw_timeout_s).await?;
@@ -401,6 +418,7 @@ impl BackupRun {
                 .and_then(|t| Some((t.node.as_str(), t.old_bitmap.as_deref()?)));
             g.add_export(disk, n, name, bitmap).await?;
         }
+        self.mark("export: exports");
         self.dirty_bytes = self.frozen_dirty_bytes().await?;
         self.setup_ms = ms(self.t0.elapsed());
         Ok(())
@@ -620,6 +638,7 @@ impl BackupRun {
             &self.rpath,
         )
         .await;
+        self.mark("teardown: graph undone");
         let released = !self.still_held();
         match (&teardown, self.watchdog.take()) {
             (Ok(()), Some(w)) => w.finish(),
@@ -761,6 +780,7 @@ impl BackupRun {
             .session
             .commit(&info)
             .map_err(JobError::repo("committing the manifest"))?;
+        self.mark("commit: manifest");
         Ok(BackupReport {
             backup_id: id.to_string(),
             vmid: self.opts.vmid.clone(),
