@@ -301,19 +301,31 @@ impl BackupRun {
         self.names = (0..self.disks.len())
             .map(|i| NodeNames::new(&tag, i))
             .collect();
-        self.record.steps.push(Step::Dir {
+        let files: Vec<PathBuf> = self
+            .disks
+            .iter()
+            .map(|disk| {
+                self.opts.fleecing_dir.join(format!(
+                    "{}-{}-{tag}.fleece.qcow2",
+                    self.opts.vmid, disk.name
+                ))
+            })
+            .collect();
+        // Every setup step up to the NBD server, written ahead in one save.
+        let mut ahead = vec![Step::Dir {
             path: self.nbd_dir.clone(),
+        }];
+        ahead.extend(files.iter().map(|f| Step::FleeceFile { path: f.clone() }));
+        ahead.extend(self.names.iter().map(|n| Step::Node {
+            name: n.fleece.clone(),
+        }));
+        ahead.push(Step::NbdServer {
+            socket: self.nbd_socket(),
         });
-        self.record.save(&self.rpath).map_err(JobError::Record)?;
+        graph::log_ahead(&mut self.record, &self.rpath, ahead)?;
         private_dir(&self.nbd_dir)?;
-        let mut files = Vec::new();
-        for disk in &self.disks {
-            let file = self.opts.fleecing_dir.join(format!(
-                "{}-{}-{tag}.fleece.qcow2",
-                self.opts.vmid, disk.name
-            ));
-            graph::create_fleece_file(&mut self.record, &self.rpath, disk, &file).await?;
-            files.push(file);
+        for (disk, file) in self.disks.iter().zip(&files) {
+            graph::create_fleece_file(&mut self.record, &self.rpath, disk, file).await?;
             self.cancel.check()?;
         }
         self.mark("prepare: fleece files");
@@ -382,7 +394,23 @@ impl BackupRun {
     /// Phase `insert`: filters on every disk at the same instant, then the
     /// access nodes; then the test-only held hook. Runs while held.
     async fn insert(&mut self) -> Result<(), JobError> {
-        self.split_bitmaps().await?;
+        // The filter and access steps of every disk are written ahead with
+        // the split, in one save: the guest is held meanwhile.
+        let mut ahead = Vec::new();
+        for (disk, n) in self.disks.iter().zip(&self.names) {
+            ahead.push(Step::Node {
+                name: n.cbw.clone(),
+            });
+            ahead.push(Step::DriveSwap {
+                qdev: disk.qdev.clone(),
+                original: disk.node.clone(),
+                filter: n.cbw.clone(),
+            });
+        }
+        ahead.extend(self.names.iter().map(|n| Step::Node {
+            name: n.access.clone(),
+        }));
+        self.split_bitmaps(ahead).await?;
         self.mark("insert: bitmap split");
         let mut g = GraphBuilder::new(self.monitor.get()?, &mut self.record, &self.rpath);
         for (disk, n) in self.disks.iter().zip(&self.names) {
@@ -404,6 +432,9 @@ impl BackupRun {
     async fn export(&mut self) -> Result<(), JobError> {
         self.export_names = (0..self.disks.len()).map(|_| random_hex(16)).collect();
         let mut g = GraphBuilder::new(self.monitor.get()?, &mut self.record, &self.rpath);
+        g.log_ahead(self.names.iter().map(|n| Step::Export {
+            id: n.export.clone(),
+        }))?;
         for (i, ((disk, n), name)) in self
             .disks
             .iter()
@@ -454,9 +485,9 @@ impl BackupRun {
     /// Phase `insert`, first step: the bitmap split of every disk in one
     /// transaction, while the guest is held. If QEMU refuses it, the
     /// backup goes on with full reads and no tracking (said in the output).
-    async fn split_bitmaps(&mut self) -> Result<(), JobError> {
+    async fn split_bitmaps(&mut self, ahead: Vec<Step>) -> Result<(), JobError> {
         if self.tracking.is_empty() {
-            return Ok(());
+            return graph::log_ahead(&mut self.record, &self.rpath, ahead);
         }
         let mut actions = Vec::new();
         for t in &self.tracking {
@@ -467,7 +498,7 @@ impl BackupRun {
             });
             actions.extend(t.split_actions());
         }
-        self.record.save(&self.rpath).map_err(JobError::Record)?;
+        graph::log_ahead(&mut self.record, &self.rpath, ahead)?;
         if let Err(e) = self.monitor.get()?.transaction(&actions).await {
             // The transaction is atomic: nothing changed; drop the steps.
             self.record
