@@ -2625,9 +2625,10 @@ fn render(b: &Bench, r: &Results) -> (String, Value) {
                 md,
                 "\nThe mapping alone: QEMU's NBD server exports the disk's node with a disabled bitmap \
                  (8 × 1 MiB written after it was added); shear's NBD client (`nbd_export`) asks block \
-                 status over the whole export in 32 MiB requests with both contexts (`base:allocation`, \
-                 `qemu:dirty-bitmap:…`), one request at a time on one connection (`Client::map`); the \
-                 chunk reader (2 connections) plans every chunk and reads the dirty ones, storing nothing.\n"
+                 status over the whole export with both contexts (`base:allocation`, \
+                 `qemu:dirty-bitmap:…`) in requests of up to 4 GiB, 4 in flight on one connection \
+                 (`Client::map`); the chunk reader (2 connections) plans every chunk and reads the dirty \
+                 ones, storing nothing.\n"
             );
             let _ = writeln!(md, "| step | s | result |");
             let _ = writeln!(md, "|---|---|---|");
