@@ -2,6 +2,7 @@
 //! whole-export maps, reads. For tools and tests; the backup job uses the
 //! chunk reader.
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -208,7 +209,10 @@ impl Client {
     }
 
     /// The whole export's map for one selected context, with neighbouring
-    /// extents of equal flags merged.
+    /// extents of equal flags merged. The export is cut into windows of
+    /// [`tuning::BLOCK_STATUS_MAX_LEN`]; up to [`tuning::MAP_REQUESTS_IN_FLIGHT`]
+    /// block status requests are in flight, and a window answered short is
+    /// asked again from where its reply ended.
     pub fn map(&mut self, context: &str) -> Result<Vec<Extent>> {
         let idx = self
             .info()
@@ -218,22 +222,72 @@ impl Client {
             .ok_or_else(|| Error::ContextMissing(context.to_owned()))?;
         let size = self.info().size;
         let min = u64::from(self.info().min_block());
-        let step = u64::from(tuning::BLOCK_STATUS_LEN) / min * min;
-        let mut out: Vec<Extent> = Vec::new();
-        let mut pos = 0;
-        while pos < size {
-            let len = wire::sat_u32((size - pos).min(step));
-            let reply = self.block_status(pos, len)?;
-            let extents = &reply[idx].extents;
-            let end = extents.last().map_or(pos, Extent::end);
-            if end <= pos || (end < size && end % min != 0) {
-                return Err(Violation::Malformed(format!(
-                    "block status at {pos} made no aligned progress (to {end})"
-                ))
-                .into());
+        let step = u64::from(tuning::BLOCK_STATUS_MAX_LEN) / min * min;
+        // Window start → (asked up to here, window end, extents so far).
+        let mut windows: BTreeMap<u64, (u64, u64, Vec<Extent>)> = BTreeMap::new();
+        let mut tags: HashMap<u64, u64> = HashMap::new();
+        let mut next_window = 0u64;
+        let mut in_flight = 0usize;
+        loop {
+            while in_flight < tuning::MAP_REQUESTS_IN_FLIGHT && next_window < size {
+                let start = next_window;
+                let end = start.saturating_add(step).min(size);
+                next_window = end;
+                let tag = self.tag();
+                self.link
+                    .conn
+                    .submit_block_status(tag, start, wire::sat_u32(end - start))?;
+                tags.insert(tag, start);
+                windows.insert(start, (start, end, Vec::new()));
+                in_flight += 1;
             }
-            out.extend_from_slice(extents);
-            pos = end;
+            if in_flight == 0 {
+                break;
+            }
+            for d in self.run(1)? {
+                in_flight -= 1;
+                let reply = match d.result {
+                    Ok(DoneOk::BlockStatus(v)) => v,
+                    Err(e) => return Err(e),
+                    Ok(DoneOk::Read) => {
+                        return Err(Error::Internal("read result for status".into()))
+                    }
+                };
+                let start = tags
+                    .remove(&d.tag)
+                    .ok_or_else(|| Error::Internal("unknown block status tag".into()))?;
+                let w = windows
+                    .get_mut(&start)
+                    .ok_or_else(|| Error::Internal("unknown map window".into()))?;
+                let pos = d.offset;
+                let extents = reply
+                    .into_iter()
+                    .nth(idx)
+                    .map(|c| c.extents)
+                    .ok_or_else(|| Error::Internal("context missing in reply".into()))?;
+                let end = extents.last().map_or(pos, Extent::end);
+                if end <= pos || (end < size && end % min != 0) {
+                    return Err(Violation::Malformed(format!(
+                        "block status at {pos} made no aligned progress (to {end})"
+                    ))
+                    .into());
+                }
+                w.2.extend_from_slice(&extents);
+                plan::merge_extents(&mut w.2);
+                w.0 = end;
+                if end < w.1 {
+                    let tag = self.tag();
+                    self.link
+                        .conn
+                        .submit_block_status(tag, end, wire::sat_u32(w.1 - end))?;
+                    tags.insert(tag, start);
+                    in_flight += 1;
+                }
+            }
+        }
+        let mut out: Vec<Extent> = Vec::new();
+        for (_, (_, _, ext)) in windows {
+            out.extend(ext);
         }
         plan::merge_extents(&mut out);
         Ok(out)

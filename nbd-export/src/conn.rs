@@ -428,7 +428,7 @@ impl Conn {
                 "block status without a selected metadata context".into(),
             ));
         }
-        self.check_range(offset, len, tuning::BLOCK_STATUS_LEN)?;
+        self.check_range(offset, len, tuning::BLOCK_STATUS_MAX_LEN)?;
         let cookie = self.cookie();
         self.push_request(wire::NBD_CMD_BLOCK_STATUS, 0, cookie, offset, len);
         let n = self.info.contexts.len();

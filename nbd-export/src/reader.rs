@@ -229,8 +229,10 @@ struct Shared {
     chunk_size: u64,
     n_chunks: u64,
     chunks_per_range: u64,
-    n_ranges: u64,
-    next_range: AtomicU64,
+    /// First chunk no worker has claimed yet. Workers claim work ranges
+    /// from here, and extend their claim over chunks their block status
+    /// reply already covers (see [`Worker::extend_claim`]).
+    next_chunk: AtomicU64,
     budget: Budget,
     cancel: AtomicBool,
     failed: AtomicBool,
@@ -430,8 +432,7 @@ fn start_with(
         chunk_size,
         n_chunks,
         chunks_per_range,
-        n_ranges: n_chunks.div_ceil(chunks_per_range),
-        next_range: AtomicU64::new(0),
+        next_chunk: AtomicU64::new(0),
         budget: Budget {
             limit: cfg.byte_budget,
             state: Mutex::new(BudgetState::default()),
@@ -638,9 +639,16 @@ struct Worker {
     /// Current work range: chunks `[next_plan, range_end)` not yet planned.
     next_plan: u64,
     range_end: u64,
-    /// Block status known up to here (within the current range).
+    /// Block status known up to here (may reach past the current range).
     bs_pos: u64,
     bs_in_flight: bool,
+    /// Length of the next block status request beyond the current range:
+    /// grows while the export turns out clean or zero past the range (a
+    /// sparse or barely dirty disk is mapped in few round trips), back to
+    /// one work range as soon as there is data to read.
+    bs_ahead: u64,
+    /// A data chunk was planned (or stopped a claim) since the last reply.
+    data_seen: bool,
     /// Extents from the first unplanned chunk on, per context index.
     known: Vec<VecDeque<Extent>>,
     /// Data chunks planned, waiting for budget.
@@ -669,6 +677,8 @@ impl Worker {
             range_end: 0,
             bs_pos: 0,
             bs_in_flight: false,
+            bs_ahead: tuning::WORK_RANGE_LEN,
+            data_seen: false,
             ready: VecDeque::new(),
             active: BTreeMap::new(),
             no_more_ranges: false,
@@ -766,15 +776,23 @@ impl Worker {
                 && !self.bs_in_flight
                 && self.ready.len() < tuning::MAX_PLANNED_AHEAD
             {
-                let r = shared.next_range.fetch_add(1, Ordering::Relaxed);
-                if r >= shared.n_ranges {
+                let first = shared
+                    .next_chunk
+                    .fetch_add(shared.chunks_per_range, Ordering::Relaxed);
+                if first >= shared.n_chunks {
                     self.no_more_ranges = true;
                 } else {
-                    self.next_plan = r * shared.chunks_per_range;
-                    self.range_end = ((r + 1) * shared.chunks_per_range).min(shared.n_chunks);
-                    self.bs_pos = shared.chunk_range(self.next_plan).0;
-                    for k in &mut self.known {
-                        k.clear();
+                    let start_off = shared.chunk_range(first).0;
+                    // Right after our own range, with block status already
+                    // known past its start: keep what we know.
+                    let contiguous = first == self.range_end && self.bs_pos > start_off;
+                    self.next_plan = first;
+                    self.range_end = (first + shared.chunks_per_range).min(shared.n_chunks);
+                    if !contiguous {
+                        self.bs_pos = start_off;
+                        for k in &mut self.known {
+                            k.clear();
+                        }
                     }
                     if !self.uses_block_status() {
                         // No metadata: every chunk is read whole.
@@ -840,9 +858,14 @@ impl Worker {
         if self.bs_pos >= end {
             return Ok(());
         }
+        // Ask for the rest of the range, or further ahead while the export
+        // has been clean past our ranges (then the reply lets this worker
+        // claim the chunks it covers). Each reply stays bounded by
+        // MAX_EXTENTS_PER_CHUNK per context, whatever the length asked.
         let min = u64::from(self.link.conn.info().min_block());
-        let step = u64::from(tuning::BLOCK_STATUS_LEN) / min * min;
-        let len = wire::sat_u32((end - self.bs_pos).min(step));
+        let max = u64::from(tuning::BLOCK_STATUS_MAX_LEN) / min * min;
+        let want = (end - self.bs_pos).max(self.bs_ahead);
+        let len = wire::sat_u32(want.min(max).min(shared.size - self.bs_pos));
         self.link
             .conn
             .submit_block_status(BS_TAG, self.bs_pos, len)?;
@@ -856,32 +879,12 @@ impl Worker {
 
     /// Plans every chunk of the range whose extents are all known.
     fn plan_ready(&mut self, shared: &Shared, tx: &SyncSender<Result<Chunk>>) -> Result<()> {
-        let min = self.link.conn.info().min_block();
         while self.next_plan < self.range_end {
             let index = self.next_plan;
             let (off, len) = shared.chunk_range(index);
-            if off + len > self.bs_pos {
+            let Some(plan) = self.plan_known(shared, index, &[0, 0]) else {
                 return Ok(());
-            }
-            let slice = |ctx: Option<usize>, known: &[VecDeque<Extent>]| -> Option<Vec<Extent>> {
-                let k = &known[ctx?];
-                Some(
-                    k.iter()
-                        .filter(|e| e.end() > off && e.offset < off + len)
-                        .copied()
-                        .collect(),
-                )
             };
-            let alloc = slice(self.alloc_ctx, &self.known);
-            let dirty = slice(self.dirty_ctx, &self.known);
-            let plan = plan::plan_chunk(
-                off,
-                len,
-                alloc.as_deref(),
-                dirty.as_deref(),
-                min,
-                shared.request_len,
-            );
             for k in &mut self.known {
                 while k.front().is_some_and(|e| e.end() <= off + len) {
                     k.pop_front();
@@ -908,10 +911,95 @@ impl Worker {
                         },
                     )?;
                 }
-                ChunkPlan::Data(reqs) => self.ready.push_back((index, reqs)),
+                ChunkPlan::Data(reqs) => {
+                    self.data_seen = true;
+                    self.ready.push_back((index, reqs));
+                }
             }
         }
         Ok(())
+    }
+
+    /// The plan of chunk `index` if block status covers all of it. `skip`
+    /// is where to start looking in each context's known extents (every
+    /// extent before it ends at or before the chunk); `None` if not known.
+    fn plan_known(&self, shared: &Shared, index: u64, skip: &[usize; 2]) -> Option<ChunkPlan> {
+        let (off, len) = shared.chunk_range(index);
+        if off + len > self.bs_pos {
+            return None;
+        }
+        let slice = |ctx: Option<usize>, from: usize| -> Option<Vec<Extent>> {
+            let k = &self.known[ctx?];
+            Some(
+                k.iter()
+                    .skip(from)
+                    .skip_while(|e| e.end() <= off)
+                    .take_while(|e| e.offset < off + len)
+                    .copied()
+                    .collect(),
+            )
+        };
+        let alloc = slice(self.alloc_ctx, skip[0]);
+        let dirty = slice(self.dirty_ctx, skip[1]);
+        Some(plan::plan_chunk(
+            off,
+            len,
+            alloc.as_deref(),
+            dirty.as_deref(),
+            self.link.conn.info().min_block(),
+            shared.request_len,
+        ))
+    }
+
+    /// Once the current range is planned and block status reaches past it:
+    /// claims the unclaimed chunks it covers that need no read (zero, or
+    /// clean for an incremental), up to the first that does, so a sparse
+    /// or barely dirty disk costs one request per reply, not per range.
+    /// Nothing is read ahead: a data chunk stays for whoever claims it.
+    fn extend_claim(&mut self, shared: &Shared) {
+        if self.next_plan < self.range_end || self.no_more_ranges {
+            return;
+        }
+        let from = shared.next_chunk.load(Ordering::Relaxed);
+        if from < self.range_end || from >= shared.n_chunks {
+            return;
+        }
+        // Count the leading chunks from `from` that are known and need no
+        // read, walking each context's extents once.
+        let mut skip = [0usize; 2];
+        let ctxs = [self.alloc_ctx, self.dirty_ctx];
+        let mut n = 0u64;
+        while from + n < shared.n_chunks {
+            let index = from + n;
+            let (off, _) = shared.chunk_range(index);
+            for (s, ctx) in skip.iter_mut().zip(ctxs) {
+                if let Some(k) = ctx.and_then(|c| self.known.get(c)) {
+                    while k.get(*s).is_some_and(|e| e.end() <= off) {
+                        *s += 1;
+                    }
+                }
+            }
+            match self.plan_known(shared, index, &skip) {
+                Some(ChunkPlan::Zero | ChunkPlan::Clean) => n += 1,
+                Some(ChunkPlan::Data(_)) => {
+                    self.data_seen = true;
+                    break;
+                }
+                None => break,
+            }
+        }
+        if n == 0 {
+            return;
+        }
+        if shared
+            .next_chunk
+            .compare_exchange(from, from + n, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            return;
+        }
+        self.next_plan = from;
+        self.range_end = from + n;
     }
 
     fn handle_done(&mut self, shared: &Shared, tx: &SyncSender<Result<Chunk>>) -> Result<()> {
@@ -969,7 +1057,19 @@ impl Worker {
             }
         }
         self.bs_pos = new_pos;
-        self.plan_ready(shared, tx)
+        self.data_seen = false;
+        self.plan_ready(shared, tx)?;
+        self.extend_claim(shared);
+        self.plan_ready(shared, tx)?;
+        // Ask further ahead next time only while nothing needed reading.
+        self.bs_ahead = if self.data_seen {
+            tuning::WORK_RANGE_LEN
+        } else {
+            self.bs_ahead
+                .saturating_mul(8)
+                .min(u64::from(tuning::BLOCK_STATUS_MAX_LEN))
+        };
+        Ok(())
     }
 
     fn on_read(&mut self, d: Done, shared: &Shared, tx: &SyncSender<Result<Chunk>>) -> Result<()> {

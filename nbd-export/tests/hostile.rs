@@ -729,3 +729,69 @@ fn f20_garbage_after_handshake_on_a_socketpair() {
         srv.join().unwrap();
     }
 }
+
+/// F-20 with issue 10's long block status requests: asking for more than
+/// 32 MiB at once (a 1 GiB sparse export) does not raise what a reply may
+/// hold. A reply chunk announcing more than MAX_EXTENTS_PER_CHUNK extents
+/// is refused before anything is allocated for it, and descriptors beyond
+/// the (long) request are refused too.
+#[test]
+fn f20_long_block_status_requests_keep_replies_bounded() {
+    const GIB: u64 = 1 << 30;
+    let big = |r: &Req| u64::from(r.len) > 32 * KIB * KIB;
+    type Case = (&'static str, Behavior, fn(&Violation) -> bool);
+    let cases: Vec<Case> = vec![
+        (
+            "oversized reply to a long request",
+            tamper(move |r, mut b| {
+                if is_status(r) && big(r) {
+                    let len = MAX_BLOCK_STATUS_PAYLOAD + 8;
+                    b[16..20].copy_from_slice(&len.to_be_bytes());
+                    b.truncate(24);
+                }
+                b
+            }),
+            |v| matches!(v, Violation::Oversized { .. }),
+        ),
+        (
+            "extents beyond a long request",
+            tamper(move |r, b| {
+                if is_status(r) && big(r) {
+                    let id = u32::from_be_bytes(b[20..24].try_into().unwrap());
+                    return status_chunk(r.cookie, id, &[(r.len, 3), (64 << 10, 3)]);
+                }
+                b
+            }),
+            |v| matches!(v, Violation::ExtentsBeyondRequest(_)),
+        ),
+    ];
+    for (name, behavior, want) in cases {
+        for engine in engines() {
+            let srv = FakeServer::start(
+                Image::new(&[(GIB - KIB * KIB, Seg::Hole), (KIB * KIB, Seg::Data(3))]),
+                behavior.clone(),
+            );
+            let src = srv.source();
+            let c = ReaderConfig {
+                engine,
+                idle_timeout: Duration::from_secs(3),
+                handshake_timeout: Duration::from_secs(3),
+                ..ReaderConfig::default()
+            };
+            let e = within(LIMIT, move || {
+                let _keep = &srv;
+                match ChunkReader::start(&src, &c) {
+                    Err(e) => e,
+                    Ok(mut s) => s
+                        .find_map(Result::err)
+                        .expect("the misbehaviour must surface as an error"),
+                }
+            });
+            assert!(
+                e.violation().is_some_and(want),
+                "{name} ({engine:?}): {e:?}"
+            );
+            assert_eq!(e.kind(), ErrorKind::Permanent, "{name}: {e}");
+        }
+    }
+}

@@ -648,3 +648,139 @@ proptest! {
         }
     }
 }
+
+/// Issue 10: a big export that is nearly all hole and barely dirty is mapped
+/// in a few block status round trips (one per reply, not one per 32 MiB or
+/// per work range), every chunk still classified right; only block status
+/// asks for more than the payload limit, reads never do.
+#[test]
+fn sparse_export_is_mapped_in_few_block_status_requests() {
+    const GIB: u64 = 1 << 30;
+    const CHUNK: u64 = 4 * MIB;
+    // 1 GiB: holes, one 1 MiB data region at 700 MiB (dirty), and a data
+    // region at 900 MiB that is not dirty.
+    let segs = [
+        (700 * MIB, Seg::Hole),
+        (MIB, Seg::Data(7)),
+        (199 * MIB, Seg::Hole),
+        (MIB, Seg::Data(8)),
+        (GIB - 901 * MIB, Seg::Hole),
+    ];
+    let dirty = [(700 * MIB, false), (MIB, true), (GIB - 701 * MIB, false)];
+    for engine in engines() {
+        // A fresh image per server: the data vector stays mostly untouched
+        // (lazily zeroed) memory; a clone would copy the whole gibibyte.
+        let srv = FakeServer::start(Image::new(&segs).with_dirty(&dirty), Behavior::default());
+        let src = srv.source().with_dirty_bitmap("bitmap0");
+        let c = ReaderConfig {
+            engine,
+            connections: 2,
+            idle_timeout: Duration::from_secs(10),
+            ..ReaderConfig::default()
+        };
+        let mut s = ChunkReader::start(&src, &c).unwrap();
+        let mut kinds = BTreeMap::new();
+        for item in &mut s {
+            let ch = item.unwrap();
+            if let ChunkKind::Data(d) = &ch.kind {
+                // Chunk 175 (700..704 MiB): the first MiB is the data.
+                assert_eq!(ch.index, 700 * MIB / CHUNK);
+                let mut expect = vec![0u8; CHUNK as usize];
+                expect[..MIB as usize].copy_from_slice(&pattern_at(7, 700 * MIB, MIB));
+                assert!(*d == expect, "dirty chunk differs");
+            }
+            assert!(kinds.insert(ch.index, ch.kind).is_none(), "chunk twice");
+        }
+        assert_eq!(kinds.len() as u64, GIB / CHUNK);
+        for (i, k) in &kinds {
+            match i {
+                175 => assert!(matches!(k, ChunkKind::Data(_)), "chunk {i}: {k:?}"),
+                225 => assert_eq!(*k, ChunkKind::Clean, "chunk {i}"),
+                _ => assert!(
+                    matches!(k, ChunkKind::Zero | ChunkKind::Clean),
+                    "chunk {i}: {k:?}"
+                ),
+            }
+        }
+        let stats = s.stats();
+        let reqs = srv.requests();
+        let status: Vec<_> = reqs
+            .iter()
+            .filter(|r| r.command == nbd_export::wire::NBD_CMD_BLOCK_STATUS)
+            .collect();
+        // 32 MiB at a time, one range at a time, this was 32 requests.
+        assert!(
+            status.len() <= 12,
+            "{engine:?}: {} block status requests: {status:?}",
+            status.len()
+        );
+        assert_eq!(stats.block_status_requests, status.len() as u64);
+        assert!(status.iter().any(|r| u64::from(r.len) > 32 * MIB));
+        assert!(reqs
+            .iter()
+            .filter(|r| r.command == nbd_export::wire::NBD_CMD_READ)
+            .all(|r| u64::from(r.len) <= u64::from(c.read_request_len)));
+        assert_eq!(stats.bytes_read, MIB);
+    }
+}
+
+/// The pattern the fake server fills `Seg::Data(seed)` with at `offset`.
+fn pattern_at(seed: u8, offset: u64, len: u64) -> Vec<u8> {
+    let img = Image::new(&[(offset, Seg::Hole), (len, Seg::Data(seed))]);
+    img.data[offset as usize..].to_vec()
+}
+
+/// `Client::map` over a big export: a few large requests in flight, short
+/// replies asked again from where they ended, the same map either way.
+#[test]
+fn client_map_pipelines_large_block_status_requests() {
+    const GIB: u64 = 1 << 30;
+    let segs = [
+        (300 * MIB, Seg::Hole),
+        (MIB, Seg::Data(1)),
+        (GIB - 302 * MIB, Seg::Hole),
+        (MIB, Seg::Data(2)),
+    ];
+    for (max_extents, most) in [(usize::MAX, 1), (1, 8)] {
+        let srv = FakeServer::start(
+            Image::new(&segs),
+            Behavior {
+                max_extents,
+                ..Behavior::default()
+            },
+        );
+        let mut c = Client::connect(&srv.source(), &ClientOptions::default()).unwrap();
+        let map = c.map("base:allocation").unwrap();
+        let flags = nbd_export::wire::NBD_STATE_HOLE | nbd_export::wire::NBD_STATE_ZERO;
+        let want = vec![
+            Extent {
+                offset: 0,
+                len: 300 * MIB,
+                flags,
+            },
+            Extent {
+                offset: 300 * MIB,
+                len: MIB,
+                flags: 0,
+            },
+            Extent {
+                offset: 301 * MIB,
+                len: GIB - 302 * MIB,
+                flags,
+            },
+            Extent {
+                offset: GIB - MIB,
+                len: MIB,
+                flags: 0,
+            },
+        ];
+        assert_eq!(map, want, "max_extents {max_extents}");
+        let n = srv
+            .requests()
+            .iter()
+            .filter(|r| r.command == nbd_export::wire::NBD_CMD_BLOCK_STATUS)
+            .count();
+        assert!(n <= most, "max_extents {max_extents}: {n} requests");
+        c.disconnect().unwrap();
+    }
+}

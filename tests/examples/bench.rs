@@ -90,6 +90,8 @@ struct Opts {
     freeze_runs: usize,
     perf: bool,
     keep: bool,
+    /// `--only`: run just these issue-10 phases (empty: everything).
+    only: Vec<String>,
 }
 
 const USAGE: &str =
@@ -99,7 +101,9 @@ const USAGE: &str =
   --runs N          runs per figure (default 5; --quick: 1)
   --freeze-runs N   consecutive backups for the freeze window (default 10)
   --no-perf         skip the perf profile
-  --keep            keep bench/work/run (repositories, images) afterwards";
+  --keep            keep bench/work/run (repositories, images) afterwards
+  --only PHASES     only these issue-10 phases, comma-separated: incremental (one full
+                    backup per run, then the incrementals), huge (the 1 TiB disk)";
 
 impl Opts {
     fn parse(mut args: impl Iterator<Item = String>) -> Res<Opts> {
@@ -112,6 +116,7 @@ impl Opts {
             freeze_runs: 10,
             perf: true,
             keep: false,
+            only: Vec::new(),
         };
         while let Some(a) = args.next() {
             let mut num = |name: &str| -> Res<u64> {
@@ -129,6 +134,15 @@ impl Opts {
                 "--quick" => o.quick = true,
                 "--no-perf" => o.perf = false,
                 "--keep" => o.keep = true,
+                "--only" => {
+                    let v = args.next().ok_or("--only needs a value")?;
+                    for p in v.split(',') {
+                        if !["incremental", "huge"].contains(&p) {
+                            return Err(format!("--only: unknown phase {p}\n{USAGE}"));
+                        }
+                        o.only.push(p.to_owned());
+                    }
+                }
                 "-h" | "--help" => return Err(USAGE.into()),
                 other => return Err(format!("unknown argument {other}\n{USAGE}")),
             }
@@ -417,6 +431,19 @@ impl Bench {
         let out = cmd.output().ctx("spawning GNU time")?;
         let wall = t.elapsed().as_secs_f64();
         let q1 = proc_cpu(qemu_pid, self.clk_tck);
+        // BENCH_STDERR_LOG=<file>: keep every command's stderr (with
+        // RUST_LOG=shear::timing=debug, where a backup's time goes).
+        if let Some(log) = std::env::var_os("BENCH_STDERR_LOG") {
+            use std::io::Write as _;
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+            {
+                let _ = writeln!(f, "=== wall {wall:.3} s");
+                let _ = f.write_all(&out.stderr);
+            }
+        }
         let shown = argv
             .iter()
             .map(|a| a.to_string_lossy().into_owned())
@@ -1228,45 +1255,57 @@ fn run() -> Res<()> {
         b.opts.size_gib, b.opts.runs, b.cores
     ));
 
-    let plan = Plan::for_size(b.size);
-    let ds = prepare_dataset(&b.work, &plan)?;
-    r.dataset = ds.info.clone();
+    let only = |p: &str| b.opts.only.is_empty() || b.opts.only.iter().any(|o| o == p);
+    if !b.opts.only.is_empty() {
+        if only("incremental") {
+            only_incremental(&b, &mut r)?;
+        }
+        if only("huge") {
+            huge_phase(&b, &mut r)?;
+        }
+    } else {
+        let plan = Plan::for_size(b.size);
+        let ds = prepare_dataset(&b.work, &plan)?;
+        r.dataset = ds.info.clone();
 
-    let disk = b.run.join("disk.qcow2");
-    std::fs::copy(&ds.image, &disk).ctx("copying the data set")?;
-    // Warm the page cache: every figure below is a warm-cache figure.
-    std::io::copy(
-        &mut std::fs::File::open(&disk).ctx("open")?,
-        &mut std::io::sink(),
-    )
-    .ctx("reading the image")?;
+        let disk = b.run.join("disk.qcow2");
+        std::fs::copy(&ds.image, &disk).ctx("copying the data set")?;
+        // Warm the page cache: every figure below is a warm-cache figure.
+        std::io::copy(
+            &mut std::fs::File::open(&disk).ctx("open")?,
+            &mut std::io::sink(),
+        )
+        .ctx("reading the image")?;
 
-    say("booting the guest (TCG) with the data disk");
-    let mut vm = TestVm::start(VmConfig::guest().disk(DiskSpec::qcow2(DISK, b.size).image(&disk)))
-        .ctx("starting the VM")?;
-    vm.guest_sh("grep -q ' /mnt/vda ext4' /proc/mounts")
-        .ctx("the data disk is not mounted in the guest")?;
+        say("booting the guest (TCG) with the data disk");
+        let mut vm =
+            TestVm::start(VmConfig::guest().disk(DiskSpec::qcow2(DISK, b.size).image(&disk)))
+                .ctx("starting the VM")?;
+        vm.guest_sh("grep -q ' /mnt/vda ext4' /proc/mounts")
+            .ctx("the data disk is not mounted in the guest")?;
 
-    main_rounds(&b, &mut vm, &mut r)?;
-    restore_phase(&b, &mut r)?;
-    incremental_phase(&b, &mut vm, &mut r)?;
-    if b.opts.perf {
-        profile_phase(&b, &vm, &mut r)?;
+        main_rounds(&b, &mut vm, &mut r)?;
+        restore_phase(&b, &mut r)?;
+        incremental_phase(&b, &mut vm, &mut r)?;
+        if b.opts.perf {
+            profile_phase(&b, &vm, &mut r)?;
+        }
+        freeze_phase(&b, &vm, &mut r)?;
+        guest_write_phase(&b, &mut vm, &mut r)?;
+        vm.shutdown().ctx("shutting the VM down")?;
+        drop(vm);
+        rss_phase(&b, &ds, &mut r)?;
+        huge_phase(&b, &mut r)?;
     }
-    freeze_phase(&b, &vm, &mut r)?;
-    guest_write_phase(&b, &mut vm, &mut r)?;
-    vm.shutdown().ctx("shutting the VM down")?;
-    drop(vm);
-    rss_phase(&b, &ds, &mut r)?;
-    huge_phase(&b, &mut r)?;
-
     r.elapsed_s = t_all.elapsed().as_secs_f64();
     r.machine["loadavg_end"] = json!(loadavg());
     let (md, js) = render(&b, &r);
     let results = b.root.join("bench/results");
     std::fs::create_dir_all(&results).ctx("creating bench/results")?;
     let date = first_line("date", &["+%Y-%m-%d"]);
-    let stem = if b.opts.quick {
+    let stem = if !b.opts.only.is_empty() {
+        format!("{date}-only-{}", b.opts.only.join("-"))
+    } else if b.opts.quick {
         format!("{date}-quick")
     } else if b.opts.size_gib != 4 {
         format!("{date}-{}g", b.opts.size_gib)
@@ -1291,6 +1330,34 @@ fn run() -> Res<()> {
         js_path.display(),
         r.elapsed_s
     ));
+    Ok(())
+}
+
+/// `--only incremental`: the data set and guest as in a full run, one
+/// shear full backup per run into a fresh repository (the wall time the
+/// incrementals are compared with), then the incremental phase.
+fn only_incremental(b: &Bench, r: &mut Results) -> Res<()> {
+    let plan = Plan::for_size(b.size);
+    let ds = prepare_dataset(&b.work, &plan)?;
+    r.dataset = ds.info.clone();
+    let disk = b.run.join("disk.qcow2");
+    std::fs::copy(&ds.image, &disk).ctx("copying the data set")?;
+    say("booting the guest (TCG) with the data disk");
+    let mut vm = TestVm::start(VmConfig::guest().disk(DiskSpec::qcow2(DISK, b.size).image(&disk)))
+        .ctx("starting the VM")?;
+    vm.guest_sh("grep -q ' /mnt/vda ext4' /proc/mounts")
+        .ctx("the data disk is not mounted in the guest")?;
+    let repo = b.run.join("repo-main");
+    for round in 1..=b.opts.runs {
+        say(&format!("round {round}/{}: shear backup", b.opts.runs));
+        b.fresh_repo(&repo)?;
+        let s = b.shear_backup(&vm, &repo)?;
+        r.series("shear_backup", "shear backup (fresh repository)")
+            .samples
+            .push(s);
+    }
+    incremental_phase(b, &mut vm, r)?;
+    vm.shutdown().ctx("shutting the VM down")?;
     Ok(())
 }
 
@@ -2558,9 +2625,10 @@ fn render(b: &Bench, r: &Results) -> (String, Value) {
                 md,
                 "\nThe mapping alone: QEMU's NBD server exports the disk's node with a disabled bitmap \
                  (8 × 1 MiB written after it was added); shear's NBD client (`nbd_export`) asks block \
-                 status over the whole export in 32 MiB requests with both contexts (`base:allocation`, \
-                 `qemu:dirty-bitmap:…`), one request at a time on one connection (`Client::map`); the \
-                 chunk reader (2 connections) plans every chunk and reads the dirty ones, storing nothing.\n"
+                 status over the whole export with both contexts (`base:allocation`, \
+                 `qemu:dirty-bitmap:…`) in requests of up to 4 GiB, 4 in flight on one connection \
+                 (`Client::map`); the chunk reader (2 connections) plans every chunk and reads the dirty \
+                 ones, storing nothing.\n"
             );
             let _ = writeln!(md, "| step | s | result |");
             let _ = writeln!(md, "|---|---|---|");

@@ -219,15 +219,23 @@ impl BackupRun {
         self.monitor.release();
         self.phase(Phase::Read);
         let pending = self.read().await?;
+        self.mark("read: done");
         self.retire_bitmaps()?;
         Ok(pending)
     }
 
     pub(super) fn phase(&self, phase: Phase) {
+        self.mark(phase.as_str());
         self.observer.event(&JobEvent::Phase {
             vmid: &self.opts.vmid,
             phase,
         });
+    }
+
+    /// Time since the run began, at a step (`RUST_LOG=shear::timing=debug`
+    /// prints them: where a run's fixed cost goes).
+    pub(super) fn mark(&self, step: &str) {
+        tracing::debug!(target: "shear::timing", step, ms = ms(self.t0.elapsed()));
     }
 
     /// Record a warning for the report and tell the observer.
@@ -266,10 +274,13 @@ impl BackupRun {
             .map_err(JobError::qmp("query-status"))?;
         self.was_running = status.running;
         self.vm_name = qmp_vm_name(self.monitor.get()?).await;
+        self.mark("prepare: disks, status, name");
         self.vm_config =
             super::definition::capture(self.monitor.get()?, &self.disks, &self.opts.pve_config)
                 .await;
+        self.mark("prepare: definition");
         self.plan_tracking().await?;
+        self.mark("prepare: tracking plan");
 
         if !self.was_running {
             self.warn(format!(
@@ -291,21 +302,34 @@ impl BackupRun {
         self.names = (0..self.disks.len())
             .map(|i| NodeNames::new(&tag, i))
             .collect();
-        self.record.steps.push(Step::Dir {
+        let files: Vec<PathBuf> = self
+            .disks
+            .iter()
+            .map(|disk| {
+                self.opts.fleecing_dir.join(format!(
+                    "{}-{}-{tag}.fleece.qcow2",
+                    self.opts.vmid, disk.name
+                ))
+            })
+            .collect();
+        // Every setup step up to the NBD server, written ahead in one save.
+        let mut ahead = vec![Step::Dir {
             path: self.nbd_dir.clone(),
+        }];
+        ahead.extend(files.iter().map(|f| Step::FleeceFile { path: f.clone() }));
+        ahead.extend(self.names.iter().map(|n| Step::Node {
+            name: n.fleece.clone(),
+        }));
+        ahead.push(Step::NbdServer {
+            socket: self.nbd_socket(),
         });
-        self.record.save(&self.rpath).map_err(JobError::Record)?;
+        graph::log_ahead(&mut self.record, &self.rpath, ahead)?;
         private_dir(&self.nbd_dir)?;
-        let mut files = Vec::new();
-        for disk in &self.disks {
-            let file = self.opts.fleecing_dir.join(format!(
-                "{}-{}-{tag}.fleece.qcow2",
-                self.opts.vmid, disk.name
-            ));
-            graph::create_fleece_file(&mut self.record, &self.rpath, disk, &file).await?;
-            files.push(file);
+        for (disk, file) in self.disks.iter().zip(&files) {
+            graph::create_fleece_file(&mut self.record, &self.rpath, disk, file).await?;
             self.cancel.check()?;
         }
+        self.mark("prepare: fleece files");
         self.watchdog = Some(
             Watchdog::spawn(
                 &self.opts.qmp,
@@ -315,6 +339,7 @@ impl BackupRun {
             )
             .map_err(|e| JobError::io("starting the thaw watchdog", e))?,
         );
+        self.mark("prepare: watchdog");
 
         // qemu-ga from just before the freeze to the confirmed thaw (only
         // when the guest runs: a paused guest cannot answer), connected
@@ -322,8 +347,10 @@ impl BackupRun {
         if self.opts.mode == Mode::Snapshot && self.was_running {
             self.connect_agent().await;
         }
+        self.mark("prepare: qemu-ga");
         // The monitor again, from here through the exports.
         self.reconnect_for_setup().await?;
+        self.mark("prepare: reconnect");
         let mut g = GraphBuilder::new(self.monitor.get()?, &mut self.record, &self.rpath);
         for ((disk, n), file) in self.disks.iter().zip(&self.names).zip(&files) {
             g.add_fleece(disk, n, file).await?;
@@ -335,6 +362,7 @@ impl BackupRun {
             .unwrap_or(u32::MAX);
         g.start_nbd_server(&self.nbd_dir.join("nbd.sock"), max_conn)
             .await?;
+        self.mark("prepare: fleece nodes, nbd server");
         Ok(())
     }
 
@@ -367,7 +395,24 @@ impl BackupRun {
     /// Phase `insert`: filters on every disk at the same instant, then the
     /// access nodes; then the test-only held hook. Runs while held.
     async fn insert(&mut self) -> Result<(), JobError> {
-        self.split_bitmaps().await?;
+        // The filter and access steps of every disk are written ahead with
+        // the split, in one save: the guest is held meanwhile.
+        let mut ahead = Vec::new();
+        for (disk, n) in self.disks.iter().zip(&self.names) {
+            ahead.push(Step::Node {
+                name: n.cbw.clone(),
+            });
+            ahead.push(Step::DriveSwap {
+                qdev: disk.qdev.clone(),
+                original: disk.node.clone(),
+                filter: n.cbw.clone(),
+            });
+        }
+        ahead.extend(self.names.iter().map(|n| Step::Node {
+            name: n.access.clone(),
+        }));
+        self.split_bitmaps(ahead).await?;
+        self.mark("insert: bitmap split");
         let mut g = GraphBuilder::new(self.monitor.get()?, &mut self.record, &self.rpath);
         for (disk, n) in self.disks.iter().zip(&self.names) {
             g.insert_filter(disk, n, self.opts.cbw_timeout_s).await?;
@@ -388,6 +433,9 @@ impl BackupRun {
     async fn export(&mut self) -> Result<(), JobError> {
         self.export_names = (0..self.disks.len()).map(|_| random_hex(16)).collect();
         let mut g = GraphBuilder::new(self.monitor.get()?, &mut self.record, &self.rpath);
+        g.log_ahead(self.names.iter().map(|n| Step::Export {
+            id: n.export.clone(),
+        }))?;
         for (i, ((disk, n), name)) in self
             .disks
             .iter()
@@ -402,6 +450,7 @@ impl BackupRun {
                 .and_then(|t| Some((t.node.as_str(), t.old_bitmap.as_deref()?)));
             g.add_export(disk, n, name, bitmap).await?;
         }
+        self.mark("export: exports");
         self.dirty_bytes = self.frozen_dirty_bytes().await?;
         self.setup_ms = ms(self.t0.elapsed());
         Ok(())
@@ -437,9 +486,9 @@ impl BackupRun {
     /// Phase `insert`, first step: the bitmap split of every disk in one
     /// transaction, while the guest is held. If QEMU refuses it, the
     /// backup goes on with full reads and no tracking (said in the output).
-    async fn split_bitmaps(&mut self) -> Result<(), JobError> {
+    async fn split_bitmaps(&mut self, ahead: Vec<Step>) -> Result<(), JobError> {
         if self.tracking.is_empty() {
-            return Ok(());
+            return graph::log_ahead(&mut self.record, &self.rpath, ahead);
         }
         let mut actions = Vec::new();
         for t in &self.tracking {
@@ -450,7 +499,7 @@ impl BackupRun {
             });
             actions.extend(t.split_actions());
         }
-        self.record.save(&self.rpath).map_err(JobError::Record)?;
+        graph::log_ahead(&mut self.record, &self.rpath, ahead)?;
         if let Err(e) = self.monitor.get()?.transaction(&actions).await {
             // The transaction is atomic: nothing changed; drop the steps.
             self.record
@@ -621,6 +670,7 @@ impl BackupRun {
             &self.rpath,
         )
         .await;
+        self.mark("teardown: graph undone");
         let released = !self.still_held();
         match (&teardown, self.watchdog.take()) {
             (Ok(()), Some(w)) => w.finish(),
@@ -762,6 +812,7 @@ impl BackupRun {
             .session
             .commit(&info)
             .map_err(JobError::repo("committing the manifest"))?;
+        self.mark("commit: manifest");
         Ok(BackupReport {
             backup_id: id.to_string(),
             vmid: self.opts.vmid.clone(),

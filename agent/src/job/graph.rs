@@ -190,12 +190,26 @@ impl<'a> GraphBuilder<'a> {
         }
     }
 
-    /// Append a step to the record and persist it (write-ahead).
+    /// Append a step to the record and persist it (write-ahead). A step
+    /// already written ahead by [`GraphBuilder::log_ahead`] is not saved
+    /// again.
     pub fn log(&mut self, step: Step) -> Result<(), JobError> {
+        if self.record.steps.contains(&step) {
+            return Ok(());
+        }
         self.record.steps.push(step);
         self.record
             .save(&self.record_path)
             .map_err(JobError::Record)
+    }
+
+    /// Write several steps ahead in one save, in the order they will be
+    /// taken (one fsync pair instead of one per step). Safe because the
+    /// undo of every graph step tolerates a step never taken: a node or
+    /// export that does not exist, a device not on our filter, a server not
+    /// on our socket, a file not there.
+    pub fn log_ahead(&mut self, steps: impl IntoIterator<Item = Step>) -> Result<(), JobError> {
+        log_ahead(self.record, &self.record_path, steps)
     }
 
     /// Drop a step that has been undone in the normal flow (thaw, cont).
@@ -332,6 +346,20 @@ impl<'a> GraphBuilder<'a> {
     }
 }
 
+/// [`GraphBuilder::log_ahead`] without a monitor (before QMP is needed).
+pub fn log_ahead(
+    record: &mut RunRecord,
+    record_path: &Path,
+    steps: impl IntoIterator<Item = Step>,
+) -> Result<(), JobError> {
+    for step in steps {
+        if !record.steps.contains(&step) {
+            record.steps.push(step);
+        }
+    }
+    record.save(record_path).map_err(JobError::Record)
+}
+
 /// Create the fleece image of `disk` (qcow2, exact virtual size) at `path`,
 /// recorded first. Needs no QMP connection (the monitor is let go while
 /// `qemu-img` runs).
@@ -341,10 +369,13 @@ pub async fn create_fleece_file(
     disk: &VmDisk,
     path: &Path,
 ) -> Result<(), JobError> {
-    record.steps.push(Step::FleeceFile {
+    let step = Step::FleeceFile {
         path: path.to_path_buf(),
-    });
-    record.save(record_path).map_err(JobError::Record)?;
+    };
+    if !record.steps.contains(&step) {
+        record.steps.push(step);
+        record.save(record_path).map_err(JobError::Record)?;
+    }
     create_qcow2(path, disk.virtual_size).await?;
     failpoint("fleece-file", &disk.name)
 }
@@ -428,6 +459,7 @@ pub async fn undo(
     let mut first_err: Option<JobError> = None;
     let mut failed: Vec<Step> = Vec::new();
     while let Some(step) = record.steps.pop() {
+        let save = !redo_safe(&step);
         if let Err(e) = undo_step(qmp, qga, &step).await {
             tracing::warn!(error = %crate::job::chain(&e), ?step, "teardown step failed");
             if !qemu_gone(&e) {
@@ -435,11 +467,18 @@ pub async fn undo(
             }
             first_err.get_or_insert(e);
         }
-        // Persist progress so a crash mid-teardown does not redo (or lose) steps.
-        let mut snapshot = record.clone();
-        snapshot.steps.extend(failed.iter().rev().cloned());
-        if let Err(e) = snapshot.save(record_path) {
-            first_err.get_or_insert(JobError::Record(e));
+        // Persist progress after a step that must not be redone after a
+        // crash (a resume or thaw could hit a hold that is not ours; a
+        // bitmap merge must happen once). Graph and file steps are safe to
+        // redo (their undo checks first), so they are not saved one by
+        // one: the record on disk only ever holds more steps than remain,
+        // never fewer.
+        if save {
+            let mut snapshot = record.clone();
+            snapshot.steps.extend(failed.iter().rev().cloned());
+            if let Err(e) = snapshot.save(record_path) {
+                first_err.get_or_insert(JobError::Record(e));
+            }
         }
     }
     failed.reverse();
@@ -454,6 +493,21 @@ pub async fn undo(
         None => Ok(()),
         Some(e) => Err(e),
     }
+}
+
+/// Steps whose undo may run twice: each checks what is there first, and
+/// every name in them is ours alone (random per run).
+fn redo_safe(step: &Step) -> bool {
+    matches!(
+        step,
+        Step::FleeceFile { .. }
+            | Step::Dir { .. }
+            | Step::Node { .. }
+            | Step::DriveSwap { .. }
+            | Step::Export { .. }
+            | Step::NbdServer { .. }
+            | Step::BitmapRetire { .. }
+    )
 }
 
 /// Whether an undo failed only because QEMU is no longer there (its
