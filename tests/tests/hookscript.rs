@@ -168,9 +168,14 @@ exit 0
     assert_eq!(v["vms"][0]["freeze_window_ms"], report["freeze_window_ms"]);
     let mails = smtp.wait_mails(1, Duration::from_secs(10));
     assert_eq!(mails.len(), 1, "{stderr}");
-    assert!(mails[0].contains("Subject: [shear "), "{}", mails[0]);
-    assert!(mails[0].contains("shear backup job cli on testnode: 1 VM(s) backed up"));
-    assert!(mails[0].contains(&id), "{}", mails[0]);
+    let unfold = |m: &str| m.replace("\r\n", "\n").replace("\n ", " ");
+    let m = unfold(&mails[0]);
+    assert!(m.contains("Subject: [shear "), "{m}");
+    assert!(
+        m.contains("shear backup job cli on testnode: 1 VM(s) backed up"),
+        "{m}"
+    );
+    assert!(m.contains(&format!("VM 100 backup: {id}")), "{m}");
     assert!(
         stderr.contains("notification sent to web") && stderr.contains("notification sent to mail")
     );
@@ -233,5 +238,10 @@ exit 0
         .contains("backup-start"));
     let mails = smtp.wait_mails(2, Duration::from_secs(10));
     assert_eq!(mails.len(), 2);
-    assert!(mails[1].contains("Subject: [shear error]"), "{}", mails[1]);
+    let m = unfold(&mails[1]);
+    assert!(m.contains("Subject: [shear error]"), "{m}");
+    assert!(
+        m.contains("VM 100 error: aborted by the hook script"),
+        "{m}"
+    );
 }

@@ -215,13 +215,13 @@ impl Notification {
             let _ = writeln!(s);
             let _ = writeln!(
                 s,
-                "{:<10} {:<8} {:>10} {:>12} {:<12} {:>10}  BACKUP",
+                "{:<10} {:<8} {:>10} {:>11} {:<12} {:>9}",
                 "VMID", "STATUS", "DURATION", "SIZE", "CONSISTENCY", "FREEZE"
             );
             for v in &self.vms {
                 let _ = writeln!(
                     s,
-                    "{:<10} {:<8} {:>10} {:>12} {:<12} {:>10}  {}",
+                    "{:<10} {:<8} {:>10} {:>11} {:<12} {:>9}",
                     v.vmid,
                     v.status,
                     v.duration_ms.map_or("-".into(), secs),
@@ -229,20 +229,59 @@ impl Notification {
                     v.consistency.as_deref().unwrap_or("-"),
                     v.freeze_window_ms
                         .map_or("-".into(), |ms| format!("{ms} ms")),
-                    v.backup_id.as_deref().unwrap_or("-"),
                 );
             }
+            let _ = writeln!(s);
             for v in &self.vms {
+                if let Some(b) = &v.backup_id {
+                    let _ = writeln!(s, "VM {} backup: {b}", v.vmid);
+                }
                 if let Some(e) = &v.error {
-                    let _ = writeln!(s, "\nVM {} error: {e}", v.vmid);
+                    let _ = writeln!(s, "VM {} error: {e}", v.vmid);
                 }
                 for w in &v.warnings {
                     let _ = writeln!(s, "VM {} warning: {w}", v.vmid);
                 }
             }
         }
-        s
+        wrap(&s, TEXT_WIDTH)
     }
+}
+
+/// Longest line of the text rendering: mail bodies with shorter lines go
+/// out as plain 7bit/8bit text, readable in any client and raw mailbox.
+pub const TEXT_WIDTH: usize = 76;
+
+/// Wrap lines longer than `width` at spaces (continuations indented by
+/// two spaces); a word longer than a line is cut.
+fn wrap(text: &str, width: usize) -> String {
+    let mut out = String::with_capacity(text.len() + 16);
+    for line in text.lines() {
+        let mut rest = line;
+        let mut first = true;
+        loop {
+            let room = if first { width } else { width - 2 };
+            if !first {
+                out.push_str("  ");
+            }
+            if rest.chars().count() <= room {
+                out.push_str(rest);
+                out.push('\n');
+                break;
+            }
+            let cut_at = rest.char_indices().nth(room).map_or(rest.len(), |(i, _)| i);
+            let head = &rest[..cut_at];
+            let (take, skip) = match head.rfind(' ') {
+                Some(sp) if sp > 0 => (sp, sp + 1),
+                _ => (cut_at, cut_at),
+            };
+            out.push_str(&rest[..take]);
+            out.push('\n');
+            rest = &rest[skip..];
+            first = false;
+        }
+    }
+    out
 }
 
 fn secs(ms: u64) -> String {
