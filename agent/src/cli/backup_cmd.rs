@@ -101,6 +101,10 @@ pub struct BackupArgs {
     /// incremental read (tracking starts anew from this backup).
     #[arg(long)]
     pub full: bool,
+    /// Back up the media in CD-ROM drives too (an ISO is not a disk of
+    /// the VM: skipped by default, as vzdump does).
+    #[arg(long)]
+    pub include_cdrom: bool,
     /// Back up an NBD export as disk NAME instead of asking QEMU
     /// (no QMP, no qemu-ga): NAME=nbd+unix:///EXPORT?socket=PATH or
     /// NAME=nbd://HOST[:PORT]/EXPORT; repeatable, one VMID.
@@ -271,6 +275,7 @@ pub fn run(cli: &super::Cli, args: &BackupArgs) -> anyhow::Result<ExitCode> {
             cbw_timeout_s: args.cbw_timeout,
             stop_timeout: Duration::from_secs(args.stop_timeout),
             full: args.full,
+            include_cdrom: args.include_cdrom,
             held_hook: held_hook.clone(),
             script: extras.vm_hooks(vmid, mode.as_str()),
         };
