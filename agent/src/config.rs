@@ -61,6 +61,15 @@ pub struct Config {
     pub pve_config: String,
     /// Lifecycle hooks (`shear hook libvirt|pve …`).
     pub hooks: HooksConfig,
+    /// Notification targets (`[[notify_target]]`; see [`crate::notify::config`]).
+    pub notify_target: Vec<crate::notify::TargetConfig>,
+    /// Notification matchers (`[[notify_matcher]]`).
+    pub notify_matcher: Vec<crate::notify::MatcherConfig>,
+    /// vzdump hook script run for every backup (`script` in vzdump.conf;
+    /// `shear backup --script` overrides; see [`crate::hookscript`]).
+    pub script: Option<PathBuf>,
+    /// Deadline of one hook script run, seconds (default 300).
+    pub script_timeout: Option<u64>,
 }
 
 /// `[hooks]`: what `shear hook` does at each lifecycle event.
@@ -90,6 +99,10 @@ impl Default for Config {
             node: None,
             pve_config: "/etc/pve/qemu-server/{vmid}.conf".into(),
             hooks: HooksConfig::default(),
+            notify_target: Vec::new(),
+            notify_matcher: Vec::new(),
+            script: None,
+            script_timeout: None,
         }
     }
 }
@@ -114,6 +127,14 @@ pub enum ConfigError {
         /// Cause.
         #[source]
         source: toml::de::Error,
+    },
+    /// The file parses but says something inconsistent.
+    #[error("invalid config {path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
     },
 }
 
@@ -150,10 +171,17 @@ impl Config {
                 path: path.into(),
                 source,
             })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        let cfg: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
             path: path.into(),
             source,
-        })
+        })?;
+        crate::notify::config::validate(&cfg.notify_target, &cfg.notify_matcher).map_err(
+            |message| ConfigError::Invalid {
+                path: path.into(),
+                message,
+            },
+        )?;
+        Ok(cfg)
     }
 
     /// The QMP socket of `vmid`.

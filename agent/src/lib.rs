@@ -7,7 +7,9 @@ pub mod cli;
 pub mod config;
 mod error_chain;
 pub mod fsutil;
+pub mod hookscript;
 pub mod job;
+pub mod notify;
 pub mod repo;
 
 pub use error_chain::chain;

@@ -22,6 +22,7 @@
 pub mod disk;
 pub mod prereq;
 pub mod shear;
+pub mod sinks;
 pub mod vm;
 pub mod wire;
 

@@ -8,9 +8,11 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 
+use super::backup_job::JobExtras;
 use super::progress::CliObserver;
 use crate::chain;
 use crate::config::Config;
+use crate::hookscript::{HookPhase, VmLog};
 use crate::job::backup::{
     held_hook_from_env, run_backup, BackupOptions, Cancel, Mode, DEFAULT_CBW_TIMEOUT_S,
 };
@@ -117,6 +119,23 @@ pub struct BackupArgs {
     /// One JSON document (an array with one entry per VM) on stdout.
     #[arg(long)]
     pub json: bool,
+    /// vzdump hook script, called at the phases job-init, job-start,
+    /// backup-start, pre-stop, pre-restart, post-restart, backup-end,
+    /// backup-abort, log-end, job-end, job-abort with vzdump's arguments
+    /// and environment; a non-zero exit at backup-start aborts that VM's
+    /// backup (default: `script` in shear.toml; docs/hooks.md).
+    #[arg(long, value_name = "PATH", conflicts_with = "nbd")]
+    pub script: Option<PathBuf>,
+    /// Send the job's notification (job-finished or job-failed) to these
+    /// [[notify_target]]s of shear.toml, comma-separated (vzdump's
+    /// --notification-target).
+    #[arg(
+        long,
+        value_name = "TARGET[,TARGET]",
+        value_delimiter = ',',
+        conflicts_with = "nbd"
+    )]
+    pub notify: Vec<String>,
 }
 
 fn parse_compress(s: Option<&str>) -> anyhow::Result<Option<i32>> {
@@ -138,9 +157,14 @@ fn parse_compress(s: Option<&str>) -> anyhow::Result<Option<i32>> {
 }
 
 /// Run `shear backup`.
-pub fn run(repo: crate::repo::Repository, args: &BackupArgs) -> anyhow::Result<ExitCode> {
+pub fn run(cli: &super::Cli, args: &BackupArgs) -> anyhow::Result<ExitCode> {
     if args.vmids.len() > 1 && (args.qmp.is_some() || args.qga.is_some()) {
         bail!("--qmp/--qga name one VM's sockets: give a single VMID with them");
+    }
+    if args.nbd.is_empty() {
+        for vmid in &args.vmids {
+            crate::repo::VmId::new(vmid).with_context(|| format!("bad VM id {vmid:?}"))?;
+        }
     }
     let cfg = Config::load()?;
     let run_dir = args.run_dir.clone().unwrap_or_else(|| cfg.run_dir.clone());
@@ -162,7 +186,6 @@ pub fn run(repo: crate::repo::Repository, args: &BackupArgs) -> anyhow::Result<E
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
     let held_hook = held_hook_from_env();
     let mode = Mode::from(args.mode);
-    let repo = Arc::new(repo);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -173,14 +196,63 @@ pub fn run(repo: crate::repo::Repository, args: &BackupArgs) -> anyhow::Result<E
     rt.spawn(cancel_on_signals(cancel.clone()));
 
     if !args.nbd.is_empty() {
+        let repo = Arc::new(super::repo_cmds::open(cli)?);
         return super::nbd_cmd::run(
             &rt, repo, args, &cfg, &run_dir, zstd_level, workers, &cancel,
         );
     }
+    let mut extras = JobExtras::new(
+        &cfg,
+        args.script.clone(),
+        &args.notify,
+        cli.repo.display().to_string(),
+        &run_dir,
+    )?;
+    // job-init comes before the repository is opened (vzdump: before the
+    // storage is accessed, e.g. to wake it up).
+    rt.block_on(extras.job_phase(HookPhase::JobInit));
+    let repo = match super::repo_cmds::open(cli) {
+        Ok(r) => Arc::new(r),
+        Err(e) => {
+            let msg = chain(e.as_ref());
+            for vmid in &args.vmids {
+                extras.vm_failed(vmid, msg.clone());
+            }
+            rt.block_on(extras.finish(Some(msg)));
+            return Err(e);
+        }
+    };
+    rt.block_on(extras.job_phase(HookPhase::JobStart));
     let mut reports: Vec<serde_json::Value> = Vec::new();
     let mut failed = 0usize;
     for vmid in &args.vmids {
-        crate::repo::VmId::new(vmid).with_context(|| format!("bad VM id {vmid:?}"))?;
+        let t0 = std::time::Instant::now();
+        let mut log = VmLog::default();
+        log.line(&format!(
+            "shear {}: backup of VM {vmid} ({} mode) starts",
+            env!("CARGO_PKG_VERSION"),
+            mode.as_str()
+        ));
+        if let Err(e) = rt.block_on(extras.backup_start(vmid, mode.as_str())) {
+            // Before anything in the VM was touched.
+            failed += 1;
+            let msg = format!("aborted by the hook script: {}", chain(&e));
+            if args.json {
+                reports.push(serde_json::json!({
+                    "vmid": vmid,
+                    "error": msg,
+                    "kind": "hook",
+                    "guest": "untouched",
+                }));
+            } else {
+                err(format_args!("shear: backup of VM {vmid} FAILED: {msg}"));
+                err(format_args!(
+                    "shear: the guest was not touched; no backup was recorded"
+                ));
+            }
+            rt.block_on(extras.vm_done(vmid, mode.as_str(), Err(msg), t0.elapsed(), log));
+            continue;
+        }
         let qmp = args.qmp.clone().unwrap_or_else(|| cfg.qmp_socket_for(vmid));
         let qga = Some(args.qga.clone().unwrap_or_else(|| cfg.qga_socket_for(vmid)));
         let opts = BackupOptions {
@@ -205,6 +277,7 @@ pub fn run(repo: crate::repo::Repository, args: &BackupArgs) -> anyhow::Result<E
             full: args.full,
             include_cdrom: args.include_cdrom,
             held_hook: held_hook.clone(),
+            script: extras.vm_hooks(vmid, mode.as_str()),
         };
         let progress = !args.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
         let observer = Arc::new(CliObserver::new(progress));
@@ -227,6 +300,7 @@ pub fn run(repo: crate::repo::Repository, args: &BackupArgs) -> anyhow::Result<E
                 } else {
                     print_human(&r);
                 }
+                rt.block_on(extras.vm_done(vmid, mode.as_str(), Ok(&r), t0.elapsed(), log));
             }
             Err(e) => {
                 failed += 1;
@@ -243,6 +317,7 @@ pub fn run(repo: crate::repo::Repository, args: &BackupArgs) -> anyhow::Result<E
                     err(format_args!("shear: backup of VM {vmid} FAILED: {msg}"));
                     err(format_args!("shear: {}", failure.tail));
                 }
+                rt.block_on(extras.vm_done(vmid, mode.as_str(), Err(msg), t0.elapsed(), log));
             }
         }
         if cancel.is_cancelled() {
@@ -251,6 +326,10 @@ pub fn run(repo: crate::repo::Repository, args: &BackupArgs) -> anyhow::Result<E
     }
     // A guard dropped on an error path thaws from a thread: let it finish.
     guest_agent::wait_for_drop_thaws(Duration::from_secs(30));
+    let aborted = cancel
+        .is_cancelled()
+        .then(|| "cancelled by a signal before every VM was backed up".to_string());
+    rt.block_on(extras.finish(aborted));
     if args.json {
         out(format_args!("{}", serde_json::to_string_pretty(&reports)?));
     }

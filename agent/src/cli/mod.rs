@@ -8,7 +8,9 @@
 //! finishes its work and exits with its own status.
 
 mod backup_cmd;
+mod backup_job;
 pub mod boot_cmdline;
+mod generate;
 mod hook_cmd;
 pub mod json_errors;
 mod nbd_cmd;
@@ -85,6 +87,8 @@ pub struct Cli {
 }
 
 /// Subcommands.
+// Parsed once per process: the size of the backup variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Back up running VMs (live, point-in-time, deduplicated).
@@ -188,6 +192,16 @@ pub enum Command {
     },
     /// Restore disk images of a backup into a directory.
     Restore(RestoreArgs),
+    /// Internal (packaging): write man pages or shell completions
+    /// generated from this CLI into DIR.
+    #[command(name = "generate", hide = true)]
+    Generate {
+        /// man or completions.
+        #[arg(value_enum)]
+        what: generate::GenerateWhat,
+        /// Output directory (created if missing).
+        dir: PathBuf,
+    },
     /// Lifecycle hooks: libvirt's /etc/libvirt/hooks/qemu, a Proxmox VE
     /// hookscript ([hooks] in shear.toml; see docs/hooks.md).
     Hook {
@@ -349,10 +363,11 @@ pub struct RestoreArgs {
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
-        Command::Backup(args) => backup_cmd::run(repo_cmds::open(&cli)?, args),
+        Command::Backup(args) => backup_cmd::run(&cli, args),
         Command::Watchdog(args) => Ok(backup_cmd::watchdog(args)),
         Command::Cleanup(args) => backup_cmd::cleanup(args),
         Command::Hook { command } => hook_cmd::run(&cli, command),
+        Command::Generate { what, dir } => generate::run(*what, dir),
         _ => repo_cmds::run(cli),
     }
 }

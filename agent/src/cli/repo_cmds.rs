@@ -415,7 +415,11 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Restore(args) => restore(&cli, args)?,
-        Command::Backup(_) | Command::Watchdog(_) | Command::Cleanup(_) | Command::Hook { .. } => {
+        Command::Backup(_)
+        | Command::Watchdog(_)
+        | Command::Cleanup(_)
+        | Command::Hook { .. }
+        | Command::Generate { .. } => {
             anyhow::bail!("internal: {:?} is dispatched in cli::run", cli.command)
         }
     }

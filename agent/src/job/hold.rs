@@ -33,6 +33,8 @@ impl BackupRun {
             // resume (F-29): back it up as it is.
             Mode::Stop if !self.was_running => Hold::None,
             Mode::Stop => {
+                self.stop_mode_hook(crate::hookscript::HookPhase::PreStop)
+                    .await;
                 self.stop_guest().await?;
                 self.consistency = Consistency::Application;
                 Hold::ShutDown
@@ -117,7 +119,16 @@ impl BackupRun {
     /// sent → thaw answered), else hold → release.
     pub(super) async fn release(&mut self) -> Result<(), JobError> {
         let held = !matches!(self.hold, Hold::None);
+        let shut_down = matches!(self.hold, Hold::ShutDown);
+        if shut_down {
+            self.stop_mode_hook(crate::hookscript::HookPhase::PreRestart)
+                .await;
+        }
         let r = self.release_hold().await;
+        if shut_down && r.is_ok() {
+            self.stop_mode_hook(crate::hookscript::HookPhase::PostRestart)
+                .await;
+        }
         self.freeze_window_ms = match &r {
             Ok(Some(w)) => Some(ms(*w)),
             _ => held.then(|| ms(self.hold_start.elapsed())),
@@ -153,6 +164,17 @@ impl BackupRun {
                 Ok(None)
             }
             Hold::None => Ok(None),
+        }
+    }
+
+    /// Run the vzdump hook script (if any) at a stop-mode phase; a failure
+    /// is a warning, as in vzdump.
+    async fn stop_mode_hook(&mut self, phase: crate::hookscript::HookPhase) {
+        let Some(hooks) = self.opts.script.clone() else {
+            return;
+        };
+        if let Some(w) = hooks.run_or_warn(phase).await {
+            self.warn(w);
         }
     }
 

@@ -85,6 +85,9 @@ pub struct BackupOptions {
     /// in place (to take a ground-truth copy). Only honoured when
     /// [`TEST_HOOKS`] (see [`held_hook_from_env`]).
     pub held_hook: Option<PathBuf>,
+    /// vzdump hook script for the stop-mode phases (`pre-stop`,
+    /// `pre-restart`, `post-restart`); the caller runs the others.
+    pub script: Option<crate::hookscript::VmHooks>,
 }
 
 /// Whether this build honours test hooks: debug builds (the test suite's)

@@ -1,0 +1,175 @@
+//! The Debian package (issue 12): `scripts/package` builds it with
+//! cargo-deb from this build's binary; it is unpacked into a temporary
+//! root (`dpkg-deb -x`: nothing is installed on the host) and checked:
+//! files, conffile, unit, the installed binary runs, its man pages render
+//! with `man -l`, its example config loads.
+//!
+//! Not yet: starting `shear daemon` the way the unit's ExecStart does and
+//! running one job through it (the daemon is not on main yet).
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use shear_tests::shear::run_ok;
+use shear_tests::{require_tool, workspace_root};
+
+fn text(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A file that may have been gzipped by the packager.
+fn plain_or_gz(p: &Path) -> PathBuf {
+    if p.exists() {
+        return p.to_path_buf();
+    }
+    let gz = PathBuf::from(format!("{}.gz", p.display()));
+    assert!(
+        gz.exists(),
+        "neither {} nor .gz in the package",
+        p.display()
+    );
+    gz
+}
+
+#[test]
+fn package_deb_unpacks_runs_renders_man_pages_and_loads_its_config() {
+    if !["cargo-deb", "dpkg-deb", "man"]
+        .iter()
+        .all(|t| require_tool(t))
+    {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tmp.path().join("deb");
+    // The binary this test run uses (target/debug/shear): no second build.
+    let out = run_ok({
+        let mut c = Command::new(workspace_root().join("scripts/package"));
+        c.args(["--profile", "dev", "--no-build", "--fast", "--out"])
+            .arg(&out_dir);
+        c
+    });
+    let deb = PathBuf::from(text(&out).lines().last().unwrap().trim());
+    assert!(deb.is_file(), "{}", deb.display());
+    let name = deb.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        name.starts_with(&format!("shear_{}", env!("CARGO_PKG_VERSION"))) && name.ends_with(".deb"),
+        "{name}"
+    );
+
+    let field = |f: &str| {
+        let o = run_ok({
+            let mut c = Command::new("dpkg-deb");
+            c.arg("-f").arg(&deb).arg(f);
+            c
+        });
+        text(&o).trim().to_string()
+    };
+    assert_eq!(field("Package"), "shear");
+    assert!(
+        field("Depends").contains("qemu-utils"),
+        "{}",
+        field("Depends")
+    );
+    let ctrl = tmp.path().join("control");
+    run_ok({
+        let mut c = Command::new("dpkg-deb");
+        c.arg("-e").arg(&deb).arg(&ctrl);
+        c
+    });
+    let conffiles = std::fs::read_to_string(ctrl.join("conffiles")).unwrap();
+    assert!(
+        conffiles.lines().any(|l| l == "/etc/shear/shear.toml"),
+        "{conffiles}"
+    );
+
+    let root = tmp.path().join("root");
+    run_ok({
+        let mut c = Command::new("dpkg-deb");
+        c.arg("-x").arg(&deb).arg(&root);
+        c
+    });
+    let bin = root.join("usr/bin/shear");
+    let v = run_ok({
+        let mut c = Command::new(&bin);
+        c.arg("--version");
+        c
+    });
+    assert_eq!(
+        text(&v).trim(),
+        format!("shear {}", env!("CARGO_PKG_VERSION"))
+    );
+
+    // The unit runs the daemon on the packaged config.
+    let unit = [
+        "lib/systemd/system/shear.service",
+        "usr/lib/systemd/system/shear.service",
+    ]
+    .iter()
+    .map(|p| root.join(p))
+    .find(|p| p.exists())
+    .expect("shear.service in the package");
+    let unit_text = std::fs::read_to_string(&unit).unwrap();
+    assert!(
+        unit_text
+            .lines()
+            .any(|l| l == "ExecStart=/usr/bin/shear daemon --config /etc/shear/shear.toml"),
+        "{unit_text}"
+    );
+    assert!(
+        unit_text.contains("\nKillMode=control-group\n"),
+        "{unit_text}"
+    );
+
+    // Man pages render.
+    let man1 = root.join("usr/share/man/man1");
+    for page in ["shear.1", "shear-backup.1", "shear-restore.1"] {
+        let p = plain_or_gz(&man1.join(page));
+        let o = run_ok({
+            let mut c = Command::new("man");
+            c.args(["-P", "cat", "-l"]).arg(&p);
+            c.env("LANG", "C").env("LC_ALL", "C").env("MANWIDTH", "100");
+            c
+        });
+        let t = text(&o);
+        assert!(t.contains("NAME"), "{page}: {t}");
+        if page == "shear-backup.1" {
+            assert!(t.contains("--notify") && t.contains("--script"), "{t}");
+        }
+    }
+    // Completions.
+    let bash =
+        std::fs::read_to_string(root.join("usr/share/bash-completion/completions/shear")).unwrap();
+    assert!(
+        bash.contains("backup") && bash.contains("complete"),
+        "bash completion"
+    );
+    let zsh =
+        std::fs::read_to_string(root.join("usr/share/zsh/vendor-completions/_shear")).unwrap();
+    assert!(zsh.starts_with("#compdef shear"), "zsh completion");
+    assert!(root
+        .join("usr/share/fish/vendor_completions.d/shear.fish")
+        .is_file());
+    assert!(plain_or_gz(&root.join("usr/share/doc/shear/hooks.md")).is_file());
+
+    // The example config, as installed, is valid: a command that loads it
+    // succeeds (and a broken one fails, so this check can fail).
+    let cfg = root.join("etc/shear/shear.toml");
+    let cfg_text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(cfg_text.contains("#[[job]]"), "example job missing");
+    let run_dir = tmp.path().join("run");
+    let cleanup = |config: &Path| {
+        let mut c = Command::new(&bin);
+        c.args(["cleanup", "999", "--run-dir"])
+            .arg(&run_dir)
+            .env("SHEAR_CONFIG", config);
+        c.output().unwrap()
+    };
+    let o = cleanup(&cfg);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(text(&o).contains("nothing to clean up"));
+    let broken = tmp.path().join("broken.toml");
+    std::fs::write(&broken, format!("{cfg_text}\nno_such_key = 1\n")).unwrap();
+    assert!(!cleanup(&broken).status.success());
+}
