@@ -61,6 +61,25 @@ pub struct Config {
     pub pve_config: String,
     /// Lifecycle hooks (`shear hook libvirt|pve …`).
     pub hooks: HooksConfig,
+    /// Daemon (docs/daemon.md): state directory (default /var/lib/shear).
+    pub state_dir: Option<PathBuf>,
+    /// Daemon: how long a running backup may go on after SIGTERM.
+    pub shutdown_grace: Option<String>,
+    /// Daemon: how long finished tasks are kept (default 30d).
+    pub task_retention: Option<String>,
+    /// Daemon: free space (%) below which a repository is "space low".
+    pub space_low_percent: Option<u8>,
+    /// Daemon: `[[job]]` backup jobs.
+    #[serde(rename = "job")]
+    pub jobs: Vec<crate::daemon::config::JobToml>,
+    /// Daemon: `[[verify]]` jobs.
+    pub verify: Vec<crate::daemon::config::VerifyToml>,
+    /// Daemon: `[[gc]]` jobs.
+    pub gc: Vec<crate::daemon::config::GcToml>,
+    /// Daemon: `[[policy]]` RPO policies.
+    pub policy: Vec<crate::daemon::config::PolicyToml>,
+    /// Daemon: `[api]`.
+    pub api: crate::daemon::config::ApiToml,
 }
 
 /// `[hooks]`: what `shear hook` does at each lifecycle event.
@@ -90,6 +109,15 @@ impl Default for Config {
             node: None,
             pve_config: "/etc/pve/qemu-server/{vmid}.conf".into(),
             hooks: HooksConfig::default(),
+            state_dir: None,
+            shutdown_grace: None,
+            task_retention: None,
+            space_low_percent: None,
+            jobs: Vec::new(),
+            verify: Vec::new(),
+            gc: Vec::new(),
+            policy: Vec::new(),
+            api: crate::daemon::config::ApiToml::default(),
         }
     }
 }

@@ -368,7 +368,15 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Restore(args) => restore(&cli, args)?,
-        Command::Backup(_) | Command::Watchdog(_) | Command::Cleanup(_) | Command::Hook { .. } => {
+        Command::Backup(_)
+        | Command::Watchdog(_)
+        | Command::Cleanup(_)
+        | Command::Hook { .. }
+        | Command::Daemon(_)
+        | Command::Job(_)
+        | Command::Task(_)
+        | Command::Token(_)
+        | Command::Report(_) => {
             anyhow::bail!("internal: {:?} is dispatched in cli::run", cli.command)
         }
     }
