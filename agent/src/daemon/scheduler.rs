@@ -143,3 +143,112 @@ impl Scheduler {
         self.jobs.values().filter_map(|e| e.next.as_ref()).min()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::daemon::config::{Job, JobKind};
+
+    fn job(id: &str, schedule: &str, repeat_missed: bool) -> Job {
+        Job {
+            id: id.into(),
+            kind: JobKind::Gc,
+            schedule: schedule.parse().unwrap(),
+            repo: "/r".into(),
+            notify: Vec::new(),
+            repeat_missed,
+            enabled: true,
+            backup: None,
+            outdated_after: None,
+        }
+    }
+
+    /// A week of simulated time in Europe/Berlin across the autumn DST
+    /// change (25 Oct 2026, 03:00 CEST → 02:00 CET: 02:xx happens twice),
+    /// and a second week across the spring one (29 Mar 2026, 02:xx does
+    /// not exist), with a test clock advancing in uneven steps shorter
+    /// than every job's period: every slot fires exactly once, in order,
+    /// none twice, none missed.
+    #[test]
+    fn simulated_week_every_slot_once_across_dst() {
+        let jobs = vec![
+            job("quarter", "*:0/15", false),
+            job("night", "*-*-* 02:30", false),
+            job("hourly", "hourly", false),
+            job("weekdays", "mon..fri 22:00", false),
+            job("monthly-last", "*-*~01 03:00", false),
+        ];
+        for start in [
+            "2026-10-21T12:07:00+02:00[Europe/Berlin]",
+            "2026-03-25T12:07:00+01:00[Europe/Berlin]",
+        ] {
+            let t0: Zoned = start.parse().unwrap();
+            let end = t0.checked_add(jiff::Span::new().days(7)).unwrap();
+            let (mut s, missed) = Scheduler::start(&jobs, &t0, |_| None);
+            assert!(missed.is_empty());
+            let mut fired: BTreeMap<String, Vec<jiff::Timestamp>> = BTreeMap::new();
+            let mut now = t0.clone();
+            let mut step = 0i64;
+            while now < end {
+                // 17 s .. 14 min 17 s, varying: never a whole period.
+                step = (step * 7 + 13) % 857;
+                now = now
+                    .checked_add(jiff::SignedDuration::from_secs(17 + step))
+                    .unwrap();
+                for d in s.due(&now) {
+                    assert!(d.slot <= now, "fired early: {d:?}");
+                    fired.entry(d.job).or_default().push(d.slot.timestamp());
+                }
+            }
+            for j in &jobs {
+                let want: Vec<jiff::Timestamp> =
+                    calendar::slots_between(j.schedule.event(), &t0, &now, 10_000)
+                        .into_iter()
+                        .map(|z| z.timestamp())
+                        .collect();
+                let got = fired.remove(&j.id).unwrap_or_default();
+                assert!(
+                    !want.is_empty() || j.id == "monthly-last",
+                    "{}: no slot",
+                    j.id
+                );
+                assert_eq!(got, want, "job {} from {start}", j.id);
+                let mut dedup = got.clone();
+                dedup.dedup();
+                assert_eq!(dedup.len(), got.len(), "a slot fired twice");
+            }
+            // 7 days of quarter hours, plus or minus the DST hour.
+            let q = calendar::slots_between(jobs[0].schedule.event(), &t0, &end, 10_000);
+            assert!((7 * 96 - 4..=7 * 96 + 4).contains(&q.len()), "{}", q.len());
+        }
+    }
+
+    #[test]
+    fn missed_slot_runs_once_at_start_and_reload_keeps_plans() {
+        let jobs = vec![job("a", "*:0/15", true), job("b", "*:0/15", false)];
+        let now: Zoned = "2026-05-01T12:00:30+02:00[Europe/Berlin]".parse().unwrap();
+        let last: Zoned = "2026-05-01T10:00:00+02:00[Europe/Berlin]".parse().unwrap();
+        let (mut s, missed) = Scheduler::start(&jobs, &now, |_| Some(last.clone()));
+        // Only the repeat_missed job, once, for the first missed slot.
+        assert_eq!(missed.len(), 1);
+        assert_eq!(missed[0].job, "a");
+        assert_eq!(missed[0].trigger, Trigger::Missed);
+        assert_eq!(
+            missed[0].slot.to_string(),
+            "2026-05-01T10:15:00+02:00[Europe/Berlin]"
+        );
+        // Not missed when the last slot is the latest.
+        let recent: Zoned = "2026-05-01T12:00:00+02:00[Europe/Berlin]".parse().unwrap();
+        let (_, none) = Scheduler::start(&jobs, &now, |_| Some(recent.clone()));
+        assert!(none.is_empty());
+        let next = s.next_of("a").cloned().unwrap();
+        let changed = vec![job("a", "*:0/15", true), job("c", "hourly", false)];
+        s.reload(&changed, &now);
+        assert_eq!(s.next_of("a"), Some(&next));
+        assert!(s.next_of("b").is_none());
+        assert_eq!(
+            s.next_of("c").unwrap().to_string(),
+            "2026-05-01T13:00:00+02:00[Europe/Berlin]"
+        );
+    }
+}
