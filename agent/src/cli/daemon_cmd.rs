@@ -17,7 +17,7 @@ use crate::out;
 #[derive(Debug, Clone, Args)]
 pub struct ConfigArg {
     /// Config file (default: $SHEAR_CONFIG, else /etc/shear/shear.toml).
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub config: Option<PathBuf>,
 }
 
@@ -48,10 +48,10 @@ pub struct Conn {
     #[command(flatten)]
     pub config: ConfigArg,
     /// API socket (default: the config's [api] socket).
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub socket: Option<PathBuf>,
     /// Machine-readable output (the API's JSON).
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub json: bool,
 }
 

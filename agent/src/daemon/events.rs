@@ -197,8 +197,10 @@ impl EventSink for FileSink {
             "body": event,
         });
         let _g = self.lock.lock();
+        use std::os::unix::fs::OpenOptionsExt;
         let r = std::fs::OpenOptions::new()
             .create(true)
+            .mode(0o600)
             .append(true)
             .open(&self.path)
             .and_then(|mut f| writeln!(f, "{line}"));
