@@ -242,7 +242,7 @@ rpo = "1h"
 "#,
         repo = repo.display()
     );
-    write_config(&env, &vms, "", &jobs);
+    write_config(&env, &vms, "space_low_percent = 100", &jobs);
     let d = Daemon::start(&env);
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(socket(&env))
@@ -270,6 +270,30 @@ rpo = "1h"
         t["vms"][0]["error"].as_str().unwrap().contains("100.qmp"),
         "{t}"
     );
+    // Events: the RPO of VM 100 is missed (no backup at all), the run
+    // failed naming VM 100, the repository is "low" (threshold 100 %).
+    let events = wait_until(
+        Duration::from_secs(20),
+        Duration::from_millis(100),
+        "events",
+        || {
+            let e = std::fs::read_to_string(env.dir.path().join("state/events.log")).ok()?;
+            e.contains("\"space-low\"").then_some(e)
+        },
+    )
+    .unwrap();
+    let kinds: Vec<Value> = events
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .collect();
+    let has = |ev: &str, sev: &str| {
+        kinds
+            .iter()
+            .any(|k| k["body"]["event"] == ev && k["severity"] == sev)
+    };
+    assert!(has("rpo-missed", "warning"), "{events}");
+    assert!(has("job-failed", "error"), "{events}");
+    assert!(has("space-low", "warning"), "{events}");
     let (s, log) = call(&env, "GET", &format!("/api/v1/tasks/{id}/log"), b"");
     assert_eq!(s, 200);
     assert!(String::from_utf8_lossy(&log).contains("backup FAILED"));

@@ -181,7 +181,14 @@ impl Shared {
             let mut st = self.lock_state();
             let js = st.jobs.entry(job_id.to_owned()).or_default();
             let now = Zoned::now();
-            js.last_slot = Some(slot.unwrap_or(&now).to_string());
+            // What the next start's missed-slot check counts from: the
+            // slot that fired; a catch-up run covers every slot up to now;
+            // a run on request covers none.
+            match trigger {
+                Trigger::Schedule => js.last_slot = Some(slot.unwrap_or(&now).to_string()),
+                Trigger::Missed => js.last_slot = Some(now.to_string()),
+                Trigger::Api => {}
+            }
             js.last_start = Some(now.timestamp().as_second());
             js.last_task = Some(task.id.clone());
             js.last_status = Some("running".into());
