@@ -29,7 +29,11 @@ pub fn render(shared: &Shared) -> String {
         let _ = writeln!(o, "# HELP {name} {help}");
         let _ = writeln!(o, "# TYPE {name} {kind}");
         for (labels, value) in rows {
-            let _ = writeln!(o, "{name}{{{labels}}} {value}");
+            if labels.is_empty() {
+                let _ = writeln!(o, "{name} {value}");
+            } else {
+                let _ = writeln!(o, "{name}{{{labels}}} {value}");
+            }
         }
     };
     let vm_rows = |f: &dyn Fn(&str) -> Option<String>| -> Vec<(String, String)> {
@@ -125,5 +129,15 @@ pub fn render(shared: &Shared) -> String {
         "Job runs in progress.",
         vec![(String::new(), shared.running().len().to_string())],
     );
-    o.replace("{}", "")
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::esc;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(esc("a\"b\\c\nd{}"), "a\\\"b\\\\c\\nd{}");
+    }
 }
