@@ -203,14 +203,24 @@ impl Shared {
         let t = task.clone();
         let id = job_id.to_owned();
         tokio::spawn(async move {
+            let task_id = t.id.clone();
             let inner = tokio::spawn(run::run(me.clone(), cfg, job, only, cancel, t, log));
             if let Err(e) = inner.await {
                 tracing::error!(job = id, "job run panicked: {e}");
             }
-            lock(&me.running).remove(&id);
+            me.release_job(&id, &task_id);
             me.wake.notify_one();
         });
         Ok(task)
+    }
+
+    /// Mark the run `task` of `job` as ended (a no-op when it is not the
+    /// one registered).
+    pub fn release_job(&self, job: &str, task: &str) {
+        let mut r = lock(&self.running);
+        if r.get(job).is_some_and(|x| x.task == task) {
+            r.remove(job);
+        }
     }
 
     /// Refresh the cached status of every repository (blocking work on a

@@ -51,12 +51,6 @@ pub async fn run(
     };
     log.line(&format!("{}: {}", outcome.status, outcome.summary));
     task.vms.clone_from(&outcome.vms);
-    if let Err(e) = shared
-        .tasks
-        .finish(&mut task, outcome.status, outcome.summary.clone())
-    {
-        tracing::error!("cannot record task {}: {e:#}", task.id);
-    }
     {
         let now = jiff::Timestamp::now().as_second();
         let mut st = shared.lock_state();
@@ -76,19 +70,29 @@ pub async fn run(
             job: job.id.clone(),
             task: task.id.clone(),
             vms: outcome.vms,
-            summary: outcome.summary,
+            summary: outcome.summary.clone(),
         }
     } else {
         Event::JobFailed {
             job: job.id.clone(),
             task: task.id.clone(),
             vms: outcome.vms,
-            summary: outcome.summary,
+            summary: outcome.summary.clone(),
         }
     };
     shared.events.emit(&ev, &job.notify);
     shared.refresh_repos(&cfg).await;
     check_space(&shared, &cfg, &job.repo);
+    // The job is free again before its task says it ended: a client that
+    // sees the end may start the next run at once.
+    shared.release_job(&job.id, &task.id);
+    if let Err(e) = shared
+        .tasks
+        .finish(&mut task, outcome.status, outcome.summary)
+    {
+        tracing::error!("cannot record task {}: {e:#}", task.id);
+    }
+    shared.wake.notify_one();
 }
 
 /// The VMs a backup job covers now.
