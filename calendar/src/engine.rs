@@ -12,7 +12,7 @@
 use jiff::tz::TimeZone;
 use jiff::Timestamp;
 
-use crate::{CalendarEvent, Component};
+use crate::{CalendarEvent, Component, GaveUp};
 
 pub(crate) const USEC_PER_SEC: i64 = 1_000_000;
 /// The last year systemd computes elapses for.
@@ -97,11 +97,20 @@ pub(crate) struct Clock<'a> {
     tz: &'a TimeZone,
     utc: bool,
     guess: i64,
+    /// Leap second table (instant, cumulative correction) of a `right/`
+    /// zone, whose `time_t` counts leap seconds; empty otherwise.
+    leaps: Vec<(i64, i64)>,
 }
 
 impl<'a> Clock<'a> {
     pub(crate) fn new(tz: &'a TimeZone, utc: bool) -> Clock<'a> {
-        Clock { tz, utc, guess: 0 }
+        let leaps = if utc { Vec::new() } else { leap_table(tz) };
+        Clock {
+            tz,
+            utc,
+            guess: 0,
+            leaps,
+        }
     }
 
     /// (UTC offset in seconds, is DST) at instant `t`.
@@ -112,7 +121,14 @@ impl<'a> Clock<'a> {
         match Timestamp::from_second(t) {
             Ok(ts) => {
                 let o = self.tz.to_offset_info(ts);
-                (i64::from(o.offset().seconds()), o.dst().is_dst())
+                // glibc subtracts the leap seconds so far like an offset.
+                let leap = self
+                    .leaps
+                    .iter()
+                    .rev()
+                    .find(|(at, _)| t >= *at)
+                    .map_or(0, |(_, corr)| *corr);
+                (i64::from(o.offset().seconds()) - leap, o.dst().is_dst())
             }
             Err(_) => (0, false),
         }
@@ -126,20 +142,23 @@ impl<'a> Clock<'a> {
     /// Normalises `tm` in place and returns its instant, like `mktime`
     /// (`timegm` for UTC events). `None` where `mktime` would return -1.
     pub(crate) fn mktime(&mut self, tm: &mut Tm) -> Option<i64> {
-        let w = tm.wall_seconds();
         if self.utc {
+            let w = tm.wall_seconds();
             *tm = Tm::from_wall_seconds(w, 0);
             return (w >= 0).then_some(w);
         }
+        // glibc searches with the seconds clamped to 0..=59 (leap second
+        // support) and adds the difference back afterwards; near a DST
+        // change that decides which offset a time like 02:59:61 gets.
+        let sec_clamped = tm.sec.clamp(0, 59);
+        let w = tm.wall_seconds() - tm.sec + sec_clamped;
         let isdst = tm.isdst;
-        let t0 = w - self.guess;
-        // Probe: t -> w - offset(t) until it settles; glibc gives up
-        // after six probes, and in a spring-forward gap (where the probes
-        // alternate between two instants) takes the later one, which
-        // moves the wall time forward by the size of the gap.
-        let mut t = t0;
+        // Probe: t -> w - offset(t) until it settles, starting from the
+        // offset found last (glibc gives up after six probes).
+        let mut t = w - self.guess;
         let mut prev = None;
         let mut found = None;
+        let mut in_gap = false;
         for _ in 0..6 {
             let (off, _) = self.offset_at(t);
             let gt = w - off;
@@ -148,7 +167,26 @@ impl<'a> Clock<'a> {
                 break;
             }
             if prev == Some(gt) {
-                found = Some(t.max(gt));
+                // The probes alternate between two instants: `w` falls in
+                // a gap (spring forward). glibc takes the one whose DST
+                // flag differs from the requested one, or, with none
+                // requested, the one with DST: that moves 02:30 forward
+                // to 03:30 CEST in Berlin, but 01:30 back to 00:30 GMT in
+                // Dublin (whose winter time is the tzdb's "DST").
+                let wanted = |t: i64| {
+                    let dst = self.offset_at(t).1;
+                    if isdst < 0 {
+                        dst
+                    } else {
+                        dst != (isdst != 0)
+                    }
+                };
+                found = Some(match (wanted(t), wanted(gt)) {
+                    (true, false) => t,
+                    (false, true) => gt,
+                    _ => t.max(gt),
+                });
+                in_gap = true;
                 break;
             }
             prev = Some(t);
@@ -156,7 +194,7 @@ impl<'a> Clock<'a> {
         }
         let mut t = found?;
         let (_, dst) = self.offset_at(t);
-        if isdst >= 0 && (isdst != 0) != dst {
+        if !in_gap && isdst >= 0 && (isdst != 0) != dst {
             // The wrong one of two candidates: glibc looks for a nearby
             // instant with the requested DST flag and uses its offset.
             t = self.other_dst(t, w, isdst != 0).unwrap_or_else(|| {
@@ -164,7 +202,8 @@ impl<'a> Clock<'a> {
                 t + 3600 * diff
             });
         }
-        self.guess = t.wrapping_sub(w).wrapping_neg();
+        self.guess = w - t;
+        t += tm.sec - sec_clamped;
         *tm = self.localtime(t);
         (t >= 0).then_some(t)
     }
@@ -185,6 +224,53 @@ impl<'a> Clock<'a> {
         }
         None
     }
+}
+
+/// The leap second records of a `right/` zone's TZif file (version 2+
+/// data block), as glibc applies them; empty for any other zone.
+fn leap_table(tz: &TimeZone) -> Vec<(i64, i64)> {
+    let Some(name) = tz.iana_name().filter(|n| n.starts_with("right/")) else {
+        return Vec::new();
+    };
+    let Ok(data) = std::fs::read(std::path::Path::new("/usr/share/zoneinfo").join(name)) else {
+        return Vec::new();
+    };
+    parse_leaps(&data).unwrap_or_default()
+}
+
+fn parse_leaps(data: &[u8]) -> Option<Vec<(i64, i64)>> {
+    let be32 = |at: usize| -> Option<usize> {
+        let b: [u8; 4] = data.get(at..at + 4)?.try_into().ok()?;
+        usize::try_from(u32::from_be_bytes(b)).ok()
+    };
+    // Header: "TZif", version, 15 reserved, then the six counts.
+    let counts = |at: usize| -> Option<[usize; 6]> {
+        if data.get(at..at + 4)? != b"TZif" {
+            return None;
+        }
+        let mut c = [0; 6];
+        for (i, v) in c.iter_mut().enumerate() {
+            *v = be32(at + 20 + 4 * i)?;
+        }
+        Some(c)
+    };
+    let [isut, isstd, leapcnt, timecnt, typecnt, charcnt] = counts(0)?;
+    if *data.get(4)? < b'2' {
+        return None;
+    }
+    // Skip the version 1 data block to the version 2 header.
+    let v1 = timecnt * 5 + typecnt * 6 + charcnt + leapcnt * 8 + isstd + isut;
+    let h2 = 44 + v1;
+    let [_, _, leapcnt, timecnt, typecnt, charcnt] = counts(h2)?;
+    let mut at = h2 + 44 + timecnt * 9 + typecnt * 6 + charcnt;
+    let mut out = Vec::with_capacity(leapcnt);
+    for _ in 0..leapcnt {
+        let t: [u8; 8] = data.get(at..at + 8)?.try_into().ok()?;
+        let c: [u8; 4] = data.get(at + 8..at + 12)?.try_into().ok()?;
+        out.push((i64::from_be_bytes(t), i64::from(i32::from_be_bytes(c))));
+        at += 12;
+    }
+    Some(out)
 }
 
 /// `mktime` on a copy; the copy's normalised fields and the instant.
@@ -296,22 +382,34 @@ fn matches_weekday(clock: &mut Clock<'_>, bits: Option<u8>, tm: &Tm) -> bool {
 
 /// systemd's `find_next`: the first matching time at or after `tm` +
 /// `usec` (microseconds within the second).
-fn find_next(ev: &CalendarEvent, clock: &mut Clock<'_>, tm: Tm, usec: i64) -> Option<(Tm, i64)> {
+fn find_next(
+    ev: &CalendarEvent,
+    clock: &mut Clock<'_>,
+    tm: Tm,
+    usec: i64,
+) -> Result<Option<(Tm, i64)>, GaveUp> {
     let mut c = tm;
     let mut us = usec;
+    // Set once a candidate came out not after the start (a DST change
+    // moved it back): from then on the DST flag mktime found is kept.
+    let mut keep_dst = false;
     for _ in 0..MAX_ITERATIONS {
         let _ = clock.mktime(&mut c);
-        c.isdst = ev.dst;
+        if !keep_dst {
+            c.isdst = ev.dst;
+        }
 
         let snap = c;
-        let r = find_matching(clock, &ev.year, false, &snap, &mut c.year)?;
+        let Some(r) = find_matching(clock, &ev.year, false, &snap, &mut c.year) else {
+            return Ok(None);
+        };
         if r {
             c.mon = 0;
             c.mday = 1;
             (c.hour, c.min, c.sec, us) = (0, 0, 0, 0);
         }
         if within_bounds(clock, &mut c) != Ok(true) {
-            return None;
+            return Ok(None);
         }
 
         let mut m = c.mon + 1;
@@ -406,21 +504,43 @@ fn find_next(ev: &CalendarEvent, clock: &mut Clock<'_>, tm: Tm, usec: i64) -> Op
             Some(Ok(false)) => continue,
             Some(Ok(true)) => {}
         }
-        return Some((c, us));
+        // Not after the start (a gap resolved backwards, as in Dublin
+        // whose winter time is the tzdb's DST): step an hour on and let
+        // mktime pick the DST flag.
+        let fields = |t: &Tm| (t.year, t.mon, t.mday, t.hour, t.min, t.sec);
+        let stuck = match fields(&tm).cmp(&fields(&c)) {
+            std::cmp::Ordering::Equal => usec > us,
+            o => o.is_gt(),
+        };
+        if stuck {
+            keep_dst = true;
+            c.hour += 1;
+            continue;
+        }
+        return Ok(Some((c, us)));
     }
-    None
+    Err(GaveUp)
 }
 
 /// The first elapse strictly after `after_us` (microseconds since the
 /// epoch), as microseconds since the epoch.
-pub(crate) fn next_usec(ev: &CalendarEvent, tz: &TimeZone, after_us: i64) -> Option<i64> {
-    let usec = after_us.checked_add(1)?;
+pub(crate) fn next_usec(
+    ev: &CalendarEvent,
+    tz: &TimeZone,
+    after_us: i64,
+) -> Result<Option<i64>, GaveUp> {
+    let Some(usec) = after_us.checked_add(1) else {
+        return Ok(None);
+    };
     let t = usec.div_euclid(USEC_PER_SEC);
     let mut clock = Clock::new(tz, ev.utc);
     let tm = clock.localtime(t);
-    let (mut tm, us) = find_next(ev, &mut clock, tm, usec.rem_euclid(USEC_PER_SEC))?;
-    let t = clock.mktime(&mut tm)?;
-    t.checked_mul(USEC_PER_SEC)?.checked_add(us)
+    let Some((mut tm, us)) = find_next(ev, &mut clock, tm, usec.rem_euclid(USEC_PER_SEC))? else {
+        return Ok(None);
+    };
+    Ok(clock
+        .mktime(&mut tm)
+        .and_then(|t| t.checked_mul(USEC_PER_SEC)?.checked_add(us)))
 }
 
 #[cfg(test)]
@@ -467,5 +587,34 @@ mod tests {
         clock.mktime(&mut c);
         let mut b = fall(2);
         assert_eq!(clock.mktime(&mut b), Some(1_729_992_600));
+    }
+
+    #[test]
+    fn mktime_gap_takes_the_dst_side_even_when_that_is_backwards() {
+        // Europe/Dublin: winter GMT is the tzdb's DST (negative save), so
+        // glibc resolves 01:30 on 2024-03-31 (a gap) to 00:30 GMT.
+        let tz = TimeZone::get("Europe/Dublin").expect("tzdb has Europe/Dublin");
+        let mut clock = Clock::new(&tz, false);
+        let mut t = Tm {
+            year: 2024,
+            mon: 2,
+            mday: 31,
+            hour: 1,
+            min: 30,
+            sec: 0,
+            isdst: -1,
+            wday: 0,
+        };
+        assert_eq!(clock.mktime(&mut t), Some(1_711_845_000));
+        assert_eq!((t.hour, t.isdst), (0, 1));
+        // With DST requested (isdst = 1) glibc prefers the side whose flag
+        // differs from the request: 02:30 IST.
+        let mut t = Tm {
+            hour: 1,
+            isdst: 1,
+            ..t
+        };
+        assert_eq!(clock.mktime(&mut t), Some(1_711_848_600));
+        assert_eq!((t.hour, t.isdst), (2, 0));
     }
 }

@@ -6,7 +6,11 @@
 //! policy in it: the daemon asks it "when is the next slot after T?" and
 //! "which slots fell between T1 and T2?", and everything else (what runs
 //! in a slot, missed-slot policy) stays in the daemon. It is tested
-//! differentially against `systemd-analyze calendar` (see `tests/`).
+//! differentially against `systemd-analyze calendar` of systemd 252
+//! (Debian 12) with glibc (see `tests/`): systemd's answers come from its
+//! field-by-field search over glibc's `mktime(3)`, and the engine here
+//! reproduces both, including `mktime`'s memory of the offset it used
+//! last, which decides repeated fall-back times.
 //!
 //! ```
 //! use calendar::CalendarEvent;
@@ -23,11 +27,31 @@
 //! while `*:30` fires at 03:30 CEST; a wall time that occurs twice (the
 //! fall-back hour) fires once, at the occurrence with the UTC offset in
 //! force when the computation reached it (so `*:0/15` fires through the
-//! first 02:xx hour and skips the repeated one).
+//! first 02:xx hour and skips the repeated one; a process that starts
+//! inside the repeated hour still gets that hour's remaining slots). Where
+//! the tzdb calls
+//! winter time "DST" (Europe/Dublin), glibc resolves a gap time backwards;
+//! systemd then steps on by an hour, and so does this crate (`*:30` goes
+//! from 00:30 GMT to 02:30 IST on the change day). A computation that
+//! does not settle within systemd's 1000 rounds gives up as systemd does
+//! ([`CalendarEvent::try_next_after`]).
 //!
-//! Not supported: the local zone's abbreviation as a suffix
-//! (`… CET`, which systemd takes as "local time, DST forced off"); it is
-//! rejected with a [`ParseError`].
+//! Zones from the tzdb's `right/` tree count leap seconds in `time_t`;
+//! glibc applies them like an offset, so systemd's elapses there are 27 s
+//! later than the plain zone's (the leap seconds so far), and so are this
+//! crate's.
+//!
+//! One deliberate difference: on a fall-back night systemd can answer
+//! with the first occurrence of a repeated time although the base time is
+//! already in the second one, i.e. with an instant in the past;
+//! [`CalendarEvent::next_after`] never does (it follows systemd's chain
+//! to the first slot after the base), so a scheduler never sees a slot
+//! twice.
+//!
+//! A suffix naming the local zone's abbreviation (`… CET`, `… CEST`)
+//! forces standard or daylight saving time as systemd does (through
+//! glibc's `mktime` with `tm_isdst` set): that makes times in the other
+//! half of the year drift or never elapse, exactly as in systemd.
 
 use std::fmt;
 use std::path::Path;
@@ -42,6 +66,12 @@ use engine::USEC_PER_SEC;
 
 const MIN_YEAR: i64 = 1970;
 const MAX_COMPONENTS: usize = 240;
+/// Slots followed past an answer that was not after the base time (see
+/// `try_next_after`): systemd's chain can walk through the rest of the
+/// first pass of a repeated hour slot by slot, up to 3600 slots for an
+/// every-second event (7200 for a two-hour repeat, as with historical
+/// double summer time).
+const MAX_CHAIN_STEPS: usize = 10_000;
 
 /// One element of a component's comma list: `start`, `start..stop`,
 /// `start/repeat` or `start..stop/repeat` (seconds in microseconds).
@@ -61,8 +91,11 @@ pub struct CalendarEvent {
     pub(crate) weekdays: Option<u8>,
     pub(crate) end_of_month: bool,
     pub(crate) utc: bool,
-    /// -1, or the DST flag forced by a zone abbreviation suffix.
+    /// -1, or the DST flag forced by a local zone abbreviation suffix
+    /// (`… CET` = standard time, `… CEST` = daylight saving time).
     pub(crate) dst: i32,
+    /// That abbreviation, for the normalized form.
+    pub(crate) dst_name: Option<String>,
     /// An explicit time zone (`… Europe/Berlin`).
     pub(crate) timezone: Option<NamedZone>,
     // An empty chain is `*`.
@@ -98,6 +131,13 @@ pub struct ParseError {
     /// What is wrong.
     pub reason: String,
 }
+
+/// The next-elapse computation gave up: systemd stops after 1000 rounds
+/// of its field-by-field search (it logs "Infinite loop in calendar
+/// calculation" and the timer does not elapse); so does this crate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("calendar computation gave up (systemd's iteration limit)")]
+pub struct GaveUp;
 
 struct Parser<'a> {
     s: &'a [u8],
@@ -471,8 +511,14 @@ fn normalize_chain(chain: &mut Vec<Component>) {
 }
 
 fn chain_valid(chain: &[Component], from: i64, to: i64, end_of_month: bool) -> bool {
-    let to = if end_of_month { to - 3 } else { to };
+    // systemd lowers the upper bound by 3 for `~` days once per list
+    // element (its check recurses with the lowered bound), so a third
+    // `~` element must be <= 22: "*-*~21..22,24/5,10..15" is refused.
+    let mut to = to;
     chain.iter().all(|c| {
+        if end_of_month {
+            to -= 3;
+        }
         if c.start < from || c.start > to || c.repeat > to - from {
             return false;
         }
@@ -497,15 +543,60 @@ fn const_chain(values: &[i64]) -> Vec<Component> {
         .collect()
 }
 
+/// The local zone's abbreviations for standard and daylight saving time,
+/// as glibc's `tzname[0]` and `tzname[1]` (the most recent ones).
+fn local_abbreviations(local: &TimeZone) -> [String; 2] {
+    let now = Timestamp::now();
+    let mut names: [Option<String>; 2] = [None, None];
+    let note = |names: &mut [Option<String>; 2], abbrev: &str, dst: bool| {
+        let slot = &mut names[usize::from(dst)];
+        if slot.is_none() {
+            *slot = Some(abbrev.to_string());
+        }
+    };
+    let info = local.to_offset_info(now);
+    note(&mut names, info.abbreviation(), info.dst().is_dst());
+    for tr in local.following(now).take(4) {
+        note(&mut names, tr.abbreviation(), tr.dst().is_dst());
+    }
+    for tr in local.preceding(now).take(400) {
+        if names[0].is_some() && names[1].is_some() {
+            break;
+        }
+        note(&mut names, tr.abbreviation(), tr.dst().is_dst());
+    }
+    let [std, dst] = names;
+    let std = std.unwrap_or_default();
+    let dst = dst.unwrap_or_else(|| std.clone());
+    [std, dst]
+}
+
+fn ends_with_ignore_case(s: &str, suffix: &str) -> bool {
+    s.len() >= suffix.len()
+        && s.as_bytes()[s.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
+}
+
 impl FromStr for CalendarEvent {
     type Err = ParseError;
 
+    /// Parses with the system's local zone ([`TimeZone::system`]) as the
+    /// one whose abbreviations (`… CET`) systemd accepts as a suffix.
     fn from_str(input: &str) -> Result<Self, ParseError> {
+        CalendarEvent::parse_with_local(input, &TimeZone::system())
+    }
+}
+
+impl CalendarEvent {
+    /// Parses `input` as systemd would in a process whose local zone is
+    /// `local`: only that matters for an abbreviation suffix (`… CET`,
+    /// `… EDT`), which means "local time with DST forced off/on".
+    pub fn parse_with_local(input: &str, local: &TimeZone) -> Result<Self, ParseError> {
         let mut ev = CalendarEvent {
             weekdays: None,
             end_of_month: false,
             utc: false,
             dst: -1,
+            dst_name: None,
             timezone: None,
             year: Vec::new(),
             month: Vec::new(),
@@ -515,10 +606,36 @@ impl FromStr for CalendarEvent {
             usec: Vec::new(),
         };
         let mut text = input;
-        let bytes = input.as_bytes();
-        if bytes.len() >= 4 && bytes[bytes.len() - 4..].eq_ignore_ascii_case(b" UTC") {
+        // An abbreviation suffix is the whole last word (systemd wants a
+        // space before it); abbreviations are made of letters, digits, '+'
+        // and '-', so only such a last word needs the zone's names.
+        let last_word = input.rsplit(' ').next().unwrap_or_default();
+        let abbrevs = if input.contains(' ')
+            && !ends_with_ignore_case(input, " UTC")
+            && !last_word.is_empty()
+            && last_word
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'-')
+        {
+            local_abbreviations(local)
+        } else {
+            [String::new(), String::new()]
+        };
+        let abbrev = (0..2).find(|&j| {
+            let name = &abbrevs[j];
+            !name.is_empty()
+                && input.len() > name.len()
+                && ends_with_ignore_case(input, name)
+                && input.as_bytes()[input.len() - name.len() - 1] == b' '
+        });
+        if ends_with_ignore_case(input, " UTC") {
             ev.utc = true;
             text = &input[..input.len() - 4];
+        } else if let Some(j) = abbrev {
+            let name = &abbrevs[j];
+            text = &input[..input.len() - name.len() - 1];
+            ev.dst = i32::from(j == 1);
+            ev.dst_name = Some(name.clone());
         } else if let Some(sp) = input.rfind(' ') {
             if let Some(tz) = load_zone(&input[sp + 1..]) {
                 ev.timezone = Some(NamedZone {
@@ -603,9 +720,7 @@ impl FromStr for CalendarEvent {
         }
         Ok(ev)
     }
-}
 
-impl CalendarEvent {
     fn normalize(&mut self) {
         if self.weekdays.is_some_and(|b| b >= 127) {
             self.weekdays = None;
@@ -659,11 +774,35 @@ impl CalendarEvent {
     /// `None` when the event never elapses again (systemd also gives up
     /// after the year 2199).
     pub fn next_after(&self, after: &Zoned) -> Option<Zoned> {
+        self.try_next_after(after).ok().flatten()
+    }
+
+    /// [`next_after`](Self::next_after), telling "never again" (`Ok(None)`)
+    /// from "gave up" (systemd's iteration limit, which a few odd
+    /// combinations of lists and DST changes hit; systemd then does not
+    /// elapse the timer either).
+    pub fn try_next_after(&self, after: &Zoned) -> Result<Option<Zoned>, GaveUp> {
         let tz = self.zone(after.time_zone());
-        let us = after.timestamp().as_microsecond();
-        let next = engine::next_usec(self, &tz, us)?;
-        let ts = Timestamp::from_microsecond(next).ok()?;
-        Some(Zoned::new(ts, tz))
+        let after_us = after.timestamp().as_microsecond();
+        // systemd compares wall times, so on a fall-back night it can
+        // answer with the first occurrence of a repeated time although
+        // `after` lies in the second one (an instant in the past). Such an
+        // answer is a slot that is already over: follow systemd's chain
+        // from it to the first slot that is really after `after`, so a
+        // caller never gets the same slot twice.
+        let mut cur = after_us;
+        for _ in 0..MAX_CHAIN_STEPS {
+            let Some(next) = engine::next_usec(self, &tz, cur)? else {
+                return Ok(None);
+            };
+            if next > after_us {
+                return Ok(Timestamp::from_microsecond(next)
+                    .ok()
+                    .map(|ts| Zoned::new(ts, tz)));
+            }
+            cur = next;
+        }
+        Err(GaveUp)
     }
 }
 
@@ -773,6 +912,8 @@ impl fmt::Display for CalendarEvent {
             f.write_str(" UTC")?;
         } else if let Some(z) = &self.timezone {
             write!(f, " {}", z.name)?;
+        } else if let Some(name) = &self.dst_name {
+            write!(f, " {name}")?;
         }
         Ok(())
     }
@@ -959,6 +1100,44 @@ mod tests {
     }
 
     #[test]
+    fn never_answers_a_slot_that_is_already_over() {
+        // 2024-10-27 02:00 CET is in Berlin's repeated hour. systemd
+        // answers 02:30 CEST for the last-week-of-October event, which is
+        // 30 minutes *before* the base; the next slot after the base on
+        // systemd's chain is the next day's.
+        assert_eq!(
+            next_n(
+                "*-03,10~01..07 02:30",
+                "2024-10-27T02:00:00+01:00[Europe/Berlin]",
+                2
+            ),
+            ["Mon 2024-10-28 02:30:00 CET", "Tue 2024-10-29 02:30:00 CET"]
+        );
+        // The third `~` list element is bounded at 22 days, as in systemd.
+        let third = "*-01~21..22,24/5,10..15".parse::<CalendarEvent>();
+        assert_eq!(
+            third.map_err(|e| e.reason),
+            Err("a value or repetition is out of range".to_string())
+        );
+        assert_eq!(
+            ev("*-01~24/5,10..15").to_string(),
+            "*-01~10..15,24/5 00:00:00"
+        );
+    }
+
+    #[test]
+    fn a_process_started_in_the_repeated_hour_gets_the_next_real_slot() {
+        // From 02:00 CET (second pass) systemd answers 02:12 CEST (first
+        // pass, 48 minutes earlier) and then chains second by second
+        // through 02:48:59 CEST (2220 slots, all before the base); the
+        // first slot after the base on that chain is 03:12 CET.
+        let e = ev("*~2..07,9..25/1 *:12..48,24:*");
+        let base = zoned("2024-10-27T02:00:00+01:00[Europe/Berlin]");
+        let n = e.next_after(&base).expect("elapses");
+        assert_eq!(n.to_string(), "2024-10-27T03:12:00+01:00[Europe/Berlin]");
+    }
+
+    #[test]
     fn explicit_zone_and_utc_override_the_callers_zone() {
         let base = zoned("2024-06-01T00:00:00+02:00[Europe/Berlin]");
         let n = ev("*-*-* 09:00 America/New_York")
@@ -967,6 +1146,82 @@ mod tests {
         assert_eq!(n.to_string(), "2024-06-01T09:00:00-04:00[America/New_York]");
         let n = ev("daily UTC").next_after(&base).expect("elapses");
         assert_eq!(n.timestamp().to_string(), "2024-06-01T00:00:00Z");
+        // A right/ zone counts the 27 leap seconds so far, as glibc does.
+        if Path::new("/usr/share/zoneinfo/right/UTC").exists() {
+            let n = ev("12:00 right/UTC").next_after(&base).expect("elapses");
+            assert_eq!(n.timestamp().to_string(), "2024-06-01T12:00:27Z");
+        }
+    }
+
+    #[test]
+    fn garbage_and_extreme_base_times_neither_panic_nor_hang() {
+        // A small deterministic generator over the grammar's alphabet (no
+        // dependency on rand in the library's unit tests).
+        let tokens = [
+            "*",
+            "*",
+            "-",
+            "-",
+            "~",
+            ":",
+            ":",
+            "..",
+            ",",
+            "/",
+            " ",
+            " ",
+            "0",
+            "1",
+            "2",
+            "5",
+            "12",
+            "29",
+            "31",
+            "59",
+            "2024",
+            "2199",
+            "Mon",
+            "fri",
+            "daily",
+            " UTC",
+            "@1700000000",
+            ".5",
+        ];
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let bases: Vec<Zoned> = [
+            "1900-01-01T00:00:00+00:00[UTC]",
+            "1970-01-01T00:00:00+00:00[UTC]",
+            "2199-12-31T23:59:59+01:00[Europe/Berlin]",
+            "2300-06-01T00:00:00-04:00[America/New_York]",
+            "9999-12-30T00:00:00+00:00[UTC]",
+        ]
+        .iter()
+        .map(|s| zoned(s))
+        .collect();
+        let mut parsed = 0;
+        for _ in 0..8000 {
+            let len = usize::try_from(next() % 12).unwrap_or(0) + 1;
+            let s: String = (0..len)
+                .map(|_| tokens[usize::try_from(next() % 28).unwrap_or(0)])
+                .collect();
+            let Ok(e) = s.parse::<CalendarEvent>() else {
+                continue;
+            };
+            parsed += 1;
+            assert_eq!(ev(&e.to_string()), e, "{s:?}");
+            for b in &bases {
+                if let Some(n) = e.next_after(b) {
+                    assert!(n.timestamp() > b.timestamp(), "{s:?} after {b}: {n}");
+                }
+            }
+        }
+        assert!(parsed > 50, "only {parsed} generated strings parsed");
     }
 
     #[test]

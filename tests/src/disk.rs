@@ -66,6 +66,8 @@ pub struct DiskSpec {
     /// Run the device (virtio-blk) or its controller (virtio-scsi) in the
     /// iothread `io0`.
     pub iothread: bool,
+    /// Attach the image read-only (`readonly=on` / `"read-only": true`).
+    pub read_only: bool,
 }
 
 impl DiskSpec {
@@ -80,6 +82,7 @@ impl DiskSpec {
             image: None,
             legacy: false,
             iothread: false,
+            read_only: false,
         }
     }
     /// A CD-ROM (`ide-cd`, legacy `-drive …,media=cdrom`) whose medium is
@@ -99,6 +102,11 @@ impl DiskSpec {
     /// Attach with a legacy `-drive … if=none,id=drive-<id>` (see [`DiskSpec::legacy`]).
     pub fn legacy(mut self) -> Self {
         self.legacy = true;
+        self
+    }
+    /// Attach the image read-only.
+    pub fn read_only(mut self) -> Self {
+        self.read_only = true;
         self
     }
     /// Run the device (or its SCSI controller) in iothread `io0`.

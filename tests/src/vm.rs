@@ -212,6 +212,8 @@ impl TestVm {
                 }
                 let media = if spec.bus == DiskBus::IdeCd {
                     ",media=cdrom"
+                } else if spec.read_only {
+                    ",readonly=on"
                 } else {
                     ""
                 };
@@ -225,13 +227,14 @@ impl TestVm {
             } else {
                 args.push("-blockdev".into());
                 args.push(
-                    json!({"driver": "file", "filename": path, "node-name": format!("file-{}", spec.id)})
+                    json!({"driver": "file", "filename": path, "node-name": format!("file-{}", spec.id),
+                           "read-only": spec.read_only})
                         .to_string(),
                 );
                 args.push("-blockdev".into());
                 args.push(
                     json!({"driver": spec.format.driver(), "file": format!("file-{}", spec.id),
-                           "node-name": format!("drv-{}", spec.id)})
+                           "node-name": format!("drv-{}", spec.id), "read-only": spec.read_only})
                     .to_string(),
                 );
                 format!("drv-{}", spec.id)

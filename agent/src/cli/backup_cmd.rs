@@ -99,6 +99,10 @@ pub struct BackupArgs {
     /// incremental read (tracking starts anew from this backup).
     #[arg(long)]
     pub full: bool,
+    /// Back up the media in CD-ROM drives too (an ISO is not a disk of
+    /// the VM: skipped by default, as vzdump does).
+    #[arg(long)]
+    pub include_cdrom: bool,
     /// Back up an NBD export as disk NAME instead of asking QEMU
     /// (no QMP, no qemu-ga): NAME=nbd+unix:///EXPORT?socket=PATH or
     /// NAME=nbd://HOST[:PORT]/EXPORT; repeatable, one VMID.
@@ -199,6 +203,7 @@ pub fn run(repo: crate::repo::Repository, args: &BackupArgs) -> anyhow::Result<E
             cbw_timeout_s: args.cbw_timeout,
             stop_timeout: Duration::from_secs(args.stop_timeout),
             full: args.full,
+            include_cdrom: args.include_cdrom,
             held_hook: held_hook.clone(),
         };
         let progress = !args.json && std::io::IsTerminal::is_terminal(&std::io::stderr());

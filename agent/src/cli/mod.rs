@@ -13,6 +13,7 @@ mod daemon_cmd;
 mod hook_cmd;
 pub mod json_errors;
 mod nbd_cmd;
+mod passphrase;
 mod progress;
 mod repo_cmds;
 mod vm_definition;
@@ -75,7 +76,8 @@ pub struct Cli {
     /// Key file of an encrypted repository.
     #[arg(long, global = true, env = "SHEAR_KEYFILE")]
     pub keyfile: Option<PathBuf>,
-    /// File holding the key passphrase (else env SHEAR_KEY_PASSPHRASE).
+    /// File holding the key passphrase (else env SHEAR_KEY_PASSPHRASE,
+    /// else it is asked on the terminal).
     #[arg(long, global = true, env = "SHEAR_KEY_PASSPHRASE_FILE")]
     pub passphrase_file: Option<PathBuf>,
     /// The command.
@@ -112,6 +114,12 @@ pub enum Command {
         /// the chunk size (16 Mi chunks per disk at most).
         #[arg(long, default_value_t = 16384)]
         max_disk_size_gib: u64,
+        /// Seal the repository key to this master public key (`key
+        /// create-master`) into the repository, so the master key's
+        /// holder can recover the key if its passphrase is lost. Without
+        /// it, a key file created with --master-pubkey puts its seal there.
+        #[arg(long)]
+        master_pubkey: Option<PathBuf>,
     },
     /// Key management.
     Key {
@@ -205,12 +213,17 @@ pub enum Command {
 /// `shear key …`
 #[derive(Debug, Subcommand)]
 pub enum KeyCommand {
-    /// Create a new key file (mode 0600; passphrase from SHEAR_KEY_PASSPHRASE
-    /// or --passphrase-file). A passphrase shorter than 8 characters is
-    /// refused; one shorter than 12 is accepted with a warning.
+    /// Create a new key file (mode 0600; passphrase from --passphrase-file
+    /// or SHEAR_KEY_PASSPHRASE, else asked twice on the terminal). A
+    /// passphrase shorter than 8 characters is refused; one shorter than 12
+    /// is accepted with a warning.
     Create {
         /// Where to write the key file (must not exist).
         path: PathBuf,
+        /// Also seal the key to this master public key inside the key file
+        /// (see `key create-master`, docs/keys.md).
+        #[arg(long)]
+        master_pubkey: Option<PathBuf>,
         /// Argon2id memory in KiB.
         #[arg(long, default_value_t = 65536)]
         kdf_memory_kib: u32,
@@ -230,6 +243,57 @@ pub enum KeyCommand {
     Paperkey {
         /// Key file (default: --keyfile).
         path: Option<PathBuf>,
+    },
+    /// Create a master key pair for recovery (docs/keys.md): PRIVATE
+    /// (mode 0600, wrapped under its own passphrase from
+    /// --master-passphrase-file or SHEAR_MASTER_PASSPHRASE, else asked
+    /// twice; keep it offline) and PUBLIC (give it to `init` or `key
+    /// create` as --master-pubkey).
+    CreateMaster {
+        /// Private key file to write (must not exist).
+        private: PathBuf,
+        /// Public key file to write (must not exist).
+        public: PathBuf,
+        /// File holding the master key's passphrase.
+        #[arg(long, env = "SHEAR_MASTER_PASSPHRASE_FILE")]
+        master_passphrase_file: Option<PathBuf>,
+        /// Argon2id memory in KiB.
+        #[arg(long, default_value_t = 65536)]
+        kdf_memory_kib: u32,
+        /// Argon2id passes.
+        #[arg(long, default_value_t = 3)]
+        kdf_passes: u32,
+    },
+    /// Seal an existing encrypted repository's key to a master public key
+    /// (a repository made before it had one): writes the repository's
+    /// master-key-seal.json (needs --keyfile and its passphrase).
+    Seal {
+        /// The master public key file.
+        #[arg(long)]
+        master_pubkey: PathBuf,
+    },
+    /// Recover a repository key with the master private key when its
+    /// passphrase (or its key file) is lost: writes a new key file NEW
+    /// with a new passphrase (--passphrase-file, SHEAR_KEY_PASSPHRASE, else
+    /// asked twice). The sealed key is taken from the old key file
+    /// (--keyfile) when it carries a seal, else from the repository
+    /// (--repo).
+    Recover {
+        /// New key file to write (must not exist).
+        new: PathBuf,
+        /// The master private key file.
+        #[arg(long)]
+        master_key: PathBuf,
+        /// File holding the master key's passphrase (else
+        /// SHEAR_MASTER_PASSPHRASE, else it is asked).
+        #[arg(long, env = "SHEAR_MASTER_PASSPHRASE_FILE")]
+        master_passphrase_file: Option<PathBuf>,
+        /// Argon2id memory in KiB for the new key file.
+        #[arg(long, default_value_t = 65536)]
+        kdf_memory_kib: u32,
+        /// Argon2id passes for the new key file.
+        #[arg(long, default_value_t = 3)]
+        kdf_passes: u32,
     },
 }
 

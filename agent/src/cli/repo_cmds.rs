@@ -4,54 +4,16 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use zeroize::Zeroizing;
 
 use crate::out;
 
+use super::passphrase;
 use super::{Cli, Command, FormatArg, KeyCommand, PruneArgs, RestoreArgs};
 use crate::repo::gc::GcOptions;
 use crate::repo::{
-    BackupId, ImageFormat, InitOptions, KdfParams, KeepOptions, Key, PruneMark, Repository,
-    RestoreOptions, VerifyTarget, VmId,
+    BackupId, ImageFormat, InitOptions, KdfParams, KeepOptions, Key, MasterPrivateKey,
+    MasterPublicKey, MasterSeal, PruneMark, Repository, RestoreOptions, VerifyTarget, VmId,
 };
-
-/// Reads the passphrase from --passphrase-file or SHEAR_KEY_PASSPHRASE.
-fn passphrase(cli: &Cli) -> anyhow::Result<Zeroizing<Vec<u8>>> {
-    if let Some(p) = &cli.passphrase_file {
-        let mut text = Zeroizing::new(
-            std::fs::read(p)
-                .with_context(|| format!("cannot read passphrase file {}", p.display()))?,
-        );
-        while text.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-            text.pop();
-        }
-        return Ok(text);
-    }
-    match std::env::var_os("SHEAR_KEY_PASSPHRASE") {
-        Some(v) => Ok(Zeroizing::new(v.into_encoded_bytes())),
-        None => bail!("no passphrase: set SHEAR_KEY_PASSPHRASE or use --passphrase-file"),
-    }
-}
-
-/// Shortest passphrase accepted for a new key, and the length below which
-/// a warning is printed.
-const MIN_PASSPHRASE: usize = 8;
-const GOOD_PASSPHRASE: usize = 12;
-
-fn check_passphrase_strength(pw: &[u8]) -> anyhow::Result<()> {
-    let n = String::from_utf8_lossy(pw).chars().count();
-    if n < MIN_PASSPHRASE {
-        bail!("passphrase too short: {n} characters, at least {MIN_PASSPHRASE} are required (the key file is only as strong as it)");
-    }
-    let distinct: std::collections::HashSet<&u8> = pw.iter().collect();
-    if n < GOOD_PASSPHRASE || distinct.len() < 5 {
-        eprintln!(
-            "shear: warning: weak passphrase ({n} characters, {} distinct): use {GOOD_PASSPHRASE} or more varied characters, or several words",
-            distinct.len()
-        );
-    }
-    Ok(())
-}
 
 /// The key file a `key` subcommand works on: its PATH, else --keyfile.
 fn key_path(cli: &Cli, path: Option<&Path>) -> anyhow::Result<std::path::PathBuf> {
@@ -65,7 +27,8 @@ fn load_key(cli: &Cli) -> anyhow::Result<Option<Key>> {
     match &cli.keyfile {
         None => Ok(None),
         Some(path) => {
-            let pw = passphrase(cli)?;
+            let src = passphrase::key_source(cli.passphrase_file.as_deref());
+            let pw = passphrase::existing(src, &format!("key file {}", path.display()))?;
             Ok(Some(Key::load_file(path, &pw)?))
         }
     }
@@ -115,6 +78,7 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             zstd_level,
             chunk_size,
             max_disk_size_gib,
+            master_pubkey,
         } => {
             let max_entries = crate::repo::format::MAX_INDEX_ENTRIES;
             let holds = u64::from(*chunk_size).saturating_mul(max_entries);
@@ -126,13 +90,31 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     holds >> 30
                 );
             }
+            if master_pubkey.is_some() && cli.keyfile.is_none() {
+                bail!("--master-pubkey needs an encrypted repository: give --keyfile");
+            }
             let key = load_key(&cli)?;
+            // The seal to a master key, checked before anything is created.
+            let seal = match (&key, master_pubkey, &cli.keyfile) {
+                (Some(k), Some(pk), _) => Some(MasterPublicKey::load_file(pk)?.seal(k)?),
+                (Some(_), None, Some(kf)) => Key::file_master_seal(kf)?,
+                _ => None,
+            };
             let opts = InitOptions {
                 zstd_level: *zstd_level,
                 chunk_size: *chunk_size,
             };
             let fp = key.as_ref().map(Key::fingerprint);
             let repo = Repository::init(&cli.repo, key, &opts)?;
+            if let Some(seal) = &seal {
+                let path = cli.repo.join(crate::repo::master::REPO_SEAL_NAME);
+                seal.write_new(&path)?;
+                out!(
+                    "sealed the key to master key {} in {}",
+                    seal.master_fingerprint,
+                    path.display()
+                );
+            }
             match fp {
                 Some(fp) => out!(
                     "initialised encrypted repository {} (key {fp})",
@@ -144,17 +126,26 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Key { command } => match command {
             KeyCommand::Create {
                 path,
+                master_pubkey,
                 kdf_memory_kib,
                 kdf_passes,
             } => {
-                let pw = passphrase(&cli)?;
-                check_passphrase_strength(&pw)?;
-                let params = KdfParams {
-                    m_cost_kib: *kdf_memory_kib,
-                    t_cost: *kdf_passes,
-                    p_cost: 1,
-                };
-                let key = Key::create_file(path, &pw, params)?;
+                let master = master_pubkey
+                    .as_deref()
+                    .map(MasterPublicKey::load_file)
+                    .transpose()?;
+                refuse_existing(path)?;
+                let pw = passphrase::new(
+                    passphrase::key_source(cli.passphrase_file.as_deref()),
+                    &format!("key file {}", path.display()),
+                )?;
+                let params = kdf(*kdf_memory_kib, *kdf_passes);
+                let key = Key::generate();
+                let seal = master.map(|m| m.seal(&key)).transpose()?;
+                key.save_file(path, &pw, params, seal.as_ref())?;
+                if let Some(s) = &seal {
+                    out!("sealed to master key {}", s.master_fingerprint);
+                }
                 out!(
                     "created key {} fingerprint {}",
                     path.display(),
@@ -178,6 +169,62 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 out!("{}", text.trim_end());
                 out!("-----END SHEAR KEY FILE-----");
             }
+            KeyCommand::CreateMaster {
+                private,
+                public,
+                master_passphrase_file,
+                kdf_memory_kib,
+                kdf_passes,
+            } => {
+                refuse_existing(private)?;
+                refuse_existing(public)?;
+                let pw = passphrase::new(
+                    passphrase::master_source(master_passphrase_file.as_deref()),
+                    &format!("master key {}", private.display()),
+                )?;
+                let pk = MasterPrivateKey::create_files(
+                    private,
+                    public,
+                    &pw,
+                    kdf(*kdf_memory_kib, *kdf_passes),
+                )?;
+                out!(
+                    "created master key {} (private: keep it offline) and {} (public), fingerprint {}",
+                    private.display(),
+                    public.display(),
+                    pk.fingerprint()
+                );
+            }
+            KeyCommand::Seal { master_pubkey } => {
+                let master = MasterPublicKey::load_file(master_pubkey)?;
+                let Some(key) = load_key(&cli)? else {
+                    bail!("name the repository's key file: --keyfile PATH (or SHEAR_KEYFILE)");
+                };
+                let seal = master.seal(&key)?;
+                // Only the repository's own key (open checks the fingerprint).
+                let repo = Repository::open(&cli.repo, Some(key))?;
+                let path = cli.repo.join(crate::repo::master::REPO_SEAL_NAME);
+                seal.write_new(&path)?;
+                out!(
+                    "sealed the key of {} to master key {} in {}",
+                    repo.location(),
+                    seal.master_fingerprint,
+                    path.display()
+                );
+            }
+            KeyCommand::Recover {
+                new,
+                master_key,
+                master_passphrase_file,
+                kdf_memory_kib,
+                kdf_passes,
+            } => recover(
+                &cli,
+                new,
+                master_key,
+                master_passphrase_file.as_deref(),
+                kdf(*kdf_memory_kib, *kdf_passes),
+            )?,
         },
         Command::List { vmid, json } => {
             let repo = open(&cli)?;
@@ -383,6 +430,92 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn kdf(m_cost_kib: u32, t_cost: u32) -> KdfParams {
+    KdfParams {
+        m_cost_kib,
+        t_cost,
+        p_cost: 1,
+    }
+}
+
+/// Refuses a path that exists, before any passphrase is asked.
+fn refuse_existing(path: &Path) -> anyhow::Result<()> {
+    if std::fs::symlink_metadata(path).is_ok() {
+        bail!("{} exists: nothing was written", path.display());
+    }
+    Ok(())
+}
+
+/// `key recover`: the sealed key from the old key file or the repository,
+/// opened with the master private key, saved under a new passphrase (and
+/// sealed to the same master key again).
+fn recover(
+    cli: &Cli,
+    new: &Path,
+    master_key: &Path,
+    master_passphrase_file: Option<&Path>,
+    params: KdfParams,
+) -> anyhow::Result<()> {
+    refuse_existing(new)?;
+    let from_keyfile = match &cli.keyfile {
+        Some(kf) => Key::file_master_seal(kf)?.map(|s| (s, kf.display().to_string())),
+        None => None,
+    };
+    let repo_seal = cli.repo.join(crate::repo::master::REPO_SEAL_NAME);
+    let (seal, from) = match from_keyfile {
+        Some(found) => found,
+        None if repo_seal.exists() => (
+            MasterSeal::load_file(&repo_seal)?,
+            repo_seal.display().to_string(),
+        ),
+        None => bail!(
+            "no sealed key found: neither {} nor {} holds one (was the key or the repository \
+             created with --master-pubkey?)",
+            cli.keyfile
+                .as_ref()
+                .map_or("--keyfile (not given)".to_string(), |k| k
+                    .display()
+                    .to_string()),
+            repo_seal.display()
+        ),
+    };
+    let mpw = passphrase::existing(
+        passphrase::master_source(master_passphrase_file),
+        &format!("master key {}", master_key.display()),
+    )?;
+    let master = MasterPrivateKey::load_file(master_key, &mpw)?;
+    let key = master
+        .unseal(&seal)
+        .with_context(|| format!("cannot open the sealed key from {from}"))?;
+    // A seal that opens but holds another key than the repository's (a
+    // swapped seal file) is refused before anything is written.
+    if let Ok(repo) = Repository::open(&cli.repo, None) {
+        if let Some(e) = &repo.config().encryption {
+            if e.key_fingerprint != key.fingerprint().to_string() {
+                bail!(
+                    "the key sealed in {from} ({}) is not the key of repository {} ({}): nothing was written",
+                    key.fingerprint(),
+                    repo.location(),
+                    e.key_fingerprint
+                );
+            }
+        }
+    }
+    let pw = passphrase::new(
+        passphrase::key_source(cli.passphrase_file.as_deref()),
+        &format!("key file {}", new.display()),
+    )?;
+    let reseal = master.public().seal(&key)?;
+    key.save_file(new, &pw, params, Some(&reseal))?;
+    out!(
+        "recovered key {} from {from} with master key {}; wrote {} (new passphrase)",
+        key.fingerprint(),
+        master.public().fingerprint(),
+        new.display()
+    );
+    Ok(())
+}
+
 /// One line of `shear list`: id, name, disks, sizes, consistency, state.
 fn list_line(b: &crate::repo::BackupInfo) -> String {
     use crate::repo::ManifestState;
@@ -550,9 +683,30 @@ fn restore(cli: &Cli, a: &RestoreArgs) -> anyhow::Result<()> {
     } else {
         Vec::new()
     };
+    let devices: Vec<serde_json::Value> = reports
+        .iter()
+        .map(|r| {
+            let at = super::boot_cmdline::attachment(&reader.manifest().vm_config, &r.disk);
+            serde_json::json!({"disk": r.disk, "device": at.device, "read_only": at.read_only})
+        })
+        .collect();
     if a.json {
-        print_json(&serde_json::json!({"disks": reports, "qemu_command": boot}))?;
+        print_json(
+            &serde_json::json!({"disks": reports, "devices": devices, "qemu_command": boot}),
+        )?;
     } else {
+        for d in &devices {
+            out!(
+                "disk {} attaches as {}{}",
+                d["disk"].as_str().unwrap_or("?"),
+                d["device"].as_str().unwrap_or("?"),
+                if d["read_only"] == true {
+                    ", read-only (as it was)"
+                } else {
+                    ""
+                }
+            );
+        }
         out!("boot the restored disks with:\n  {boot}");
         for f in &definition {
             out!("wrote {}", f.display());

@@ -277,6 +277,7 @@ async fn backup_one(
         cbw_timeout_s: crate::job::backup::DEFAULT_CBW_TIMEOUT_S,
         stop_timeout: Duration::from_secs(600),
         full: false,
+        include_cdrom: false,
         held_hook: held_hook_from_env(),
     };
     log.line(&format!(

@@ -243,7 +243,8 @@ impl BackupRun {
     /// Nothing the guest sees changes here.
     async fn prepare(&mut self) -> Result<(), JobError> {
         let mut skipped = Vec::new();
-        let all = graph::discover_disks(self.monitor.get()?, &mut skipped).await?;
+        let all = graph::discover_disks(self.monitor.get()?, &mut skipped, self.opts.include_cdrom)
+            .await?;
         self.disks = super::select::apply_exclude(all, &self.opts.exclude, &skipped)?;
         for w in skipped {
             self.warn(w);

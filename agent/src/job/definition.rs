@@ -39,16 +39,20 @@ pub async fn capture(qmp: &qmp::Qmp, disks: &[VmDisk], pve_config: &Path) -> Val
         Some(domain) => virsh_dumpxml(&domain).await,
         None => None,
     };
+    let mut types = Vec::with_capacity(disks.len());
+    for d in disks {
+        types.push(device_type(qmp, &d.qdev).await);
+    }
     json!({
         "name": q("query-name").await,
         "version": q("query-version").await,
         "cpus": q("query-cpus-fast").await,
         "memory": q("query-memory-size-summary").await,
         "machine": q("query-target").await,
-        "disks": disks.iter().map(|d| json!({
+        "disks": disks.iter().zip(&types).map(|(d, t)| json!({
             "name": d.name, "device": d.device, "qdev": d.qdev, "node": d.node,
             "format": d.format, "filename": d.filename, "virtual-size": d.virtual_size,
-            "read-only": d.read_only,
+            "read-only": d.read_only, "type": t,
         })).collect::<Vec<_>>(),
         "qemu_pid": pid,
         "cmdline": cmdline,
@@ -57,6 +61,17 @@ pub async fn capture(qmp: &qmp::Qmp, disks: &[VmDisk], pve_config: &Path) -> Val
         })),
         "libvirt_xml": libvirt_xml,
     })
+}
+
+/// The qdev type of a disk's device (`virtio-blk-pci`, `scsi-hd`,
+/// `ide-hd`…): for virtio, the proxy's type (the qdev path QEMU reports is
+/// its inner `virtio-backend`). `None` when QEMU does not say.
+async fn device_type(qmp: &qmp::Qmp, qdev: &str) -> Option<String> {
+    let path = qdev.strip_suffix("/virtio-backend").unwrap_or(qdev);
+    qmp.qom_get(path, "type")
+        .await
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
 }
 
 fn read_text(path: &Path) -> Option<String> {

@@ -44,8 +44,8 @@ pub struct VmDisk {
 
 /// The disks of the VM (devices with a medium inserted). CD-ROM drives
 /// (`ide-cd`, `scsi-cd`: a removable medium such as an installer ISO) are
-/// not disks of the VM and are skipped, as Proxmox does; each skip is
-/// described in `notes` for the backup report.
+/// not disks of the VM and are skipped, as Proxmox does, unless
+/// `include_cdrom`; each skip is described in `notes` for the backup report.
 ///
 /// With `-blockdev` the node is the device's format node (`drv-d0`); with a
 /// legacy `-drive` (Proxmox VE 8, libvirt) it is `inserted.node-name`, often
@@ -55,6 +55,7 @@ pub struct VmDisk {
 pub async fn discover_disks(
     qmp: &qmp::Qmp,
     notes: &mut Vec<String>,
+    include_cdrom: bool,
 ) -> Result<Vec<VmDisk>, JobError> {
     let blocks = qmp
         .query_block()
@@ -77,10 +78,13 @@ pub async fn discover_disks(
                 .await
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_string));
-            if is_cdrom(kind.as_deref(), b.inserted.as_ref().is_some_and(|n| n.ro)) {
+            if !include_cdrom
+                && is_cdrom(kind.as_deref(), b.inserted.as_ref().is_some_and(|n| n.ro))
+            {
                 if let Some(node) = &b.inserted {
                     notes.push(format!(
-                        "skipped CD-ROM {name} ({}: {}): removable media are not backed up",
+                        "skipped CD-ROM {name} ({}: {}): removable media are not backed up \
+                         (--include-cdrom to back them up)",
                         kind.as_deref().unwrap_or("removable"),
                         node.file
                     ));

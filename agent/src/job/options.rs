@@ -79,6 +79,8 @@ pub struct BackupOptions {
     /// Read every disk in full even where change tracking would allow an
     /// incremental read (tracking still starts anew).
     pub full: bool,
+    /// Back up CD-ROM media too (skipped by default, as vzdump does).
+    pub include_cdrom: bool,
     /// Test-only: a program run while the guest is held with every filter
     /// in place (to take a ground-truth copy). Only honoured when
     /// [`TEST_HOOKS`] (see [`held_hook_from_env`]).

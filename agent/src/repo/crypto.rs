@@ -26,10 +26,13 @@ use zeroize::Zeroizing;
 
 use super::error::{RepoError, Result};
 use super::format::{Digest, NONCE_LEN, TAG_LEN};
+use super::master::MasterSeal;
 use crate::fsutil::{self, Existing};
 
 const KEYFILE_FORMAT: &str = "shear-key";
 const KEYFILE_VERSION: u32 = 1;
+/// A key file that also carries the key sealed to a master key.
+const KEYFILE_VERSION_SEALED: u32 = 2;
 /// Largest key file read (it is a few hundred bytes).
 const MAX_KEYFILE_LEN: u64 = 64 << 10;
 const WRAP_AAD: &[u8] = b"shear key file v1";
@@ -81,11 +84,14 @@ struct KeyFileJson {
     wrapped_key: WrapJson,
     fingerprint: String,
     created: String,
+    /// The key sealed to a master key (version 2 only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    master_seal: Option<MasterSeal>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct KdfJson {
+pub(crate) struct KdfJson {
     alg: String,
     #[serde(flatten)]
     params: KdfParams,
@@ -94,7 +100,7 @@ struct KdfJson {
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct WrapJson {
+pub(crate) struct WrapJson {
     alg: String,
     nonce: String,
     ciphertext: String,
@@ -215,106 +221,169 @@ impl Key {
     /// Creates a new key file at `path` (never overwrites; mode 0600) and
     /// returns the key.
     pub fn create_file(path: &Path, passphrase: &[u8], kdf: KdfParams) -> Result<Key> {
-        if passphrase.is_empty() {
-            return Err(RepoError::invalid("passphrase", "must not be empty"));
-        }
         let key = Key::generate();
-        let mut salt = [0u8; 16];
-        rand::rng().fill_bytes(&mut salt);
-        let kek = derive_kek(passphrase, &salt, kdf)?;
-        let wrap = Aes256Gcm::new((&*kek).into());
-        let mut nonce = [0u8; NONCE_LEN];
-        rand::rng().fill_bytes(&mut nonce);
-        let mut buf = Zeroizing::new(key.master.to_vec());
-        let tag = wrap
-            .encrypt_in_place_detached(Nonce::from_slice(&nonce), WRAP_AAD, &mut buf)
-            .map_err(|_| RepoError::invalid("key", "wrapping failed"))?;
-        let mut ct = buf.to_vec();
-        ct.extend_from_slice(&tag);
+        key.save_file(path, passphrase, kdf, None)?;
+        Ok(key)
+    }
+
+    /// Writes this key to a new key file at `path` (never overwrites; mode
+    /// 0600), wrapped under `passphrase`. With `seal`, the file also
+    /// carries the key sealed to a master key (version 2), so the
+    /// master key's holder can recover it without the passphrase.
+    pub fn save_file(
+        &self,
+        path: &Path,
+        passphrase: &[u8],
+        kdf: KdfParams,
+        seal: Option<&MasterSeal>,
+    ) -> Result<()> {
+        if let Some(s) = seal {
+            if s.key_fingerprint != self.fingerprint.to_string() {
+                return Err(RepoError::invalid(
+                    "master seal",
+                    "it seals another key than the one being saved",
+                ));
+            }
+        }
+        let (kdf, wrapped_key) = wrap_secret(passphrase, kdf, WRAP_AAD, &self.master)?;
         let json = KeyFileJson {
             format: KEYFILE_FORMAT.into(),
-            version: KEYFILE_VERSION,
-            kdf: KdfJson {
-                alg: "argon2id".into(),
-                params: kdf,
-                salt: hex::encode(salt),
+            version: if seal.is_some() {
+                KEYFILE_VERSION_SEALED
+            } else {
+                KEYFILE_VERSION
             },
-            wrapped_key: WrapJson {
-                alg: "aes-256-gcm".into(),
-                nonce: hex::encode(nonce),
-                ciphertext: hex::encode(ct),
-            },
-            fingerprint: key.fingerprint.to_string(),
+            kdf,
+            wrapped_key,
+            fingerprint: self.fingerprint.to_string(),
             created: super::names::format_time(time::OffsetDateTime::now_utc()),
+            master_seal: seal.cloned(),
         };
         let mut text = serde_json::to_vec_pretty(&json)
             .map_err(|e| RepoError::invalid("key file", e.to_string()))?;
         text.push(b'\n');
-        write_new_private_file(path, &text)?;
-        Ok(key)
+        write_new_private_file(path, &text)
     }
 
     /// Reads the fingerprint stored in a key file (no passphrase needed).
     pub fn file_fingerprint(path: &Path) -> Result<Fingerprint> {
-        let json = read_key_json(path)?;
+        let json: KeyFileJson = read_private_json(path, "key file")?;
         json.fingerprint.parse()
+    }
+
+    /// The master seal a key file carries, if any (no passphrase needed).
+    pub fn file_master_seal(path: &Path) -> Result<Option<MasterSeal>> {
+        let json: KeyFileJson = read_private_json(path, "key file")?;
+        Ok(json.master_seal)
     }
 
     /// Unlocks a key file. Refuses files readable by group or others (F-47).
     pub fn load_file(path: &Path, passphrase: &[u8]) -> Result<Key> {
-        let json = read_key_json(path)?;
-        if json.format != KEYFILE_FORMAT || json.version != KEYFILE_VERSION {
+        let json: KeyFileJson = read_private_json(path, "key file")?;
+        if json.format != KEYFILE_FORMAT
+            || !(KEYFILE_VERSION..=KEYFILE_VERSION_SEALED).contains(&json.version)
+        {
             return Err(RepoError::corrupt(
                 format!("key file {}", path.display()),
                 format!("unsupported format {} v{}", json.format, json.version),
             ));
         }
-        if json.kdf.alg != "argon2id" || json.wrapped_key.alg != "aes-256-gcm" {
-            return Err(RepoError::corrupt(
-                format!("key file {}", path.display()),
-                "unsupported algorithms",
-            ));
-        }
-        let what = format!("key file {}", path.display());
-        let salt =
-            hex::decode(&json.kdf.salt).map_err(|e| RepoError::corrupt(&what, e.to_string()))?;
-        let mut nonce = [0u8; NONCE_LEN];
-        hex::decode_to_slice(&json.wrapped_key.nonce, &mut nonce)
-            .map_err(|e| RepoError::corrupt(&what, e.to_string()))?;
-        let ct = Zeroizing::new(
-            hex::decode(&json.wrapped_key.ciphertext)
-                .map_err(|e| RepoError::corrupt(&what, e.to_string()))?,
-        );
-        if ct.len() != 32 + TAG_LEN {
-            return Err(RepoError::corrupt(
-                &what,
-                "wrapped key has the wrong length",
-            ));
-        }
-        let kek = derive_kek(passphrase, &salt, json.kdf.params)?;
-        let wrap = Aes256Gcm::new((&*kek).into());
-        let (body, tag) = ct.split_at(32);
-        let mut master = Zeroizing::new([0u8; 32]);
-        master.copy_from_slice(body);
-        wrap.decrypt_in_place_detached(
-            Nonce::from_slice(&nonce),
-            WRAP_AAD,
-            &mut master[..],
-            tag.into(),
-        )
-        .map_err(|_| RepoError::WrongPassphrase {
-            path: path.to_owned(),
-        })?;
+        let master = unwrap_secret(path, passphrase, &json.kdf, &json.wrapped_key, WRAP_AAD)?;
         let key = Key::from_master(master);
         let stored: Fingerprint = json.fingerprint.parse()?;
         if stored != key.fingerprint {
             return Err(RepoError::corrupt(
-                &what,
+                format!("key file {}", path.display()),
                 "stored fingerprint does not match the unwrapped key",
             ));
         }
         Ok(key)
     }
+
+    /// The key rebuilt from its 32-byte secret (a master-key recovery).
+    pub(crate) fn from_secret(secret: Zeroizing<[u8; 32]>) -> Key {
+        Key::from_master(secret)
+    }
+
+    /// The 32-byte secret every sub-key derives from (to seal it).
+    pub(crate) fn secret(&self) -> &[u8; 32] {
+        &self.master
+    }
+}
+
+/// Wraps a 32-byte secret under a passphrase: Argon2id (fresh salt) →
+/// AES-256-GCM (fresh nonce) with `aad`.
+pub(crate) fn wrap_secret(
+    passphrase: &[u8],
+    kdf: KdfParams,
+    aad: &[u8],
+    secret: &[u8; 32],
+) -> Result<(KdfJson, WrapJson)> {
+    if passphrase.is_empty() {
+        return Err(RepoError::invalid("passphrase", "must not be empty"));
+    }
+    let mut salt = [0u8; 16];
+    rand::rng().fill_bytes(&mut salt);
+    let kek = derive_kek(passphrase, &salt, kdf)?;
+    let wrap = Aes256Gcm::new((&*kek).into());
+    let mut nonce = [0u8; NONCE_LEN];
+    rand::rng().fill_bytes(&mut nonce);
+    let mut buf = Zeroizing::new(secret.to_vec());
+    let tag = wrap
+        .encrypt_in_place_detached(Nonce::from_slice(&nonce), aad, &mut buf)
+        .map_err(|_| RepoError::invalid("key", "wrapping failed"))?;
+    let mut ct = buf.to_vec();
+    ct.extend_from_slice(&tag);
+    Ok((
+        KdfJson {
+            alg: "argon2id".into(),
+            params: kdf,
+            salt: hex::encode(salt),
+        },
+        WrapJson {
+            alg: "aes-256-gcm".into(),
+            nonce: hex::encode(nonce),
+            ciphertext: hex::encode(ct),
+        },
+    ))
+}
+
+/// Unwraps what [`wrap_secret`] made; a wrong passphrase is
+/// [`RepoError::WrongPassphrase`] naming `path`.
+pub(crate) fn unwrap_secret(
+    path: &Path,
+    passphrase: &[u8],
+    kdf: &KdfJson,
+    wrapped: &WrapJson,
+    aad: &[u8],
+) -> Result<Zeroizing<[u8; 32]>> {
+    let what = format!("key file {}", path.display());
+    if kdf.alg != "argon2id" || wrapped.alg != "aes-256-gcm" {
+        return Err(RepoError::corrupt(&what, "unsupported algorithms"));
+    }
+    let salt = hex::decode(&kdf.salt).map_err(|e| RepoError::corrupt(&what, e.to_string()))?;
+    let mut nonce = [0u8; NONCE_LEN];
+    hex::decode_to_slice(&wrapped.nonce, &mut nonce)
+        .map_err(|e| RepoError::corrupt(&what, e.to_string()))?;
+    let ct = Zeroizing::new(
+        hex::decode(&wrapped.ciphertext).map_err(|e| RepoError::corrupt(&what, e.to_string()))?,
+    );
+    if ct.len() != 32 + TAG_LEN {
+        return Err(RepoError::corrupt(
+            &what,
+            "wrapped key has the wrong length",
+        ));
+    }
+    let kek = derive_kek(passphrase, &salt, kdf.params)?;
+    let wrap = Aes256Gcm::new((&*kek).into());
+    let (body, tag) = ct.split_at(32);
+    let mut secret = Zeroizing::new([0u8; 32]);
+    secret.copy_from_slice(body);
+    wrap.decrypt_in_place_detached(Nonce::from_slice(&nonce), aad, &mut secret[..], tag.into())
+        .map_err(|_| RepoError::WrongPassphrase {
+            path: path.to_owned(),
+        })?;
+    Ok(secret)
 }
 
 fn derive_kek(passphrase: &[u8], salt: &[u8], p: KdfParams) -> Result<Zeroizing<[u8; 32]>> {
@@ -335,7 +404,12 @@ fn derive_kek(passphrase: &[u8], salt: &[u8], p: KdfParams) -> Result<Zeroizing<
     Ok(out)
 }
 
-fn read_key_json(path: &Path) -> Result<KeyFileJson> {
+/// Reads a small JSON file that holds a secret: a regular file (no
+/// symlink), mode 0600 or stricter, owned by us or root, at most 64 KiB.
+pub(crate) fn read_private_json<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    what: &'static str,
+) -> Result<T> {
     let file = fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW)
@@ -346,7 +420,7 @@ fn read_key_json(path: &Path) -> Result<KeyFileJson> {
         .map_err(|e| RepoError::io("stat key file", path, e))?;
     if !meta.is_file() {
         return Err(RepoError::invalid(
-            "key file",
+            what,
             format!("{} is not a regular file", path.display()),
         ));
     }
@@ -362,7 +436,7 @@ fn read_key_json(path: &Path) -> Result<KeyFileJson> {
     let me = fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0);
     if meta.uid() != me && meta.uid() != 0 {
         return Err(RepoError::invalid(
-            "key file",
+            what,
             format!("{} is owned by uid {}", path.display(), meta.uid()),
         ));
     }
@@ -371,14 +445,14 @@ fn read_key_json(path: &Path) -> Result<KeyFileJson> {
         .read_to_end(&mut text)
         .map_err(|e| RepoError::io("read key file", path, e))?;
     if text.len() as u64 > MAX_KEYFILE_LEN {
-        return Err(RepoError::invalid("key file", "larger than 64 KiB"));
+        return Err(RepoError::invalid(what, "larger than 64 KiB"));
     }
     serde_json::from_slice(&text)
-        .map_err(|e| RepoError::corrupt(format!("key file {}", path.display()), e.to_string()))
+        .map_err(|e| RepoError::corrupt(format!("{what} {}", path.display()), e.to_string()))
 }
 
 /// Writes a new file with mode 0600 durably; fails if `path` exists.
-fn write_new_private_file(path: &Path, data: &[u8]) -> Result<()> {
+pub(crate) fn write_new_private_file(path: &Path, data: &[u8]) -> Result<()> {
     fsutil::write_atomic(path, data, Existing::Keep).map_err(|e| {
         if e.source.kind() == std::io::ErrorKind::AlreadyExists && e.path == path {
             RepoError::AlreadyExists {

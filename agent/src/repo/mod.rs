@@ -85,6 +85,7 @@ pub mod error;
 pub mod format;
 pub mod gc;
 pub mod manifest;
+pub mod master;
 pub mod names;
 pub mod prune;
 pub mod qcow2;
@@ -101,6 +102,7 @@ use serde::{Deserialize, Serialize};
 pub use backend::{Backend, LocalBackend, LockMode, LockWait};
 pub use crypto::{Fingerprint, KdfParams, Key};
 pub use error::{ErrorKind, RepoError, Result, Retry};
+pub use master::{MasterPrivateKey, MasterPublicKey, MasterSeal};
 
 pub use format::Digest;
 pub use manifest::{BackupMode, Consistency, DiskEntry, DiskRead, Manifest, ReadKind};
