@@ -70,6 +70,25 @@ pub struct Config {
     pub script: Option<PathBuf>,
     /// Deadline of one hook script run, seconds (default 300).
     pub script_timeout: Option<u64>,
+    /// Daemon (docs/daemon.md): state directory (default /var/lib/shear).
+    pub state_dir: Option<PathBuf>,
+    /// Daemon: how long a running backup may go on after SIGTERM.
+    pub shutdown_grace: Option<String>,
+    /// Daemon: how long finished tasks are kept (default 30d).
+    pub task_retention: Option<String>,
+    /// Daemon: free space (%) below which a repository is "space low".
+    pub space_low_percent: Option<u8>,
+    /// Daemon: `[[job]]` backup jobs.
+    #[serde(rename = "job")]
+    pub jobs: Vec<crate::daemon::config::JobToml>,
+    /// Daemon: `[[verify]]` jobs.
+    pub verify: Vec<crate::daemon::config::VerifyToml>,
+    /// Daemon: `[[gc]]` jobs.
+    pub gc: Vec<crate::daemon::config::GcToml>,
+    /// Daemon: `[[policy]]` RPO policies.
+    pub policy: Vec<crate::daemon::config::PolicyToml>,
+    /// Daemon: `[api]`.
+    pub api: crate::daemon::config::ApiToml,
 }
 
 /// `[hooks]`: what `shear hook` does at each lifecycle event.
@@ -103,6 +122,15 @@ impl Default for Config {
             notify_matcher: Vec::new(),
             script: None,
             script_timeout: None,
+            state_dir: None,
+            shutdown_grace: None,
+            task_retention: None,
+            space_low_percent: None,
+            jobs: Vec::new(),
+            verify: Vec::new(),
+            gc: Vec::new(),
+            policy: Vec::new(),
+            api: crate::daemon::config::ApiToml::default(),
         }
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod daemon;
 mod error_chain;
 pub mod fsutil;
 pub mod hookscript;

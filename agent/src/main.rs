@@ -6,14 +6,20 @@ use std::process::ExitCode;
 use clap::Parser as _;
 
 fn main() -> ExitCode {
-    // Logs (warnings by default; RUST_LOG=shear=debug for phases) go to
-    // stderr; a daemon would route the same events to the journal.
+    // Logs (warnings by default, info for `shear daemon`; RUST_LOG=shear=debug
+    // for phases) go to stderr, which systemd sends to the journal.
+    let default_level = if std::env::args().nth(1).as_deref() == Some("daemon") {
+        "info"
+    } else {
+        "warn"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
     let cli = match shear::cli::Cli::try_parse() {

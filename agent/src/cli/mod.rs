@@ -10,6 +10,7 @@
 mod backup_cmd;
 mod backup_job;
 pub mod boot_cmdline;
+mod daemon_cmd;
 mod generate;
 mod hook_cmd;
 pub mod json_errors;
@@ -202,6 +203,18 @@ pub enum Command {
         /// Output directory (created if missing).
         dir: PathBuf,
     },
+    /// Run the host daemon in the foreground: scheduled backup, verify
+    /// and gc jobs, the HTTP API and metrics (docs/daemon.md).
+    Daemon(daemon_cmd::DaemonArgs),
+    /// The running daemon's jobs: list, run now, status.
+    Job(daemon_cmd::JobArgs),
+    /// The running daemon's tasks (job runs): list, status, log.
+    Task(daemon_cmd::TaskArgs),
+    /// API tokens for the daemon's TCP listeners.
+    Token(daemon_cmd::TokenArgs),
+    /// Per VM: newest good backup, its age against the RPO policy, last
+    /// verify, last restore test. Exit 1 when an RPO is breached.
+    Report(daemon_cmd::ReportArgs),
     /// Lifecycle hooks: libvirt's /etc/libvirt/hooks/qemu, a Proxmox VE
     /// hookscript ([hooks] in shear.toml; see docs/hooks.md).
     Hook {
@@ -368,6 +381,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Cleanup(args) => backup_cmd::cleanup(args),
         Command::Hook { command } => hook_cmd::run(&cli, command),
         Command::Generate { what, dir } => generate::run(*what, dir),
+        Command::Daemon(a) => daemon_cmd::daemon(a),
+        Command::Job(a) => daemon_cmd::job(a),
+        Command::Task(a) => daemon_cmd::task(a),
+        Command::Token(a) => daemon_cmd::token(a),
+        Command::Report(a) => daemon_cmd::report(a),
         _ => repo_cmds::run(cli),
     }
 }
@@ -399,6 +417,9 @@ impl Cli {
             | Command::Show { json, .. }
             | Command::Verify { json, .. }
             | Command::Gc { json, .. } => *json,
+            Command::Report(a) => a.json,
+            Command::Job(a) => a.conn.json,
+            Command::Task(a) => a.conn.json,
             _ => false,
         }
     }

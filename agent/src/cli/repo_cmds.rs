@@ -419,7 +419,12 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         | Command::Watchdog(_)
         | Command::Cleanup(_)
         | Command::Hook { .. }
-        | Command::Generate { .. } => {
+        | Command::Generate { .. }
+        | Command::Daemon(_)
+        | Command::Job(_)
+        | Command::Task(_)
+        | Command::Token(_)
+        | Command::Report(_) => {
             anyhow::bail!("internal: {:?} is dispatched in cli::run", cli.command)
         }
     }

@@ -1,0 +1,790 @@
+//! The daemon's part of `shear.toml`: `[[job]]`, `[[verify]]`, `[[gc]]`,
+//! `[[policy]]`, `[api]` and a few top-level keys (see docs/daemon.md).
+//!
+//! The raw TOML types live here and are fields of [`crate::config::Config`];
+//! [`validate`] checks everything at load time (and on SIGHUP) and turns it
+//! into a [`DaemonConfig`] the daemon runs from. A config that does not
+//! validate is never run: at start the daemon exits, on reload the old
+//! config stays.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::schedule::Schedule;
+use crate::config::Config;
+use crate::job::backup::Mode;
+use crate::repo::{KeepOptions, VmId};
+
+/// Default state directory (tasks, last results, tokens).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/shear";
+/// Default API socket.
+pub const DEFAULT_API_SOCKET: &str = "/run/shear/api.sock";
+/// Default task retention.
+pub const DEFAULT_TASK_RETENTION: Duration = Duration::from_secs(30 * 86400);
+/// Most VMs one job backs up in parallel.
+pub const MAX_WORKERS: usize = 64;
+
+/// A VM id written as a string or a bare integer (`vmids = [100, "101"]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum VmIdValue {
+    /// `"100"`.
+    Text(String),
+    /// `100`.
+    Number(u64),
+}
+
+impl VmIdValue {
+    /// As a string.
+    pub fn as_string(&self) -> String {
+        match self {
+            VmIdValue::Text(s) => s.clone(),
+            VmIdValue::Number(n) => n.to_string(),
+        }
+    }
+}
+
+/// `keep = { last = 3, daily = 7 }`: prune after each run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeepConfig {
+    /// keep-last.
+    pub last: Option<usize>,
+    /// keep-hourly.
+    pub hourly: Option<usize>,
+    /// keep-daily.
+    pub daily: Option<usize>,
+    /// keep-weekly.
+    pub weekly: Option<usize>,
+    /// keep-monthly.
+    pub monthly: Option<usize>,
+    /// keep-yearly.
+    pub yearly: Option<usize>,
+}
+
+impl KeepConfig {
+    fn options(self) -> KeepOptions {
+        KeepOptions {
+            last: self.last,
+            hourly: self.hourly,
+            daily: self.daily,
+            weekly: self.weekly,
+            monthly: self.monthly,
+            yearly: self.yearly,
+        }
+    }
+}
+
+/// `[[job]]`: a scheduled backup job (vzdump's vocabulary).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobToml {
+    /// Job id.
+    pub id: String,
+    /// systemd calendar event, local time zone.
+    pub schedule: String,
+    /// VMs to back up (or `all = true`).
+    #[serde(default)]
+    pub vmids: Vec<VmIdValue>,
+    /// Every VM known to the host.
+    #[serde(default)]
+    pub all: bool,
+    /// With `all`: VMs left out.
+    #[serde(default)]
+    pub exclude: Vec<VmIdValue>,
+    /// snapshot (default), suspend, stop.
+    pub mode: Option<String>,
+    /// Repository directory.
+    pub repo: PathBuf,
+    /// Prune after each run (no keep: no prune).
+    pub keep: Option<KeepConfig>,
+    /// Notification targets (`[[notify_target]]` names).
+    #[serde(default)]
+    pub notify: Vec<String>,
+    /// Run once at start when a slot was missed while the daemon was down.
+    #[serde(default)]
+    pub repeat_missed: bool,
+    /// VMs backed up in parallel (default 1).
+    pub max_workers: Option<usize>,
+    /// KiB/s read limit per VM (0: none).
+    #[serde(default)]
+    pub bwlimit: u64,
+    /// vzdump-compatible hook script.
+    pub script: Option<PathBuf>,
+    /// A disabled job runs only when asked (`shear job run`).
+    pub enabled: Option<bool>,
+}
+
+/// `[[verify]]`: re-read backups whose last verify is older than
+/// `outdated_after` (or that were never verified).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyToml {
+    /// Job id.
+    pub id: String,
+    /// Calendar event.
+    pub schedule: String,
+    /// Repository.
+    pub repo: PathBuf,
+    /// Re-verify after this long (`"30d"`; default: every run verifies all).
+    pub outdated_after: Option<String>,
+    /// Notification targets.
+    #[serde(default)]
+    pub notify: Vec<String>,
+}
+
+/// `[[gc]]`: garbage collection of a repository.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GcToml {
+    /// Job id.
+    pub id: String,
+    /// Calendar event.
+    pub schedule: String,
+    /// Repository.
+    pub repo: PathBuf,
+    /// Notification targets.
+    #[serde(default)]
+    pub notify: Vec<String>,
+}
+
+/// `[[policy]]`: a recovery point objective for some VMs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyToml {
+    /// VMs the policy covers.
+    pub vmids: Vec<VmIdValue>,
+    /// Longest acceptable age of the newest good backup (`"24h"`).
+    pub rpo: String,
+}
+
+/// `[api]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiToml {
+    /// Unix socket (default /run/shear/api.sock), mode 0600.
+    pub socket: Option<PathBuf>,
+    /// TCP addresses (`"127.0.0.1:8007"`); API tokens required.
+    pub listen: Vec<String>,
+}
+
+/// Which kind of work a job does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    /// `[[job]]`.
+    Backup,
+    /// `[[verify]]`.
+    Verify,
+    /// `[[gc]]`.
+    Gc,
+}
+
+impl JobKind {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Backup => "backup",
+            JobKind::Verify => "verify",
+            JobKind::Gc => "gc",
+        }
+    }
+}
+
+/// Which VMs a backup job covers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Selection {
+    /// These.
+    List(Vec<String>),
+    /// Every VM known to the host, minus these.
+    All {
+        /// Left out.
+        exclude: Vec<String>,
+    },
+}
+
+/// A validated job of any kind.
+#[derive(Debug, Clone, Serialize)]
+pub struct Job {
+    /// Id (unique across kinds).
+    pub id: String,
+    /// Kind.
+    pub kind: JobKind,
+    /// When it runs.
+    #[serde(serialize_with = "ser_schedule")]
+    pub schedule: Schedule,
+    /// Repository.
+    pub repo: PathBuf,
+    /// Notification targets.
+    pub notify: Vec<String>,
+    /// Run once at start after a missed slot.
+    pub repeat_missed: bool,
+    /// Scheduled (false: only on request).
+    pub enabled: bool,
+    /// Backup jobs: what they do.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupJob>,
+    /// Verify jobs: re-verify after this long (None: always).
+    #[serde(skip_serializing_if = "Option::is_none", with = "opt_secs")]
+    pub outdated_after: Option<Duration>,
+}
+
+fn ser_schedule<S: serde::Serializer>(s: &Schedule, ser: S) -> Result<S::Ok, S::Error> {
+    ser.serialize_str(s.as_str())
+}
+
+mod opt_secs {
+    use std::time::Duration;
+    pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_u64(d.as_secs()),
+            None => s.serialize_none(),
+        }
+    }
+}
+
+/// What a backup job does.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupJob {
+    /// Which VMs.
+    pub vms: Selection,
+    /// Mode.
+    pub mode: Mode,
+    /// Retention applied after each run (None: no prune).
+    pub keep: Option<KeepOptions>,
+    /// VMs in parallel.
+    pub max_workers: usize,
+    /// KiB/s.
+    pub bwlimit: u64,
+    /// vzdump hook script: job phases around the run, VM phases around
+    /// each VM (backup-start refuses a VM), stop-mode phases in the job.
+    pub script: Option<PathBuf>,
+}
+
+/// A validated RPO policy.
+#[derive(Debug, Clone, Serialize)]
+pub struct Policy {
+    /// VMs.
+    pub vmids: Vec<String>,
+    /// Seconds.
+    #[serde(rename = "rpo_seconds", serialize_with = "ser_secs")]
+    pub rpo: Duration,
+}
+
+fn ser_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_secs())
+}
+
+/// The validated daemon configuration, with the base config it came from.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// The whole file (socket templates, run dir, fleecing…).
+    pub base: Arc<Config>,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// How long a running backup may go on after SIGTERM before it is
+    /// cancelled (0: cancelled at once).
+    pub shutdown_grace: Duration,
+    /// How long finished tasks (status and log) are kept.
+    pub task_retention: Duration,
+    /// Free space below this percentage of a repository's filesystem
+    /// raises a space-low event.
+    pub space_low_percent: u8,
+    /// Jobs of every kind, in file order.
+    pub jobs: Vec<Job>,
+    /// RPO policies.
+    pub policies: Vec<Policy>,
+    /// API socket.
+    pub api_socket: PathBuf,
+    /// API TCP listeners.
+    pub api_listen: Vec<SocketAddr>,
+}
+
+impl DaemonConfig {
+    /// The job with this id.
+    pub fn job(&self, id: &str) -> Option<&Job> {
+        self.jobs.iter().find(|j| j.id == id)
+    }
+
+    /// The RPO of a VM (the strictest policy naming it).
+    pub fn rpo_of(&self, vmid: &str) -> Option<Duration> {
+        self.policies
+            .iter()
+            .filter(|p| p.vmids.iter().any(|v| v == vmid))
+            .map(|p| p.rpo)
+            .min()
+    }
+
+    /// Every repository the config names, sorted, no duplicates.
+    pub fn repos(&self) -> Vec<PathBuf> {
+        let set: BTreeSet<PathBuf> = self.jobs.iter().map(|j| j.repo.clone()).collect();
+        set.into_iter().collect()
+    }
+}
+
+/// Parse `"90s"`, `"30m"`, `"48h"`, `"7d"`, `"2w"`, `"0"`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    if t == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("bad duration {s:?}: use a number and s, m, h, d or w"))?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        "w" => 7 * 86400,
+        _ => return Err(format!("bad duration {s:?}: use s, m, h, d or w")),
+    };
+    Ok(Duration::from_secs(n.saturating_mul(mult)))
+}
+
+/// Every problem of a config, each naming where it is.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid daemon config: {}", .0.join("; "))]
+pub struct ValidationError(pub Vec<String>);
+
+/// Check everything the daemon will run from `base`.
+pub fn validate(base: Config) -> Result<DaemonConfig, ValidationError> {
+    let mut errs: Vec<String> = Vec::new();
+    let mut ids: BTreeSet<String> = BTreeSet::new();
+    let mut jobs = Vec::new();
+
+    let mut check_id = |what: &str, id: &str, errs: &mut Vec<String>| {
+        if let Err(e) = crate::repo::names::validate_name("job id", id) {
+            errs.push(format!("{what} {id:?}: {e}"));
+        } else if !ids.insert(id.to_owned()) {
+            errs.push(format!(
+                "{what} {id:?}: the id is used twice (ids are unique across [[job]], [[verify]] and [[gc]])"
+            ));
+        }
+    };
+    let schedule =
+        |what: &str, id: &str, s: &str, errs: &mut Vec<String>| match s.parse::<Schedule>() {
+            Ok(s) => Some(s),
+            Err(e) => {
+                errs.push(format!("{what} {id:?}: schedule {s:?}: {e}"));
+                None
+            }
+        };
+    let repo_ok = |what: &str, id: &str, p: &std::path::Path, errs: &mut Vec<String>| {
+        if !p.is_absolute() {
+            errs.push(format!(
+                "{what} {id:?}: repo {} must be an absolute path",
+                p.display()
+            ));
+        }
+    };
+    let vmid_list = |what: &str, id: &str, key: &str, v: &[VmIdValue], errs: &mut Vec<String>| {
+        let mut out = Vec::new();
+        for x in v {
+            let s = x.as_string();
+            match VmId::new(&s) {
+                Ok(_) if out.contains(&s) => {
+                    errs.push(format!("{what} {id:?}: {key} names VM {s} twice"));
+                }
+                Ok(_) => out.push(s),
+                Err(e) => errs.push(format!("{what} {id:?}: {key}: {e}")),
+            }
+        }
+        out
+    };
+
+    for j in &base.jobs {
+        let what = "[[job]]";
+        check_id(what, &j.id, &mut errs);
+        let sched = schedule(what, &j.id, &j.schedule, &mut errs);
+        repo_ok(what, &j.id, &j.repo, &mut errs);
+        let vmids = vmid_list(what, &j.id, "vmids", &j.vmids, &mut errs);
+        let exclude = vmid_list(what, &j.id, "exclude", &j.exclude, &mut errs);
+        let vms = match (j.all, vmids.is_empty()) {
+            (true, true) => Selection::All { exclude },
+            (true, false) => {
+                errs.push(format!(
+                    "{what} {:?}: give either vmids or all = true, not both",
+                    j.id
+                ));
+                Selection::List(vmids)
+            }
+            (false, true) => {
+                errs.push(format!(
+                    "{what} {:?}: no VMs: give vmids = [\"100\", …] or all = true",
+                    j.id
+                ));
+                Selection::List(vmids)
+            }
+            (false, false) => {
+                if !exclude.is_empty() {
+                    errs.push(format!(
+                        "{what} {:?}: exclude is only meaningful with all = true",
+                        j.id
+                    ));
+                }
+                Selection::List(vmids)
+            }
+        };
+        let mode = match j.mode.as_deref().unwrap_or("snapshot") {
+            "snapshot" => Mode::Snapshot,
+            "suspend" => Mode::Suspend,
+            "stop" => Mode::Stop,
+            m => {
+                errs.push(format!(
+                    "{what} {:?}: mode {m:?}: use snapshot, suspend or stop",
+                    j.id
+                ));
+                Mode::Snapshot
+            }
+        };
+        let keep = j.keep.map(KeepConfig::options);
+        if let Some(k) = &keep {
+            if !k.keeps_something() {
+                errs.push(format!(
+                    "{what} {:?}: keep would keep nothing (give at least one count > 0, or leave keep out for no prune)",
+                    j.id
+                ));
+            }
+        }
+        let max_workers = j.max_workers.unwrap_or(1);
+        if !(1..=MAX_WORKERS).contains(&max_workers) {
+            errs.push(format!(
+                "{what} {:?}: max_workers {max_workers} must be 1..={MAX_WORKERS}",
+                j.id
+            ));
+        }
+        if let Some(s) = &j.script {
+            if !s.is_absolute() {
+                errs.push(format!(
+                    "{what} {:?}: script {} must be an absolute path",
+                    j.id,
+                    s.display()
+                ));
+            }
+        }
+        check_notify(&base.notify_target, what, &j.id, &j.notify, &mut errs);
+        if let Some(schedule) = sched {
+            jobs.push(Job {
+                id: j.id.clone(),
+                kind: JobKind::Backup,
+                schedule,
+                repo: j.repo.clone(),
+                notify: j.notify.clone(),
+                repeat_missed: j.repeat_missed,
+                enabled: j.enabled.unwrap_or(true),
+                backup: Some(BackupJob {
+                    vms,
+                    mode,
+                    keep,
+                    max_workers,
+                    bwlimit: j.bwlimit,
+                    script: j.script.clone(),
+                }),
+                outdated_after: None,
+            });
+        }
+    }
+    for v in &base.verify {
+        let what = "[[verify]]";
+        check_id(what, &v.id, &mut errs);
+        let sched = schedule(what, &v.id, &v.schedule, &mut errs);
+        repo_ok(what, &v.id, &v.repo, &mut errs);
+        check_notify(&base.notify_target, what, &v.id, &v.notify, &mut errs);
+        let outdated_after = match v.outdated_after.as_deref().map(parse_duration) {
+            None => None,
+            Some(Ok(d)) => Some(d),
+            Some(Err(e)) => {
+                errs.push(format!("{what} {:?}: outdated_after: {e}", v.id));
+                None
+            }
+        };
+        if let Some(schedule) = sched {
+            jobs.push(Job {
+                id: v.id.clone(),
+                kind: JobKind::Verify,
+                schedule,
+                repo: v.repo.clone(),
+                notify: v.notify.clone(),
+                repeat_missed: false,
+                enabled: true,
+                backup: None,
+                outdated_after,
+            });
+        }
+    }
+    for g in &base.gc {
+        let what = "[[gc]]";
+        check_id(what, &g.id, &mut errs);
+        let sched = schedule(what, &g.id, &g.schedule, &mut errs);
+        repo_ok(what, &g.id, &g.repo, &mut errs);
+        check_notify(&base.notify_target, what, &g.id, &g.notify, &mut errs);
+        if let Some(schedule) = sched {
+            jobs.push(Job {
+                id: g.id.clone(),
+                kind: JobKind::Gc,
+                schedule,
+                repo: g.repo.clone(),
+                notify: g.notify.clone(),
+                repeat_missed: false,
+                enabled: true,
+                backup: None,
+                outdated_after: None,
+            });
+        }
+    }
+    let mut policies = Vec::new();
+    for (i, p) in base.policy.iter().enumerate() {
+        let what = format!("[[policy]] #{}", i + 1);
+        let vmids = vmid_list(&what, "", "vmids", &p.vmids, &mut errs);
+        if vmids.is_empty() {
+            errs.push(format!("{what}: vmids is empty"));
+        }
+        match parse_duration(&p.rpo) {
+            Ok(d) if d.is_zero() => errs.push(format!("{what}: rpo must be > 0")),
+            Ok(rpo) => policies.push(Policy { vmids, rpo }),
+            Err(e) => errs.push(format!("{what}: rpo: {e}")),
+        }
+    }
+    let state_dir = base
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+    if !state_dir.is_absolute() {
+        errs.push(format!(
+            "state_dir {} must be an absolute path",
+            state_dir.display()
+        ));
+    }
+    let dur = |key: &str, v: &Option<String>, default: Duration, errs: &mut Vec<String>| match v
+        .as_deref()
+        .map(parse_duration)
+    {
+        None => default,
+        Some(Ok(d)) => d,
+        Some(Err(e)) => {
+            errs.push(format!("{key}: {e}"));
+            default
+        }
+    };
+    let shutdown_grace = dur(
+        "shutdown_grace",
+        &base.shutdown_grace,
+        Duration::ZERO,
+        &mut errs,
+    );
+    let task_retention = dur(
+        "task_retention",
+        &base.task_retention,
+        DEFAULT_TASK_RETENTION,
+        &mut errs,
+    );
+    let space_low_percent = base.space_low_percent.unwrap_or(10);
+    if space_low_percent > 100 {
+        errs.push(format!(
+            "space_low_percent {space_low_percent} must be 0..=100"
+        ));
+    }
+    let api_socket = base
+        .api
+        .socket
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_API_SOCKET));
+    if !api_socket.is_absolute() {
+        errs.push(format!(
+            "[api] socket {} must be an absolute path",
+            api_socket.display()
+        ));
+    }
+    let mut api_listen = Vec::new();
+    for l in &base.api.listen {
+        match l.parse::<SocketAddr>() {
+            Ok(a) => api_listen.push(a),
+            Err(e) => errs.push(format!(
+                "[api] listen {l:?}: {e} (use ADDRESS:PORT, e.g. 127.0.0.1:8007)"
+            )),
+        }
+    }
+    if !errs.is_empty() {
+        return Err(ValidationError(errs));
+    }
+    Ok(DaemonConfig {
+        base: Arc::new(base),
+        state_dir,
+        shutdown_grace,
+        task_retention,
+        space_low_percent,
+        jobs,
+        policies,
+        api_socket,
+        api_listen,
+    })
+}
+
+fn check_notify(
+    targets: &[crate::notify::TargetConfig],
+    what: &str,
+    id: &str,
+    notify: &[String],
+    errs: &mut Vec<String>,
+) {
+    if let Err(e) = crate::notify::select(targets, notify) {
+        errs.push(format!("{what} {id:?}: {e}"));
+    }
+    for n in notify {
+        if n.trim().is_empty() {
+            errs.push(format!("{what} {id:?}: notify names an empty target"));
+        }
+    }
+}
+
+/// Load and validate a config file (a missing file is an error here: a
+/// daemon without jobs is a mistake worth saying).
+pub fn load(path: &std::path::Path) -> anyhow::Result<DaemonConfig> {
+    if !path.exists() {
+        anyhow::bail!("config file {} does not exist", path.display());
+    }
+    let base = Config::load_from(path)?;
+    Ok(validate(base)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<DaemonConfig, ValidationError> {
+        let base: Config = toml::from_str(text).expect("toml");
+        validate(base)
+    }
+
+    #[test]
+    fn full_example_validates() {
+        let c = parse(
+            r#"
+state_dir = "/var/lib/shear"
+shutdown_grace = "5m"
+[[notify_target]]
+name = "ops"
+type = "webhook"
+url = "http://127.0.0.1:9000/shear"
+[[job]]
+id = "nightly"
+schedule = "daily"
+vmids = ["100", 101]
+repo = "/var/lib/shear/repo"
+keep = { last = 3, daily = 7 }
+notify = ["ops"]
+repeat_missed = true
+max_workers = 2
+bwlimit = 1024
+[[job]]
+id = "all"
+schedule = "hourly"
+all = true
+exclude = [105]
+repo = "/r"
+[[verify]]
+id = "v"
+schedule = "daily"
+repo = "/r"
+outdated_after = "30d"
+[[gc]]
+id = "g"
+schedule = "daily"
+repo = "/r"
+[[policy]]
+vmids = ["100"]
+rpo = "24h"
+[api]
+listen = ["127.0.0.1:8007"]
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.jobs.len(), 4);
+        assert_eq!(c.shutdown_grace, Duration::from_secs(300));
+        let b = c.job("nightly").unwrap().backup.as_ref().unwrap();
+        assert_eq!(b.vms, Selection::List(vec!["100".into(), "101".into()]));
+        assert_eq!(b.max_workers, 2);
+        assert_eq!(c.rpo_of("100"), Some(Duration::from_secs(86400)));
+        assert_eq!(c.rpo_of("101"), None);
+        assert_eq!(
+            c.job("v").unwrap().outdated_after,
+            Some(Duration::from_secs(30 * 86400))
+        );
+        assert_eq!(c.api_socket, PathBuf::from(DEFAULT_API_SOCKET));
+        assert_eq!(
+            c.repos(),
+            vec![PathBuf::from("/r"), "/var/lib/shear/repo".into()]
+        );
+    }
+
+    #[test]
+    fn every_mistake_is_named() {
+        let e = parse(
+            r#"
+shutdown_grace = "5 minutes"
+[[job]]
+id = "a"
+schedule = "whenever"
+vmids = ["../x"]
+repo = "relative"
+mode = "fast"
+keep = { last = 0 }
+max_workers = 0
+[[job]]
+id = "a"
+schedule = "daily"
+repo = "/r"
+[[policy]]
+vmids = []
+rpo = "1y"
+[api]
+listen = ["localhost"]
+"#,
+        )
+        .unwrap_err();
+        let all = e.to_string();
+        for want in [
+            "schedule \"whenever\"",
+            "vmids",
+            "must be an absolute path",
+            "mode \"fast\"",
+            "keep would keep nothing",
+            "max_workers 0",
+            "used twice",
+            "no VMs",
+            "vmids is empty",
+            "rpo",
+            "shutdown_grace",
+            "[api] listen \"localhost\"",
+        ] {
+            assert!(all.contains(want), "missing {want:?} in: {all}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let r: Result<Config, _> = toml::from_str("[[job]]\nid = \"a\"\nshedule = \"daily\"\n");
+        r.unwrap_err();
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
+        assert_eq!(
+            parse_duration("2w").unwrap(),
+            Duration::from_secs(14 * 86400)
+        );
+        parse_duration("1y").unwrap_err();
+        parse_duration("").unwrap_err();
+    }
+}

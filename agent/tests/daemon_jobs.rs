@@ -1,0 +1,260 @@
+//! `shear daemon`'s verify and gc jobs on a real repository (no VM):
+//! a corrupted chunk makes the verify task fail with a `verify-damage`
+//! event naming the backup; `outdated_after` skips backups verified
+//! recently; a gc task succeeds; `shear report` shows the failed verify;
+//! the verify-damage event reaches a real webhook receiver (the job's
+//! `notify` target) as the documented JSON body.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+fn http(sock: &Path, method: &str, path: &str) -> (u16, Value) {
+    let mut s = UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    let end = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&out[..end]).to_string();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = &out[end + 4..];
+    (status, serde_json::from_slice(body).unwrap_or(Value::Null))
+}
+
+/// A one-request-at-a-time HTTP receiver on loopback: each POST body is
+/// sent on the channel and answered 204.
+fn webhook_receiver() -> (String, std::sync::mpsc::Receiver<Value>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", l.local_addr().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut buf = Vec::new();
+            let mut tmp = [0u8; 4096];
+            let body = loop {
+                let Ok(n) = s.read(&mut tmp) else { break None };
+                if n == 0 {
+                    break None;
+                }
+                buf.extend_from_slice(&tmp[..n]);
+                let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                    continue;
+                };
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                if buf.len() >= end + 4 + len {
+                    break Some(buf[end + 4..end + 4 + len].to_vec());
+                }
+            };
+            let _ = s.write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n");
+            if let Some(b) = body {
+                let _ = tx.send(serde_json::from_slice(&b).unwrap_or(Value::Null));
+            }
+        }
+    });
+    (url, rx)
+}
+
+fn run_task(sock: &Path, job: &str) -> Value {
+    let (s, t) = http(sock, "POST", &format!("/api/v1/jobs/{job}/run"));
+    assert_eq!(s, 202, "{t}");
+    let id = t["id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, t) = http(sock, "GET", &format!("/api/v1/tasks/{id}"));
+        if t["status"] != "running" {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "task {id} still running");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn daemon_verify_damage_outdated_after_gc_and_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("repo");
+    let repo = init_repo(&root, None);
+    let a = image(1, 4 * CHUNK as usize);
+    let b = image(2, 4 * CHUNK as usize);
+    let good = backup(&repo, "100", 0, &[("d0", &a)]);
+    let bad = backup(&repo, "101", 10, &[("d0", &b)]);
+    // Flip a byte of a chunk only VM 101's backup uses.
+    let only_b: Vec<_> = chunk_files(&root)
+        .into_iter()
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().to_string();
+            let a_has = a.chunks(CHUNK as usize).any(|c| blake3_hex(c) == name);
+            !a_has
+        })
+        .collect();
+    assert!(!only_b.is_empty());
+    let victim = &only_b[0];
+    let mut bytes = std::fs::read(victim).unwrap();
+    let n = bytes.len();
+    bytes[n / 2] ^= 0x5a;
+    std::fs::write(victim, bytes).unwrap();
+
+    let sock = dir.path().join("api.sock");
+    let cfg = dir.path().join("shear.toml");
+    let (hook_url, hooked) = webhook_receiver();
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"state_dir = "{d}/state"
+run_dir = "{d}/run"
+[[verify]]
+id = "verify"
+schedule = "weekly"
+repo = "{r}"
+outdated_after = "30d"
+notify = ["ops"]
+[[gc]]
+id = "gc"
+schedule = "weekly"
+repo = "{r}"
+[[policy]]
+vmids = ["100", "101"]
+rpo = "1h"
+[api]
+socket = "{s}"
+[[notify_target]]
+name = "ops"
+type = "webhook"
+url = "{hook_url}"
+"#,
+            d = dir.path().display(),
+            r = root.display(),
+            s = sock.display()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shear"))
+        .arg("daemon")
+        .arg("--config")
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while UnixStream::connect(&sock).is_err() {
+        assert!(Instant::now() < deadline, "daemon did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let t = run_task(&sock, "verify");
+    assert_eq!(t["status"], "failed", "{t}");
+    assert!(
+        t["summary"].as_str().unwrap().contains(&bad.to_string()),
+        "{t}"
+    );
+    assert!(
+        !t["summary"].as_str().unwrap().contains(&good.to_string()),
+        "{t}"
+    );
+    let events = std::fs::read_to_string(dir.path().join("state/events.log")).unwrap();
+    let damage: Vec<Value> = events
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|e| e["body"]["event"] == "verify-damage")
+        .collect();
+    assert_eq!(damage.len(), 1, "{events}");
+    assert_eq!(damage[0]["severity"], "error");
+    assert_eq!(damage[0]["notify"], serde_json::json!(["ops"]));
+    assert_eq!(
+        damage[0]["body"]["backups"],
+        serde_json::json!([bad.to_string()])
+    );
+    // The same event as a notification, through the job's webhook target.
+    // The failed verify job sends two: verify-damage and job-failed (in
+    // either order: sends run in parallel).
+    let mut got: Vec<Value> = (0..2)
+        .map(|_| {
+            hooked
+                .recv_timeout(Duration::from_secs(60))
+                .expect("a notification did not reach the webhook")
+        })
+        .collect();
+    got.sort_by_key(|n| n["kind"].as_str().unwrap_or_default().to_string());
+    assert_eq!(got[0]["kind"], "job-failed", "{got:?}");
+    assert_eq!(got[0]["job"], "verify", "{got:?}");
+    let n = &got[1];
+    assert_eq!(n["kind"], "verify-damage", "{n}");
+    assert_eq!(n["severity"], "error", "{n}");
+    assert_eq!(n["job"], "verify", "{n}");
+    assert!(
+        n["message"].as_str().unwrap().contains(&bad.to_string()),
+        "{n}"
+    );
+    // Both were verified just now: outdated_after = 30d skips them.
+    let t = run_task(&sock, "verify");
+    assert_eq!(t["status"], "ok", "{t}");
+    assert!(
+        t["summary"].as_str().unwrap().starts_with("0 backup(s)"),
+        "{t}"
+    );
+    let t = run_task(&sock, "gc");
+    assert_eq!(t["status"], "ok", "{t}");
+
+    // The report: 100's newest good backup, 101 has none (verify failed).
+    let out = Command::new(env!("CARGO_BIN_EXE_shear"))
+        .args(["report", "--json", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let rep: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = |v: &str| {
+        rep.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["vmid"] == v)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(row("100")["newest_good_backup"], good.to_string());
+    assert_eq!(row("100")["last_verify_state"], "ok");
+    assert_eq!(row("101")["newest_good_backup"], Value::Null);
+    assert_eq!(row("101")["last_verify_state"], "failed");
+    assert_eq!(row("101")["rpo_status"], "breached");
+    assert_eq!(out.status.code(), Some(1));
+
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let st = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "daemon did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(st.success());
+}
+
+fn blake3_hex(c: &[u8]) -> String {
+    blake3::hash(c).to_hex().to_string()
+}
