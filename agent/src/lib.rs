@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod config;
 mod error_chain;
+pub mod failpoint;
 pub mod fsutil;
 pub mod job;
 pub mod repo;
