@@ -13,6 +13,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::failpoint::{self, FsOp};
+
 /// Marker inside temp file names (`<name>.tmp-<pid>-<n>`).
 const TMP_MARK: &str = ".tmp-";
 
@@ -81,9 +83,17 @@ pub fn create_private(path: &Path) -> io::Result<File> {
 
 /// fsyncs a directory, so a rename, link or unlink in it is durable.
 pub fn sync_dir(dir: &Path) -> Result<(), WriteError> {
-    File::open(dir)
+    sync_dir_of(failpoint::kind_of(dir), dir)
+}
+
+/// [`sync_dir`] for a write of a `kind` object (names the failpoint).
+pub(crate) fn sync_dir_of(kind: &str, dir: &Path) -> Result<(), WriteError> {
+    failpoint::hit(kind, "dir-fsync")
+        .and_then(|()| File::open(dir))
         .and_then(|d| d.sync_all())
-        .map_err(|e| WriteError::new("sync directory", dir, e))
+        .map_err(|e| WriteError::new("sync directory", dir, e))?;
+    failpoint::record(|| FsOp::FsyncDir(dir.to_owned()));
+    Ok(())
 }
 
 /// The directory `path` is in (`.` for a bare name).
@@ -101,38 +111,57 @@ pub fn parent_dir(path: &Path) -> &Path {
 /// final: the page cache may have dropped the data, so the temp file is
 /// discarded, never re-synced (F-34).
 pub fn write_atomic(path: &Path, data: &[u8], existing: Existing) -> Result<(), WriteError> {
+    let kind = failpoint::kind_of(path);
     let tmp = temp_path(path);
-    let mut f = create_private(&tmp).map_err(|e| WriteError::new("create temp file", &tmp, e))?;
-    let written = f
-        .write_all(data)
+    let mut f = failpoint::hit(kind, "create")
+        .and_then(|()| create_private(&tmp))
+        .map_err(|e| WriteError::new("create temp file", &tmp, e))?;
+    failpoint::record(|| FsOp::Create(tmp.clone()));
+    let written = failpoint::hit(kind, "write")
+        .and_then(|()| f.write_all(data))
         .map_err(|e| WriteError::new("write temp file", &tmp, e))
         .and_then(|()| {
-            f.sync_all()
+            failpoint::record(|| FsOp::Write(tmp.clone(), data.to_vec()));
+            failpoint::hit(kind, "fsync")
+                .and_then(|()| f.sync_all())
                 .map_err(|e| WriteError::new("sync temp file", &tmp, e))
         });
     drop(f);
     if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
+        remove_temp(&tmp);
         return Err(e);
     }
+    failpoint::record(|| FsOp::Fsync(tmp.clone()));
     publish(&tmp, path, existing)
+}
+
+/// Removes a temp file after a failed write (best effort).
+fn remove_temp(tmp: &Path) {
+    if fs::remove_file(tmp).is_ok() {
+        failpoint::record(|| FsOp::Unlink(tmp.to_owned()));
+    }
 }
 
 /// Moves the written and fsynced temp file `tmp` to `path` (in the same
 /// directory) and fsyncs the directory. The temp file is gone afterwards,
 /// whether this succeeds or not.
 pub fn publish(tmp: &Path, path: &Path, existing: Existing) -> Result<(), WriteError> {
-    let moved = match existing {
-        Existing::Replace => fs::rename(tmp, path),
-        Existing::Keep => fs::hard_link(tmp, path).map(|()| {
-            let _ = fs::remove_file(tmp);
+    let kind = failpoint::kind_of(path);
+    let moved = failpoint::hit(kind, "rename").and_then(|()| match existing {
+        Existing::Replace => fs::rename(tmp, path).map(|()| {
+            failpoint::record(|| FsOp::Rename(tmp.to_owned(), path.to_owned()));
         }),
-    };
+        Existing::Keep => fs::hard_link(tmp, path).map(|()| {
+            failpoint::record(|| FsOp::Link(tmp.to_owned(), path.to_owned()));
+            remove_temp(tmp);
+        }),
+    });
     if let Err(e) = moved {
-        let _ = fs::remove_file(tmp);
+        remove_temp(tmp);
         return Err(WriteError::new("move temp file to", path, e));
     }
-    sync_dir(parent_dir(path))
+    sync_dir_of(kind, parent_dir(path))?;
+    failpoint::hit(kind, "done").map_err(|e| WriteError::new("finish", path, e))
 }
 
 #[cfg(test)]

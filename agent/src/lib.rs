@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 mod error_chain;
+pub mod failpoint;
 pub mod fsutil;
 pub mod hookscript;
 pub mod job;

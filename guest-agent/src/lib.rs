@@ -62,6 +62,7 @@ pub mod commands;
 mod config;
 mod error;
 mod freeze;
+pub mod fuzzing;
 mod thaw;
 mod wire;
 

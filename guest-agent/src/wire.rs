@@ -211,8 +211,7 @@ impl Framer {
     }
 
     /// Bytes currently buffered (partial line plus unread input); the bound
-    /// the property tests check.
-    #[cfg(test)]
+    /// the property tests and the fuzz targets check.
     pub(crate) fn buffered(&self) -> usize {
         self.line.len() + (self.input.len() - self.pos)
     }

@@ -85,7 +85,7 @@ pub enum Step {
 }
 
 /// The record of one backup run on one VM.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunRecord {
     /// Format version of this file.
     pub version: u32,
@@ -176,12 +176,18 @@ impl RunRecord {
                 op: "read",
                 source,
             })?;
-        serde_json::from_slice(&buf)
+        Self::decode(&buf)
             .map(Some)
             .map_err(|source| RecordError::Corrupt {
                 path: path.into(),
                 source,
             })
+    }
+
+    /// Parses a record's bytes (what [`RunRecord::load`] read; fuzzed by
+    /// `agent/fuzz`).
+    pub fn decode(bytes: &[u8]) -> Result<RunRecord, serde_json::Error> {
+        serde_json::from_slice(bytes)
     }
 
     /// Write the record atomically and durably ([`fsutil::write_atomic`]).

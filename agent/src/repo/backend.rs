@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::error::{RepoError, Result};
+use crate::failpoint::{self, FsOp};
 use crate::fsutil::{self, Existing};
 
 /// Shared or exclusive.
@@ -144,6 +145,34 @@ impl LocalBackend {
     fn sync_dir(dir: &Path) -> Result<()> {
         Ok(fsutil::sync_dir(dir)?)
     }
+
+    /// Logs the removal of `path` and everything below it, bottom-up, as
+    /// unlinks and rmdirs (crash replay, F-32). Called before removing.
+    fn record_tree_removal(path: &Path) {
+        if !failpoint::recording() {
+            return;
+        }
+        fn walk(p: &Path) {
+            match fs::symlink_metadata(p) {
+                Ok(m) if m.is_dir() => {
+                    if let Ok(rd) = fs::read_dir(p) {
+                        for e in rd.flatten() {
+                            walk(&e.path());
+                        }
+                    }
+                    failpoint::record(|| FsOp::Rmdir(p.to_owned()));
+                }
+                Ok(_) => failpoint::record(|| FsOp::Unlink(p.to_owned())),
+                Err(_) => {}
+            }
+        }
+        walk(path);
+    }
+
+    fn hit(path: &Path, step: &str) -> Result<()> {
+        failpoint::hit(failpoint::kind_of(path), step)
+            .map_err(|e| RepoError::io("failpoint", path, e))
+    }
 }
 
 impl Backend for LocalBackend {
@@ -217,8 +246,10 @@ impl Backend for LocalBackend {
 
     fn delete(&self, key: &str) -> Result<bool> {
         let path = self.path(key)?;
+        Self::hit(&path, "delete")?;
         match fs::remove_file(&path) {
             Ok(()) => {
+                failpoint::record(|| FsOp::Unlink(path.clone()));
                 Self::sync_dir(fsutil::parent_dir(&path))?;
                 Ok(true)
             }
@@ -229,7 +260,9 @@ impl Backend for LocalBackend {
 
     fn rename(&self, from: &str, to: &str) -> Result<()> {
         let (a, b) = (self.path(from)?, self.path(to)?);
+        Self::hit(&a, "rename")?;
         fs::rename(&a, &b).map_err(|e| RepoError::io("rename", &a, e))?;
+        failpoint::record(|| FsOp::Rename(a.clone(), b.clone()));
         Self::sync_dir(fsutil::parent_dir(&b))?;
         if fsutil::parent_dir(&a) != fsutil::parent_dir(&b) {
             Self::sync_dir(fsutil::parent_dir(&a))?;
@@ -272,13 +305,19 @@ impl Backend for LocalBackend {
 
     fn create_dir(&self, key: &str) -> Result<()> {
         let path = self.path(key)?;
+        Self::hit(&path, "mkdir")?;
         fs::create_dir(&path).map_err(|e| match e.kind() {
             io::ErrorKind::AlreadyExists => RepoError::AlreadyExists {
                 what: format!("{key} in {}", self.root.display()),
             },
             _ => RepoError::io("create directory", &path, e),
         })?;
-        Self::sync_dir(fsutil::parent_dir(&path))
+        failpoint::record(|| FsOp::Mkdir(path.clone()));
+        // Not durable: take it back rather than leave an empty directory
+        // that a caller was told does not exist (F-34).
+        Self::sync_dir(fsutil::parent_dir(&path)).inspect_err(|_| {
+            let _ = fs::remove_dir(&path);
+        })
     }
 
     fn ensure_dir(&self, key: &str) -> Result<()> {
@@ -293,8 +332,14 @@ impl Backend for LocalBackend {
             }
             cur.push_str(comp);
             let p = self.path(&cur)?;
+            if !p.is_dir() {
+                Self::hit(&p, "mkdir")?;
+            }
             match fs::create_dir(&p) {
-                Ok(()) => Self::sync_dir(fsutil::parent_dir(&p))?,
+                Ok(()) => {
+                    failpoint::record(|| FsOp::Mkdir(p.clone()));
+                    Self::sync_dir(fsutil::parent_dir(&p))?;
+                }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists && p.is_dir() => {}
                 Err(e) => return Err(RepoError::io("create directory", &p, e)),
             }
@@ -304,6 +349,8 @@ impl Backend for LocalBackend {
 
     fn remove_tree(&self, key: &str) -> Result<()> {
         let path = self.path(key)?;
+        Self::hit(&path, "remove-tree")?;
+        Self::record_tree_removal(&path);
         match fs::remove_dir_all(&path) {
             Ok(()) => Self::sync_dir(fsutil::parent_dir(&path)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),

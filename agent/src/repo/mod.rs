@@ -83,6 +83,7 @@ pub mod blob;
 pub mod crypto;
 pub mod error;
 pub mod format;
+pub mod fuzzing;
 pub mod gc;
 pub mod manifest;
 pub mod master;

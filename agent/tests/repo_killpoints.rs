@@ -1,0 +1,476 @@
+//! F-31 deterministic kill campaign: a writer process (this test binary,
+//! re-executed) is SIGKILLed at each durable step of a backup, a prune, a GC
+//! and a run-record update in turn, through the failpoints of
+//! `shear::failpoint` (`SHEAR_TEST_KILL_AT=<kind>:<step>:<n>`: chunk, index,
+//! manifest, snapshot directory, run record × create, write, fsync, rename,
+//! dir-fsync, done, delete, mkdir, remove-tree).
+//!
+//! An unkilled run with `SHEAR_TEST_FAILPOINT_LOG` first lists the points a
+//! workload passes; the campaign then kills at the first hit of every point
+//! of a backup and of a run-record update, at the last chunk's steps, and at
+//! the removing steps of prune and GC (the short mode, in the suite; the
+//! long mode kills at every point of prune and GC too). After each kill:
+//! - the child really died of SIGKILL at that point (not a normal exit);
+//! - the repository opens, its lock and GC lock are free;
+//! - `verify --all` is clean, every listed backup restores byte-identical,
+//!   no earlier backup disappeared (beyond what prune allows), and the
+//!   killed backup is either absent or complete;
+//! - the next backup works;
+//! - a run record reads back as the old or the new version, never torn.
+//!
+//! Long mode (`SHEAR_KILL_CAMPAIGN_KILLS=N`, `scripts/fuzz --long` sets
+//! 1000): N more kills at seeded random hits (`*:<k>`) of random workloads,
+//! with a per-point tally at the end. `SHEAR_KILL_CAMPAIGN_SEED` changes
+//! the seed.
+// Test code: helpers outside #[test] fns may unwrap; sizes and seeds are small.
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss
+)]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use common::*;
+use rand::{Rng, SeedableRng};
+use shear::job::record::{RunRecord, Step};
+use shear::repo::gc::GcOptions;
+use shear::repo::{
+    Backend, BackupId, KeepOptions, LocalBackend, LockMode, LockWait, Repository, VerifyTarget,
+    VmId,
+};
+
+const KEEP_LAST: usize = 3;
+
+/// Workloads a child runs.
+const MODES: [&str; 4] = ["backup", "prune", "gc", "record"];
+
+/// Disk images of the backup at time `n`: `d0` is the same in every
+/// backup (all dedup), `d1` is random, unique to `n`: every backup writes
+/// the same number of new chunks, so a backup's failpoints are the same
+/// from one run to the next.
+fn images(n: i64) -> (Vec<u8>, Vec<u8>) {
+    let d0 = image(1000, 3 * CHUNK as usize);
+    let mut d1 = vec![0u8; 3 * CHUNK as usize];
+    rand::rngs::StdRng::seed_from_u64(5000u64.wrapping_add(n as u64)).fill(&mut d1[..]);
+    (d0, d1)
+}
+
+fn do_backup(repo: &Repository, n: i64) -> BackupId {
+    let (d0, d1) = images(n);
+    backup(repo, "100", n * 3600, &[("d0", &d0), ("d1", &d1)])
+}
+
+fn record_versions(n: i64) -> (RunRecord, RunRecord) {
+    let mut old = RunRecord::new("100", Path::new("/q"), None);
+    old.pid = 1;
+    old.steps.push(Step::Node {
+        name: format!("old-{n}"),
+    });
+    let mut new = old.clone();
+    new.steps.push(Step::Node {
+        name: format!("new-{n}"),
+    });
+    (old, new)
+}
+
+fn workload(root: &Path, n: i64, mode: &str) {
+    let repo = Repository::open(root, None).unwrap();
+    match mode {
+        "backup" => {
+            do_backup(&repo, n);
+        }
+        "prune" => {
+            let keep = KeepOptions {
+                last: Some(KEEP_LAST),
+                ..KeepOptions::default()
+            };
+            repo.prune(&VmId::new("100").unwrap(), &keep, false)
+                .unwrap();
+        }
+        "gc" => {
+            repo.gc(&GcOptions::default()).unwrap();
+        }
+        "record" => {
+            // The old version is in place (written by the parent); the
+            // child replaces it, then removes it (a run's last steps).
+            let path = root.join("run/backup-100.json");
+            let (_, new) = record_versions(n);
+            new.save(&path).unwrap();
+            RunRecord::remove(&path).unwrap();
+        }
+        _ => unreachable!(),
+    }
+}
+
+/// The child: with `SHEAR_KP_REPO` it runs one workload (killed by its
+/// failpoint); as a plain test it runs every workload once and checks it.
+#[test]
+fn killpoint_child_workload() {
+    if let Some(root) = std::env::var_os("SHEAR_KP_REPO") {
+        let n: i64 = std::env::var("SHEAR_KP_N").unwrap().parse().unwrap();
+        let mode = std::env::var("SHEAR_KP_MODE").unwrap();
+        workload(Path::new(&root), n, &mode);
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    init_repo(dir.path(), None);
+    std::fs::create_dir(dir.path().join("run")).unwrap();
+    for n in 0..5 {
+        workload(dir.path(), n, "backup");
+    }
+    for m in ["prune", "gc", "record"] {
+        workload(dir.path(), 9, m);
+    }
+    let repo = Repository::open(dir.path(), None).unwrap();
+    assert_eq!(repo.list_backups(None).unwrap().len(), KEEP_LAST);
+    assert!(repo.verify(&VerifyTarget::All, 2).unwrap().is_clean());
+}
+
+/// Runs a child; `kill_at` arms its failpoint, `log` lists its points.
+fn run_child(
+    root: &Path,
+    n: i64,
+    mode: &str,
+    kill_at: Option<&str>,
+    log: Option<&Path>,
+) -> std::process::ExitStatus {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", "killpoint_child_workload", "--test-threads=1"])
+        .env("SHEAR_KP_REPO", root)
+        .env("SHEAR_KP_N", n.to_string())
+        .env("SHEAR_KP_MODE", mode)
+        .env_remove("SHEAR_TEST_KILL_AT")
+        .env_remove("SHEAR_TEST_FAIL_AT")
+        .env_remove("SHEAR_TEST_FAILPOINT_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some(k) = kill_at {
+        cmd.env("SHEAR_TEST_KILL_AT", k);
+    }
+    if let Some(l) = log {
+        cmd.env("SHEAR_TEST_FAILPOINT_LOG", l);
+    }
+    cmd.status().unwrap()
+}
+
+/// The points a workload passes, in order, from an unkilled run on a copy
+/// of the repository.
+fn points_of(root: &Path, n: i64, mode: &str) -> Vec<String> {
+    let copy = tempfile::tempdir().unwrap();
+    copy_tree(root, copy.path());
+    if mode == "record" {
+        prepare_record(copy.path(), n);
+    }
+    let log = copy.path().join("points.log");
+    let st = run_child(copy.path(), n, mode, None, Some(&log));
+    assert!(st.success(), "unkilled {mode} run failed: {st:?}");
+    std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            std::fs::create_dir_all(&dst).unwrap();
+            copy_tree(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), &dst).unwrap();
+        }
+    }
+}
+
+fn prepare_record(root: &Path, n: i64) {
+    let _ = std::fs::create_dir(root.join("run"));
+    record_versions(n)
+        .0
+        .save(&root.join("run/backup-100.json"))
+        .unwrap();
+}
+
+/// Checks the repository after a kill; returns the backups listed.
+fn check_after_kill(
+    root: &Path,
+    out: &Path,
+    before: &BTreeSet<BackupId>,
+    killed_n: i64,
+    mode: &str,
+    ctx: &str,
+) -> BTreeSet<BackupId> {
+    let repo = Repository::open(root, None).unwrap_or_else(|e| panic!("{ctx}: open: {e}"));
+    let b = LocalBackend::new(root).unwrap();
+    for lock in ["lock", "gc.lock"] {
+        b.lock(lock, LockMode::Exclusive, LockWait::NoWait)
+            .unwrap_or_else(|e| panic!("{ctx}: {lock} still held: {e}"));
+    }
+    let report = repo.verify(&VerifyTarget::All, 2).unwrap();
+    assert!(report.is_clean(), "{ctx}: {report:#?}");
+    let now: BTreeSet<BackupId> = repo
+        .list_backups(None)
+        .unwrap()
+        .into_iter()
+        .map(|b| b.id)
+        .collect();
+    // Verify checked every digest; restore the newest and the killed one.
+    let killed = BackupId::new(VmId::new("100").unwrap(), t(killed_n * 3600));
+    let newest = now.iter().rev().take(usize::from(killed_n % 4 == 0));
+    for id in newest.chain(now.get(&killed)) {
+        let n = (id.time().unix_timestamp() - 1_700_000_000) / 3600;
+        let (d0, d1) = images(n);
+        assert_eq!(restore_raw(&repo, id, "d0", out), d0, "{ctx}: {id}");
+        assert_eq!(restore_raw(&repo, id, "d1", out), d1, "{ctx}: {id}");
+    }
+    // Nothing earlier vanished, except what prune may remove (it keeps the
+    // newest KEEP_LAST).
+    let newest: Vec<_> = before.iter().rev().take(KEEP_LAST).collect();
+    for id in before {
+        if mode != "prune" || newest.contains(&id) {
+            assert!(now.contains(id), "{ctx}: {id} disappeared");
+        }
+    }
+    if mode == "backup" {
+        // Absent, or complete (killed after its manifest was durable): it
+        // restored above. Nothing half-visible.
+        let id = BackupId::new(VmId::new("100").unwrap(), t(killed_n * 3600));
+        let dir = root.join(format!("backups/vm/100/{}", id.time_str()));
+        let listed = now.contains(&id);
+        if dir.exists() && !listed {
+            assert!(
+                !dir.join("manifest.blob").exists(),
+                "{ctx}: a manifest that is not listed"
+            );
+        }
+    }
+    if mode == "record" {
+        let path = root.join("run/backup-100.json");
+        let (old, new) = record_versions(killed_n);
+        match RunRecord::load(&path) {
+            Ok(None) => {}
+            Ok(Some(r)) => assert!(r == old || r == new, "{ctx}: record is neither version"),
+            Err(e) => panic!("{ctx}: torn run record: {e}"),
+        }
+    }
+    now
+}
+
+struct Campaign {
+    root: tempfile::TempDir,
+    out: tempfile::TempDir,
+    n: i64,
+    kills: usize,
+    tally: BTreeMap<String, usize>,
+}
+
+impl Campaign {
+    fn new() -> Self {
+        let root = tempfile::tempdir().unwrap();
+        let repo = init_repo(root.path(), None);
+        for n in 0..2 {
+            do_backup(&repo, n);
+        }
+        Campaign {
+            root,
+            out: tempfile::tempdir().unwrap(),
+            n: 10,
+            kills: 0,
+            tally: BTreeMap::new(),
+        }
+    }
+
+    fn listed(&self) -> BTreeSet<BackupId> {
+        let repo = Repository::open(self.root.path(), None).unwrap();
+        repo.list_backups(None)
+            .unwrap()
+            .into_iter()
+            .map(|b| b.id)
+            .collect()
+    }
+
+    /// Kills a `mode` run at `spec` (`<point>:<k>`); asserts everything.
+    fn kill(&mut self, mode: &str, spec: &str) {
+        self.kill_or_finish(mode, spec, false);
+    }
+
+    /// As `kill`; with `may_finish` a run that ends before its k-th hit
+    /// (random kills of prune/GC, whose work varies) is checked the same.
+    fn kill_or_finish(&mut self, mode: &str, spec: &str, may_finish: bool) {
+        self.n += 1;
+        let n = self.n;
+        let root = self.root.path();
+        if mode == "record" {
+            prepare_record(root, n);
+        }
+        let before = self.listed();
+        let ctx = format!("{mode} killed at {spec} (run {n})");
+        let st = run_child(root, n, mode, Some(spec), None);
+        if may_finish && st.success() {
+            check_after_kill(root, self.out.path(), &before, n, mode, &ctx);
+            return;
+        }
+        assert_eq!(
+            st.signal(),
+            Some(9),
+            "{ctx}: the child was not killed at its failpoint ({st:?})"
+        );
+        self.kills += 1;
+        let point = spec.rsplit_once(':').unwrap().0.to_string();
+        *self.tally.entry(format!("{mode} {point}")).or_default() += 1;
+        check_after_kill(root, self.out.path(), &before, n, mode, &ctx);
+        // The next backup works, and the repository stays small.
+        let repo = Repository::open(root, None).unwrap();
+        self.n += 1;
+        do_backup(&repo, self.n);
+        assert!(
+            repo.verify(&VerifyTarget::All, 2).unwrap().is_clean(),
+            "{ctx}: after the next backup"
+        );
+        if self.kills.is_multiple_of(4) {
+            let keep = KeepOptions {
+                last: Some(KEEP_LAST + 1),
+                ..KeepOptions::default()
+            };
+            repo.prune(&VmId::new("100").unwrap(), &keep, false)
+                .unwrap();
+        }
+    }
+
+    /// Makes sure prune and GC have something to do.
+    fn seed_garbage(&mut self) {
+        let repo = Repository::open(self.root.path(), None).unwrap();
+        for _ in 0..2 {
+            self.n += 1;
+            do_backup(&repo, self.n);
+        }
+    }
+
+    fn points(&mut self, mode: &str) -> Vec<String> {
+        if mode != "backup" {
+            self.seed_garbage();
+        }
+        points_of(self.root.path(), self.n + 1, mode)
+    }
+}
+
+#[test]
+fn f31_kill_at_every_durable_step_of_backup_prune_gc_and_record() {
+    let mut c = Campaign::new();
+    let mut covered = BTreeSet::new();
+    let extra: usize = std::env::var("SHEAR_KILL_CAMPAIGN_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+
+    for mode in MODES {
+        let pts = c.points(mode);
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for p in &pts {
+            *counts.entry(p.clone()).or_default() += 1;
+        }
+        assert!(!counts.is_empty(), "{mode} passed no failpoint");
+        for (point, count) in counts {
+            // The first hit of every point. A backup passes the same
+            // points every run; what prune and GC do depends on what is
+            // garbage, so they are listed again on the state the kill sees.
+            if mode != "backup" && mode != "record" {
+                // Short mode: the steps that remove data; long mode: all.
+                if extra == 0
+                    && !["snapshot:rename", "snapshot:remove-tree", "chunk:delete"]
+                        .contains(&point.as_str())
+                {
+                    continue;
+                }
+                c.seed_garbage();
+                let now = points_of(c.root.path(), c.n + 1, mode);
+                if !now.contains(&point) {
+                    continue;
+                }
+            }
+            c.kill(mode, &format!("{point}:1"));
+            covered.insert(format!("{mode} {point}"));
+            // And the last chunk's steps of a backup.
+            if mode == "backup" && count > 1 && point.starts_with("chunk:") {
+                c.kill(mode, &format!("{point}:{count}"));
+            }
+        }
+    }
+    // The steps the campaign must reach (kill after write, before/after
+    // fsync, before/after rename, before the directory fsync, after it).
+    for want in [
+        "backup chunk:write",
+        "backup chunk:fsync",
+        "backup chunk:rename",
+        "backup chunk:dir-fsync",
+        "backup chunk:done",
+        "backup index:fsync",
+        "backup index:rename",
+        "backup index:dir-fsync",
+        "backup manifest:write",
+        "backup manifest:fsync",
+        "backup manifest:rename",
+        "backup manifest:dir-fsync",
+        "backup manifest:done",
+        "backup snapshot:mkdir",
+        "prune snapshot:rename",
+        "prune snapshot:remove-tree",
+        "gc chunk:delete",
+        "record record:fsync",
+        "record record:rename",
+        "record record:dir-fsync",
+    ] {
+        assert!(covered.contains(want), "{want} not reached: {covered:?}");
+    }
+    let deterministic = c.kills;
+
+    // Long mode: seeded random hits of random workloads.
+    let seed: u64 = std::env::var("SHEAR_KILL_CAMPAIGN_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0x5eed_0031);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut lengths: BTreeMap<&str, usize> = BTreeMap::new();
+    for _ in 0..extra {
+        let mode = MODES[rng.random_range(0..MODES.len())];
+        if mode != "backup" {
+            c.seed_garbage();
+        }
+        let len = match lengths.get(mode) {
+            Some(l) => *l,
+            None => {
+                let l = c.points(mode).len();
+                lengths.insert(mode, l);
+                l
+            }
+        };
+        let k = rng.random_range(1..=len.max(1));
+        c.kill_or_finish(mode, &format!("*:{k}"), mode != "backup");
+    }
+    // What is left behind is swept and the repository is consistent.
+    let repo = Repository::open(c.root.path(), None).unwrap();
+    repo.gc(&GcOptions::default()).unwrap();
+    for f in all_files(c.root.path()) {
+        let s = f.to_string_lossy();
+        assert!(
+            !s.contains(".tmp-") || s.contains("/run/"),
+            "temp file left after GC: {s}"
+        );
+    }
+    assert!(repo.verify(&VerifyTarget::All, 2).unwrap().is_clean());
+    eprintln!(
+        "kill campaign: {} kills ({deterministic} at every point, {extra} random, seed {seed:#x})",
+        c.kills
+    );
+    for (p, n) in &c.tally {
+        eprintln!("  {n:5}  {p}");
+    }
+}
