@@ -641,6 +641,25 @@ fn vm_daemon_schedules_prunes_fails_one_vm_reloads_and_stops_clean() {
     )
     .unwrap();
     std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // Real receivers for the job's notifications.
+    let smtp = shear_tests::sinks::SmtpSink::start(env.dir.path())
+        .expect("python3-aiosmtpd (scripts/setup installs it)");
+    let web = shear_tests::sinks::HttpReceiver::start(204, "");
+    let targets = format!(
+        r#"[[notify_target]]
+name = "web"
+type = "webhook"
+url = "{}"
+[[notify_target]]
+name = "mail"
+type = "smtp"
+server = "{}"
+from = "shear@host.example"
+to = ["ops@example.org"]
+"#,
+        web.url("/shear"),
+        smtp.server()
+    );
     let often = |enabled: bool| {
         format!(
             r#"[[job]]
@@ -652,6 +671,7 @@ repo = "{}"
 keep = {{ last = 2 }}
 max_workers = 2
 repeat_missed = true
+notify = ["web", "mail"]
 script = "{}"
 [[policy]]
 vmids = ["100"]
@@ -661,7 +681,7 @@ rpo = "1h"
             hook.display()
         )
     };
-    write_config(&env, &vms, "", &often(true));
+    write_config(&env, &vms, &targets, &often(true));
     let d = Daemon::start(&env);
 
     // Scheduled runs: three with VM 100 backed up, 999 failing alone.
@@ -725,6 +745,43 @@ rpo = "1h"
     );
     assert!(start < b999 && b999 < a999 && a999 < end, "{seen}");
     assert!(!seen.contains("backup-end snapshot 999"), "{seen}");
+    // Each run's job-failed notification (VM 999 failed, 100 ok) reached
+    // the webhook receiver and the SMTP sink.
+    // (An rpo-missed warning for VM 100 may come first: no backup yet.)
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let n: Value = loop {
+        let req = web
+            .recv(deadline.saturating_duration_since(Instant::now()))
+            .expect("no job-failed notification reached the webhook");
+        let n: Value = serde_json::from_slice(&req.body).unwrap();
+        if n["kind"] == "job-failed" {
+            break n;
+        }
+        assert_eq!(n["kind"], "rpo-missed", "{n}");
+    };
+    assert_eq!(n["job"], "often", "{n}");
+    let rows = n["vms"].as_array().unwrap();
+    assert!(
+        rows.iter()
+            .any(|v| v["vmid"] == "100" && v["status"] == "ok"),
+        "{n}"
+    );
+    assert!(
+        rows.iter()
+            .any(|v| v["vmid"] == "999" && v["status"] == "failed"),
+        "{n}"
+    );
+    wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        "a job-failed mail in the SMTP sink",
+        || {
+            smtp.mails()
+                .into_iter()
+                .find(|m| m.contains("often") && m.contains("999") && m.contains("FAILED"))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {:?}", smtp.mails()));
     assert_eq!(env.list().len(), 2, "keep last = 2 after 3+ backups");
     assert!(done.iter().any(|t| t["vms"]
         .as_array()
@@ -775,7 +832,7 @@ rpo = "1h"
 
     // Down past a slot: repeat_missed runs it once at start.
     std::thread::sleep(Duration::from_secs(5));
-    write_config(&env, &vms, "", &often(true));
+    write_config(&env, &vms, &targets, &often(true));
     let d = Daemon::start(&env);
     let missed = wait_until(
         Duration::from_secs(120),
@@ -807,7 +864,7 @@ bwlimit = 512
 "#,
         repo.display()
     );
-    write_config(&env, &vms, "", &format!("{}{slow}", often(false)));
+    write_config(&env, &vms, &targets, &format!("{}{slow}", often(false)));
     d.signal(libc::SIGHUP);
     wait_until(
         Duration::from_secs(20),
