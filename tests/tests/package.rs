@@ -172,4 +172,100 @@ fn package_deb_unpacks_runs_renders_man_pages_and_loads_its_config() {
     let broken = tmp.path().join("broken.toml");
     std::fs::write(&broken, format!("{cfg_text}\nno_such_key = 1\n")).unwrap();
     assert!(!cleanup(&broken).status.success());
+
+    // The example [[job]], uncommented, is a valid daemon job (notify
+    // names targets that stay commented out: dropped here).
+    let repo = tmp.path().join("repo");
+    let mut in_job = false;
+    let mut job = String::new();
+    for l in cfg_text.lines() {
+        if l.starts_with("#[[job]]") {
+            in_job = true;
+        } else if in_job && !l.starts_with('#') {
+            break;
+        }
+        if in_job && !l.starts_with("#notify") {
+            let l = l.strip_prefix('#').unwrap_or(l);
+            if l.starts_with("repo") {
+                job.push_str(&format!("repo = \"{}\"\n", repo.display()));
+            } else {
+                job.push_str(l);
+                job.push('\n');
+            }
+        }
+    }
+    assert!(job.contains("schedule = \"mon..fri 02:30\""), "{job}");
+    let state = tmp.path().join("state");
+    let sock = tmp.path().join("api.sock");
+    let daemon_cfg = tmp.path().join("daemon.toml");
+    std::fs::write(
+        &daemon_cfg,
+        format!(
+            "{cfg_text}\nstate_dir = \"{}\"\nrun_dir = \"{}\"\n{job}\n[[verify]]\nid = \"verify\"\nschedule = \"weekly\"\nrepo = \"{}\"\n[api]\nsocket = \"{}\"\n",
+            state.display(),
+            run_dir.display(),
+            repo.display(),
+            sock.display()
+        ),
+    )
+    .unwrap();
+    run_ok({
+        let mut c = Command::new(&bin);
+        c.args(["init", "--repo"]).arg(&repo);
+        c
+    });
+    // Start the daemon the way the unit's ExecStart does, with this
+    // package's binary and config in place of /usr/bin and /etc.
+    let unit = std::fs::read_to_string(root.join("lib/systemd/system/shear.service"))
+        .or_else(|_| std::fs::read_to_string(root.join("usr/lib/systemd/system/shear.service")))
+        .unwrap();
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .unwrap()
+        .replace("/usr/bin/shear", &bin.display().to_string())
+        .replace("/etc/shear/shear.toml", &daemon_cfg.display().to_string());
+    let argv: Vec<&str> = exec.split_whitespace().collect();
+    let log = std::fs::File::create(tmp.path().join("daemon.log")).unwrap();
+    let mut daemon = Command::new(argv[0])
+        .args(&argv[1..])
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        if std::time::Instant::now() > deadline || daemon.try_wait().unwrap().is_some() {
+            let _ = daemon.kill();
+            panic!(
+                "the packaged daemon did not come up:\n{}",
+                std::fs::read_to_string(tmp.path().join("daemon.log")).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // One job through it, with the packaged CLI.
+    let ran = Command::new(&bin)
+        .args(["job", "run", "verify", "--wait", "--socket"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    let listed = Command::new(&bin)
+        .args(["job", "list", "--socket"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    let _ = Command::new("kill").arg(daemon.id().to_string()).status();
+    let exit = daemon.wait().unwrap();
+    assert!(
+        ran.status.success() && text(&ran).contains(": ok"),
+        "{}{}",
+        text(&ran),
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    assert!(text(&listed).contains("nightly"), "{}", text(&listed));
+    assert!(
+        exit.success(),
+        "the daemon did not stop cleanly on SIGTERM: {exit}"
+    );
 }
