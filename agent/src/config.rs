@@ -89,6 +89,8 @@ pub struct Config {
     pub policy: Vec<crate::daemon::config::PolicyToml>,
     /// Daemon: `[api]`.
     pub api: crate::daemon::config::ApiToml,
+    /// Daemon: `[[repo_key]]` keys of encrypted repositories.
+    pub repo_key: Vec<crate::daemon::config::RepoKeyToml>,
 }
 
 /// `[hooks]`: what `shear hook` does at each lifecycle event.
@@ -131,6 +133,7 @@ impl Default for Config {
             gc: Vec::new(),
             policy: Vec::new(),
             api: crate::daemon::config::ApiToml::default(),
+            repo_key: Vec::new(),
         }
     }
 }

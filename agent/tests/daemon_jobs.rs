@@ -258,3 +258,99 @@ url = "{hook_url}"
 fn blake3_hex(c: &[u8]) -> String {
     blake3::hash(c).to_hex().to_string()
 }
+
+/// An encrypted repository with a `[[repo_key]]`: the daemon's verify job
+/// decrypts and checks it, and the API lists its backups; a wrong
+/// passphrase fails the task naming the key file, the daemon keeps
+/// running.
+#[test]
+fn daemon_encrypted_repository_with_repo_key() {
+    use shear::repo::{KdfParams, Key};
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("repo");
+    let kpath = dir.path().join("key.json");
+    let key = Key::create_file(
+        &kpath,
+        b"long enough pw",
+        KdfParams::insecure_fast_for_tests(),
+    )
+    .unwrap();
+    let repo = init_repo(&root, Some(key));
+    let id = backup(&repo, "100", 0, &[("d0", &image(3, 2 * CHUNK as usize))]);
+    drop(repo);
+    let pw = dir.path().join("pw");
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&pw, "long enough pw\n").unwrap();
+    std::fs::write(&wrong, "not the passphrase\n").unwrap();
+    let sock = dir.path().join("api.sock");
+    let cfg = dir.path().join("shear.toml");
+    let write = |pass: &Path| {
+        std::fs::write(
+            &cfg,
+            format!(
+                r#"state_dir = "{d}/state"
+run_dir = "{d}/run"
+[[verify]]
+id = "verify"
+schedule = "weekly"
+repo = "{r}"
+[[repo_key]]
+repo = "{r}"
+keyfile = "{k}"
+passphrase_file = "{p}"
+[api]
+socket = "{s}"
+"#,
+                d = dir.path().display(),
+                r = root.display(),
+                k = kpath.display(),
+                p = pass.display(),
+                s = sock.display()
+            ),
+        )
+        .unwrap();
+    };
+    write(&pw);
+    let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shear"))
+        .arg("daemon")
+        .arg("--config")
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while UnixStream::connect(&sock).is_err() {
+        assert!(Instant::now() < deadline, "daemon did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let t = run_task(&sock, "verify");
+    assert_eq!(t["status"], "ok", "{t}");
+    assert!(
+        t["summary"]
+            .as_str()
+            .unwrap()
+            .starts_with("1 backup(s) verified"),
+        "{t}"
+    );
+    let (s, list) = http(&sock, "GET", "/api/v1/backups");
+    assert_eq!(s, 200, "{list}");
+    assert!(list.to_string().contains(&id.to_string()), "{list}");
+
+    // The passphrase file now holds a wrong one (read at each open).
+    std::fs::copy(&wrong, &pw).unwrap();
+    let t = run_task(&sock, "verify");
+    assert_eq!(t["status"], "failed", "{t}");
+    assert!(
+        t["summary"]
+            .as_str()
+            .unwrap()
+            .contains(&kpath.display().to_string()),
+        "{t}"
+    );
+    let (s, _) = http(&sock, "GET", "/api/v1/jobs");
+    assert_eq!(s, 200, "the daemon still answers");
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    assert!(child.wait().unwrap().success());
+}

@@ -486,14 +486,18 @@ async fn backups(
     q: Result<Query<RepoQuery>, QueryRejection>,
 ) -> ApiResult<Json<Value>> {
     let Query(q) = q?;
-    let repo = pick_repo(&s.config(), q.repo.as_deref())?;
+    let cfg = s.config();
+    let repo = pick_repo(&cfg, q.repo.as_deref())?;
     let vmid = match q.vmid.as_deref().map(VmId::new) {
         None => None,
         Some(Ok(v)) => Some(v),
         Some(Err(e)) => return Err(ApiError::repo(&e)),
     };
     blocking(move || {
-        let r = Repository::open(&repo, None).map_err(|e| ApiError::repo(&e))?;
+        let key = cfg
+            .key_for(&repo)
+            .map_err(|m| ApiError::new(StatusCode::CONFLICT, "locked", m))?;
+        let r = Repository::open(&repo, key).map_err(|e| ApiError::repo(&e))?;
         let list = r
             .list_backups(vmid.as_ref())
             .map_err(|e| ApiError::repo(&e))?;
@@ -509,12 +513,16 @@ async fn backup(
 ) -> ApiResult<Json<Value>> {
     let Path((vmid, time)) = p?;
     let Query(q) = q?;
-    let repo = pick_repo(&s.config(), q.repo.as_deref())?;
+    let cfg = s.config();
+    let repo = pick_repo(&cfg, q.repo.as_deref())?;
     let id: BackupId = format!("vm/{vmid}/{time}")
         .parse()
         .map_err(|e: crate::repo::RepoError| ApiError::repo(&e))?;
     blocking(move || {
-        let r = Repository::open(&repo, None).map_err(|e| ApiError::repo(&e))?;
+        let key = cfg
+            .key_for(&repo)
+            .map_err(|m| ApiError::new(StatusCode::CONFLICT, "locked", m))?;
+        let r = Repository::open(&repo, key).map_err(|e| ApiError::repo(&e))?;
         let m = r.load_manifest(&id).map_err(|e| ApiError::repo(&e))?;
         let verify = r.verify_state(&id).ok().flatten();
         Ok(Json(

@@ -153,6 +153,20 @@ pub struct GcToml {
     pub notify: Vec<String>,
 }
 
+/// `[[repo_key]]`: the key of an encrypted repository. The daemon has no
+/// terminal, so the key file's passphrase comes from a file (mode 0600,
+/// e.g. a systemd credential).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepoKeyToml {
+    /// The repository (as the jobs name it).
+    pub repo: PathBuf,
+    /// Its key file (`shear key create`).
+    pub keyfile: PathBuf,
+    /// A file holding the key file's passphrase (one line).
+    pub passphrase_file: PathBuf,
+}
+
 /// `[[policy]]`: a recovery point objective for some VMs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -304,9 +318,46 @@ pub struct DaemonConfig {
     pub api_socket: PathBuf,
     /// API TCP listeners.
     pub api_listen: Vec<SocketAddr>,
+    /// Keys of encrypted repositories, by repository path.
+    pub repo_keys: Vec<RepoKeyToml>,
 }
 
 impl DaemonConfig {
+    /// Open a repository the jobs name, with its `[[repo_key]]` if it has
+    /// one (the passphrase file is read at each open: a rotated one is
+    /// used without a reload).
+    pub fn open_repo(&self, path: &std::path::Path) -> Result<crate::repo::Repository, String> {
+        let key = self.key_for(path)?;
+        crate::repo::Repository::open(path, key)
+            .map_err(|e| format!("repository {}: {}", path.display(), crate::chain(&e)))
+    }
+
+    /// The key of a repository from its `[[repo_key]]` (None: none set).
+    pub fn key_for(&self, path: &std::path::Path) -> Result<Option<crate::repo::Key>, String> {
+        Ok(match self.repo_keys.iter().find(|k| k.repo == path) {
+            None => None,
+            Some(k) => {
+                let pw = std::fs::read(&k.passphrase_file).map_err(|e| {
+                    format!(
+                        "repository {}: cannot read the passphrase file {}: {e}",
+                        path.display(),
+                        k.passphrase_file.display()
+                    )
+                })?;
+                let pw = pw.strip_suffix(b"\n").unwrap_or(&pw);
+                let pw = pw.strip_suffix(b"\r").unwrap_or(pw);
+                Some(crate::repo::Key::load_file(&k.keyfile, pw).map_err(|e| {
+                    format!(
+                        "repository {}: key file {}: {}",
+                        path.display(),
+                        k.keyfile.display(),
+                        crate::chain(&e)
+                    )
+                })?)
+            }
+        })
+    }
+
     /// The job with this id.
     pub fn job(&self, id: &str) -> Option<&Job> {
         self.jobs.iter().find(|j| j.id == id)
@@ -616,6 +667,31 @@ pub fn validate(base: Config) -> Result<DaemonConfig, ValidationError> {
     if !errs.is_empty() {
         return Err(ValidationError(errs));
     }
+    let mut repo_keys: Vec<RepoKeyToml> = Vec::new();
+    for k in &base.repo_key {
+        let what = format!("[[repo_key]] {}", k.repo.display());
+        for (name, p) in [
+            ("repo", &k.repo),
+            ("keyfile", &k.keyfile),
+            ("passphrase_file", &k.passphrase_file),
+        ] {
+            if !p.is_absolute() {
+                errs.push(format!(
+                    "{what}: {name} {} must be an absolute path",
+                    p.display()
+                ));
+            } else if name != "repo" && !p.is_file() {
+                errs.push(format!(
+                    "{what}: {name} {} is not a readable file",
+                    p.display()
+                ));
+            }
+        }
+        if repo_keys.iter().any(|o| o.repo == k.repo) {
+            errs.push(format!("{what}: a second key for the same repository"));
+        }
+        repo_keys.push(k.clone());
+    }
     Ok(DaemonConfig {
         base: Arc::new(base),
         state_dir,
@@ -626,6 +702,7 @@ pub fn validate(base: Config) -> Result<DaemonConfig, ValidationError> {
         policies,
         api_socket,
         api_listen,
+        repo_keys,
     })
 }
 

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::config::{DaemonConfig, Selection};
 use super::state::State;
-use crate::repo::{ManifestState, Repository};
+use crate::repo::ManifestState;
 
 /// One VM's row.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -64,10 +64,10 @@ pub fn build(cfg: &DaemonConfig) -> Vec<VmReport> {
     }
     let mut repo_errors = Vec::new();
     for path in cfg.repos() {
-        let repo = match Repository::open(&path, None) {
+        let repo = match cfg.open_repo(&path) {
             Ok(r) => r,
             Err(e) => {
-                repo_errors.push(format!("{}: {}", path.display(), crate::chain(&e)));
+                repo_errors.push(e);
                 continue;
             }
         };

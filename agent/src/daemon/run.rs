@@ -48,7 +48,7 @@ pub async fn run(
     let outcome = match job.kind {
         JobKind::Backup => backup_job(&cfg, &job, only, &cancel, &log).await,
         JobKind::Verify => verify_job(&shared, &job, &task, &log).await,
-        JobKind::Gc => gc_job(&job, &log).await,
+        JobKind::Gc => gc_job(&cfg, &job, &log).await,
     };
     log.line(&format!("{}: {}", outcome.status, outcome.summary));
     task.vms.clone_from(&outcome.vms);
@@ -108,11 +108,6 @@ pub fn job_vms(cfg: &DaemonConfig, sel: &Selection) -> Vec<String> {
     }
 }
 
-fn open_repo(path: &Path) -> Result<Repository, String> {
-    Repository::open(path, None)
-        .map_err(|e| format!("repository {}: {}", path.display(), crate::chain(&e)))
-}
-
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, String> + Send + 'static,
 ) -> Result<T, String> {
@@ -163,7 +158,8 @@ async fn backup_job(
     // job-init before the repository is opened, as vzdump does.
     job_hook(script.as_ref(), HookPhase::JobInit, &job_ctx, log).await;
     let repo_path = job.repo.clone();
-    let repo = match blocking(move || open_repo(&repo_path)).await {
+    let cfg2 = cfg.clone();
+    let repo = match blocking(move || cfg2.open_repo(&repo_path)).await {
         Ok(r) => Arc::new(r),
         Err(e) => {
             log.line(&format!("cannot open the repository: {e}"));
@@ -486,10 +482,11 @@ async fn backup_vm(
 
 async fn verify_job(shared: &Arc<Shared>, job: &Job, task: &TaskInfo, log: &TaskLog) -> Outcome {
     let path = job.repo.clone();
+    let cfg = shared.config();
     let outdated = job.outdated_after;
     let log2 = log.clone();
     let r = blocking(move || {
-        let repo = open_repo(&path)?;
+        let repo = cfg.open_repo(&path)?;
         let backups = repo.list_backups(None).map_err(|e| crate::chain(&e))?;
         let now = jiff::Timestamp::now();
         let mut reports = Vec::new();
@@ -562,10 +559,11 @@ async fn verify_job(shared: &Arc<Shared>, job: &Job, task: &TaskInfo, log: &Task
     }
 }
 
-async fn gc_job(job: &Job, log: &TaskLog) -> Outcome {
+async fn gc_job(cfg: &Arc<DaemonConfig>, job: &Job, log: &TaskLog) -> Outcome {
     let path = job.repo.clone();
+    let cfg = cfg.clone();
     let r = blocking(move || {
-        let repo = open_repo(&path)?;
+        let repo = cfg.open_repo(&path)?;
         repo.gc(&crate::repo::gc::GcOptions::default())
             .map_err(|e| crate::chain(&e))
     })
