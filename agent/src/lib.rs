@@ -13,5 +13,6 @@ pub mod hookscript;
 pub mod job;
 pub mod notify;
 pub mod repo;
+pub mod units;
 
 pub use error_chain::chain;

@@ -73,6 +73,25 @@ fn webhook_receiver() -> (String, std::sync::mpsc::Receiver<Value>) {
     (url, rx)
 }
 
+/// `shear daemon --config CFG` (stderr to LOG), once its socket answers.
+fn start_daemon(cfg: &Path, sock: &Path, log: &Path) -> std::process::Child {
+    let log = std::fs::File::create(log).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_shear"))
+        .arg("daemon")
+        .arg("--config")
+        .arg(cfg)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while UnixStream::connect(sock).is_err() {
+        assert!(Instant::now() < deadline, "daemon did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
 fn run_task(sock: &Path, job: &str) -> Value {
     let (s, t) = http(sock, "POST", &format!("/api/v1/jobs/{job}/run"));
     assert_eq!(s, 202, "{t}");
@@ -147,20 +166,7 @@ url = "{hook_url}"
         ),
     )
     .unwrap();
-    let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_shear"))
-        .arg("daemon")
-        .arg("--config")
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while UnixStream::connect(&sock).is_err() {
-        assert!(Instant::now() < deadline, "daemon did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut child = start_daemon(&cfg, &sock, &dir.path().join("daemon.log"));
 
     let t = run_task(&sock, "verify");
     assert_eq!(t["status"], "failed", "{t}");
@@ -311,20 +317,7 @@ socket = "{s}"
         .unwrap();
     };
     write(&pw);
-    let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_shear"))
-        .arg("daemon")
-        .arg("--config")
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while UnixStream::connect(&sock).is_err() {
-        assert!(Instant::now() < deadline, "daemon did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut child = start_daemon(&cfg, &sock, &dir.path().join("daemon.log"));
     let t = run_task(&sock, "verify");
     assert_eq!(t["status"], "ok", "{t}");
     assert!(

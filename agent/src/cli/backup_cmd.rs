@@ -17,6 +17,7 @@ use crate::job::backup::{
     held_hook_from_env, run_backup, BackupOptions, Cancel, Mode, DEFAULT_CBW_TIMEOUT_S,
 };
 use crate::job::report::BackupReport;
+use crate::units::human_bytes;
 
 /// `--mode` (vzdump's names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -408,22 +409,6 @@ pub(super) fn err(line: std::fmt::Arguments<'_>) {
     use std::io::Write;
     let mut e = std::io::stderr().lock();
     let _ = e.write_fmt(line).and_then(|()| e.write_all(b"\n"));
-}
-
-fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    #[allow(clippy::cast_precision_loss)]
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }
 
 pub(super) fn print_human(r: &BackupReport) {

@@ -8,6 +8,7 @@
 //! image read-only with `qemu-nbd -r` and stores it through the `--nbd`
 //! path (`job::nbd_source`).
 
+use crate::units::parse_duration;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command as Proc, ExitCode, Stdio};
@@ -105,29 +106,12 @@ pub fn run(cli: &Cli, cmd: &HookCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Parse `"48h"`, `"30m"`, `"7d"`, `"90s"`, `"2w"`.
-pub fn parse_age(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (n, unit) = s.split_at(split);
-    let n: u64 = n.parse().map_err(|_| format!("bad duration {s:?}"))?;
-    let mult = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        "w" => 7 * 86400,
-        _ => return Err(format!("bad duration {s:?}: use s, m, h, d or w")),
-    };
-    Ok(Duration::from_secs(n.saturating_mul(mult)))
-}
-
 /// pre-start / prepare: refuse when the newest good backup is too old.
 fn check_start(cli: &Cli, cfg: &Config, vmid: &str) -> anyhow::Result<ExitCode> {
     let Some(max) = &cfg.hooks.refuse_start_if_backup_older_than else {
         return Ok(ExitCode::SUCCESS);
     };
-    let max = parse_age(max).map_err(anyhow::Error::msg)?;
+    let max = parse_duration(max).map_err(anyhow::Error::msg)?;
     let repo = super::repo_cmds::open(cli)?;
     let id = crate::repo::VmId::new(vmid)?;
     let newest = repo
@@ -506,7 +490,10 @@ mod tests {
         assert_eq!(d.len(), 2, "{d:?}");
         assert_eq!(d[0].path, "local-lvm:vm-100-disk-0");
         assert_eq!(d[1].format, "qcow2");
-        assert_eq!(parse_age("48h").unwrap(), Duration::from_secs(48 * 3600));
-        parse_age("48").unwrap_err();
+        assert_eq!(
+            parse_duration("48h").unwrap(),
+            Duration::from_secs(48 * 3600)
+        );
+        parse_duration("48").unwrap_err();
     }
 }

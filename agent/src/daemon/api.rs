@@ -193,58 +193,63 @@ async fn auth(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Re
 /// Bind the unix socket and the TCP listeners and start serving.
 pub async fn start(shared: Arc<Shared>, cfg: &DaemonConfig) -> anyhow::Result<Servers> {
     let mut handles = Vec::new();
-    let unix = bind_unix(&cfg.api_socket)?;
+    let unix = Arc::new(bind_unix(&cfg.api_socket)?);
     let app = router(shared.clone(), false);
-    handles.push(tokio::spawn(async move {
-        let sem = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-        loop {
-            let Ok(permit) = sem.clone().acquire_owned().await else {
-                return;
-            };
-            match unix.accept().await {
-                Ok((s, _)) => {
-                    let app = app.clone();
-                    tokio::spawn(async move {
-                        serve_conn(s, app).await;
-                        drop(permit);
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!("API socket accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
-    }));
+    handles.push(tokio::spawn(accept_loop(
+        move || {
+            let unix = unix.clone();
+            async move { unix.accept().await.map(|(s, _)| s) }
+        },
+        app,
+        "API socket",
+    )));
     for addr in &cfg.api_listen {
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+        let l = Arc::new(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?,
+        );
         let app = router(shared.clone(), true);
         tracing::info!(%addr, "API listening on TCP (tokens required)");
-        handles.push(tokio::spawn(async move {
-            let sem = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-            loop {
-                let Ok(permit) = sem.clone().acquire_owned().await else {
-                    return;
-                };
-                match l.accept().await {
-                    Ok((s, _)) => {
-                        let app = app.clone();
-                        tokio::spawn(async move {
-                            serve_conn(s, app).await;
-                            drop(permit);
-                        });
-                    }
-                    Err(e) => {
-                        tracing::warn!("API accept: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-            }
-        }));
+        handles.push(tokio::spawn(accept_loop(
+            move || {
+                let l = l.clone();
+                async move { l.accept().await.map(|(s, _)| s) }
+            },
+            app,
+            "API TCP",
+        )));
     }
     Ok(Servers(handles))
+}
+
+/// Serve every accepted connection on its own task, at most
+/// MAX_CONNECTIONS at once; an accept error is logged and retried.
+async fn accept_loop<A, F, I>(accept: A, app: Router, what: &'static str)
+where
+    A: Fn() -> F,
+    F: std::future::Future<Output = std::io::Result<I>>,
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let sem = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok(permit) = sem.clone().acquire_owned().await else {
+            return;
+        };
+        match accept().await {
+            Ok(s) => {
+                let app = app.clone();
+                tokio::spawn(async move {
+                    serve_conn(s, app).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                tracing::warn!("{what} accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
 }
 
 fn bind_unix(path: &FsPath) -> anyhow::Result<tokio::net::UnixListener> {

@@ -7,6 +7,7 @@
 //! validate is never run: at start the daemon exits, on reload the old
 //! config stays.
 
+pub use crate::units::parse_duration;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -377,28 +378,6 @@ impl DaemonConfig {
         let set: BTreeSet<PathBuf> = self.jobs.iter().map(|j| j.repo.clone()).collect();
         set.into_iter().collect()
     }
-}
-
-/// Parse `"90s"`, `"30m"`, `"48h"`, `"7d"`, `"2w"`, `"0"`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    if t == "0" {
-        return Ok(Duration::ZERO);
-    }
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (n, unit) = t.split_at(split);
-    let n: u64 = n
-        .parse()
-        .map_err(|_| format!("bad duration {s:?}: use a number and s, m, h, d or w"))?;
-    let mult = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        "w" => 7 * 86400,
-        _ => return Err(format!("bad duration {s:?}: use s, m, h, d or w")),
-    };
-    Ok(Duration::from_secs(n.saturating_mul(mult)))
 }
 
 /// Every problem of a config, each naming where it is.

@@ -225,7 +225,7 @@ impl Notification {
                     v.vmid,
                     v.status,
                     v.duration_ms.map_or("-".into(), secs),
-                    v.size_bytes.map_or("-".into(), human_bytes),
+                    v.size_bytes.map_or("-".into(), crate::units::human_bytes),
                     v.consistency.as_deref().unwrap_or("-"),
                     v.freeze_window_ms
                         .map_or("-".into(), |ms| format!("{ms} ms")),
@@ -286,22 +286,6 @@ fn wrap(text: &str, width: usize) -> String {
 
 fn secs(ms: u64) -> String {
     format!("{}.{:02} s", ms / 1000, (ms % 1000) / 10)
-}
-
-fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    #[allow(clippy::cast_precision_loss)]
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }
 
 /// Why a send failed.
