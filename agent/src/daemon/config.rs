@@ -50,37 +50,6 @@ impl VmIdValue {
     }
 }
 
-/// `keep = { last = 3, daily = 7 }`: prune after each run.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KeepConfig {
-    /// keep-last.
-    pub last: Option<usize>,
-    /// keep-hourly.
-    pub hourly: Option<usize>,
-    /// keep-daily.
-    pub daily: Option<usize>,
-    /// keep-weekly.
-    pub weekly: Option<usize>,
-    /// keep-monthly.
-    pub monthly: Option<usize>,
-    /// keep-yearly.
-    pub yearly: Option<usize>,
-}
-
-impl KeepConfig {
-    fn options(self) -> KeepOptions {
-        KeepOptions {
-            last: self.last,
-            hourly: self.hourly,
-            daily: self.daily,
-            weekly: self.weekly,
-            monthly: self.monthly,
-            yearly: self.yearly,
-        }
-    }
-}
-
 /// `[[job]]`: a scheduled backup job (vzdump's vocabulary).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -103,7 +72,7 @@ pub struct JobToml {
     /// Repository directory.
     pub repo: PathBuf,
     /// Prune after each run (no keep: no prune).
-    pub keep: Option<KeepConfig>,
+    pub keep: Option<KeepOptions>,
     /// Notification targets (`[[notify_target]]` names).
     #[serde(default)]
     pub notify: Vec<String>,
@@ -476,7 +445,7 @@ pub fn validate(base: Config) -> Result<DaemonConfig, ValidationError> {
                 Mode::Snapshot
             }
         };
-        let keep = j.keep.map(KeepConfig::options);
+        let keep = j.keep;
         if let Some(k) = &keep {
             if !k.keeps_something() {
                 errs.push(format!(

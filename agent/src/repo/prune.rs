@@ -15,7 +15,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use super::backend::{LockMode, LockWait};
@@ -23,8 +23,10 @@ use super::error::{ErrorKind, RepoError, Result};
 use super::names::{BackupId, VmId};
 use super::Repository;
 
-/// Keep counts; `None` = rule not used.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+/// Keep counts; `None` = rule not used. Also the daemon's
+/// `keep = { last = 3, daily = 7 }` (unknown keys refused).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct KeepOptions {
     /// Keep the last N backups.
     pub last: Option<usize>,
