@@ -60,6 +60,30 @@ pub fn is_temp_name(name: &str) -> bool {
     name.contains(TMP_MARK)
 }
 
+/// Remove the temp files an interrupted [`write_atomic`] of `path` left
+/// beside it (`<path>.tmp-*`). Only for a caller that excludes every
+/// other writer of `path` (e.g. under its lock). Returns how many went.
+pub fn remove_temps_of(path: &Path) -> io::Result<u64> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Ok(0);
+    };
+    let mut prefix = name.to_owned();
+    prefix.push(TMP_MARK);
+    let prefix = prefix.as_encoded_bytes();
+    let mut removed = 0;
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_name().as_encoded_bytes().starts_with(prefix) {
+            match fs::remove_file(entry.path()) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(removed)
+}
+
 /// A fresh temp path next to `path`: `<path>.tmp-<pid>-<n>`, unique within
 /// this process (and across processes by the pid).
 pub fn temp_path(path: &Path) -> PathBuf {

@@ -751,3 +751,211 @@ fn qemu_migration_during_backup_fails_backup_unharmed_f26() {
     dst = migration_target(std::slice::from_ref(&spec), &sock);
     migrate(&mut src, &mut dst, &sock, true);
 }
+
+/// Wait until the watchdog (or shear itself) has removed VM 100's run
+/// record: the graph has been taken back.
+fn wait_record_gone(env: &Env, what: &str) {
+    let rec = env.run_dir().join("backup-100.json");
+    shear_tests::wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        &format!("the run record to go after {what}"),
+        || (!rec.exists()).then_some(()),
+    )
+    .unwrap();
+}
+
+/// F-31 on a live backup (issue 16): shear SIGKILLed at durable steps while
+/// it backs up a running QEMU (`SHEAR_TEST_KILL_AT`): in the data, while
+/// the index is renamed into place, before the manifest (the commit point)
+/// is durable, right after it, and while the run record is rewritten. After
+/// each kill: shear really died of SIGKILL; the watchdog took the graph
+/// back without a new run; the killed backup is listed only if its
+/// manifest was durable; `verify --all` is clean; and the next backup
+/// (incremental or full, with its reason) restores to the disk's state at
+/// its freeze instant byte for byte (F-22: no change is lost).
+#[test]
+fn qemu_live_backup_killed_at_durable_steps_f31_f22() {
+    use std::os::unix::process::ExitStatusExt;
+    if !require_qemu() {
+        return;
+    }
+    let env = Env::new();
+    let disks = ["d0"];
+    let mut vm = paused_vm(&env.dir.path().join("d0.qcow2"));
+    write_pattern(&mut vm, "d0", 0x11, 0, 24);
+    let b = backup_checked(&env, &mut vm, &disks, &[]);
+    assert_eq!(b.kind("d0"), "full");
+    let points = [
+        ("chunk:fsync:2", false),
+        ("index:rename:1", false),
+        ("manifest:fsync:1", false),
+        ("manifest:done:1", true),
+        ("record:rename:2", false),
+    ];
+    for (i, (point, committed)) in points.into_iter().enumerate() {
+        let pattern = 0x21 + u8::try_from(i).unwrap();
+        // 10 MiB over three chunks, at a different place each round.
+        write_pattern(&mut vm, "d0", pattern, 2 + 4 * (i as u64 % 4), 10);
+        let before = env.list().len();
+        let mut cmd = env.backup(&vm, &[]);
+        cmd.env("SHEAR_TEST_KILL_AT", point)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let out = cmd.output().unwrap();
+        assert_eq!(
+            out.status.signal(),
+            Some(9),
+            "{point}: shear was not killed there ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        wait_record_gone(&env, point);
+        shear_tests::shear::assert_graph_clean(&mut vm, &env, &disks);
+        let listed = env.list().len();
+        assert_eq!(
+            listed,
+            before + usize::from(committed),
+            "{point}: the killed backup is listed iff its manifest was durable"
+        );
+        run_ok(env.shear(&["verify", "--all"]));
+        let next = backup_checked(&env, &mut vm, &disks, &[]);
+        eprintln!(
+            "{point}: next backup {} ({})",
+            next.kind("d0"),
+            next.reason("d0")
+        );
+        assert_restores_to_truth(&env, &next, &disks);
+    }
+}
+
+/// F-38 (lock lost: a stalled writer): a backup SIGSTOPped in its read
+/// phase, past any lease a lock could have. shear's locks are flock locks
+/// held by the living process, with no lease to expire, so nothing can
+/// take them over while it is stalled: `forget` of the backup it builds on
+/// is refused as busy, `gc` waits for it (bounded by `--wait`) and gives up
+/// deleting nothing, and a forget of an unrelated backup is allowed. After
+/// SIGCONT the backup commits, `verify --all` is clean, and every backup
+/// restores to its data; a gc afterwards frees the forgotten backup's
+/// chunks and leaves the rest verifiable.
+#[test]
+fn qemu_f38_stalled_writer_keeps_its_base_and_chunks_gc_waits() {
+    if !require_qemu() {
+        return;
+    }
+    /// SIGCONT and kill a stopped child if the test fails midway.
+    struct Stopped(Option<std::process::Child>);
+    impl Drop for Stopped {
+        fn drop(&mut self) {
+            if let Some(c) = self.0.as_mut() {
+                let _ = signal(c, "-CONT");
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    fn signal(c: &std::process::Child, sig: &str) -> bool {
+        std::process::Command::new("kill")
+            .args([sig, &c.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+    fn chunk_files(repo: &Path) -> usize {
+        let mut n = 0;
+        for d in std::fs::read_dir(repo.join("chunks")).unwrap() {
+            n += std::fs::read_dir(d.unwrap().path()).unwrap().count();
+        }
+        n
+    }
+    let env = Env::new();
+    let mut vm = paused_vm(&env.dir.path().join("d0.qcow2"));
+    // b1: 0x11 over 16 MiB (unique chunks, freed once b1 is forgotten).
+    write_pattern(&mut vm, "d0", 0x11, 0, 16);
+    let b1 = report_of(&run_ok(env.backup(&vm, &[])))["backup_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // b2 (the base of b3): 0x22 over 24 MiB.
+    write_pattern(&mut vm, "d0", 0x22, 0, 24);
+    let b2 = report_of(&run_ok(env.backup(&vm, &[])))["backup_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    write_pattern(&mut vm, "d0", 0x33, 32, 16);
+    let mut cmd = env.backup(&vm, &["--bwlimit", "1024"]);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    wait_reading(&mut vm, &mut child, Duration::from_secs(60));
+    let mut stalled = Stopped(Some(child));
+    assert!(signal(stalled.0.as_ref().unwrap(), "-STOP"));
+    let repo = env.dir.path().join("repo");
+    assert!(repo.join("chunks").is_dir(), "repository layout changed");
+    let chunks_before = chunk_files(&repo);
+
+    // The stalled writer's base cannot be forgotten.
+    let out = env.shear(&["forget", &b2]).output().unwrap();
+    assert!(
+        !out.status.success(),
+        "forget of the stalled writer's base succeeded"
+    );
+    let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(
+        err.contains("busy") || err.contains("in use") || err.contains("locked"),
+        "{err}"
+    );
+    // An unrelated backup can.
+    run_ok(env.shear(&["forget", &b1]));
+    // GC cannot sweep under it: it waits (bounded) and deletes nothing.
+    let t = std::time::Instant::now();
+    let out = env.shear(&["gc", "--wait", "2"]).output().unwrap();
+    let waited = t.elapsed();
+    assert!(!out.status.success(), "gc swept under a stalled writer");
+    assert!(
+        waited >= Duration::from_secs(2),
+        "gc did not wait: {waited:?}"
+    );
+    assert_eq!(chunk_files(&repo), chunks_before, "gc deleted chunks");
+
+    let child = stalled.0.take().unwrap();
+    assert!(signal(&child, "-CONT"));
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the resumed backup failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let b3 = report_of(&out)["backup_id"].as_str().unwrap().to_string();
+    run_ok(env.shear(&["verify", "--all"]));
+    // b1's only chunk (4 MiB of 0x11) is referenced by nothing now.
+    let gc: Value =
+        serde_json::from_slice(&run_ok(env.shear(&["gc", "--wait", "10", "--json"])).stdout)
+            .unwrap();
+    assert!(
+        gc["chunks_removed"].as_u64().unwrap() >= 1,
+        "gc freed nothing of b1: {gc}"
+    );
+    run_ok(env.shear(&["verify", "--all"]));
+    for (id, expect) in [
+        (&b2, vec![(0u64, 24u64, 0x22u8)]),
+        (&b3, vec![(0, 24, 0x22), (32, 16, 0x33)]),
+    ] {
+        let target = env.dir.path().join(format!("r-{}", id.replace('/', "_")));
+        run_ok(env.shear(&[
+            "restore",
+            id,
+            "--target",
+            target.to_str().unwrap(),
+            "--format",
+            "raw",
+        ]));
+        let img = std::fs::read(target.join("d0.raw")).unwrap();
+        for (off, len, byte) in expect {
+            let at = |mib: u64| usize::try_from(mib * MIB).unwrap();
+            let r = &img[at(off)..at(off + len)];
+            assert!(
+                r.iter().all(|&b| b == byte),
+                "{id}: {off}M+{len}M is not {byte:#x}"
+            );
+        }
+    }
+}

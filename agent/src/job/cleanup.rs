@@ -86,6 +86,10 @@ pub async fn cleanup_vm(
         ..CleanupReport::default()
     };
     let path = record_path(run_dir, vmid);
+    // A run killed while rewriting its record leaves the new version's temp
+    // file; the record itself is the old, complete version (write-ahead:
+    // the step it was adding had not been taken yet).
+    RunRecord::remove_temps(&path).map_err(JobError::Record)?;
     let Some(mut rec) = RunRecord::load(&path).map_err(JobError::Record)? else {
         return Ok(report);
     };

@@ -203,6 +203,17 @@ impl RunRecord {
         })
     }
 
+    /// Remove what an interrupted save of the record at `path` left beside
+    /// it (a run killed while rewriting its record). The caller holds the
+    /// per-VM lock, so no live writer's temp file is touched.
+    pub fn remove_temps(path: &Path) -> Result<u64, RecordError> {
+        fsutil::remove_temps_of(path).map_err(|source| RecordError::Io {
+            path: path.into(),
+            op: "remove temp files",
+            source,
+        })
+    }
+
     /// Remove the record file (after a complete undo).
     pub fn remove(path: &Path) -> Result<(), RecordError> {
         match std::fs::remove_file(path) {

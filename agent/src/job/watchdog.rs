@@ -61,6 +61,10 @@ impl Watchdog {
         if let Some(q) = qga {
             cmd.arg("--qga").arg(q);
         }
+        // Test failpoints aim at the backup process; the watchdog that
+        // takes back its leftovers must not die at the same point.
+        cmd.env_remove("SHEAR_TEST_KILL_AT")
+            .env_remove("SHEAR_TEST_FAIL_AT");
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
