@@ -347,3 +347,306 @@ socket = "{s}"
     let _ = Command::new("kill").arg(child.id().to_string()).status();
     assert!(child.wait().unwrap().success());
 }
+
+/// One request over TCP with `headers`; (status, body bytes).
+fn tcp_call(port: u16, method: &str, path: &str, headers: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n{headers}Content-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    let end = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&out[..end]).to_string();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut body = out[end + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let mut plain = Vec::new();
+        let mut b = &body[..];
+        while let Some(nl) = b.windows(2).position(|w| w == b"\r\n") {
+            let n =
+                usize::from_str_radix(std::str::from_utf8(&b[..nl]).unwrap().trim(), 16).unwrap();
+            if n == 0 {
+                break;
+            }
+            plain.extend_from_slice(&b[nl + 2..nl + 2 + n]);
+            b = &b[nl + 2 + n + 2..];
+        }
+        body = plain;
+    }
+    (status, body)
+}
+
+/// F-48: API tokens and what they may do, on the daemon's TCP listener.
+/// - Unknown, wrong, expired and disabled tokens get the same 401 on every
+///   route, whether the resource exists or not.
+/// - A read-only token gets 403 on every non-GET route before any lookup
+///   (an existing and a missing job alike).
+/// - A token limited to VM 100 (a tenant) gets 403 on host-wide views, and
+///   another VM's backup, job and task answer exactly like ones that do not
+///   exist; lists show only its VM; a run of a shared job runs only its VM.
+/// - No route passes QMP or HMP through; 10 000 levels of JSON nesting get
+///   400; `token create`/`delete` run concurrently lose no write (the
+///   token file's lock; unit test in `daemon::tokens`).
+#[test]
+fn daemon_api_token_scopes_and_refusals_f48() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("repo");
+    let repo = init_repo(&root, None);
+    let img = image(7, CHUNK as usize);
+    backup(&repo, "100", 0, &[("d0", &img)]);
+    let other = backup(&repo, "101", 0, &[("d0", &img)]);
+    drop(repo);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let sock = dir.path().join("api.sock");
+    let cfg = dir.path().join("shear.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"state_dir = "{d}/state"
+run_dir = "{d}/run"
+qmp_socket = "{d}/vms/{{vmid}}.qmp"
+[[job]]
+id = "a"
+schedule = "daily"
+enabled = false
+vmids = ["100", "101"]
+repo = "{r}"
+[[job]]
+id = "b"
+schedule = "daily"
+enabled = false
+vmids = ["101"]
+repo = "{r}"
+[api]
+socket = "{s}"
+listen = ["127.0.0.1:{port}"]
+"#,
+            d = dir.path().display(),
+            r = root.display(),
+            s = sock.display()
+        ),
+    )
+    .unwrap();
+    let token = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_shear"))
+            .arg("token")
+            .args(args)
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "token {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        format!(
+            "Authorization: Bearer {}\r\n",
+            String::from_utf8(out.stdout).unwrap().trim()
+        )
+    };
+    let expiring = token(&["create", "exp", "--expires-in", "1s"]);
+    let full = token(&["create", "admin"]);
+    let ro = token(&["create", "ro", "--read-only"]);
+    let tenant = token(&["create", "t100", "--vmid", "100"]);
+    let disabled = token(&["create", "dis"]);
+    token(&["disable", "dis"]);
+    let listed = token(&["list"]);
+    assert!(
+        listed.contains("read-only") && listed.contains("vms 100") && listed.contains("DISABLED"),
+        "{listed}"
+    );
+    std::thread::sleep(Duration::from_millis(1200));
+    let mut child = start_daemon(&cfg, &sock, &dir.path().join("daemon.log"));
+    let call = |h: &str, m: &str, p: &str, b: &[u8]| tcp_call(port, m, p, h, b);
+    let json = |b: &[u8]| serde_json::from_slice::<Value>(b).unwrap();
+    let other_path = format!("/api/v1/backups/{other}");
+    let missing_path = other_path.replace("vm/101/", "vm/102/");
+
+    // 401 alike for every bad credential, existing resource or not.
+    let unauthorized = serde_json::json!({"error": "unauthorized", "kind": "unauthorized"});
+    let wrong = full.replace("admin:", "admin:0");
+    for h in ["", wrong.as_str(), expiring.as_str(), disabled.as_str()] {
+        for (m, p) in [
+            ("GET", "/api/v1/jobs"),
+            ("GET", "/api/v1/jobs/a"),
+            ("GET", "/api/v1/jobs/nope"),
+            ("POST", "/api/v1/jobs/a/run"),
+            ("GET", other_path.as_str()),
+            ("GET", missing_path.as_str()),
+            ("GET", "/metrics"),
+        ] {
+            let (s, b) = call(h, m, p, b"");
+            assert_eq!((s, json(&b)), (401, unauthorized.clone()), "{h:?} {m} {p}");
+        }
+    }
+
+    // Read-only: GETs work, anything else is 403 before the lookup.
+    assert_eq!(call(&ro, "GET", "/api/v1/jobs", b"").0, 200);
+    let forbidden = serde_json::json!({"error": "this token may not do that", "kind": "forbidden"});
+    for p in ["/api/v1/jobs/a/run", "/api/v1/jobs/nope/run"] {
+        let (s, b) = call(&ro, "POST", p, b"");
+        assert_eq!(
+            (s, json(&b)),
+            (403, forbidden.clone()),
+            "read-only POST {p}"
+        );
+    }
+
+    // The tenant of VM 100.
+    for p in ["/api/v1/status", "/api/v1/repos", "/metrics"] {
+        let (s, b) = call(&tenant, "GET", p, b"");
+        assert_eq!((s, json(&b)), (403, forbidden.clone()), "tenant {p}");
+    }
+    let (s, b) = call(&tenant, "GET", "/api/v1/jobs", b"");
+    assert_eq!(s, 200);
+    let jobs = json(&b);
+    assert_eq!(jobs.as_array().unwrap().len(), 1, "{jobs}");
+    assert_eq!(jobs[0]["id"], "a");
+    assert_eq!(jobs[0]["vms"], serde_json::json!(["100"]));
+    assert_eq!(
+        jobs[0]["backup"]["vms"],
+        serde_json::json!(["100"]),
+        "{jobs}"
+    );
+    let (s1, b1) = call(&tenant, "GET", "/api/v1/jobs/b", b"");
+    let (s2, b2) = call(&tenant, "GET", "/api/v1/jobs/x", b"");
+    assert_eq!(
+        (
+            s1,
+            String::from_utf8_lossy(&b1).replace("\\\"b\\\"", "\\\"x\\\"")
+        ),
+        (s2, String::from_utf8_lossy(&b2).to_string())
+    );
+    assert_eq!(s1, 404);
+    let (s, b) = call(&tenant, "GET", "/api/v1/backups", b"");
+    assert_eq!(s, 200);
+    let list = json(&b);
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert!(list.to_string().contains("vm/100/"), "{list}");
+    let (s, b) = call(&tenant, "GET", "/api/v1/backups?vmid=101", b"");
+    assert_eq!((s, json(&b)), (200, serde_json::json!([])));
+    let (s1, b1) = call(&tenant, "GET", &other_path, b"");
+    let (s2, b2) = call(&tenant, "GET", &missing_path, b"");
+    assert_eq!(s1, 404);
+    assert_eq!(
+        (
+            s1,
+            String::from_utf8_lossy(&b1).replace("vm/101/", "vm/102/")
+        ),
+        (s2, String::from_utf8_lossy(&b2).to_string()),
+        "another tenant's backup must read like a missing one"
+    );
+    assert_eq!(call(&full, "GET", &other_path, b"").0, 200);
+    let (s, b) = call(&tenant, "GET", "/api/v1/vms", b"");
+    assert_eq!(s, 200);
+    let vms: Vec<Value> = json(&b).as_array().unwrap().clone();
+    assert!(vms.iter().all(|v| v["vmid"] == "100"), "{vms:?}");
+    // Runs: job b is "not there"; 101 in job a reads like a VM it lacks.
+    let (s1, b1) = call(&tenant, "POST", "/api/v1/jobs/b/run", b"");
+    let (s2, b2) = call(&tenant, "POST", "/api/v1/jobs/x/run", b"");
+    assert_eq!((s1, s2), (404, 404));
+    assert_eq!(
+        String::from_utf8_lossy(&b1).replace("\\\"b\\\"", "\\\"x\\\""),
+        String::from_utf8_lossy(&b2)
+    );
+    let (s1, b1) = call(
+        &tenant,
+        "POST",
+        "/api/v1/jobs/a/run",
+        br#"{"vmids":["101"]}"#,
+    );
+    let (s2, b2) = call(
+        &tenant,
+        "POST",
+        "/api/v1/jobs/a/run",
+        br#"{"vmids":["999"]}"#,
+    );
+    assert_eq!((s1, s2), (400, 400));
+    assert_eq!(
+        String::from_utf8_lossy(&b1).replace("101", "999"),
+        String::from_utf8_lossy(&b2)
+    );
+    // A full token's task of job b is invisible to the tenant.
+    let (s, b) = call(&full, "POST", "/api/v1/jobs/b/run", b"");
+    assert_eq!(s, 202, "{}", String::from_utf8_lossy(&b));
+    let b_task = json(&b)["id"].as_str().unwrap().to_string();
+    for p in [
+        format!("/api/v1/tasks/{b_task}"),
+        format!("/api/v1/tasks/{b_task}/log"),
+    ] {
+        let (s, _) = call(&tenant, "GET", &p, b"");
+        assert_eq!(s, 404, "tenant sees {p}");
+    }
+    // The tenant's own run of job a covers VM 100 only.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (s, b) = loop {
+        let (s, b) = call(&tenant, "POST", "/api/v1/jobs/a/run", b"");
+        if s != 409 || Instant::now() > deadline {
+            break (s, b);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(s, 202, "{}", String::from_utf8_lossy(&b));
+    let a_task = json(&b)["id"].as_str().unwrap().to_string();
+    let t = loop {
+        let (_, b) = call(&tenant, "GET", &format!("/api/v1/tasks/{a_task}"), b"");
+        let t = json(&b);
+        if t["status"] != "running" {
+            break t;
+        }
+        assert!(Instant::now() < deadline, "task still running");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let vmids: Vec<&str> = t["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["vmid"].as_str().unwrap())
+        .collect();
+    assert_eq!(vmids, ["100"], "{t}");
+    let (s, tl) = call(&tenant, "GET", "/api/v1/tasks", b"");
+    assert_eq!(s, 200);
+    let tl = json(&tl);
+    assert!(
+        tl.as_array().unwrap().iter().all(|t| t["job"] == "a"),
+        "{tl}"
+    );
+
+    // Only typed operations: nothing reaches QMP or HMP.
+    for p in [
+        "/api/v1/qmp",
+        "/api/v1/vms/100/qmp",
+        "/api/v1/hmp",
+        "/api/v1/vms/100/exec",
+    ] {
+        let (s, _) = call(
+            &full,
+            "POST",
+            p,
+            br#"{"execute":"migrate","arguments":{"uri":"exec:touch /tmp/x"}}"#,
+        );
+        assert!(s == 404 || s == 405, "{p}: {s}");
+    }
+    // Deep nesting is a 400, not a crash or a 5xx.
+    let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+    let (s, _) = call(&full, "POST", "/api/v1/jobs/a/run", deep.as_bytes());
+    assert_eq!(s, 400);
+    let (s, _) = call(&full, "GET", "/api/v1/status", b"");
+    assert_eq!(s, 200);
+    let _ = child.kill();
+    let _ = child.wait();
+}

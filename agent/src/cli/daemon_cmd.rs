@@ -156,11 +156,31 @@ pub enum TokenCommand {
     Create {
         /// Token name.
         name: String,
+        /// Only GET requests (status, lists, metrics; no runs).
+        #[arg(long)]
+        read_only: bool,
+        /// Only this VM (repeatable): other VMs' backups, jobs and tasks
+        /// look as if they did not exist, host-wide views are refused.
+        #[arg(long = "vmid", value_name = "VMID")]
+        vmids: Vec<String>,
+        /// Rejected after this long (e.g. 30d, 12h).
+        #[arg(long, value_name = "DURATION")]
+        expires_in: Option<String>,
     },
-    /// Token names and creation times.
+    /// Token names, creation times and limits.
     List,
     /// Delete a token.
     Delete {
+        /// Token name.
+        name: String,
+    },
+    /// Reject a token until it is enabled again.
+    Disable {
+        /// Token name.
+        name: String,
+    },
+    /// Accept a disabled token again.
+    Enable {
         /// Token name.
         name: String,
     },
@@ -352,14 +372,45 @@ pub fn token(args: &TokenArgs) -> anyhow::Result<ExitCode> {
     use crate::daemon::tokens;
     let dir = state_dir(&args.config)?;
     match &args.command {
-        TokenCommand::Create { name } => {
-            let t = tokens::create(&dir, name)?;
+        TokenCommand::Create {
+            name,
+            read_only,
+            vmids,
+            expires_in,
+        } => {
+            let expires = match expires_in {
+                Some(d) => {
+                    let d = crate::units::parse_duration(d).map_err(anyhow::Error::msg)?;
+                    Some(jiff::Timestamp::now() + jiff::SignedDuration::try_from(d)?)
+                }
+                None => None,
+            };
+            let limits = tokens::TokenLimits {
+                read_only: *read_only,
+                vmids: (!vmids.is_empty()).then(|| vmids.iter().cloned().collect()),
+                expires,
+            };
+            let t = tokens::create(&dir, name, &limits)?;
             out!("{t}");
             eprintln!("shear: keep this token now: only its hash is stored");
         }
         TokenCommand::List => {
             for t in tokens::load(&dir)? {
-                out!("{:<24} created {}", t.name, t.created);
+                let mut limits = Vec::new();
+                if t.read_only {
+                    limits.push("read-only".to_string());
+                }
+                if let Some(v) = &t.vmids {
+                    let v: Vec<&str> = v.iter().map(String::as_str).collect();
+                    limits.push(format!("vms {}", v.join(",")));
+                }
+                if let Some(e) = &t.expires {
+                    limits.push(format!("expires {e}"));
+                }
+                if t.disabled {
+                    limits.push("DISABLED".to_string());
+                }
+                out!("{:<24} created {} {}", t.name, t.created, limits.join(" "));
             }
         }
         TokenCommand::Delete { name } => {
@@ -367,6 +418,16 @@ pub fn token(args: &TokenArgs) -> anyhow::Result<ExitCode> {
                 bail!("no token named {name:?}");
             }
             out!("token {name} deleted");
+        }
+        TokenCommand::Disable { name } | TokenCommand::Enable { name } => {
+            let disable = matches!(args.command, TokenCommand::Disable { .. });
+            if !tokens::set_disabled(&dir, name, disable)? {
+                bail!("no token named {name:?}");
+            }
+            out!(
+                "token {name} {}",
+                if disable { "disabled" } else { "enabled" }
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -3,8 +3,16 @@
 //! - A unix socket (mode 0600) without authentication: whoever may open it
 //!   is root or the daemon's user.
 //! - TCP listeners only with an API token (`Authorization: Bearer
-//!   NAME:SECRET`, see [`super::tokens`]); without a valid one every
-//!   request gets 401 and a body that says nothing more.
+//!   NAME:SECRET`, see [`super::tokens`]); without a valid one (unknown,
+//!   wrong, disabled, expired) every request gets 401 and a body that says
+//!   nothing more. A valid token's [`Scope`] is checked next, before any
+//!   resource is looked up: a read-only token gets 403 on every other
+//!   method, a VM-limited token 403 on host-wide views (status, repos,
+//!   metrics) and sees only its VMs elsewhere — another VM's backup, job
+//!   or task is answered exactly as one that does not exist (F-48).
+//! - Only typed operations: no route passes QMP or QGA through, and no
+//!   path from a request reaches QEMU or the file system (a repository is
+//!   chosen among the configured ones).
 //! - Every connection is its own task: a slow client never blocks others.
 //!   Request headers must arrive within [`HEADER_TIMEOUT`], a whole request
 //!   is answered within [`REQUEST_TIMEOUT`] (408 otherwise), bodies are
@@ -18,7 +26,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Extension, Path, Query, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -31,6 +39,7 @@ use tokio::task::JoinHandle;
 
 use super::config::DaemonConfig;
 use super::scheduler::Trigger;
+use super::tokens::Scope;
 use super::{Shared, StartError};
 use crate::repo::{BackupId, Repository, VmId};
 
@@ -147,7 +156,7 @@ pub fn router(shared: Arc<Shared>, tcp: bool) -> Router {
     let r = if tcp {
         r.layer(middleware::from_fn_with_state(shared.clone(), auth))
     } else {
-        r
+        r.layer(Extension(Scope::full()))
     };
     r.with_state(shared)
 }
@@ -164,7 +173,7 @@ async fn timeout(req: Request, next: Next) -> Response {
     }
 }
 
-async fn auth(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+async fn auth(State(shared): State<Arc<Shared>>, mut req: Request, next: Next) -> Response {
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -172,21 +181,43 @@ async fn auth(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Re
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::to_owned);
     let state_dir = shared.config().state_dir.clone();
-    let ok = match presented {
+    let scope = match presented {
         Some(p) => tokio::task::spawn_blocking(move || {
-            super::tokens::load(&state_dir).is_ok_and(|t| super::tokens::check(&t, &p))
+            super::tokens::load(&state_dir)
+                .ok()
+                .and_then(|t| super::tokens::authenticate(&t, &p, jiff::Timestamp::now()))
         })
         .await
-        .unwrap_or(false),
-        None => false,
+        .ok()
+        .flatten(),
+        None => None,
     };
-    if !ok {
+    let Some(scope) = scope else {
         let mut r =
             ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unauthorized").into_response();
         r.headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         return r;
+    };
+    // Privileges before any lookup: the answer cannot depend on whether
+    // the resource exists.
+    let reading = matches!(
+        *req.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD
+    );
+    let host_wide = matches!(
+        req.uri().path(),
+        "/api/v1/status" | "/api/v1/repos" | "/metrics"
+    );
+    if (scope.read_only && !reading) || (host_wide && !scope.is_host_wide()) {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "this token may not do that",
+        )
+        .into_response();
     }
+    req.extensions_mut().insert(scope);
     next.run(req).await
 }
 
@@ -329,23 +360,63 @@ fn job_json(s: &Shared, cfg: &DaemonConfig, j: &super::config::Job) -> Value {
     v
 }
 
-async fn jobs(State(s): State<Arc<Shared>>) -> Json<Value> {
+/// The VMs of `j` that `scope` sees, or `None` when the job is not
+/// visible to it at all (a VM-limited token sees only backup jobs that
+/// cover one of its VMs).
+fn visible_vms(
+    cfg: &DaemonConfig,
+    scope: &Scope,
+    j: &super::config::Job,
+) -> Option<Option<Vec<String>>> {
+    let covered = j.backup.as_ref().map(|b| super::run::job_vms(cfg, &b.vms));
+    if scope.is_host_wide() {
+        return Some(covered);
+    }
+    let mine: Vec<String> = covered?.into_iter().filter(|v| scope.sees_vm(v)).collect();
+    (!mine.is_empty()).then_some(Some(mine))
+}
+
+fn scoped_job_json(
+    s: &Shared,
+    cfg: &DaemonConfig,
+    scope: &Scope,
+    j: &super::config::Job,
+) -> Option<Value> {
+    let vms = visible_vms(cfg, scope, j)?;
+    let mut v = job_json(s, cfg, j);
+    if !scope.is_host_wide() {
+        if let Value::Object(m) = &mut v {
+            m.insert("vms".into(), json!(vms));
+            // The configured selection may name other tenants' VMs.
+            if let Some(Value::Object(b)) = m.get_mut("backup") {
+                b.insert("vms".into(), json!(vms));
+            }
+        }
+    }
+    Some(v)
+}
+
+async fn jobs(State(s): State<Arc<Shared>>, Extension(scope): Extension<Scope>) -> Json<Value> {
     let cfg = s.config();
     Json(Value::Array(
-        cfg.jobs.iter().map(|j| job_json(&s, &cfg, j)).collect(),
+        cfg.jobs
+            .iter()
+            .filter_map(|j| scoped_job_json(&s, &cfg, &scope, j))
+            .collect(),
     ))
 }
 
 async fn job(
     State(s): State<Arc<Shared>>,
+    Extension(scope): Extension<Scope>,
     id: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<Value>> {
     let Path(id) = id?;
     let cfg = s.config();
-    let j = cfg
-        .job(&id)
-        .ok_or_else(|| ApiError::not_found(format!("no job {id:?}")))?;
-    Ok(Json(job_json(&s, &cfg, j)))
+    cfg.job(&id)
+        .and_then(|j| scoped_job_json(&s, &cfg, &scope, j))
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("no job {id:?}")))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -378,19 +449,21 @@ mod bytes_like {
 
 async fn run_job(
     State(s): State<Arc<Shared>>,
+    Extension(scope): Extension<Scope>,
     id: Result<Path<String>, PathRejection>,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let Path(id) = id?;
     let bytes = read_body(body).await?;
-    let req: RunBody = if bytes.iter().all(u8::is_ascii_whitespace) {
+    let mut req: RunBody = if bytes.iter().all(u8::is_ascii_whitespace) {
         RunBody::default()
     } else {
         serde_json::from_slice(&bytes).map_err(|e| ApiError::bad(format!("bad JSON body: {e}")))?
     };
     let cfg = s.config();
-    let job = cfg
+    let (job, visible) = cfg
         .job(&id)
+        .and_then(|j| Some((j, visible_vms(&cfg, &scope, j)?)))
         .ok_or_else(|| ApiError::not_found(format!("no job {id:?}")))?;
     if let Some(v) = &req.vmids {
         let Some(b) = &job.backup else {
@@ -398,10 +471,14 @@ async fn run_job(
         };
         let covered = super::run::job_vms(&cfg, &b.vms);
         for x in v {
-            if !covered.contains(x) {
+            // Another tenant's VM reads like one the job does not cover.
+            if !covered.contains(x) || !scope.sees_vm(x) {
                 return Err(ApiError::bad(format!("job {id:?} does not cover VM {x:?}")));
             }
         }
+    } else if !scope.is_host_wide() {
+        // A VM-limited token runs the job for its own VMs only.
+        req.vmids = visible;
     }
     match s.start_job(&id, Trigger::Api, None, req.vmids) {
         Ok(t) => Ok((StatusCode::ACCEPTED, Json(json!(t)))),
@@ -420,31 +497,69 @@ async fn run_job(
     }
 }
 
-async fn tasks(State(s): State<Arc<Shared>>) -> Json<Value> {
-    Json(json!(s.tasks.list()))
+/// A task as `scope` may see it: a VM-limited token sees the tasks of the
+/// jobs it sees, with only its VMs' results.
+fn scoped_task(
+    cfg: &DaemonConfig,
+    scope: &Scope,
+    mut t: super::tasks::TaskInfo,
+) -> Option<super::tasks::TaskInfo> {
+    if scope.is_host_wide() {
+        return Some(t);
+    }
+    visible_vms(cfg, scope, cfg.job(&t.job)?)?;
+    let n = t.vms.len();
+    t.vms.retain(|v| scope.sees_vm(&v.vmid));
+    if t.vms.len() != n {
+        t.summary = None;
+    }
+    Some(t)
+}
+
+async fn tasks(State(s): State<Arc<Shared>>, Extension(scope): Extension<Scope>) -> Json<Value> {
+    let cfg = s.config();
+    let list: Vec<_> = s
+        .tasks
+        .list()
+        .into_iter()
+        .filter_map(|t| scoped_task(&cfg, &scope, t))
+        .collect();
+    Json(json!(list))
 }
 
 async fn task(
     State(s): State<Arc<Shared>>,
+    Extension(scope): Extension<Scope>,
     id: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Json<Value>> {
     let Path(id) = id?;
+    let cfg = s.config();
     s.tasks
         .get(&id)
+        .and_then(|t| scoped_task(&cfg, &scope, t))
         .map(|t| Json(json!(t)))
         .ok_or_else(|| ApiError::not_found(format!("no task {id:?}")))
 }
 
 async fn task_log(
     State(s): State<Arc<Shared>>,
+    Extension(scope): Extension<Scope>,
     id: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Response> {
     use std::io::Read;
     let Path(id) = id?;
-    let path = s
-        .tasks
-        .log_path(&id)
-        .ok_or_else(|| ApiError::not_found(format!("no task {id:?}")))?;
+    let no_task = || ApiError::not_found(format!("no task {id:?}"));
+    if !scope.is_host_wide() {
+        // The log speaks of every VM of the run: only for a task whose
+        // VMs are all this token's.
+        let cfg = s.config();
+        let t = s.tasks.get(&id).ok_or_else(no_task)?;
+        let whole = t.vms.iter().all(|v| scope.sees_vm(&v.vmid));
+        scoped_task(&cfg, &scope, t)
+            .filter(|_| whole)
+            .ok_or_else(no_task)?;
+    }
+    let path = s.tasks.log_path(&id).ok_or_else(no_task)?;
     let text = tokio::task::spawn_blocking(move || {
         let mut v = Vec::new();
         std::fs::File::open(&path).and_then(|f| f.take(MAX_LOG).read_to_end(&mut v))?;
@@ -488,6 +603,7 @@ async fn blocking<T: Send + 'static>(
 
 async fn backups(
     State(s): State<Arc<Shared>>,
+    Extension(scope): Extension<Scope>,
     q: Result<Query<RepoQuery>, QueryRejection>,
 ) -> ApiResult<Json<Value>> {
     let Query(q) = q?;
@@ -503,9 +619,11 @@ async fn backups(
             .key_for(&repo)
             .map_err(|m| ApiError::new(StatusCode::CONFLICT, "locked", m))?;
         let r = Repository::open(&repo, key).map_err(|e| ApiError::repo(&e))?;
-        let list = r
+        let mut list = r
             .list_backups(vmid.as_ref())
             .map_err(|e| ApiError::repo(&e))?;
+        // Another tenant's VM lists like a VM without backups.
+        list.retain(|b| scope.sees_vm(b.id.vmid().as_str()));
         Ok(Json(json!(list)))
     })
     .await
@@ -513,6 +631,7 @@ async fn backups(
 
 async fn backup(
     State(s): State<Arc<Shared>>,
+    Extension(scope): Extension<Scope>,
     p: Result<Path<(String, String)>, PathRejection>,
     q: Result<Query<RepoQuery>, QueryRejection>,
 ) -> ApiResult<Json<Value>> {
@@ -523,12 +642,23 @@ async fn backup(
     let id: BackupId = format!("vm/{vmid}/{time}")
         .parse()
         .map_err(|e: crate::repo::RepoError| ApiError::repo(&e))?;
+    // One answer for "not there" and "not yours".
+    let no_backup = {
+        let id = id.to_string();
+        move || ApiError::not_found(format!("no backup {id}"))
+    };
+    if !scope.sees_vm(&vmid) {
+        return Err(no_backup());
+    }
     blocking(move || {
         let key = cfg
             .key_for(&repo)
             .map_err(|m| ApiError::new(StatusCode::CONFLICT, "locked", m))?;
         let r = Repository::open(&repo, key).map_err(|e| ApiError::repo(&e))?;
-        let m = r.load_manifest(&id).map_err(|e| ApiError::repo(&e))?;
+        let m = r.load_manifest(&id).map_err(|e| match e.kind() {
+            crate::repo::ErrorKind::NotFound => no_backup(),
+            _ => ApiError::repo(&e),
+        })?;
         let verify = r.verify_state(&id).ok().flatten();
         Ok(Json(
             json!({"backup_id": id.to_string(), "manifest": m, "verify": verify}),
@@ -537,11 +667,15 @@ async fn backup(
     .await
 }
 
-async fn vms(State(s): State<Arc<Shared>>) -> ApiResult<Json<Value>> {
+async fn vms(
+    State(s): State<Arc<Shared>>,
+    Extension(scope): Extension<Scope>,
+) -> ApiResult<Json<Value>> {
     let cfg = s.config();
     let list = blocking(move || Ok(super::vms::known_vms(&cfg))).await?;
     let out: Vec<Value> = list
         .into_iter()
+        .filter(|v| scope.sees_vm(&v.vmid))
         .map(|v| {
             let st = s.lock_state().vms.get(&v.vmid).cloned();
             let mut j = json!(v);
