@@ -285,6 +285,99 @@ impl VmHooks {
     }
 }
 
+/// How one VM's backup ended, for the hook phases after it.
+#[derive(Debug, Clone, Copy)]
+pub enum VmOutcome<'a> {
+    /// Committed as `backup_id`, with these warnings.
+    Committed {
+        /// The backup.
+        backup_id: &'a str,
+        /// Its warnings (into the VM's log).
+        warnings: &'a [String],
+    },
+    /// Failed with this error.
+    Failed {
+        /// The error, one line.
+        error: &'a str,
+    },
+}
+
+/// Where the phases after a VM report: the CLI prints to stderr, the
+/// daemon writes the task log.
+pub trait HookSink: Send {
+    /// A line the script printed during `phase`.
+    fn output(&mut self, vmid: &str, phase: HookPhase, line: &str);
+    /// A failed phase or step (never fatal after a VM's backup).
+    fn warning(&mut self, vmid: &str, text: &str);
+}
+
+impl VmHooks {
+    async fn run_reporting(&self, phase: HookPhase, sink: &mut dyn HookSink) -> Option<String> {
+        match self.script.run(phase, &self.ctx).await {
+            Ok(out) => {
+                for l in out.output.lines().filter(|l| !l.trim().is_empty()) {
+                    sink.output(&self.ctx.vmid, phase, l);
+                }
+                None
+            }
+            Err(e) => {
+                let w = format!("{} (ignored: only backup-start aborts)", crate::chain(&e));
+                sink.warning(&self.ctx.vmid, &w);
+                Some(w)
+            }
+        }
+    }
+
+    /// The steps after a VM's backup, as vzdump runs them: `backup-end`
+    /// (with `TARGET`) or `backup-abort`; then the VM's log is written and
+    /// `log-end` runs with `LOGFILE`; then the log (and its directory, when
+    /// empty: another run's log may be there) is removed.
+    pub async fn after_vm(
+        mut self,
+        outcome: VmOutcome<'_>,
+        mut log: VmLog,
+        log_dir: &Path,
+        sink: &mut dyn HookSink,
+    ) {
+        let phase = match outcome {
+            VmOutcome::Committed {
+                backup_id,
+                warnings,
+            } => {
+                log.line(&format!("backup {backup_id} committed"));
+                for w in warnings {
+                    log.line(&format!("warning: {w}"));
+                }
+                self.ctx.target = Some(backup_id.to_string());
+                HookPhase::BackupEnd
+            }
+            VmOutcome::Failed { error } => {
+                log.line(&format!("backup FAILED: {error}"));
+                HookPhase::BackupAbort
+            }
+        };
+        if let Some(w) = self.run_reporting(phase, sink).await {
+            log.line(&format!("warning: {w}"));
+        }
+        match log.write(log_dir, &self.ctx.vmid) {
+            Ok(path) => {
+                self.ctx.target = None;
+                self.ctx.logfile = Some(path.clone());
+                self.run_reporting(HookPhase::LogEnd, sink).await;
+                let _ = std::fs::remove_file(&path);
+                let _ = std::fs::remove_dir(log_dir);
+            }
+            Err(e) => sink.warning(
+                &self.ctx.vmid,
+                &format!(
+                    "cannot write the log for the log-end hook in {}: {e}",
+                    log_dir.display()
+                ),
+            ),
+        }
+    }
+}
+
 /// Wait for the child, reading its output (bounded; the rest is drained).
 async fn collect(
     mut child: tokio::process::Child,

@@ -6,9 +6,23 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::backup_cmd::err;
-use crate::hookscript::{HookContext, HookError, HookPhase, HookScript, VmHooks, VmLog};
+use crate::hookscript::{
+    HookContext, HookError, HookPhase, HookScript, HookSink, VmHooks, VmLog, VmOutcome,
+};
 use crate::job::report::BackupReport;
 use crate::notify::{MatcherConfig, Notification, TargetConfig, VmRow};
+
+/// The hook phases after a VM print to stderr.
+struct StderrSink;
+
+impl HookSink for StderrSink {
+    fn output(&mut self, _vmid: &str, phase: HookPhase, line: &str) {
+        err(format_args!("shear: hook {}: {line}", phase.as_str()));
+    }
+    fn warning(&mut self, _vmid: &str, text: &str) {
+        err(format_args!("shear: warning: {text}"));
+    }
+}
 
 /// The job id of a `shear backup` run (matchers' `match_job`).
 pub const CLI_JOB: &str = "cli";
@@ -108,72 +122,51 @@ impl JobExtras {
         mode: &str,
         result: Result<&BackupReport, String>,
         elapsed: Duration,
-        mut log: VmLog,
+        log: VmLog,
     ) {
-        let mut ctx = self.ctx(vmid, mode);
-        let row = match result {
-            Ok(r) => {
-                log.line(&format!("backup {} committed", r.backup_id));
-                for w in &r.warnings {
-                    log.line(&format!("warning: {w}"));
-                }
-                ctx.target = Some(r.backup_id.clone());
-                if let Err(e) = self.run(HookPhase::BackupEnd, &ctx).await {
-                    let w = format!("{} (ignored: only backup-start aborts)", crate::chain(&e));
-                    err(format_args!("shear: warning: {w}"));
-                    log.line(&format!("warning: {w}"));
-                }
-                VmRow {
-                    vmid: vmid.into(),
-                    status: "ok".into(),
-                    duration_ms: Some(r.total_ms),
-                    size_bytes: Some(r.disks.iter().map(|d| d.bytes_read).sum()),
-                    consistency: Some(
-                        match r.consistency {
-                            crate::repo::Consistency::Application => "application",
-                            crate::repo::Consistency::Crash => "crash",
-                        }
-                        .into(),
-                    ),
-                    freeze_window_ms: r.freeze_window_ms,
-                    backup_id: Some(r.backup_id.clone()),
-                    error: None,
-                    warnings: r.warnings.clone(),
-                }
-            }
-            Err(msg) => {
-                log.line(&format!("backup FAILED: {msg}"));
-                if let Err(e) = self.run(HookPhase::BackupAbort, &ctx).await {
-                    err(format_args!("shear: warning: {}", crate::chain(&e)));
-                }
-                VmRow {
-                    vmid: vmid.into(),
-                    status: "failed".into(),
-                    duration_ms: Some(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)),
-                    error: Some(msg),
-                    ..VmRow::default()
-                }
-            }
-        };
-        self.rows.push(row);
-        if self.script.is_some() {
-            match log.write(&self.log_dir, vmid) {
-                Ok(path) => {
-                    ctx.target = None;
-                    ctx.logfile = Some(path.clone());
-                    if let Err(e) = self.run(HookPhase::LogEnd, &ctx).await {
-                        err(format_args!("shear: warning: {}", crate::chain(&e)));
+        let row = match &result {
+            Ok(r) => VmRow {
+                vmid: vmid.into(),
+                status: "ok".into(),
+                duration_ms: Some(r.total_ms),
+                size_bytes: Some(r.disks.iter().map(|d| d.bytes_read).sum()),
+                consistency: Some(
+                    match r.consistency {
+                        crate::repo::Consistency::Application => "application",
+                        crate::repo::Consistency::Crash => "crash",
                     }
-                    let _ = std::fs::remove_file(&path);
-                    // Only when empty (another run's log may be there).
-                    let _ = std::fs::remove_dir(&self.log_dir);
-                }
-                Err(e) => err(format_args!(
-                    "shear: warning: cannot write the log for the log-end hook in {}: {e}",
-                    self.log_dir.display()
-                )),
-            }
+                    .into(),
+                ),
+                freeze_window_ms: r.freeze_window_ms,
+                backup_id: Some(r.backup_id.clone()),
+                error: None,
+                warnings: r.warnings.clone(),
+            },
+            Err(msg) => VmRow {
+                vmid: vmid.into(),
+                status: "failed".into(),
+                duration_ms: Some(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)),
+                error: Some(msg.clone()),
+                ..VmRow::default()
+            },
+        };
+        if let Some(script) = &self.script {
+            let outcome = match &result {
+                Ok(r) => VmOutcome::Committed {
+                    backup_id: &r.backup_id,
+                    warnings: &r.warnings,
+                },
+                Err(error) => VmOutcome::Failed { error },
+            };
+            let hooks = VmHooks {
+                script: script.clone(),
+                ctx: self.ctx(vmid, mode),
+            };
+            hooks
+                .after_vm(outcome, log, &self.log_dir, &mut StderrSink)
+                .await;
         }
+        self.rows.push(row);
     }
 
     /// A VM that never started (bad id, repository unusable): a failed row.

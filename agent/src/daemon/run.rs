@@ -12,7 +12,7 @@ use super::config::{DaemonConfig, Job, JobKind, Selection};
 use super::events::{Event, VmResult};
 use super::tasks::{TaskInfo, TaskLog, TaskObserver};
 use super::Shared;
-use crate::hookscript::{HookContext, HookPhase, HookScript, VmHooks, VmLog};
+use crate::hookscript::{HookContext, HookPhase, HookScript, HookSink, VmHooks, VmLog, VmOutcome};
 use crate::job::backup::{held_hook_from_env, run_backup, BackupOptions, Cancel};
 use crate::job::fleece::FleecePolicy;
 use crate::repo::{Repository, VerifyTarget, VmId};
@@ -276,8 +276,23 @@ async fn backup_one(
 ) -> VmResult {
     let mut vm_log = VmLog::default();
     let r = backup_vm(cfg, b, repo, vmid, cancel, log, hooks.as_ref(), &mut vm_log).await;
-    if let Some(h) = &hooks {
-        vm_hooks_after(h, &r, log, vm_log, &cfg.base.run_dir).await;
+    if let Some(h) = hooks {
+        let outcome = match (&r.backup_id, r.status.as_str()) {
+            (Some(id), "ok") => VmOutcome::Committed {
+                backup_id: id,
+                warnings: &r.warnings,
+            },
+            _ => VmOutcome::Failed {
+                error: r.error.as_deref().unwrap_or(&r.status),
+            },
+        };
+        h.after_vm(
+            outcome,
+            vm_log,
+            &cfg.base.run_dir.join("log"),
+            &mut TaskLogSink(log),
+        )
+        .await;
     }
     r
 }
@@ -295,60 +310,16 @@ async fn job_hook(script: Option<&HookScript>, phase: HookPhase, ctx: &HookConte
     }
 }
 
-/// After a VM: `backup-end` (with its backup) or `backup-abort`, then
-/// `log-end` with the VM's log, as vzdump calls them.
-async fn vm_hooks_after(
-    h: &VmHooks,
-    r: &VmResult,
-    log: &TaskLog,
-    mut vm_log: VmLog,
-    run_dir: &Path,
-) {
-    let mut ctx = h.ctx.clone();
-    let phase = if r.status == "ok" {
-        ctx.target.clone_from(&r.backup_id);
-        vm_log.line(&format!(
-            "backup {} committed",
-            r.backup_id.as_deref().unwrap_or("?")
-        ));
-        HookPhase::BackupEnd
-    } else {
-        vm_log.line(&format!(
-            "backup FAILED: {}",
-            r.error.as_deref().unwrap_or(&r.status)
-        ));
-        HookPhase::BackupAbort
-    };
-    if let Some(w) = (VmHooks {
-        script: h.script.clone(),
-        ctx: ctx.clone(),
-    })
-    .run_or_warn(phase)
-    .await
-    {
-        log.line(&format!("VM {}: warning: {w}", ctx.vmid));
+/// The task log as the sink of the hook phases after a VM.
+struct TaskLogSink<'a>(&'a TaskLog);
+
+impl HookSink for TaskLogSink<'_> {
+    fn output(&mut self, vmid: &str, phase: HookPhase, line: &str) {
+        self.0
+            .line(&format!("VM {vmid}: hook {}: {line}", phase.as_str()));
     }
-    let dir = run_dir.join("log");
-    match vm_log.write(&dir, &ctx.vmid) {
-        Ok(path) => {
-            ctx.target = None;
-            ctx.logfile = Some(path.clone());
-            let end = VmHooks {
-                script: h.script.clone(),
-                ctx,
-            };
-            if let Some(w) = end.run_or_warn(HookPhase::LogEnd).await {
-                log.line(&format!("VM {}: warning: {w}", end.ctx.vmid));
-            }
-            let _ = std::fs::remove_file(&path);
-            // Only when empty (another run's log may be there).
-            let _ = std::fs::remove_dir(&dir);
-        }
-        Err(e) => log.line(&format!(
-            "VM {}: warning: cannot write the log for the log-end hook in {}: {e}",
-            ctx.vmid,
-            dir.display()
-        )),
+    fn warning(&mut self, vmid: &str, text: &str) {
+        self.0.line(&format!("VM {vmid}: warning: {text}"));
     }
 }
 
