@@ -1023,7 +1023,9 @@ impl Worker {
         self.bs_in_flight = false;
         let ctxs = match d.result {
             Ok(DoneOk::BlockStatus(c)) => c,
-            Ok(DoneOk::Read) => return Err(Error::Internal("read result for status".into())),
+            Ok(DoneOk::Read | DoneOk::Trim) => {
+                return Err(Error::Internal("read result for status".into()))
+            }
             Err(e) => {
                 let index = d.offset / shared.chunk_size;
                 return Err(chunk_err(index, shared.chunk_range(index).0, e));

@@ -52,6 +52,13 @@ pub const WORK_RANGE_LEN: u64 = 64 * MIB as u64;
 /// made mapping a 1 TiB sparse disk 32768 round trips (3.98 s).
 pub const BLOCK_STATUS_MAX_LEN: u32 = 0xFFFF_0000;
 
+/// Largest `NBD_CMD_TRIM` sent at once (1 GiB). A trim carries no
+/// payload, so the payload limit does not apply; QEMU splits a discard
+/// by its node's limits itself. 1 GiB keeps the range of one failed trim
+/// (and the server's work per request) modest, and frees a 1 TiB sparse
+/// disk in 1024 requests.
+pub const TRIM_MAX_LEN: u32 = 1 << 30;
+
 /// Block status requests `Client::map` keeps in flight. QEMU answers each
 /// in its own coroutine, so a few overlap its work with ours; each reply
 /// may hold up to `MAX_EXTENTS_PER_CHUNK` extents per context, so few keep
