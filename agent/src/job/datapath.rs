@@ -2,10 +2,11 @@
 //! dedicated threads (called through `spawn_blocking`).
 //!
 //! The NBD reader (nbd-export) reads allocated extents on its own threads
-//! and hands over whole chunks through a channel bounded by a byte budget;
-//! this thread passes data chunks to the repository's bounded hash/compress
-//! pool and records holes directly. Memory is the reader's budget plus the
-//! pool's queue, whatever the disk size.
+//! and hands over whole chunks through a channel; this thread passes data
+//! chunks to the repository's bounded hash/compress pool and records holes
+//! directly. Every chunk buffer is paid from one byte budget from the read
+//! until the pool gives it back (`nbd_export::tuning::data_path_budget`):
+//! memory is that budget, whatever the disk size.
 
 use std::sync::Arc;
 
@@ -106,6 +107,11 @@ fn read_all_here(
             chunk_size: writer.chunk_size(),
             connections: dp.connections,
             rate_limit: dp.bwlimit_bytes,
+            // One bound on chunk memory for every stage (read, queued,
+            // hashed, compressed, pooled): the pipeline gives every buffer
+            // back through the recycler, stored or not.
+            byte_budget: nbd_export::tuning::data_path_budget(dp.workers, writer.chunk_size()),
+            budget_until_recycled: true,
             ..nbd_export::ReaderConfig::default()
         };
         let mut stream =
@@ -135,14 +141,14 @@ fn read_all_here(
         } else {
             None
         };
-        let release = trimmer.as_ref().and_then(Trimmer::handle);
-        let stored: Option<repo::StoredHook> = release.clone().map(|h| {
-            let (cs, size) = (u64::from(writer.chunk_size()), disk.virtual_size);
-            Arc::new(move |index: u64| {
-                let off = index.saturating_mul(cs);
-                h.release(off, cs.min(size.saturating_sub(off)));
-            }) as repo::StoredHook
-        });
+        let stored: Option<repo::StoredHook> =
+            trimmer.as_ref().and_then(Trimmer::handle).map(|h| {
+                let (cs, size) = (u64::from(writer.chunk_size()), disk.virtual_size);
+                Arc::new(move |index: u64| {
+                    let off = index.saturating_mul(cs);
+                    h.release(off, cs.min(size.saturating_sub(off)));
+                }) as repo::StoredHook
+            });
         let pipeline = repo::ChunkPipeline::with_hooks(
             dp.workers,
             dp.workers * 2,
@@ -185,26 +191,13 @@ fn read_all_here(
                 read: read_now.saturating_sub(read_so_far),
             });
             read_so_far = read_now;
-            // Holes and reused chunks are recorded without reading: release
-            // them once recorded (a chunk missing from the base is read
-            // later, so it is not released here).
-            let (off, len) = (chunk.offset, u64::from(chunk.len));
+            // Only what was read is released (by the pipeline, once stored):
+            // see `release` for why holes and reused chunks are not.
             let r = match chunk.kind {
                 nbd_export::ChunkKind::Data(data) => pipeline.submit(&writer, chunk.index, data),
-                nbd_export::ChunkKind::Zero => writer.put_zero(chunk.index).inspect(|()| {
-                    if let Some(h) = &release {
-                        h.release(off, len);
-                    }
-                }),
+                nbd_export::ChunkKind::Zero => writer.put_zero(chunk.index),
                 nbd_export::ChunkKind::Clean => match &job.incremental {
-                    Some((_, base)) => {
-                        let before = missing.len();
-                        reuse_or_mark(&writer, base, chunk.index, &mut missing).inspect(|()| {
-                            if let (Some(h), true) = (&release, missing.len() == before) {
-                                h.release(off, len);
-                            }
-                        })
-                    }
+                    Some((_, base)) => reuse_or_mark(&writer, base, chunk.index, &mut missing),
                     None => {
                         failed = Some(JobError::Invalid(format!(
                             "{}: the reader reported a clean chunk in a full backup",
@@ -235,7 +228,6 @@ fn read_all_here(
         pipeline
             .finish()
             .map_err(JobError::repo(format!("storing {}", disk.name)))?;
-        drop(release);
         let released = trimmer.map(Trimmer::finish);
         let fleece_peak_bytes = watch.peak(disk_no);
         if let Some(b) = fleece_peak_bytes {

@@ -19,10 +19,17 @@
 //! any future in-run retry could then no longer go back to the snapshot.
 //! Waiting for the store costs only the pipeline's lag (at most the
 //! in-flight bytes of the data path, `tuning::DATA_PATH_BYTES`) of extra
-//! fleece growth. Holes and clean chunks (incremental) are recorded in the
-//! index without reading; they are released as soon as recorded — except a
-//! clean chunk whose base chunk is gone (F-35): it is read later, so it is
-//! never released before that read.
+//! fleece growth.
+//!
+//! **Only what was read is released**, not holes or the clean chunks of an
+//! incremental (recorded without reading). The filter passes each discard
+//! on to the fleece image, and qcow2 allocates an L2 table for every range
+//! discarded where it has none: releasing a 1 TiB sparse disk's holes grew
+//! its fleece image to 134 MB of L2 tables (measured; 2.3 MB for a 16 GiB
+//! disk with 1 GiB read and released). A read range costs at most one
+//! 64 KiB L2 table per 512 MiB. A guest write into a hole or a clean range
+//! still costs a copy (of zeroes, for a hole). A chunk re-read because its
+//! base chunk is gone (F-35) is released once stored, like any other.
 //!
 //! Trims are best effort: a failed trim only means the filter keeps
 //! preserving that range (the guest pays a copy, the fleece keeps it), so
@@ -44,8 +51,8 @@ use std::time::Duration;
 /// here (≤ 2.5 GB/s) 50 ms misses at most a short peak.
 pub(super) const FLEECE_SAMPLE_INTERVAL: Duration = Duration::from_millis(50);
 
-/// Trims sent in one go at most (merged ranges), so a flood of hole chunks
-/// on a 1 TiB sparse disk is merged into few requests.
+/// Ranges taken from the queue in one go at most (then merged: chunks
+/// stored one after the other go out as one request).
 const TRIM_BATCH: usize = 4096;
 
 /// What a [`Trimmer`] did.

@@ -39,8 +39,8 @@ pub struct DiskReport {
     /// read (sampled; absent without a fleece image, as with `--nbd`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fleece_peak_bytes: Option<u64>,
-    /// Bytes discarded from the snapshot once stored (absent when shear
-    /// does not own the export, as with `--nbd`).
+    /// Bytes discarded from the snapshot once read and stored (absent when
+    /// shear does not own the export, as with `--nbd`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bytes_released: Option<u64>,
 }

@@ -751,7 +751,11 @@ impl ChunkPipeline {
                             return;
                         };
                         if failed.load(Ordering::Acquire) {
-                            continue; // drain without work after a failure
+                            // Drain without work after a failure; the
+                            // buffer still goes back (a reader paying
+                            // buffers until they return would wait).
+                            recycle(data);
+                            continue;
                         }
                         match disk.put_chunk(index, &data) {
                             Ok(_) => {
