@@ -425,8 +425,8 @@ pub async fn create_fleece_file(
 /// Test-only failpoint (F-14; honoured only when [`TEST_HOOKS`]): with
 /// `SHEAR_TEST_FAIL_AFTER=<step>`, setup fails right after `step` succeeded
 /// (`fleece-file`, `fleece-node`, `nbd-server`, `cbw-node`, `drive-swap`,
-/// `access-node`, `export`), so the rollback of a half-built graph can be
-/// tested step by step.
+/// `access-node`, `export`, `release-export`), so the rollback of a
+/// half-built graph can be tested step by step.
 fn failpoint(step: &str, disk: &str) -> Result<(), JobError> {
     if TEST_HOOKS && std::env::var("SHEAR_TEST_FAIL_AFTER").is_ok_and(|v| v == step) {
         return Err(JobError::Invalid(format!(
