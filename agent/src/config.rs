@@ -11,6 +11,8 @@
 //! fleecing_allow_tmpfs = false               # refuse tmpfs/ramfs targets
 //! fleecing_min_free = "10%"                  # or bytes: "20G", "0"
 //! # node = "pve1"                            # default: the host name
+//! nice = 19                                  # data path's CPU nice, 0..=19
+//! ionice = 7                                 # vzdump's: 0..=7 best-effort, 8 idle
 //!
 //! [hooks]                                    # `shear hook libvirt|pve …`
 //! backup_on = ["post-stop", "release"]       # phases/operations that back up
@@ -56,6 +58,12 @@ pub struct Config {
     pub fleecing_min_free: Option<String>,
     /// This host's name for notes templates (default: the host name).
     pub node: Option<String>,
+    /// Nice value of the data-path threads, 0..=19 (default 19, with
+    /// `SCHED_BATCH`; 0 leaves CPU priority and policy alone).
+    pub nice: Option<u8>,
+    /// I/O priority of the data-path threads, vzdump's `ionice`: 0..=7
+    /// best-effort level, 8 the idle class (default 7).
+    pub ionice: Option<u8>,
     /// Proxmox VM config template captured into each backup when it
     /// exists; `{vmid}` is replaced.
     pub pve_config: String,
@@ -118,6 +126,8 @@ impl Default for Config {
             fleecing_allow_tmpfs: false,
             fleecing_min_free: None,
             node: None,
+            nice: None,
+            ionice: None,
             pve_config: "/etc/pve/qemu-server/{vmid}.conf".into(),
             hooks: HooksConfig::default(),
             notify_target: Vec::new(),
@@ -235,6 +245,23 @@ impl Config {
         self.fleecing_dir
             .clone()
             .unwrap_or_else(|| PathBuf::from(crate::job::fleece::DEFAULT_FLEECING_DIR))
+    }
+
+    /// The data path's priority: the config's, `nice`/`ionice` (the
+    /// command line's) overriding.
+    pub fn data_priority(
+        &self,
+        nice: Option<u8>,
+        ionice: Option<u8>,
+    ) -> Result<crate::job::priority::DataPriority, String> {
+        let d = crate::job::priority::DataPriority::default();
+        let nice = nice.or(self.nice).unwrap_or(d.nice);
+        crate::job::priority::DataPriority {
+            nice,
+            ionice: ionice.or(self.ionice).unwrap_or(d.ionice),
+            batch: nice > 0,
+        }
+        .validate()
     }
 
     /// The configured fleecing minimum free space.

@@ -249,7 +249,7 @@ impl Client {
                 let reply = match d.result {
                     Ok(DoneOk::BlockStatus(v)) => v,
                     Err(e) => return Err(e),
-                    Ok(DoneOk::Read) => {
+                    Ok(DoneOk::Read | DoneOk::Trim) => {
                         return Err(Error::Internal("read result for status".into()))
                     }
                 };
@@ -345,6 +345,40 @@ impl Client {
             (None, Some(d)) => Ok(d),
             (None, None) => Err(Error::Internal("read buffer not returned".into())),
         }
+    }
+
+    /// Discards `len` bytes at `offset` (`NBD_CMD_TRIM`, in requests of at
+    /// most [`tuning::TRIM_MAX_LEN`], all in flight at once). The export
+    /// must be writable and advertise trim ([`ExportInfo::flags`]); on
+    /// QEMU's `snapshot-access` node this tells the copy-before-write
+    /// filter it need not preserve the range any more.
+    pub fn trim(&mut self, offset: u64, len: u64) -> Result<()> {
+        let min = u64::from(self.info().min_block());
+        let step = u64::from(tuning::TRIM_MAX_LEN) / min * min;
+        let mut pos = offset;
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| Error::InvalidArgument("trim range overflows".into()))?;
+        let mut in_flight = 0usize;
+        let mut first_err = None;
+        while pos < end {
+            let n = (end - pos).min(step);
+            let tag = self.tag();
+            if let Err(e) = self.link.conn.submit_trim(tag, pos, wire::sat_u32(n)) {
+                first_err = Some(e);
+                break;
+            }
+            in_flight += 1;
+            pos += n;
+        }
+        if in_flight > 0 {
+            for d in self.run(in_flight)? {
+                if let Err(e) = d.result {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
     }
 
     /// Sends `NBD_CMD_DISC` and closes.

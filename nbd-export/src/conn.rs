@@ -61,6 +61,8 @@ pub(crate) enum DoneOk {
     Read,
     /// One entry per selected context, in the order of `ExportInfo::contexts`.
     BlockStatus(Vec<ContextExtents>),
+    /// The range was discarded (`NBD_CMD_TRIM`).
+    Trim,
 }
 
 /// A finished command.
@@ -126,6 +128,9 @@ enum Kind {
         /// Indexed like `ExportInfo::contexts`.
         got: Vec<Option<Vec<Extent>>>,
     },
+    /// `NBD_CMD_TRIM`: no payload either way; the reply is simple (or a
+    /// structured error / `NBD_REPLY_TYPE_NONE`).
+    Trim,
 }
 
 /// Where a data or hole piece `off..off + len` of a read reply lands:
@@ -172,6 +177,7 @@ impl Pending {
         match self.kind {
             Kind::Read { .. } => "NBD_CMD_READ",
             Kind::BlockStatus { .. } => "NBD_CMD_BLOCK_STATUS",
+            Kind::Trim => "NBD_CMD_TRIM",
         }
     }
 }
@@ -446,6 +452,32 @@ impl Conn {
         Ok(())
     }
 
+    /// Queues `NBD_CMD_TRIM` for `len` bytes at `offset` (the server must
+    /// have advertised `NBD_FLAG_SEND_TRIM` on a writable export).
+    pub fn submit_trim(&mut self, tag: u64, offset: u64, len: u32) -> Result<()> {
+        self.check_live()?;
+        if self.info.flags.read_only() || !self.info.flags.can_trim() {
+            return Err(Error::InvalidArgument(
+                "the export does not accept NBD_CMD_TRIM".into(),
+            ));
+        }
+        self.check_range(offset, len, tuning::TRIM_MAX_LEN)?;
+        let cookie = self.cookie();
+        self.push_request(wire::NBD_CMD_TRIM, 0, cookie, offset, len);
+        self.pending.insert(
+            cookie,
+            Pending {
+                tag,
+                offset,
+                len,
+                kind: Kind::Trim,
+                error: None,
+                started: false,
+            },
+        );
+        Ok(())
+    }
+
     /// Queues `NBD_CMD_DISC` (no reply). Nothing may be sent after it.
     pub fn submit_disc(&mut self) {
         if !self.dead && !self.disc_sent {
@@ -707,8 +739,32 @@ impl Conn {
             // With structured replies negotiated a read MUST NOT get a
             // simple reply: its payload length would be unknowable.
             Kind::Read { .. } => Err(Violation::UnexpectedSimpleReply("NBD_CMD_READ").into()),
-            Kind::BlockStatus { .. } if p.started => {
+            Kind::BlockStatus { .. } | Kind::Trim if p.started => {
                 Err(Violation::Malformed("simple reply after structured chunks".into()).into())
+            }
+            Kind::Trim => {
+                let Some(p) = self.pending.remove(&cookie) else {
+                    return Err(Violation::UnknownCookie(cookie).into());
+                };
+                let result = if error == 0 {
+                    Ok(DoneOk::Trim)
+                } else {
+                    Err(Error::Command {
+                        command: "NBD_CMD_TRIM",
+                        offset: p.offset,
+                        req_offset: p.offset,
+                        req_len: p.len,
+                        errno: error,
+                        message: String::new(),
+                    })
+                };
+                self.done.push(Done {
+                    tag: p.tag,
+                    offset: p.offset,
+                    len: p.len,
+                    result,
+                });
+                Ok(())
             }
             Kind::BlockStatus { .. } if error == 0 => Err(Violation::Malformed(
                 "block status succeeded with a simple reply (no extents)".into(),
@@ -746,6 +802,7 @@ impl Conn {
             .ok_or(Violation::UnknownCookie(cookie))?;
         p.started = true;
         let is_read = matches!(p.kind, Kind::Read { .. });
+        let is_status = matches!(p.kind, Kind::BlockStatus { .. });
         let command = p.command();
         let req_len = p.len;
         let bad_len = |what| {
@@ -800,7 +857,7 @@ impl Conn {
                 12
             }
             wire::NBD_REPLY_TYPE_BLOCK_STATUS => {
-                if is_read {
+                if !is_status {
                     return wrong();
                 }
                 if len > wire::MAX_BLOCK_STATUS_PAYLOAD {
@@ -991,6 +1048,7 @@ impl Conn {
                 }
                 Ok(DoneOk::BlockStatus(out))
             }
+            (Kind::Trim, None) => Ok(DoneOk::Trim),
         };
         self.done.push(Done {
             tag: p.tag,
@@ -1152,6 +1210,63 @@ mod tests {
         }
         // The connection stays usable after a server error.
         c.submit_read(2, 0, 512, buf, 0).unwrap();
+    }
+
+    #[test]
+    fn trim_needs_a_writable_export_and_takes_simple_or_structured_replies() {
+        // Read-only (no SEND_TRIM): refused before anything is sent.
+        let mut ro = Conn::new(info(&["base:allocation"]));
+        assert!(matches!(
+            ro.submit_trim(1, 0, 4096),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(!ro.wants_tx());
+        let mut i = (*info(&["base:allocation"])).clone();
+        i.flags = ExportFlags(wire::NBD_FLAG_HAS_FLAGS | wire::NBD_FLAG_SEND_TRIM);
+        let mut c = Conn::new(Arc::new(i));
+        c.submit_trim(1, 0, 4096).unwrap();
+        c.submit_trim(2, 4096, 4096).unwrap();
+        c.submit_trim(3, 8192, 4096).unwrap();
+        // Out of range is refused locally.
+        c.submit_trim(9, 1 << 20, 4096).unwrap_err();
+        let ck = cookies(&mut c);
+        let mut s = wire::SimpleReply::new(0, ck[0]).as_bytes().to_vec();
+        s.extend_from_slice(wire::SimpleReply::new(wire::NBD_EIO, ck[1]).as_bytes());
+        wire::encode_chunk(
+            &mut s,
+            wire::NBD_REPLY_FLAG_DONE,
+            wire::NBD_REPLY_TYPE_ERROR,
+            ck[2],
+            &wire::encode_error(wire::NBD_EINVAL, "no", None),
+        );
+        feed(&mut c, &s, 7).unwrap();
+        let d: Vec<_> = c.take_done().collect();
+        assert_eq!(d.len(), 3);
+        assert!(matches!(d[0].result, Ok(DoneOk::Trim)));
+        assert!(matches!(
+            d[1].result,
+            Err(Error::Command { command: "NBD_CMD_TRIM", errno, .. }) if errno == wire::NBD_EIO
+        ));
+        assert!(matches!(
+            d[2].result,
+            Err(Error::Command { errno, .. }) if errno == wire::NBD_EINVAL
+        ));
+        // A block status chunk answering a trim is a violation.
+        c.submit_trim(4, 0, 4096).unwrap();
+        let ck = cookies(&mut c);
+        let mut s = Vec::new();
+        wire::encode_chunk(
+            &mut s,
+            wire::NBD_REPLY_FLAG_DONE,
+            wire::NBD_REPLY_TYPE_BLOCK_STATUS,
+            ck[0],
+            &wire::encode_block_status(10, &[(4096, 0)]),
+        );
+        let err = feed(&mut c, &s, 100).unwrap_err();
+        assert!(
+            matches!(err.violation(), Some(Violation::UnexpectedReplyType { .. })),
+            "{err:?}"
+        );
     }
 
     #[test]

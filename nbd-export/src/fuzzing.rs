@@ -166,7 +166,7 @@ pub fn reply_stream(data: &[u8]) -> ReplyOutcome {
         }
         for d in conn.take_done() {
             match d.result {
-                Ok(DoneOk::Read) => out.ok += 1,
+                Ok(DoneOk::Read | DoneOk::Trim) => out.ok += 1,
                 Ok(DoneOk::BlockStatus(ctx)) => {
                     out.ok += 1;
                     for c in ctx {

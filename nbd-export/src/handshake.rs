@@ -33,6 +33,10 @@ impl ExportFlags {
     pub fn can_df(self) -> bool {
         self.0 & wire::NBD_FLAG_SEND_DF != 0
     }
+    /// `NBD_CMD_TRIM` is supported.
+    pub fn can_trim(self) -> bool {
+        self.0 & wire::NBD_FLAG_SEND_TRIM != 0
+    }
     /// `NBD_CMD_FLUSH` is supported.
     pub fn can_flush(self) -> bool {
         self.0 & wire::NBD_FLAG_SEND_FLUSH != 0

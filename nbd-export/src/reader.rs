@@ -14,6 +14,12 @@
 //! [`tuning::MAX_POOLED_BUFFERS`] and are reused without being cleared
 //! (only the parts of a chunk that are not read are zeroed), so the total
 //! is at most the budget plus that many chunks.
+//!
+//! With [`ReaderConfig::budget_until_recycled`] the payment is returned
+//! only when the buffer comes back through the [`Recycler`], and pooled
+//! buffers count against the budget too: then the budget bounds every
+//! chunk buffer of the whole data path (read, queued, hashed, compressed,
+//! pooled) — one bound for all stages.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -82,6 +88,12 @@ pub struct ReaderConfig {
     pub handshake_timeout: Duration,
     /// Longest silence while requests are in flight (F-19).
     pub idle_timeout: Duration,
+    /// Keep a data chunk's budget paid until its buffer is given back
+    /// through the [`Recycler`] (not merely received), and count pooled
+    /// buffers in the budget: the budget then bounds the consumer's
+    /// stages too. The consumer must give back every data buffer (or
+    /// cancel the stream), or the reader waits for budget forever.
+    pub budget_until_recycled: bool,
     /// Most bytes per second to request with reads (0: no limit). Counted
     /// on the read requests sent (the bytes actually asked for, not the
     /// chunks they fill), one request at a time: the rate is smooth at the
@@ -101,6 +113,7 @@ impl Default for ReaderConfig {
             read_retries: tuning::READ_RETRIES,
             handshake_timeout: tuning::HANDSHAKE_TIMEOUT,
             idle_timeout: tuning::IDLE_TIMEOUT,
+            budget_until_recycled: false,
             rate_limit: 0,
         }
     }
@@ -150,6 +163,9 @@ struct Counters {
 #[derive(Debug)]
 struct Budget {
     limit: u64,
+    /// Payment returned on recycle, pool inside the budget
+    /// ([`ReaderConfig::budget_until_recycled`]).
+    until_recycled: bool,
     state: Mutex<BudgetState>,
     /// Signalled when bytes are released.
     freed: Condvar,
@@ -210,9 +226,19 @@ impl Budget {
     }
 
     /// Pools `buf` (contents kept: clearing is what reuse saves) while the
-    /// pool has room, else drops it.
-    fn recycle(&self, buf: Vec<u8>) {
+    /// pool has room, else drops it. With `until_recycled`, returns its
+    /// `n` bytes of budget first, and pools it only while pooled and paid
+    /// buffers together stay within the limit.
+    fn recycle(&self, buf: Vec<u8>, n: u64) {
         let mut st = self.lock();
+        if self.until_recycled {
+            st.used = st.used.saturating_sub(n);
+            self.freed.notify_all();
+            let pooled = st.pool.len() as u64 * n;
+            if st.used + pooled + n > self.limit {
+                return;
+            }
+        }
         if st.pool.len() < tuning::MAX_POOLED_BUFFERS {
             st.pool.push(buf);
         }
@@ -435,6 +461,7 @@ fn start_with(
         next_chunk: AtomicU64::new(0),
         budget: Budget {
             limit: cfg.byte_budget,
+            until_recycled: cfg.budget_until_recycled,
             state: Mutex::new(BudgetState::default()),
             freed: Condvar::new(),
         },
@@ -1023,7 +1050,9 @@ impl Worker {
         self.bs_in_flight = false;
         let ctxs = match d.result {
             Ok(DoneOk::BlockStatus(c)) => c,
-            Ok(DoneOk::Read) => return Err(Error::Internal("read result for status".into())),
+            Ok(DoneOk::Read | DoneOk::Trim) => {
+                return Err(Error::Internal("read result for status".into()))
+            }
             Err(e) => {
                 let index = d.offset / shared.chunk_size;
                 return Err(chunk_err(index, shared.chunk_range(index).0, e));
@@ -1138,8 +1167,13 @@ fn zero_gaps(buf: &mut [u8], off: u64, reqs: &[(u64, u32)]) {
 
 impl Shared {
     fn recycle(&self, buf: Vec<u8>) {
-        if !self.cancelled() && buf.capacity() >= wire::sat_usize(self.chunk_size) {
-            self.budget.recycle(buf);
+        if self.cancelled() {
+            return;
+        }
+        if buf.capacity() >= wire::sat_usize(self.chunk_size) {
+            self.budget.recycle(buf, self.chunk_size);
+        } else if self.budget.until_recycled {
+            self.budget.release(self.chunk_size);
         }
     }
 }
@@ -1268,7 +1302,9 @@ impl Iterator for ChunkStream {
         let item = self.rx.as_ref()?.recv();
         match item {
             Ok(Ok(chunk)) => {
-                if let ChunkKind::Data(_) = &chunk.kind {
+                if let (ChunkKind::Data(_), false) =
+                    (&chunk.kind, self.shared.budget.until_recycled)
+                {
                     self.shared.budget.release(self.shared.chunk_size);
                 }
                 self.delivered += 1;

@@ -52,6 +52,13 @@ pub const WORK_RANGE_LEN: u64 = 64 * MIB as u64;
 /// made mapping a 1 TiB sparse disk 32768 round trips (3.98 s).
 pub const BLOCK_STATUS_MAX_LEN: u32 = 0xFFFF_0000;
 
+/// Largest `NBD_CMD_TRIM` sent at once (1 GiB). A trim carries no
+/// payload, so the payload limit does not apply; QEMU splits a discard
+/// by its node's limits itself. 1 GiB keeps the range of one failed trim
+/// (and the server's work per request) modest, and frees a 1 TiB sparse
+/// disk in 1024 requests.
+pub const TRIM_MAX_LEN: u32 = 1 << 30;
+
 /// Block status requests `Client::map` keeps in flight. QEMU answers each
 /// in its own coroutine, so a few overlap its work with ours; each reply
 /// may hold up to `MAX_EXTENTS_PER_CHUNK` extents per context, so few keep
@@ -110,6 +117,25 @@ pub const MAX_CONNECTIONS: usize = 16;
 /// Default byte budget: 64 chunks of 4 MiB. Plenty for the pipeline to stay
 /// full with 4 connections × 64 MiB in flight.
 pub const DEFAULT_BYTE_BUDGET: u64 = 256 * MIB as u64;
+
+/// The backup's one bound on chunk memory across all its stages (read in
+/// flight, queued, hashed, compressed, waiting in the pool), with the
+/// reader's `budget_until_recycled`: 64 MiB, whatever the disk size.
+/// Before, the reader's 256 MiB budget was returned on delivery, and under
+/// CPU contention it filled while compression lagged: 320 MiB peak RSS on
+/// a full backup (bench 2026-11-30). The reader needs far fewer bytes in
+/// flight than that to keep two compressing workers busy (reading is ~5×
+/// faster than zstd -1 here).
+pub const DATA_PATH_BYTES: u64 = 64 * MIB as u64;
+
+/// The budget for `workers` hash/compress workers: [`DATA_PATH_BYTES`],
+/// or more when the workers alone could hold most of it (each works on one
+/// chunk with two queued, and the reader keeps four chunks in flight).
+pub fn data_path_budget(workers: usize, chunk_size: u32) -> u64 {
+    let per_chunk = u64::from(chunk_size);
+    let stages = (workers as u64).saturating_mul(3).saturating_add(4);
+    DATA_PATH_BYTES.max(stages.saturating_mul(per_chunk))
+}
 
 /// Chunk buffers given back by the consumer and kept for reuse. Reusing a
 /// buffer saves clearing (or page-faulting) 4 MiB per chunk, which was a

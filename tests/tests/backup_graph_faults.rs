@@ -81,7 +81,8 @@ fn image_bytes(vm: &TestVm, id: &str, offset: u64, len: usize) -> Vec<u8> {
 }
 
 /// F-14: setup fails right after each step in turn (fleece file, fleece
-/// node, NBD server, filter node, drive swap, access node, export). Every
+/// node, NBD server, filter node, drive swap, access node, export, the
+/// writable export stored ranges are released through). Every
 /// failure names its step, and leaves QEMU's graph exactly as it was
 /// (nodes, bitmaps, devices' nodes, exports), the VM running (shear paused
 /// it to insert the filter: that hold is undone too), device I/O flowing,
@@ -91,7 +92,7 @@ fn qemu_f14_setup_failing_after_each_step_leaves_the_graph_as_before() {
     if !require_qemu() {
         return;
     }
-    const STEPS: [&str; 7] = [
+    const STEPS: [&str; 8] = [
         "fleece-file",
         "fleece-node",
         "nbd-server",
@@ -99,6 +100,7 @@ fn qemu_f14_setup_failing_after_each_step_leaves_the_graph_as_before() {
         "drive-swap",
         "access-node",
         "export",
+        "release-export",
     ];
     let env = ShearEnv::new();
     let mut vm = TestVm::start(VmConfig::paused().disk(DiskSpec::qcow2("d0", 8 * MIB))).unwrap();

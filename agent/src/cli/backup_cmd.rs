@@ -81,6 +81,15 @@ pub struct BackupArgs {
     /// Read bandwidth limit in KiB/s (0: none).
     #[arg(long, default_value_t = 0)]
     pub bwlimit: u64,
+    /// Nice value of the data-path threads, 0..=19 (default: the config's
+    /// `nice`, else 19 with SCHED_BATCH; 0: unchanged).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=19))]
+    pub nice: Option<u8>,
+    /// I/O priority of the data-path threads (vzdump's): 0..=7
+    /// best-effort level, 8 idle class (default: the config's `ionice`,
+    /// else 7).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=8))]
+    pub ionice: Option<u8>,
     /// Disk to leave out (by name, e.g. scsi1); repeatable.
     #[arg(long)]
     pub exclude: Vec<String>,
@@ -187,6 +196,9 @@ pub fn run(cli: &super::Cli, args: &BackupArgs) -> anyhow::Result<ExitCode> {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
     let held_hook = held_hook_from_env();
     let mode = Mode::from(args.mode);
+    let priority = cfg
+        .data_priority(args.nice, args.ionice)
+        .map_err(anyhow::Error::msg)?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -199,7 +211,7 @@ pub fn run(cli: &super::Cli, args: &BackupArgs) -> anyhow::Result<ExitCode> {
     if !args.nbd.is_empty() {
         let repo = Arc::new(super::repo_cmds::open(cli)?);
         return super::nbd_cmd::run(
-            &rt, repo, args, &cfg, &run_dir, zstd_level, workers, &cancel,
+            &rt, repo, args, &cfg, &run_dir, zstd_level, workers, priority, &cancel,
         );
     }
     let mut extras = JobExtras::new(
@@ -269,6 +281,7 @@ pub fn run(cli: &super::Cli, args: &BackupArgs) -> anyhow::Result<ExitCode> {
             workers,
             connections: usize::from(args.connections),
             bwlimit_kib: args.bwlimit,
+            priority,
             exclude: args.exclude.clone(),
             notes_template: args.notes_template.clone(),
             node: cfg.node_name(),

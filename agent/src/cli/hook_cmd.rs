@@ -422,6 +422,7 @@ fn offline_backup(
         workers: 2,
         connections: nbd_export::tuning::DEFAULT_CONNECTIONS,
         bwlimit_kib: 0,
+        priority: crate::job::priority::DataPriority::default(),
         notes: format!("offline backup by shear hook of VM {vmid}"),
         full: false,
     };

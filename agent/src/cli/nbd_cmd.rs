@@ -39,6 +39,7 @@ pub(super) fn run(
     run_dir: &Path,
     zstd_level: Option<i32>,
     workers: usize,
+    priority: crate::job::priority::DataPriority,
     cancel: &Cancel,
 ) -> anyhow::Result<ExitCode> {
     let [vmid] = args.vmids.as_slice() else {
@@ -71,6 +72,7 @@ pub(super) fn run(
         workers,
         connections: usize::from(args.connections),
         bwlimit_kib: args.bwlimit,
+        priority,
         notes: render_notes(&args.notes_template, vmid, "", &cfg.node_name()),
         full: args.full,
     };

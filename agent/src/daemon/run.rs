@@ -375,6 +375,7 @@ async fn backup_vm(
         workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
         connections: 2,
         bwlimit_kib: b.bwlimit,
+        priority: base.data_priority(None, None).unwrap_or_default(),
         exclude: Vec::new(),
         notes_template: String::new(),
         node: base.node_name(),

@@ -110,6 +110,8 @@ pub(super) struct BackupRun {
     pub(super) vm_config: serde_json::Value,
     pub(super) agent: Option<guest_agent::GuestAgent>,
     pub(super) nbd_dir: PathBuf,
+    /// The fleece image of each disk (same order as `disks`).
+    pub(super) fleece_files: Vec<PathBuf>,
     // hold / release
     pub(super) hold: Hold,
     pub(super) hold_start: Instant,
@@ -124,6 +126,8 @@ pub(super) struct BackupRun {
     pub(super) dirty_bytes: Vec<Option<u64>>,
     // export
     pub(super) export_names: Vec<String>,
+    /// Names of the writable exports stored ranges are released through.
+    pub(super) release_names: Vec<String>,
     pub(super) setup_ms: u64,
 }
 
@@ -174,6 +178,7 @@ impl BackupRun {
             vm_config: serde_json::Value::Null,
             agent: None,
             nbd_dir: PathBuf::new(),
+            fleece_files: Vec::new(),
             hold: Hold::None,
             hold_start: t0,
             consistency: Consistency::Crash,
@@ -182,6 +187,7 @@ impl BackupRun {
             tracking: Vec::new(),
             dirty_bytes: Vec::new(),
             export_names: Vec::new(),
+            release_names: Vec::new(),
             setup_ms: 0,
             opts,
         };
@@ -329,6 +335,7 @@ impl BackupRun {
             graph::create_fleece_file(&mut self.record, &self.rpath, disk, file).await?;
             self.cancel.check()?;
         }
+        self.fleece_files.clone_from(&files);
         self.mark("prepare: fleece files");
         self.watchdog = Some(
             Watchdog::spawn(
@@ -358,7 +365,9 @@ impl BackupRun {
         }
         // Before the guest is touched: an NBD server someone else runs
         // fails the backup here, and is left alone.
-        let max_conn = u32::try_from(self.disks.len() * (self.opts.connections.max(1) + 1))
+        // Per disk: the reader's connections, one to re-read chunks missing
+        // from the base (F-35) and one to release what is stored.
+        let max_conn = u32::try_from(self.disks.len() * (self.opts.connections.max(1) + 2))
             .unwrap_or(u32::MAX);
         g.start_nbd_server(&self.nbd_dir.join("nbd.sock"), max_conn)
             .await?;
@@ -432,9 +441,17 @@ impl BackupRun {
     /// on the NBD server started (on a private socket) in `prepare`.
     async fn export(&mut self) -> Result<(), JobError> {
         self.export_names = (0..self.disks.len()).map(|_| random_hex(16)).collect();
+        self.release_names = (0..self.disks.len()).map(|_| random_hex(16)).collect();
         let mut g = GraphBuilder::new(self.monitor.get()?, &mut self.record, &self.rpath);
-        g.log_ahead(self.names.iter().map(|n| Step::Export {
-            id: n.export.clone(),
+        g.log_ahead(self.names.iter().flat_map(|n| {
+            [
+                Step::Export {
+                    id: n.export.clone(),
+                },
+                Step::Export {
+                    id: n.release.clone(),
+                },
+            ]
         }))?;
         for (i, ((disk, n), name)) in self
             .disks
@@ -449,6 +466,8 @@ impl BackupRun {
                 .filter(|t| t.base.is_some())
                 .and_then(|t| Some((t.node.as_str(), t.old_bitmap.as_deref()?)));
             g.add_export(disk, n, name, bitmap).await?;
+            g.add_release_export(disk, n, &self.release_names[i])
+                .await?;
         }
         self.mark("export: exports");
         self.dirty_bytes = self.frozen_dirty_bytes().await?;
@@ -581,6 +600,7 @@ impl BackupRun {
                     bitmap: None,
                     bitmap_persistent: false,
                     filename: disk.filename.clone(),
+                    fleece_peak_bytes: None,
                 },
             ),
         };
@@ -589,6 +609,11 @@ impl BackupRun {
             source: nbd_export::ExportSource::unix(self.nbd_socket(), export),
             incremental,
             read,
+            fleece: self.fleece_files.get(i).cloned(),
+            release: self
+                .release_names
+                .get(i)
+                .map(|r| nbd_export::ExportSource::unix(self.nbd_socket(), r)),
         }
     }
 
@@ -630,6 +655,7 @@ impl BackupRun {
             workers: self.opts.workers.max(1),
             connections: self.opts.connections.max(1),
             bwlimit_bytes: self.opts.bwlimit_kib.saturating_mul(1024),
+            priority: self.opts.priority,
         };
         let cancel = self.cancel.clone();
         let observer = self.observer.clone();

@@ -2,16 +2,19 @@
 //! dedicated threads (called through `spawn_blocking`).
 //!
 //! The NBD reader (nbd-export) reads allocated extents on its own threads
-//! and hands over whole chunks through a channel bounded by a byte budget;
-//! this thread passes data chunks to the repository's bounded hash/compress
-//! pool and records holes directly. Memory is the reader's budget plus the
-//! pool's queue, whatever the disk size.
+//! and hands over whole chunks through a channel; this thread passes data
+//! chunks to the repository's bounded hash/compress pool and records holes
+//! directly. Every chunk buffer is paid from one byte budget from the read
+//! until the pool gives it back (`nbd_export::tuning::data_path_budget`):
+//! memory is that budget, whatever the disk size.
 
 use std::sync::Arc;
 
 use super::cancel::Cancel;
 use super::events::{JobEvent, JobObserver};
 use super::graph::VmDisk;
+use super::priority::{run_lowered, DataPriority};
+use super::release::{FleeceWatch, Trimmer};
 use super::report::DiskReport;
 use super::JobError;
 use crate::repo;
@@ -25,6 +28,8 @@ pub(super) struct DataPathConfig {
     pub connections: usize,
     /// Read limit in bytes/s (0: none).
     pub bwlimit_bytes: u64,
+    /// CPU and I/O priority of the data-path threads.
+    pub priority: DataPriority,
 }
 
 /// One disk to read.
@@ -40,9 +45,17 @@ pub(super) struct DiskJob {
     pub incremental: Option<(String, Arc<Vec<repo::Digest>>)>,
     /// How the disk is read (recorded in the manifest).
     pub read: repo::DiskRead,
+    /// The disk's fleece image, whose allocation is sampled (`None` for
+    /// `--nbd`: no fleece of ours).
+    pub fleece: Option<std::path::PathBuf>,
+    /// Where to discard each range once stored: a writable export of our
+    /// `snapshot-access` node (see `release`); `None`: nothing is released.
+    pub release: Option<nbd_export::ExportSource>,
 }
 
-/// Read every disk's export into the session (blocking; data-plane thread).
+/// Read every disk's export into the session (blocking), on a thread of
+/// its own at the data path's priority (`dp.priority`; the threads it
+/// starts inherit it), so the caller's thread keeps its own.
 pub(super) fn read_all(
     session: &repo::BackupSession,
     jobs: &[DiskJob],
@@ -50,8 +63,25 @@ pub(super) fn read_all(
     cancel: &Cancel,
     observer: &dyn JobObserver,
 ) -> Result<Vec<DiskReport>, JobError> {
+    let warn = |w: String| tracing::warn!("{w}");
+    run_lowered("shear-datapath", dp.priority, &warn, || {
+        read_all_here(session, jobs, dp, cancel, observer)
+    })
+    .map_err(|e| JobError::io("starting the data-path thread", e))?
+}
+
+fn read_all_here(
+    session: &repo::BackupSession,
+    jobs: &[DiskJob],
+    dp: &DataPathConfig,
+    cancel: &Cancel,
+    observer: &dyn JobObserver,
+) -> Result<Vec<DiskReport>, JobError> {
     let mut reports = Vec::new();
-    for job in jobs {
+    // Every disk's fleece grows from the freeze on, also while the disks
+    // before it are read: sample them all for the whole data path.
+    let watch = FleeceWatch::start(jobs.iter().map(|j| j.fleece.clone()).collect());
+    for (disk_no, job) in jobs.iter().enumerate() {
         let disk = &job.disk;
         let spec = repo::DiskSpec {
             name: disk.name.clone(),
@@ -77,6 +107,11 @@ pub(super) fn read_all(
             chunk_size: writer.chunk_size(),
             connections: dp.connections,
             rate_limit: dp.bwlimit_bytes,
+            // One bound on chunk memory for every stage (read, queued,
+            // hashed, compressed, pooled): the pipeline gives every buffer
+            // back through the recycler, stored or not.
+            byte_budget: nbd_export::tuning::data_path_budget(dp.workers, writer.chunk_size()),
+            budget_until_recycled: true,
             ..nbd_export::ReaderConfig::default()
         };
         let mut stream =
@@ -95,10 +130,30 @@ pub(super) fn read_all(
             )));
         }
         let recycler = stream.recycler();
-        let pipeline = repo::ChunkPipeline::with_recycler(
+        let trimmer = if let Some(rel) = &job.release {
+            match Trimmer::start(rel) {
+                Ok(t) => Some(t),
+                Err(why) => {
+                    tracing::warn!("{}: stored ranges are not released: {why}", disk.name);
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let stored: Option<repo::StoredHook> =
+            trimmer.as_ref().and_then(Trimmer::handle).map(|h| {
+                let (cs, size) = (u64::from(writer.chunk_size()), disk.virtual_size);
+                Arc::new(move |index: u64| {
+                    let off = index.saturating_mul(cs);
+                    h.release(off, cs.min(size.saturating_sub(off)));
+                }) as repo::StoredHook
+            });
+        let pipeline = repo::ChunkPipeline::with_hooks(
             dp.workers,
             dp.workers * 2,
             &(Arc::new(move |buf| recycler.recycle(buf)) as repo::BufferRecycler),
+            stored,
         );
         observer.event(&JobEvent::DiskStarted {
             disk: &disk.name,
@@ -136,6 +191,8 @@ pub(super) fn read_all(
                 read: read_now.saturating_sub(read_so_far),
             });
             read_so_far = read_now;
+            // Only what was read is released (by the pipeline, once stored):
+            // see `release` for why holes and reused chunks are not.
             let r = match chunk.kind {
                 nbd_export::ChunkKind::Data(data) => pipeline.submit(&writer, chunk.index, data),
                 nbd_export::ChunkKind::Zero => writer.put_zero(chunk.index),
@@ -171,6 +228,11 @@ pub(super) fn read_all(
         pipeline
             .finish()
             .map_err(JobError::repo(format!("storing {}", disk.name)))?;
+        let released = trimmer.map(Trimmer::finish);
+        let fleece_peak_bytes = watch.peak(disk_no);
+        if let Some(b) = fleece_peak_bytes {
+            writer.set_fleece_peak_bytes(b);
+        }
         let entry = writer.finish().map_err(JobError::repo(format!(
             "writing the index of {}",
             disk.name
@@ -187,6 +249,8 @@ pub(super) fn read_all(
             bytes_stored: entry.stored_bytes,
             bytes_deduplicated: entry.dedup_bytes,
             image_digest: entry.image_digest,
+            fleece_peak_bytes,
+            bytes_released: released.map(|s| s.bytes),
         });
     }
     Ok(reports)

@@ -158,6 +158,8 @@ pub struct NodeNames {
     pub access: String,
     /// Export id.
     pub export: String,
+    /// Id of the writable export shear releases stored ranges through.
+    pub release: String,
 }
 
 impl NodeNames {
@@ -168,6 +170,7 @@ impl NodeNames {
             cbw: format!("shear-cbw{i}-{tag}"),
             access: format!("shear-acc{i}-{tag}"),
             export: format!("shear-exp{i}-{tag}"),
+            release: format!("shear-rel{i}-{tag}"),
         }
     }
 }
@@ -291,6 +294,10 @@ impl<'a> GraphBuilder<'a> {
                 "driver": "snapshot-access",
                 "node-name": names.access,
                 "file": names.cbw,
+                // Without it QEMU answers every discard with success and
+                // does nothing (bdrv_co_pdiscard without BDRV_O_UNMAP):
+                // the release export's trims would be silently ignored.
+                "discard": "unmap",
             }))
             .await
             .map_err(JobError::qmp_at("blockdev-add snapshot-access", &disk.name))?;
@@ -344,6 +351,41 @@ impl<'a> GraphBuilder<'a> {
             .map_err(JobError::qmp_at("block-export-add", &disk.name))?;
         failpoint("export", &disk.name)
     }
+
+    /// Export the snapshot-access node a second time, writable, under a
+    /// random name: shear discards what it has stored through it
+    /// (`NBD_CMD_TRIM`; see `job::release`). On `snapshot-access` a
+    /// discard makes the copy-before-write filter stop preserving the
+    /// range, so a guest write there costs no copy and the fleece image
+    /// shrinks (design.md "Freeing what was read"). Writes through it
+    /// fail (ENOTSUP: snapshot-access implements only read and discard),
+    /// and nobody but shear can reach the socket (0700 directory).
+    ///
+    /// A separate export because QEMU advertises multi-conn only on
+    /// read-only exports (QEMU 10 has no `multi-conn` option for
+    /// `block-export-add`): the reader keeps its several connections on
+    /// the read-only one.
+    pub async fn add_release_export(
+        &mut self,
+        disk: &VmDisk,
+        names: &NodeNames,
+        export_name: &str,
+    ) -> Result<(), JobError> {
+        self.log(Step::Export {
+            id: names.release.clone(),
+        })?;
+        let exp = qmp::NbdExport::new(names.release.clone(), names.access.clone())
+            .name(export_name)
+            .writable(true);
+        self.qmp
+            .block_export_add(&exp)
+            .await
+            .map_err(JobError::qmp_at(
+                "block-export-add (writable, to release)",
+                &disk.name,
+            ))?;
+        failpoint("release-export", &disk.name)
+    }
 }
 
 /// [`GraphBuilder::log_ahead`] without a monitor (before QMP is needed).
@@ -383,8 +425,8 @@ pub async fn create_fleece_file(
 /// Test-only failpoint (F-14; honoured only when [`TEST_HOOKS`]): with
 /// `SHEAR_TEST_FAIL_AFTER=<step>`, setup fails right after `step` succeeded
 /// (`fleece-file`, `fleece-node`, `nbd-server`, `cbw-node`, `drive-swap`,
-/// `access-node`, `export`), so the rollback of a half-built graph can be
-/// tested step by step.
+/// `access-node`, `export`, `release-export`), so the rollback of a
+/// half-built graph can be tested step by step.
 fn failpoint(step: &str, disk: &str) -> Result<(), JobError> {
     if TEST_HOOKS && std::env::var("SHEAR_TEST_FAIL_AFTER").is_ok_and(|v| v == step) {
         return Err(JobError::Invalid(format!(

@@ -106,6 +106,7 @@ impl DiskTracking {
             bitmap: Some(self.new_bitmap.clone()),
             bitmap_persistent: self.persistent,
             filename: filename.to_string(),
+            fleece_peak_bytes: None,
         }
     }
 }

@@ -21,6 +21,10 @@
 //!   (the CLI draws bars from them; a daemon logs them);
 //! - [`nbd_source`]: `shear backup --nbd`: any NBD export, no QEMU changes;
 //! - `datapath`: NBD export → chunks → repository on dedicated threads;
+//! - [`priority`]: the data path's CPU and I/O priority (nice,
+//!   `SCHED_BATCH`, ionice), on its threads only;
+//! - `release`: discarding stored ranges from the snapshot (`NBD_CMD_TRIM`)
+//!   and sampling the fleece images' peak allocation;
 //! - [`report`]: what a finished backup reports.
 //!
 //! Thread model: the control plane (QMP, qemu-ga, signals, timers) runs on
@@ -55,7 +59,9 @@ mod lock;
 pub mod monitor;
 pub mod nbd_source;
 pub mod options;
+pub mod priority;
 pub mod record;
+mod release;
 pub mod report;
 mod select;
 pub mod watchdog;

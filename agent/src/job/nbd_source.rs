@@ -206,6 +206,8 @@ pub struct NbdBackupOptions {
     pub connections: usize,
     /// Read limit, KiB/s (0: none).
     pub bwlimit_kib: u64,
+    /// CPU and I/O priority of the data path.
+    pub priority: super::priority::DataPriority,
     /// Notes.
     pub notes: String,
     /// Read every disk in full even with `--bitmap`.
@@ -382,6 +384,8 @@ pub async fn run_nbd_backup(
                 read_only: true,
             },
             source: src,
+            fleece: None,
+            release: None,
             incremental,
             read: repo::DiskRead {
                 kind,
@@ -391,6 +395,7 @@ pub async fn run_nbd_backup(
                 bitmap: None,
                 bitmap_persistent: false,
                 filename: d.uri.clone(),
+                fleece_peak_bytes: None,
             },
         });
     }
@@ -421,6 +426,7 @@ pub async fn run_nbd_backup(
         workers: opts.workers.max(1),
         connections: opts.connections.max(1),
         bwlimit_bytes: opts.bwlimit_kib.saturating_mul(1024),
+        priority: opts.priority,
     };
     let vm_config = serde_json::json!({
         "source": "nbd",

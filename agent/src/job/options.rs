@@ -63,6 +63,8 @@ pub struct BackupOptions {
     pub connections: usize,
     /// Bandwidth limit on reads, KiB/s (0 = none).
     pub bwlimit_kib: u64,
+    /// CPU and I/O priority of the data path (nice, `SCHED_BATCH`, ionice).
+    pub priority: super::priority::DataPriority,
     /// Disk names to skip.
     pub exclude: Vec<String>,
     /// Notes template (vzdump's): `{{vmid}}`, `{{guestname}}`, `{{node}}`.

@@ -35,6 +35,14 @@ pub struct DiskReport {
     /// Bytes the dirty bitmap marked changed since the base (incremental).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dirty_bytes: Option<u64>,
+    /// Most bytes the disk's fleece image allocated on the host during the
+    /// read (sampled; absent without a fleece image, as with `--nbd`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fleece_peak_bytes: Option<u64>,
+    /// Bytes discarded from the snapshot once read and stored (absent when
+    /// shear does not own the export, as with `--nbd`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_released: Option<u64>,
 }
 
 /// What `shear backup --json` prints.

@@ -125,6 +125,11 @@ pub struct DiskRead {
     /// means the image was replaced: full read).
     #[serde(default)]
     pub filename: String,
+    /// Most bytes the disk's fleece image allocated on the host while the
+    /// backup read it (sampled; absent when there was no fleece image, as
+    /// with `--nbd`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleece_peak_bytes: Option<u64>,
 }
 
 /// Timings of the backup.

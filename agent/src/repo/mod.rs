@@ -113,6 +113,7 @@ pub use reader::{BackupReader, DiskReader, ImageFormat, RestoreOptions, RestoreR
 pub use verify::{VerifyReport, VerifyTarget};
 pub use writer::{
     BackupMeta, BackupSession, BufferRecycler, ChunkPipeline, CommitInfo, DiskSpec, DiskWriter,
+    StoredHook,
 };
 
 use backend::LockGuard;

@@ -320,6 +320,7 @@ impl BackupSession {
             entries: Mutex::new(vec![None; count_usize]),
             stats: Mutex::new(Stats::default()),
             finished: Mutex::new(None),
+            fleece_peak: Mutex::new(None),
         });
         disks.push(Arc::clone(&w));
         Ok(w)
@@ -446,6 +447,8 @@ pub struct DiskWriter {
     entries: Mutex<Vec<Option<Digest>>>,
     stats: Mutex<Stats>,
     finished: Mutex<Option<DiskEntry>>,
+    /// Recorded in the manifest's `read.fleece_peak_bytes`.
+    fleece_peak: Mutex<Option<u64>>,
 }
 
 impl std::fmt::Debug for DiskWriter {
@@ -476,6 +479,13 @@ impl DiskWriter {
     /// The disk's name.
     pub fn name(&self) -> &str {
         &self.spec.name
+    }
+
+    /// Records the most bytes the disk's fleece image allocated while it
+    /// was read (the manifest's `read.fleece_peak_bytes`); call before
+    /// [`DiskWriter::finish`].
+    pub fn set_fleece_peak_bytes(&self, bytes: u64) {
+        *lock(&self.fleece_peak) = Some(bytes);
     }
 
     fn check_index(&self, index: u64) -> Result<usize> {
@@ -660,7 +670,10 @@ impl DiskWriter {
             stored_bytes: s.stored_bytes,
             dedup_bytes: s.dedup_bytes,
             reused_chunks: s.reused_chunks,
-            read: self.spec.read.clone(),
+            read: self.spec.read.clone().map(|mut r| {
+                r.fleece_peak_bytes = *lock(&self.fleece_peak);
+                r
+            }),
         };
         *finished = Some(entry.clone());
         Ok(entry)
@@ -674,6 +687,10 @@ enum Job {
 /// Where [`ChunkPipeline`] workers hand stored chunks' buffers.
 pub type BufferRecycler = Arc<dyn Fn(Vec<u8>) + Send + Sync>;
 
+/// Called by a [`ChunkPipeline`] worker with a chunk's index once
+/// [`DiskWriter::put_chunk`] stored it successfully.
+pub type StoredHook = Arc<dyn Fn(u64) + Send + Sync>;
+
 /// A bounded pool that hashes, compresses, checks and stores chunks on
 /// `threads` worker threads. `submit` blocks while `queue` chunks wait, so
 /// memory stays at `(threads + queue) × chunk size`.
@@ -682,6 +699,7 @@ pub struct ChunkPipeline {
     workers: Vec<JoinHandle<()>>,
     error: Arc<Mutex<Option<RepoError>>>,
     failed: Arc<AtomicBool>,
+    stored: Option<StoredHook>,
 }
 
 impl std::fmt::Debug for ChunkPipeline {
@@ -702,6 +720,18 @@ impl ChunkPipeline {
     /// `recycle` once it is stored (so the reader can reuse it instead of
     /// allocating and faulting in a fresh 4 MiB buffer per chunk).
     pub fn with_recycler(threads: usize, queue: usize, recycle: &BufferRecycler) -> Self {
+        Self::with_hooks(threads, queue, recycle, None)
+    }
+
+    /// Like [`ChunkPipeline::with_recycler`], also calling `stored` with
+    /// each chunk's index once it is stored (not for a chunk whose store
+    /// failed).
+    pub fn with_hooks(
+        threads: usize,
+        queue: usize,
+        recycle: &BufferRecycler,
+        stored: Option<StoredHook>,
+    ) -> Self {
         let (tx, rx) = sync_channel::<Job>(queue.max(1));
         let rx = Arc::new(Mutex::new(rx));
         let error = Arc::new(Mutex::new(None));
@@ -712,6 +742,7 @@ impl ChunkPipeline {
                 let error = Arc::clone(&error);
                 let failed = Arc::clone(&failed);
                 let recycle = Arc::clone(recycle);
+                let stored = stored.clone();
                 std::thread::Builder::new()
                     .name(format!("shear-chunk-{n}"))
                     .spawn(move || loop {
@@ -720,11 +751,22 @@ impl ChunkPipeline {
                             return;
                         };
                         if failed.load(Ordering::Acquire) {
-                            continue; // drain without work after a failure
+                            // Drain without work after a failure; the
+                            // buffer still goes back (a reader paying
+                            // buffers until they return would wait).
+                            recycle(data);
+                            continue;
                         }
-                        if let Err(e) = disk.put_chunk(index, &data) {
-                            failed.store(true, Ordering::Release);
-                            lock(&error).get_or_insert(e);
+                        match disk.put_chunk(index, &data) {
+                            Ok(_) => {
+                                if let Some(hook) = &stored {
+                                    hook(index);
+                                }
+                            }
+                            Err(e) => {
+                                failed.store(true, Ordering::Release);
+                                lock(&error).get_or_insert(e);
+                            }
                         }
                         recycle(data);
                     })
@@ -736,6 +778,7 @@ impl ChunkPipeline {
             workers,
             error,
             failed,
+            stored,
         }
     }
 
@@ -752,6 +795,9 @@ impl ChunkPipeline {
         };
         if self.workers.is_empty() {
             disk.put_chunk(index, &data)?;
+            if let Some(hook) = &self.stored {
+                hook(index);
+            }
             return Ok(());
         }
         tx.send(Job::Chunk(Arc::clone(disk), index, data))
