@@ -91,6 +91,8 @@ pub struct Config {
     pub api: crate::daemon::config::ApiToml,
     /// Daemon: `[[repo_key]]` keys of encrypted repositories.
     pub repo_key: Vec<crate::daemon::config::RepoKeyToml>,
+    /// `shear snapshot`: age past which a snapshot is flagged (`"48h"`).
+    pub snapshot_max_age: Option<String>,
 }
 
 /// `[hooks]`: what `shear hook` does at each lifecycle event.
@@ -134,6 +136,7 @@ impl Default for Config {
             policy: Vec::new(),
             api: crate::daemon::config::ApiToml::default(),
             repo_key: Vec::new(),
+            snapshot_max_age: None,
         }
     }
 }
