@@ -6,11 +6,14 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use shear_tests::shear::{report_of, run_ok, start_writer, stop_writer, ShearEnv as Env};
+use shear_tests::shear::{
+    report_of, run_ok, start_writer, stop_writer, take_truth_when_held, wait_truth_jobs, HeldHook,
+    ShearEnv as Env,
+};
 use shear_tests::{e2fsck_clean, require_guest, require_qemu, DiskSpec, TestVm, VmConfig};
 
 const MIB: u64 = 1 << 20;
@@ -457,11 +460,23 @@ fn vm_snapshot_memory_rollback_resumes_counter_and_next_backup_is_full() {
     .unwrap();
     vm.qga("guest-ping", json!(null)).unwrap();
 
-    // The next backup: full, with the reason; restore equals the disk.
-    stop_writer(&vm);
-    let b2 = report_of(&run_ok(env.backup(&vm, &[])));
+    // The next backup, the writer still running: full, with the reason;
+    // its restore equals the disk at its hold instant (sync=full copy).
+    let hook = HeldHook::new(&env);
+    let mut cmd = env.backup(&vm, &[]);
+    hook.install(&mut cmd);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let truths = take_truth_when_held(&mut vm, &hook, &mut child, &["d0"]);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "backup failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_truth_jobs(&mut vm, &["d0"]);
+    let b2 = report_of(&out);
     let d = &b2["disks"][0];
-    eprintln!("backup 2 disk: {d:#}");
     assert_eq!(d["kind"], "full", "{d:#}");
     assert!(
         d["full_reason"]
@@ -471,16 +486,16 @@ fn vm_snapshot_memory_rollback_resumes_counter_and_next_backup_is_full() {
         "{d:#}"
     );
     let id = b2["backup_id"].as_str().unwrap().to_string();
-    vm.shutdown().unwrap();
+    stop_writer(&vm);
     let target = env.dir.path().join("restore");
     std::fs::create_dir_all(&target).unwrap();
     run_ok(env.shear(&["restore", &id, "--target", target.to_str().unwrap()]));
-    let disk_raw = env.dir.path().join("d0.now.raw");
-    raw_copy(&vm.disk_path("d0"), &disk_raw);
     same_bytes(
         &target.join("d0.raw"),
-        &disk_raw,
+        &truths[0],
         "restore of the backup after rollback",
     );
+    e2fsck_clean(&target.join("d0.raw")).unwrap();
+    vm.shutdown().unwrap();
     e2fsck_clean(&vm.disk_path("d0")).unwrap();
 }

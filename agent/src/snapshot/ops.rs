@@ -732,6 +732,19 @@ pub async fn rollback(
             vmid: t.vmid.clone(),
             why: format!("the disk holding the snapshot's memory ({vd_name}) is gone from the VM"),
         })?;
+    // QEMU refuses to load a snapshot over a disk with dirty bitmaps
+    // ("Device has active dirty bitmaps", and the VM is left stopped):
+    // refuse over someone else's bitmap before anything changes; shear's
+    // own tracking bitmaps go (the rollback makes them wrong anyway: the
+    // next backup reads in full, saying why).
+    refuse_foreign_bitmaps(&t.vmid, disks.iter().map(|d| (d.name.as_str(), &d.bitmaps)))?;
+    let mut removed = Vec::new();
+    for d in &disks {
+        for b in d.bitmaps.iter().filter(|b| b.starts_with(TRACKING_PREFIX)) {
+            crate::job::incremental::remove_bitmap(&q, &d.node, b).await?;
+            removed.push(format!("{}:{b}", d.name));
+        }
+    }
     let job = format!("shear-load-{}", random_hex(4));
     let devices: Vec<&str> = disks.iter().map(|d| d.node.as_str()).collect();
     q.snapshot_load(&job, &e.tag, &vd.node, &devices)
@@ -747,21 +760,6 @@ pub async fn rollback(
             "{}; the VM is now {st}: its memory may be partly loaded — reset it or roll back again",
             crate::chain(&err)
         )));
-    }
-    // The disks changed behind the tracking bitmaps' back.
-    let mut removed = Vec::new();
-    for d in &disks {
-        for b in d.bitmaps.iter().filter(|b| b.starts_with(TRACKING_PREFIX)) {
-            match crate::job::incremental::remove_bitmap(&q, &d.node, b).await {
-                Ok(()) => removed.push(format!("{}:{b}", d.name)),
-                Err(err) => warnings.push(format!(
-                    "could not remove tracking bitmap {b} of disk {} ({}): the next backup may \
-                     read it incrementally against a stale base — run it with --full",
-                    d.name,
-                    crate::chain(&err)
-                )),
-            }
-        }
     }
     Ok(RollbackReport {
         vmid: t.vmid.clone(),
@@ -803,9 +801,15 @@ async fn rollback_offline(
                 .into(),
         );
     }
+    refuse_foreign_bitmaps(
+        &t.vmid,
+        e.disks
+            .iter()
+            .zip(&infos)
+            .map(|(d, i)| (d.name.as_str(), &i.bitmaps)),
+    )?;
     let mut removed = Vec::new();
     for (d, info) in e.disks.iter().zip(&infos) {
-        offline::qemu_img(&["snapshot", "-a", &e.tag, &d.filename]).await?;
         for b in info
             .bitmaps
             .iter()
@@ -814,6 +818,9 @@ async fn rollback_offline(
             offline::qemu_img(&["bitmap", "--remove", &d.filename, b]).await?;
             removed.push(format!("{}:{b}", d.name));
         }
+    }
+    for d in &e.disks {
+        offline::qemu_img(&["snapshot", "-a", &e.tag, &d.filename]).await?;
     }
     Ok(RollbackReport {
         vmid: t.vmid.clone(),
@@ -824,6 +831,27 @@ async fn rollback_offline(
         took_ms: ms(t0.elapsed()),
         warnings,
     })
+}
+
+/// QEMU cannot roll a disk back under a dirty bitmap; one shear did not
+/// make is not shear's to remove.
+fn refuse_foreign_bitmaps<'a>(
+    vmid: &str,
+    disks: impl Iterator<Item = (&'a str, &'a Vec<String>)>,
+) -> Result<(), SnapshotError> {
+    for (disk, bitmaps) in disks {
+        if let Some(b) = bitmaps.iter().find(|b| !b.starts_with(TRACKING_PREFIX)) {
+            return Err(SnapshotError::Refused {
+                vmid: vmid.to_string(),
+                why: format!(
+                    "disk {disk} has dirty bitmap {b:?}, which shear did not make: QEMU cannot \
+                     roll a disk back under a dirty bitmap; remove it (block-dirty-bitmap-remove) \
+                     if its owner no longer needs it; nothing was changed"
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// One snapshot `prune` removed (or would remove).
