@@ -11,6 +11,7 @@
 //! fleecing_allow_tmpfs = false               # refuse tmpfs/ramfs targets
 //! fleecing_min_free = "10%"                  # or bytes: "20G", "0"
 //! # node = "pve1"                            # default: the host name
+//! snapshot_max_age = "48h"                   # `shear snapshot list` marks older ones
 //!
 //! [hooks]                                    # `shear hook libvirt|pve …`
 //! backup_on = ["post-stop", "release"]       # phases/operations that back up

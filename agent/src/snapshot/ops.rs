@@ -919,6 +919,20 @@ pub fn recorded_vmids(state_dir: &Path) -> Vec<String> {
     v
 }
 
+/// Per VM with a snapshot record: (vmid, snapshots, age of the oldest in
+/// seconds at `now_unix`). Unreadable records are skipped (metrics must
+/// not fail on them; `shear snapshot VMID list` reports them).
+pub fn recorded_ages(state_dir: &Path, now_unix: i64) -> Vec<(String, usize, i64)> {
+    recorded_vmids(state_dir)
+        .into_iter()
+        .filter_map(|v| {
+            let r = record::load(state_dir, &v).ok()?;
+            let oldest = r.snapshots.iter().map(|s| s.created_unix).min()?;
+            Some((v, r.snapshots.len(), (now_unix - oldest).max(0)))
+        })
+        .collect()
+}
+
 /// The stopped VM's images through `qemu-img`.
 pub(crate) mod offline {
     use std::path::Path;
@@ -985,5 +999,40 @@ pub(crate) mod offline {
                 .filter_map(|b| b.get("name")?.as_str().map(str::to_string))
                 .collect(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recorded_ages_give_the_oldest_per_vm_and_skip_bad_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = SnapshotRecord::new("100");
+        for (name, t) in [("a", 1000), ("b", 400)] {
+            r.snapshots.push(SnapshotEntry {
+                name: name.into(),
+                tag: name.into(),
+                description: String::new(),
+                created_unix: t,
+                vmstate: false,
+                vmstate_disk: None,
+                consistency: "crash".into(),
+                disks: Vec::new(),
+            });
+        }
+        record::save(dir.path(), &r).unwrap();
+        record::save(dir.path(), &SnapshotRecord::new("101")).unwrap();
+        std::fs::write(record::record_path(dir.path(), "102"), "not json").unwrap();
+        assert_eq!(
+            recorded_vmids(dir.path()),
+            vec!["100".to_string(), "101".into(), "102".into()]
+        );
+        // 101 has no snapshots, 102 is unreadable: neither has an age.
+        assert_eq!(
+            recorded_ages(dir.path(), 2000),
+            vec![("100".to_string(), 2, 1600)]
+        );
     }
 }
