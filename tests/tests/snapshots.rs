@@ -335,6 +335,15 @@ fn qemu_snapshot_refusals_and_failed_create_leave_nothing() {
     let list = json_of(&run_ok(snap(&env, &dir, &["100", "list", "--json"])));
     assert_eq!(list["snapshots"], json!([]), "{list:#}");
 
+    // Paused by someone else (not by shear): refused, nothing changed.
+    vm.harness_qmp("cont", json!({})).unwrap();
+    vm.harness_qmp("stop", json!({})).unwrap();
+    let e = fails(snap(&env, &dir, &["100", "create", "p"]));
+    assert!(e.contains("paused by someone else"), "{e}");
+    assert_eq!(qemu_tags(&mut vm, &["d0"]), vec![Vec::<String>::new()]);
+    // Running (firmware only) from here.
+    vm.harness_qmp("cont", json!({})).unwrap();
+
     // The per-VM lock, held as a backup holds it: refused at once.
     let run = env.run_dir();
     std::fs::create_dir_all(&run).unwrap();
@@ -366,11 +375,14 @@ fn vm_snapshot_memory_rollback_resumes_counter_and_next_backup_is_full() {
     }
     let env = Env::new();
     let mut vm = TestVm::start(
-        VmConfig::guest().disk(DiskSpec::qcow2("d0", 64 * MIB).file("/seed.txt", b"d0")),
+        VmConfig::guest()
+            .disk(DiskSpec::qcow2("d0", 64 * MIB).file("/seed.txt", b"d0"))
+            .disk(DiskSpec::qcow2("d1", 64 * MIB).file("/seed.txt", b"d1")),
     )
     .unwrap();
     let dir = vm.dir().to_path_buf();
-    start_writer(&vm, &["/mnt/vda"]);
+    // Counter to vda then vdb, sync, forever (F-17 order).
+    start_writer(&vm, &["/mnt/vda", "/mnt/vdb"]);
     // The writer truncates then writes: an empty read is retried.
     let counter = |vm: &TestVm| -> u64 {
         shear_tests::wait_until(
@@ -401,6 +413,37 @@ fn vm_snapshot_memory_rollback_resumes_counter_and_next_backup_is_full() {
         vm.qga("guest-fsfreeze-status", json!(null)).unwrap(),
         "thawed"
     );
+    // Both disks at one instant: read the snapshot itself out of each
+    // image; the writer updates vda then vdb, so vdb lags by at most one.
+    let at_snapshot: Vec<u64> = ["d0", "d1"]
+        .iter()
+        .map(|d| {
+            let raw = env.dir.path().join(format!("{d}.snap.raw"));
+            let st = Command::new("qemu-img")
+                .args([
+                    "convert",
+                    "-U",
+                    "-q",
+                    "-l",
+                    "snapshot.name=disk",
+                    "-O",
+                    "raw",
+                ])
+                .arg(vm.disk_path(d))
+                .arg(&raw)
+                .status()
+                .unwrap();
+            assert!(st.success());
+            e2fsck_clean(&raw).unwrap();
+            let c = shear_tests::debugfs_cat(&raw, "/counter").unwrap();
+            String::from_utf8_lossy(&c).trim().parse().unwrap()
+        })
+        .collect();
+    eprintln!("counters in the disk-only snapshot: {at_snapshot:?}");
+    assert!(
+        at_snapshot[1] <= at_snapshot[0] && at_snapshot[0] <= at_snapshot[1] + 1,
+        "{at_snapshot:?}"
+    );
 
     // With memory.
     let before = counter(&vm);
@@ -408,12 +451,20 @@ fn vm_snapshot_memory_rollback_resumes_counter_and_next_backup_is_full() {
     let r = json_of(&run_ok(snap(
         &env,
         &dir,
-        &["100", "create", "mem", "--vmstate", "--json"],
+        &[
+            "100",
+            "create",
+            "mem",
+            "--vmstate",
+            "--vmstate-disk",
+            "d1",
+            "--json",
+        ],
     )));
     let create_ms = t.elapsed().as_millis();
     let after = counter(&vm);
     assert_eq!(r["vmstate"], true);
-    assert_eq!(r["vmstate_disk"], "d0");
+    assert_eq!(r["vmstate_disk"], "d1");
     // More writes.
     shear_tests::wait_until(
         Duration::from_secs(60),
@@ -467,35 +518,36 @@ fn vm_snapshot_memory_rollback_resumes_counter_and_next_backup_is_full() {
     hook.install(&mut cmd);
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd.spawn().unwrap();
-    let truths = take_truth_when_held(&mut vm, &hook, &mut child, &["d0"]);
+    let truths = take_truth_when_held(&mut vm, &hook, &mut child, &["d0", "d1"]);
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
         "backup failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    wait_truth_jobs(&mut vm, &["d0"]);
+    wait_truth_jobs(&mut vm, &["d0", "d1"]);
     let b2 = report_of(&out);
-    let d = &b2["disks"][0];
-    assert_eq!(d["kind"], "full", "{d:#}");
-    assert!(
-        d["full_reason"]
-            .as_str()
-            .unwrap()
-            .contains("no change-tracking bitmap"),
-        "{d:#}"
-    );
+    for d in b2["disks"].as_array().unwrap() {
+        assert_eq!(d["kind"], "full", "{d:#}");
+        assert!(
+            d["full_reason"]
+                .as_str()
+                .unwrap()
+                .contains("no change-tracking bitmap"),
+            "{d:#}"
+        );
+    }
     let id = b2["backup_id"].as_str().unwrap().to_string();
     stop_writer(&vm);
     let target = env.dir.path().join("restore");
     std::fs::create_dir_all(&target).unwrap();
     run_ok(env.shear(&["restore", &id, "--target", target.to_str().unwrap()]));
-    same_bytes(
-        &target.join("d0.raw"),
-        &truths[0],
-        "restore of the backup after rollback",
-    );
-    e2fsck_clean(&target.join("d0.raw")).unwrap();
+    for (d, truth) in ["d0", "d1"].iter().zip(&truths) {
+        let restored = target.join(format!("{d}.raw"));
+        same_bytes(&restored, truth, "restore of the backup after rollback");
+        e2fsck_clean(&restored).unwrap();
+    }
     vm.shutdown().unwrap();
     e2fsck_clean(&vm.disk_path("d0")).unwrap();
+    e2fsck_clean(&vm.disk_path("d1")).unwrap();
 }
