@@ -228,9 +228,10 @@ pub fn run(a: &SnapshotArgs) -> anyhow::Result<ExitCode> {
                 freeze_timeout: Duration::from_secs(*freeze_timeout),
                 job_timeout: Duration::from_secs(*job_timeout),
             };
-            let r = rt.block_on(ops::create(&t, &o))?;
-            // A guard dropped on an error path thaws from a thread.
+            let r = rt.block_on(ops::create(&t, &o));
+            // A guard dropped on any path thaws from a thread: let it end.
             guest_agent::wait_for_drop_thaws(Duration::from_secs(30));
+            let r = r?;
             if a.json {
                 crate::out!("{}", serde_json::to_string_pretty(&r)?);
             } else {
