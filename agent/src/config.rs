@@ -13,6 +13,7 @@
 //! # node = "pve1"                            # default: the host name
 //! nice = 19                                  # data path's CPU nice, 0..=19
 //! ionice = 7                                 # vzdump's: 0..=7 best-effort, 8 idle
+//! snapshot_max_age = "48h"                   # `shear snapshot list` marks older ones
 //!
 //! [hooks]                                    # `shear hook libvirt|pve …`
 //! backup_on = ["post-stop", "release"]       # phases/operations that back up
@@ -99,6 +100,8 @@ pub struct Config {
     pub api: crate::daemon::config::ApiToml,
     /// Daemon: `[[repo_key]]` keys of encrypted repositories.
     pub repo_key: Vec<crate::daemon::config::RepoKeyToml>,
+    /// `shear snapshot`: age past which a snapshot is flagged (`"48h"`).
+    pub snapshot_max_age: Option<String>,
 }
 
 /// `[hooks]`: what `shear hook` does at each lifecycle event.
@@ -144,6 +147,7 @@ impl Default for Config {
             policy: Vec::new(),
             api: crate::daemon::config::ApiToml::default(),
             repo_key: Vec::new(),
+            snapshot_max_age: None,
         }
     }
 }

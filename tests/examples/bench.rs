@@ -102,8 +102,9 @@ const USAGE: &str =
   --freeze-runs N   consecutive backups for the freeze window (default 10)
   --no-perf         skip the perf profile
   --keep            keep bench/work/run (repositories, images) afterwards
-  --only PHASES     only these issue-10 phases, comma-separated: incremental (one full
-                    backup per run, then the incrementals), huge (the 1 TiB disk)";
+  --only PHASES     only these phases, comma-separated: incremental (one full
+                    backup per run, then the incrementals), huge (the 1 TiB disk),
+                    snapshot (shear snapshot create/rollback, small guest disk)";
 
 impl Opts {
     fn parse(mut args: impl Iterator<Item = String>) -> Res<Opts> {
@@ -137,7 +138,7 @@ impl Opts {
                 "--only" => {
                     let v = args.next().ok_or("--only needs a value")?;
                     for p in v.split(',') {
-                        if !["incremental", "huge"].contains(&p) {
+                        if !["incremental", "huge", "snapshot"].contains(&p) {
                             return Err(format!("--only: unknown phase {p}\n{USAGE}"));
                         }
                         o.only.push(p.to_owned());
@@ -1117,6 +1118,8 @@ struct Results {
     incr_dirty: (u64, u64),
     /// 1 TiB phase: the dirty-range mapping timings.
     huge_map: Vec<Value>,
+    /// Snapshot phase (issue 15): (figure, wall seconds per run).
+    snapshot: Vec<(&'static str, Vec<f64>)>,
     profiles: Vec<Profile>,
     notes: Vec<String>,
     elapsed_s: f64,
@@ -1263,6 +1266,14 @@ fn run() -> Res<()> {
         if only("huge") {
             huge_phase(&b, &mut r)?;
         }
+        if only("snapshot") {
+            say("booting the guest (TCG) with a 256 MiB ext4 qcow2 disk");
+            let vm = TestVm::start(
+                VmConfig::guest().disk(DiskSpec::qcow2(DISK, 256 << 20).file("/seed", b"s")),
+            )
+            .ctx("starting the VM")?;
+            snapshot_phase(&b, vm, &mut r)?;
+        }
     } else {
         let plan = Plan::for_size(b.size);
         let ds = prepare_dataset(&b.work, &plan)?;
@@ -1292,8 +1303,8 @@ fn run() -> Res<()> {
         }
         freeze_phase(&b, &vm, &mut r)?;
         guest_write_phase(&b, &mut vm, &mut r)?;
-        vm.shutdown().ctx("shutting the VM down")?;
-        drop(vm);
+        // Shuts the VM down (its last figure is the offline rollback).
+        snapshot_phase(&b, vm, &mut r)?;
         rss_phase(&b, &ds, &mut r)?;
         huge_phase(&b, &mut r)?;
     }
@@ -1331,6 +1342,67 @@ fn run() -> Res<()> {
         r.elapsed_s
     ));
     Ok(())
+}
+
+/// Issue 15: `shear snapshot` create and rollback, with and without
+/// memory, on the running guest; the rollback without memory is offline
+/// (QEMU cannot apply it under a running VM), so it comes last, after the
+/// VM is shut down. Each snapshot is deleted again.
+fn snapshot_phase(b: &Bench, mut vm: TestVm, r: &mut Results) -> Res<()> {
+    let state = b.run.join("snapshot-state");
+    let timed = |vm: &TestVm, args: &[&str]| -> Res<f64> {
+        let mut c = Command::new(&b.shear);
+        c.args(["snapshot", "100"]).args(args);
+        c.arg("--qmp").arg(vm.qmp_socket());
+        c.arg("--qga").arg(vm.qga_socket());
+        c.arg("--state-dir").arg(&state);
+        for (k, v) in b.shear_env() {
+            c.env(k, v);
+        }
+        sync();
+        let t = Instant::now();
+        run_quiet(&mut c)?;
+        Ok(t.elapsed().as_secs_f64())
+    };
+    let mut fig: Vec<(&'static str, Vec<f64>)> = vec![
+        (
+            "create, disks only (guest frozen through qemu-ga)",
+            Vec::new(),
+        ),
+        (
+            "create with memory (128 MiB guest, snapshot-save)",
+            Vec::new(),
+        ),
+        (
+            "rollback with memory (snapshot-load, VM resumes)",
+            Vec::new(),
+        ),
+        ("delete (every disk)", Vec::new()),
+    ];
+    for round in 1..=b.opts.runs {
+        say(&format!("snapshot round {round}/{}", b.opts.runs));
+        let (d, m) = (format!("disk{round}"), format!("mem{round}"));
+        fig[0].1.push(timed(&vm, &["create", &d])?);
+        fig[1].1.push(timed(&vm, &["create", &m, "--vmstate"])?);
+        fig[2].1.push(timed(&vm, &["rollback", &m, "--yes"])?);
+        vm.guest_sh("true").ctx("the guest after the rollback")?;
+        fig[3].1.push(timed(&vm, &["delete", &d])?);
+        timed(&vm, &["delete", &m])?;
+    }
+    timed(&vm, &["create", "offline"])?;
+    vm.shutdown().ctx("shutting the VM down")?;
+    let off = timed(&vm, &["rollback", "offline", "--yes"])?;
+    fig.push((
+        "rollback without memory (VM stopped, qemu-img snapshot -a)",
+        vec![off],
+    ));
+    r.snapshot = fig;
+    Ok(())
+}
+
+/// `sync(1)`: nothing of an earlier step is left to write back meanwhile.
+fn sync() {
+    let _ = Command::new("sync").status();
 }
 
 /// `--only incremental`: the data set and guest as in a full run, one
@@ -2697,6 +2769,14 @@ fn render(b: &Bench, r: &Results) -> (String, Value) {
         }
     }
 
+    if !r.snapshot.is_empty() {
+        let _ = writeln!(md, "\n## VM snapshots (`shear snapshot`, issue 15)\n");
+        let _ = writeln!(md, "| figure | wall s |");
+        let _ = writeln!(md, "|---|---|");
+        for (label, xs) in &r.snapshot {
+            let _ = writeln!(md, "| {label} | {} |", summary(xs).show(3));
+        }
+    }
     let _ = writeln!(md, "\n## Method\n");
     let mut method = vec![
         "One guest VM (tiny Linux guest, TCG, 128 MiB, qemu-ga) with the data disk; every pipeline reads the disk \
@@ -2761,6 +2841,7 @@ fn render(b: &Bench, r: &Results) -> (String, Value) {
         "restore_diff": r.restore_diff,
         "incremental_dirty": {"mib": r.incr_dirty.0, "regions": r.incr_dirty.1},
         "huge_map": r.huge_map,
+        "snapshot": r.snapshot.iter().map(|(k, xs)| json!({"figure": k, "samples_s": xs, "summary": summary(xs).json()})).collect::<Vec<_>>(),
         "goals": goals,
         "profiles": r.profiles.iter().map(|p| json!({
             "title": p.title, "by_thread": p.by_comm, "by_symbol": p.by_symbol,

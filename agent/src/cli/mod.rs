@@ -18,6 +18,7 @@ mod nbd_cmd;
 mod passphrase;
 mod progress;
 mod repo_cmds;
+mod snapshot_cmd;
 mod vm_definition;
 
 pub use backup_cmd::{BackupArgs, CleanupArgs, WatchdogArgs};
@@ -222,6 +223,9 @@ pub enum Command {
         #[command(subcommand)]
         command: hook_cmd::HookCommand,
     },
+    /// VM snapshots (qcow2 internal, with or without memory): create,
+    /// list, rename, describe, rollback, delete, prune.
+    Snapshot(snapshot_cmd::SnapshotArgs),
 }
 
 /// `shear key …`
@@ -386,6 +390,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Task(a) => daemon_cmd::task(a),
         Command::Token(a) => daemon_cmd::token(a),
         Command::Report(a) => daemon_cmd::report(a),
+        Command::Snapshot(a) => snapshot_cmd::run(a),
         _ => repo_cmds::run(cli),
     }
 }
@@ -418,6 +423,7 @@ impl Cli {
             | Command::Verify { json, .. }
             | Command::Gc { json, .. } => *json,
             Command::Report(a) => a.json,
+            Command::Snapshot(a) => a.json,
             Command::Job(a) => a.conn.json,
             Command::Task(a) => a.conn.json,
             _ => false,

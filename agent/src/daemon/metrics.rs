@@ -123,6 +123,26 @@ pub fn render(shared: &Shared) -> String {
             })
             .collect(),
     );
+    let snaps = crate::snapshot::ops::recorded_ages(&cfg.state_dir, now);
+    family(
+        "shear_snapshot_oldest_age_seconds",
+        "gauge",
+        "Age of the VM's oldest snapshot made by `shear snapshot` (from its record; snapshots \
+         should go within 48 h).",
+        snaps
+            .iter()
+            .map(|(v, _, age)| (format!("vmid=\"{}\"", esc(v)), age.to_string()))
+            .collect(),
+    );
+    family(
+        "shear_snapshots",
+        "gauge",
+        "Snapshots of the VM made by `shear snapshot` (from its record).",
+        snaps
+            .iter()
+            .map(|(v, n, _)| (format!("vmid=\"{}\"", esc(v)), n.to_string()))
+            .collect(),
+    );
     family(
         "shear_jobs_running",
         "gauge",

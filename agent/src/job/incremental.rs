@@ -205,7 +205,8 @@ pub async fn plan(
             None => Err(
                 "no change-tracking bitmap for this repository on the disk (first backup to \
                  this repository, or QEMU lost it: VM restarted with a non-persistent bitmap, \
-                 migrated without dirty-bitmaps, image replaced, or the bitmap's backup is gone)"
+                 migrated without dirty-bitmaps, image replaced, a `shear snapshot` rollback \
+                 reset it, or the bitmap's backup is gone)"
                     .to_string(),
             ),
             Some((b, s)) => {

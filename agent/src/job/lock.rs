@@ -28,6 +28,8 @@ pub(crate) enum LockRole {
     /// `shear cleanup` or a watchdog taking back a killed run: brief; a
     /// backup waits for it.
     Cleanup,
+    /// A `shear snapshot` operation (seconds): a backup waits for it.
+    Snapshot,
 }
 
 impl LockRole {
@@ -35,6 +37,7 @@ impl LockRole {
         match self {
             LockRole::Backup => "backup",
             LockRole::Cleanup => "cleanup",
+            LockRole::Snapshot => "snapshot",
         }
     }
 }
@@ -101,7 +104,7 @@ pub(super) async fn lock_vm_waiting(
     }
 }
 
-pub(super) fn private_dir(path: &Path) -> Result<(), JobError> {
+pub(crate) fn private_dir(path: &Path) -> Result<(), JobError> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)

@@ -11,7 +11,7 @@
 //! - [`identity`]: which VM is behind a QMP socket;
 //! - [`fleece`]: where fleecing images may go (not RAM, enough space);
 //! - [`cleanup`]: taking back a killed run's changes (`shear cleanup`);
-//! - `lock`: one backup or cleanup per VM at a time;
+//! - `lock`: one backup, snapshot or cleanup per VM at a time;
 //! - [`hold`]: freezing, pausing or shutting the guest down, and releasing it;
 //! - [`graph`]: QEMU block-graph changes and their undo;
 //! - [`incremental`]: dirty-bitmap change tracking, per disk per repository;
@@ -55,7 +55,7 @@ pub mod graph;
 pub mod hold;
 pub mod identity;
 pub mod incremental;
-mod lock;
+pub(crate) mod lock;
 pub mod monitor;
 pub mod nbd_source;
 pub mod options;
