@@ -95,6 +95,7 @@ pub mod fuzzing;
 mod handshake;
 pub mod plan;
 mod reader;
+pub mod server;
 mod transport;
 pub mod tuning;
 mod violation;
