@@ -424,7 +424,8 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         | Command::Job(_)
         | Command::Task(_)
         | Command::Token(_)
-        | Command::Report(_) => {
+        | Command::Report(_)
+        | Command::Serve(_) => {
             anyhow::bail!("internal: {:?} is dispatched in cli::run", cli.command)
         }
     }
