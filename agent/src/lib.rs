@@ -14,6 +14,7 @@ pub mod job;
 pub mod notify;
 pub mod repo;
 pub mod snapshot;
+pub mod serve;
 pub mod units;
 
 pub use error_chain::chain;

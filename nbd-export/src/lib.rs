@@ -27,6 +27,9 @@
 //!   `Auto` falls back to the portable engine when `io_uring_setup` fails.
 //! - [`Client`]: one connection, blocking calls (maps, reads).
 //! - [`ChunkReader`]: what the backup job calls.
+//! - [`server`]: the server half (`shear serve`), sharing [`wire`]: serves
+//!   any [`server::BlockSource`] (size, reads, extents, optional writes),
+//!   knowing nothing of what it serves.
 //!
 //! # Reading an export
 //!
@@ -95,6 +98,7 @@ pub mod fuzzing;
 mod handshake;
 pub mod plan;
 mod reader;
+pub mod server;
 mod transport;
 pub mod tuning;
 mod violation;

@@ -104,7 +104,8 @@ const USAGE: &str =
   --keep            keep bench/work/run (repositories, images) afterwards
   --only PHASES     only these phases, comma-separated: incremental (one full
                     backup per run, then the incrementals), huge (the 1 TiB disk),
-                    snapshot (shear snapshot create/rollback, small guest disk)";
+                    snapshot (shear snapshot create/rollback, small guest disk),
+                    serve (issue 13: nbdcopy from shear serve vs from qemu-nbd)";
 
 impl Opts {
     fn parse(mut args: impl Iterator<Item = String>) -> Res<Opts> {
@@ -138,7 +139,7 @@ impl Opts {
                 "--only" => {
                     let v = args.next().ok_or("--only needs a value")?;
                     for p in v.split(',') {
-                        if !["incremental", "huge", "snapshot"].contains(&p) {
+                        if !["incremental", "huge", "snapshot", "serve"].contains(&p) {
                             return Err(format!("--only: unknown phase {p}\n{USAGE}"));
                         }
                         o.only.push(p.to_owned());
@@ -1274,6 +1275,9 @@ fn run() -> Res<()> {
             .ctx("starting the VM")?;
             snapshot_phase(&b, vm, &mut r)?;
         }
+        if only("serve") {
+            serve_phase(&b, &mut r)?;
+        }
     } else {
         let plan = Plan::for_size(b.size);
         let ds = prepare_dataset(&b.work, &plan)?;
@@ -1403,6 +1407,103 @@ fn snapshot_phase(b: &Bench, mut vm: TestVm, r: &mut Results) -> Res<()> {
 /// `sync(1)`: nothing of an earlier step is left to write back meanwhile.
 fn sync() {
     let _ = Command::new("sync").status();
+/// Waits until `path` exists (a server's socket), or fails.
+fn wait_path(path: &Path, what: &str) -> Res<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !path.exists() {
+        if Instant::now() > deadline {
+            return Err(format!("{what}: no socket {} within 120 s", path.display()));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// Issue 13: sequential read with `nbdcopy` (to `null:`) of the data set's
+/// disk from `shear serve` (a backup of it) and from `qemu-nbd -r` of the
+/// same data as a qcow2 file, interleaved per round. Warm page cache.
+fn serve_phase(b: &Bench, r: &mut Results) -> Res<()> {
+    let plan = Plan::for_size(b.size);
+    let ds = prepare_dataset(&b.work, &plan)?;
+    r.dataset = ds.info.clone();
+    let disk = b.run.join("disk.qcow2");
+    std::fs::copy(&ds.image, &disk).ctx("copying the data set")?;
+    let repo = b.run.join("repo-serve");
+    b.fresh_repo(&repo)?;
+    {
+        say("serve: backing up the data set (paused VM)");
+        let vm = TestVm::start(VmConfig::paused().disk(DiskSpec::qcow2(DISK, b.size).image(&disk)))
+            .ctx("starting the paused VM")?;
+        b.shear_backup(&vm, &repo)?;
+    }
+    let ssock = b.run.join("shear-serve.sock");
+    let qsock = b.run.join("qemu-nbd.sock");
+    remove(&ssock);
+    remove(&qsock);
+    let mut c = Command::new(&b.shear);
+    c.arg("--repo")
+        .arg(&repo)
+        .args(["serve", "vm/100", "--socket"])
+        .arg(&ssock);
+    for (k, v) in b.shear_env() {
+        c.env(k, v);
+    }
+    let mut serve = c
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ctx("starting shear serve")?;
+    let mut qnbd = Command::new("qemu-nbd")
+        .args(["-r", "-f", "qcow2", "--shared=8", "--cache=writeback", "-k"])
+        .arg(&qsock)
+        .arg(&disk)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ctx("starting qemu-nbd")?;
+    let res = (|| -> Res<()> {
+        wait_path(&ssock, "shear serve")?;
+        wait_path(&qsock, "qemu-nbd")?;
+        for round in 1..=b.opts.runs {
+            say(&format!("serve round {round}/{}", b.opts.runs));
+            for (key, label, uri) in [
+                (
+                    "serve_shear",
+                    "nbdcopy → null: from shear serve (backup, 4 MiB zstd chunks)",
+                    format!("nbd+unix:///{DISK}?socket={}", ssock.display()),
+                ),
+                (
+                    "serve_qemu_nbd",
+                    "nbdcopy → null: from qemu-nbd -r (qcow2 file)",
+                    format!("nbd+unix:///?socket={}", qsock.display()),
+                ),
+            ] {
+                let argv = argv(&[&"nbdcopy", &uri, &"null:"]);
+                let (s, _) = b.measure(&argv, &[], 0)?;
+                r.series(key, label).samples.push(s);
+            }
+        }
+        Ok(())
+    })();
+    let _ = Command::new("kill")
+        .args(["-TERM", &serve.id().to_string()])
+        .status();
+    let _ = serve.wait();
+    let _ = qnbd.kill();
+    let _ = qnbd.wait();
+    res?;
+    let (sh, qn) = (
+        r.get("serve_shear").map(|s| s.wall().median),
+        r.get("serve_qemu_nbd").map(|s| s.wall().median),
+    );
+    if let (Some(sh), Some(qn)) = (sh, qn) {
+        r.notes.push(format!(
+            "serve (issue 13): nbdcopy of the {} GiB disk from shear serve {sh:.2} s, from qemu-nbd {qn:.2} s: shear serve at {:.2}× qemu-nbd's speed (target ≥ 1×)",
+            b.opts.size_gib,
+            qn / sh.max(1e-9)
+        ));
+    }
+    Ok(())
 }
 
 /// `--only incremental`: the data set and guest as in a full run, one

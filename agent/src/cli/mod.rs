@@ -19,6 +19,7 @@ mod passphrase;
 mod progress;
 mod repo_cmds;
 mod snapshot_cmd;
+mod serve_cmd;
 mod vm_definition;
 
 pub use backup_cmd::{BackupArgs, CleanupArgs, WatchdogArgs};
@@ -194,6 +195,9 @@ pub enum Command {
     },
     /// Restore disk images of a backup into a directory.
     Restore(RestoreArgs),
+    /// Serve a backup's disks over NBD (read-only, or writable into local
+    /// overlay files with --overlay) until SIGINT/SIGTERM.
+    Serve(serve_cmd::ServeArgs),
     /// Internal (packaging): write man pages or shell completions
     /// generated from this CLI into DIR.
     #[command(name = "generate", hide = true)]
@@ -391,6 +395,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Token(a) => daemon_cmd::token(a),
         Command::Report(a) => daemon_cmd::report(a),
         Command::Snapshot(a) => snapshot_cmd::run(a),
+        Command::Serve(a) => serve_cmd::run(&cli, a).map(|()| ExitCode::SUCCESS),
         _ => repo_cmds::run(cli),
     }
 }

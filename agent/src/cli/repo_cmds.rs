@@ -425,7 +425,8 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         | Command::Task(_)
         | Command::Token(_)
         | Command::Report(_)
-        | Command::Snapshot(_) => {
+        | Command::Snapshot(_)
+        | Command::Serve(_) => {
             anyhow::bail!("internal: {:?} is dispatched in cli::run", cli.command)
         }
     }

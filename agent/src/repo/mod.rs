@@ -91,6 +91,7 @@ pub mod names;
 pub mod prune;
 pub mod qcow2;
 pub mod reader;
+pub mod shared;
 pub mod target;
 pub mod verify;
 pub mod writer;
@@ -110,6 +111,7 @@ pub use manifest::{BackupMode, Consistency, DiskEntry, DiskRead, Manifest, ReadK
 pub use names::{BackupId, VmId};
 pub use prune::{KeepOptions, PruneMark};
 pub use reader::{BackupReader, DiskReader, ImageFormat, RestoreOptions, RestoreReport};
+pub use shared::{CacheStats, DiskExtent, SharedDisk};
 pub use verify::{VerifyReport, VerifyTarget};
 pub use writer::{
     BackupMeta, BackupSession, BufferRecycler, ChunkPipeline, CommitInfo, DiskSpec, DiskWriter,

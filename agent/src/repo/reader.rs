@@ -165,6 +165,11 @@ impl BackupReader {
         &self.id
     }
 
+    /// The repository it was opened from.
+    pub(super) fn repo(&self) -> &Repository {
+        &self.repo
+    }
+
     /// Opens a disk: loads and checks its index.
     pub fn open_disk(&self, name: &str) -> Result<DiskReader<'_>> {
         validate_name("disk name", name)?;
@@ -307,42 +312,12 @@ impl DiskReader<'_> {
 
     /// Reads and verifies chunk `i` (zeros for a zero entry).
     pub fn read_chunk(&self, i: u64) -> Result<Vec<u8>> {
-        let Some(digest) = usize::try_from(i)
-            .ok()
-            .and_then(|n| self.index.entries.get(n))
-        else {
-            return Err(RepoError::invalid(
-                "chunk index",
-                format!("{i} out of range"),
-            ));
-        };
-        let len = self.chunk_len(i);
-        if *digest == ZERO_ENTRY {
-            return Ok(vec![0u8; len]);
-        }
-        let repo = &self.reader.repo;
-        let key = repo.key_for_data()?;
-        let bytes = repo
-            .inner
-            .backend
-            .get(&Repository::chunk_key(digest), MAX_CHUNK_BLOB)
-            .map_err(|e| match e.kind() {
-                ErrorKind::NotFound => RepoError::ChunkMissing {
-                    digest: hex::encode(digest),
-                },
-                _ => e,
-            })?;
-        blob::decode_chunk(&bytes, digest, key, len).map_err(|e| match e {
-            RepoError::Corrupt { what, reason } => RepoError::Corrupt {
-                what: format!(
-                    "{what} (disk {} offset {})",
-                    self.entry.name,
-                    i * u64::from(self.index.chunk_size)
-                ),
-                reason,
-            },
-            e => e,
-        })
+        read_chunk_of(&self.reader.repo, &self.entry, &self.index, i)
+    }
+
+    /// The entry and index, for an owned reader ([`super::shared`]).
+    pub(super) fn into_parts(self) -> (DiskEntry, FixedIndex) {
+        (self.entry, self.index)
     }
 
     /// Decodes every chunk on `opts.threads` workers and writes the image.
@@ -467,6 +442,47 @@ impl DiskReader<'_> {
         }
         Ok((data_bytes, zero_chunks, digest))
     }
+}
+
+/// Reads and verifies chunk `i` of a disk (zeros for a zero entry).
+pub(super) fn read_chunk_of(
+    repo: &Repository,
+    entry: &DiskEntry,
+    index: &FixedIndex,
+    i: u64,
+) -> Result<Vec<u8>> {
+    let Some(digest) = usize::try_from(i).ok().and_then(|n| index.entries.get(n)) else {
+        return Err(RepoError::invalid(
+            "chunk index",
+            format!("{i} out of range"),
+        ));
+    };
+    let len = chunk_len(index.virtual_size, index.chunk_size, i);
+    if *digest == ZERO_ENTRY {
+        return Ok(vec![0u8; len]);
+    }
+    let key = repo.key_for_data()?;
+    let bytes = repo
+        .inner
+        .backend
+        .get(&Repository::chunk_key(digest), MAX_CHUNK_BLOB)
+        .map_err(|e| match e.kind() {
+            ErrorKind::NotFound => RepoError::ChunkMissing {
+                digest: hex::encode(digest),
+            },
+            _ => e,
+        })?;
+    blob::decode_chunk(&bytes, digest, key, len).map_err(|e| match e {
+        RepoError::Corrupt { what, reason } => RepoError::Corrupt {
+            what: format!(
+                "{what} (disk {} offset {})",
+                entry.name,
+                i * u64::from(index.chunk_size)
+            ),
+            reason,
+        },
+        e => e,
+    })
 }
 
 /// Writes the non-zero 4 KiB runs of `data` at `offset`; zero runs stay

@@ -1,0 +1,375 @@
+//! Server tests against this crate's own client and a raw socket.
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use zerocopy::IntoBytes;
+
+use super::*;
+use crate::wire;
+use crate::{Client, ClientOptions, EngineChoice, ExportSource};
+
+/// Data with holes: the hole ranges read as zeroes and report as holes.
+struct Mem {
+    data: Mutex<Vec<u8>>,
+    holes: Vec<(u64, u64)>,
+    writable: bool,
+}
+
+impl BlockSource for Mem {
+    fn size(&self) -> u64 {
+        self.data.lock().unwrap().len() as u64
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let d = self.data.lock().unwrap();
+        buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
+        Ok(())
+    }
+    fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<SourceExtent>> {
+        let end = offset + len;
+        let mut out = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let (hole, next) = match self.holes.iter().find(|(s, e)| *s <= pos && pos < *e) {
+                Some(&(_, e)) => (true, e),
+                None => (
+                    false,
+                    self.holes
+                        .iter()
+                        .map(|h| h.0)
+                        .filter(|s| *s > pos)
+                        .min()
+                        .unwrap_or(u64::MAX),
+                ),
+            };
+            let n = next.min(end) - pos;
+            out.push(SourceExtent { length: n, hole });
+            pos += n;
+        }
+        Ok(out)
+    }
+    fn writable(&self) -> bool {
+        self.writable
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let mut d = self.data.lock().unwrap();
+        d[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, _trim: bool) -> io::Result<()> {
+        let mut d = self.data.lock().unwrap();
+        d[offset as usize..(offset + len) as usize].fill(0);
+        Ok(())
+    }
+}
+
+const SIZE: usize = 4 << 20;
+
+fn pattern() -> Vec<u8> {
+    let mut v: Vec<u8> = (0..SIZE).map(|i| (i * 7 + i / 4096) as u8).collect();
+    v[1 << 20..2 << 20].fill(0);
+    v
+}
+
+struct Running {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    stop: StopHandle,
+    thread: Option<std::thread::JoinHandle<()>>,
+    server: Arc<Server>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn start(writable: bool, config: ServerConfig) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nbd.sock");
+    let src = Arc::new(Mem {
+        data: Mutex::new(pattern()),
+        holes: vec![(1 << 20, 2 << 20)],
+        writable,
+    });
+    let server = Server::new(
+        vec![Export {
+            name: "disk0".into(),
+            description: "test".into(),
+            source: src,
+        }],
+        config,
+    )
+    .unwrap();
+    let l = Listener::Unix(UnixListener::bind(&path).unwrap());
+    let stop = StopHandle::new();
+    let (s2, st2) = (Arc::clone(&server), stop.clone());
+    let thread = std::thread::spawn(move || l.run(&s2, &st2).unwrap());
+    Running {
+        _dir: dir,
+        path,
+        stop,
+        thread: Some(thread),
+        server,
+    }
+}
+
+fn client(r: &Running) -> Client {
+    let opts = ClientOptions {
+        engine: EngineChoice::Sync,
+        ..ClientOptions::default()
+    };
+    Client::connect(&ExportSource::unix(&r.path, "disk0"), &opts).unwrap()
+}
+
+#[test]
+fn own_client_reads_whole_export_and_maps_holes() {
+    let r = start(false, ServerConfig::default());
+    let mut c = client(&r);
+    assert_eq!(c.info().size, SIZE as u64);
+    assert!(c.info().flags.read_only());
+    assert_eq!(c.read(0, SIZE).unwrap(), pattern());
+    // Unaligned read across the hole boundary.
+    let got = c.read((1 << 20) - 100, 300).unwrap();
+    assert_eq!(got, pattern()[(1 << 20) - 100..(1 << 20) + 200]);
+    let map = c.map(wire::CONTEXT_BASE_ALLOCATION).unwrap();
+    let holes: Vec<_> = map
+        .iter()
+        .filter(|e| e.flags & wire::NBD_STATE_HOLE != 0)
+        .map(|e| (e.offset, e.len))
+        .collect();
+    assert_eq!(holes, vec![(1 << 20, 1 << 20)]);
+    c.disconnect().unwrap();
+}
+
+/// A raw client: handshake helpers for hostile cases.
+struct Raw(UnixStream);
+
+impl Raw {
+    fn connect(r: &Running) -> Raw {
+        let s = UnixStream::connect(&r.path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut raw = Raw(s);
+        let mut g = [0u8; 18];
+        raw.0.read_exact(&mut g).unwrap();
+        raw.0
+            .write_all(
+                &(wire::NBD_FLAG_C_FIXED_NEWSTYLE | wire::NBD_FLAG_C_NO_ZEROES).to_be_bytes(),
+            )
+            .unwrap();
+        raw
+    }
+    fn option(&mut self, opt: u32, data: &[u8]) -> Vec<(u32, Vec<u8>)> {
+        let mut v = Vec::new();
+        wire::encode_option(&mut v, opt, data).unwrap();
+        self.0.write_all(&v).unwrap();
+        let mut replies = Vec::new();
+        loop {
+            let mut h = [0u8; 20];
+            self.0.read_exact(&mut h).unwrap();
+            let ty = u32::from_be_bytes(h[12..16].try_into().unwrap());
+            let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+            let mut d = vec![0u8; len as usize];
+            self.0.read_exact(&mut d).unwrap();
+            let end = ty == wire::NBD_REP_ACK || ty & wire::NBD_REP_FLAG_ERROR != 0;
+            replies.push((ty, d));
+            if end {
+                return replies;
+            }
+        }
+    }
+    fn go(&mut self, structured: bool) {
+        if structured {
+            let r = self.option(wire::NBD_OPT_STRUCTURED_REPLY, &[]);
+            assert_eq!(r.last().unwrap().0, wire::NBD_REP_ACK);
+        }
+        let r = self.option(
+            wire::NBD_OPT_GO,
+            &wire::encode_go_data("disk0", &[]).unwrap(),
+        );
+        assert_eq!(r.last().unwrap().0, wire::NBD_REP_ACK);
+    }
+    fn request(&mut self, cmd: u16, cookie: u64, offset: u64, length: u32) {
+        self.0
+            .write_all(wire::Request::new(cmd, 0, cookie, offset, length).as_bytes())
+            .unwrap();
+    }
+    /// Reads a simple reply: (error, cookie).
+    fn simple(&mut self) -> (u32, u64) {
+        let mut h = [0u8; 16];
+        self.0.read_exact(&mut h).unwrap();
+        assert_eq!(
+            u32::from_be_bytes(h[0..4].try_into().unwrap()),
+            wire::SIMPLE_REPLY_MAGIC
+        );
+        (
+            u32::from_be_bytes(h[4..8].try_into().unwrap()),
+            u64::from_be_bytes(h[8..16].try_into().unwrap()),
+        )
+    }
+}
+
+#[test]
+fn bad_options_get_errors_and_negotiation_goes_on() {
+    let r = start(false, ServerConfig::default());
+    let mut c = Raw::connect(&r);
+    // Unknown option.
+    let rep = c.option(9999, b"junk");
+    assert_eq!(rep[0].0, wire::NBD_REP_ERR_UNSUP);
+    // GO with a name length past the data.
+    let mut bad = 1000u32.to_be_bytes().to_vec();
+    bad.extend_from_slice(b"disk0");
+    assert_eq!(
+        c.option(wire::NBD_OPT_GO, &bad)[0].0,
+        wire::NBD_REP_ERR_INVALID
+    );
+    // Unknown export.
+    let rep = c.option(
+        wire::NBD_OPT_INFO,
+        &wire::encode_go_data("nope", &[]).unwrap(),
+    );
+    assert_eq!(rep[0].0, wire::NBD_REP_ERR_UNKNOWN);
+    // Meta context before structured replies.
+    let q = wire::encode_meta_context_data("disk0", &["base:allocation"]).unwrap();
+    assert_eq!(
+        c.option(wire::NBD_OPT_SET_META_CONTEXT, &q)[0].0,
+        wire::NBD_REP_ERR_INVALID
+    );
+    // LIST names the export.
+    let rep = c.option(wire::NBD_OPT_LIST, &[]);
+    assert_eq!(rep[0].0, wire::NBD_REP_SERVER);
+    assert_eq!(&rep[0].1[4..9], b"disk0");
+    // Still usable: GO, then read.
+    c.go(false);
+    c.request(wire::NBD_CMD_READ, 7, 0, 512);
+    assert_eq!(c.simple(), (0, 7));
+    let mut d = vec![0u8; 512];
+    c.0.read_exact(&mut d).unwrap();
+    assert_eq!(d, pattern()[..512]);
+}
+
+#[test]
+fn out_of_range_huge_and_write_requests_are_refused_then_served() {
+    let r = start(false, ServerConfig::default());
+    let mut c = Raw::connect(&r);
+    c.go(false);
+    // Past the end, overflowing, oversized, zero length, unknown command.
+    c.request(wire::NBD_CMD_READ, 1, SIZE as u64 - 10, 11);
+    assert_eq!(c.simple(), (wire::NBD_EINVAL, 1));
+    c.request(wire::NBD_CMD_READ, 2, u64::MAX - 5, 4096);
+    assert_eq!(c.simple(), (wire::NBD_EINVAL, 2));
+    c.request(wire::NBD_CMD_READ, 3, 0, u32::MAX);
+    assert_eq!(c.simple(), (wire::NBD_EOVERFLOW, 3));
+    c.request(wire::NBD_CMD_READ, 4, 0, 0);
+    assert_eq!(c.simple(), (wire::NBD_EINVAL, 4));
+    c.request(77, 5, 0, 512);
+    assert_eq!(c.simple(), (wire::NBD_EINVAL, 5));
+    // A write to a read-only export: payload consumed, EPERM.
+    c.request(wire::NBD_CMD_WRITE, 6, 0, 4);
+    c.0.write_all(b"abcd").unwrap();
+    assert_eq!(c.simple(), (wire::NBD_EPERM, 6));
+    // Block status without a negotiated context.
+    c.request(wire::NBD_CMD_BLOCK_STATUS, 8, 0, 4096);
+    assert_eq!(c.simple(), (wire::NBD_EINVAL, 8));
+    // Still serving.
+    c.request(wire::NBD_CMD_READ, 9, 4096, 16);
+    assert_eq!(c.simple(), (0, 9));
+    let mut d = [0u8; 16];
+    c.0.read_exact(&mut d).unwrap();
+    assert_eq!(d[..], pattern()[4096..4112]);
+    // Data unchanged by the refused write.
+    let mut own = client(&r);
+    assert_eq!(own.read(0, 4).unwrap(), pattern()[..4]);
+}
+
+#[test]
+fn writes_reach_a_writable_source() {
+    let r = start(true, ServerConfig::default());
+    let mut c = client(&r);
+    assert!(!c.info().flags.read_only());
+    drop(c);
+    let mut raw = Raw::connect(&r);
+    raw.go(false);
+    raw.request(wire::NBD_CMD_WRITE, 1, 100, 5);
+    raw.0.write_all(b"hello").unwrap();
+    assert_eq!(raw.simple(), (0, 1));
+    raw.request(wire::NBD_CMD_WRITE, 2, SIZE as u64 - 2, 5);
+    raw.0.write_all(b"hello").unwrap();
+    assert_eq!(raw.simple(), (wire::NBD_ENOSPC, 2));
+    raw.request(wire::NBD_CMD_FLUSH, 3, 0, 0);
+    assert_eq!(raw.simple(), (0, 3));
+    c = client(&r);
+    assert_eq!(c.read(100, 5).unwrap(), b"hello");
+}
+
+#[test]
+fn connection_cap_slow_handshakes_and_dropped_clients_leave_it_serving() {
+    let config = ServerConfig {
+        max_connections: 4,
+        handshake_timeout: Duration::from_millis(500),
+        ..ServerConfig::default()
+    };
+    let r = start(false, config);
+    // Four idle connections hold every slot until their handshake deadline.
+    let idle: Vec<UnixStream> = (0..4)
+        .map(|_| UnixStream::connect(&r.path).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut extra = UnixStream::connect(&r.path).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut b = [0u8; 18];
+    // Refused: closed without a greeting.
+    assert!(matches!(extra.read(&mut b), Ok(0) | Err(_)));
+    // After the deadline the slots are free again.
+    std::thread::sleep(Duration::from_millis(1200));
+    drop(idle);
+    // Clients that vanish mid-request and many quick connects.
+    for i in 0..200u64 {
+        let mut c = Raw::connect(&r);
+        c.go(true);
+        if i % 2 == 0 {
+            c.request(wire::NBD_CMD_READ, i, 0, 4 << 20);
+        } else {
+            // Half a request header.
+            c.0.write_all(&[0x25, 0x60, 0x95]).unwrap();
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while r.server.active_connections() > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(r.server.active_connections(), 0);
+    let mut c = client(&r);
+    assert_eq!(c.read(0, SIZE).unwrap(), pattern());
+}
+
+#[test]
+fn descriptors_are_clipped_merged_and_bounded() {
+    let ext = [
+        SourceExtent {
+            length: 10,
+            hole: false,
+        },
+        SourceExtent {
+            length: 5,
+            hole: false,
+        },
+        SourceExtent {
+            length: 100,
+            hole: true,
+        },
+    ];
+    assert_eq!(
+        conn::descriptors_for_test(&ext, 50, 10),
+        vec![(15, 0), (35, wire::NBD_STATE_HOLE | wire::NBD_STATE_ZERO)]
+    );
+    assert_eq!(conn::descriptors_for_test(&ext, 50, 1), vec![(15, 0)]);
+}
