@@ -80,6 +80,7 @@
 
 pub mod backend;
 pub mod blob;
+pub mod coord;
 pub mod crypto;
 pub mod error;
 pub mod format;
@@ -91,6 +92,8 @@ pub mod names;
 pub mod prune;
 pub mod qcow2;
 pub mod reader;
+pub mod s3;
+pub mod sync;
 pub mod target;
 pub mod verify;
 pub mod writer;
@@ -100,7 +103,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-pub use backend::{Backend, LocalBackend, LockMode, LockWait};
+pub use backend::{Backend, Coordination, LocalBackend, LockMode, LockWait};
 pub use crypto::{Fingerprint, KdfParams, Key};
 pub use error::{ErrorKind, RepoError, Result, Retry};
 pub use master::{MasterPrivateKey, MasterPublicKey, MasterSeal};
@@ -285,6 +288,9 @@ impl Repository {
     pub fn init(path: &Path, key: Option<Key>, opts: &InitOptions) -> Result<Repository> {
         format::check_geometry(opts.chunk_size, 1)?;
         zstd_level_check(opts.zstd_level)?;
+        if let Some(backend) = url_backend(path)? {
+            return Repository::init_backend(backend, key, opts);
+        }
         match std::fs::symlink_metadata(path) {
             Ok(m) if m.is_dir() => {
                 let mut rd = std::fs::read_dir(path)
@@ -327,6 +333,35 @@ impl Repository {
         backend.ensure_dir(VM_BACKUPS_KEY)?;
         backend.put(LOCK_KEY, b"")?;
         backend.put(GC_LOCK_KEY, b"")?;
+        Repository::write_config(&backend, key.as_ref(), opts)?;
+        Repository::open(path, key)
+    }
+
+    /// Creates a repository on an object store (which must hold nothing
+    /// under its prefix) and opens it.
+    pub fn init_backend(
+        backend: Arc<dyn Backend>,
+        key: Option<Key>,
+        opts: &InitOptions,
+    ) -> Result<Repository> {
+        format::check_geometry(opts.chunk_size, 1)?;
+        zstd_level_check(opts.zstd_level)?;
+        if backend.size(CONFIG_KEY)?.is_some() {
+            return Err(RepoError::AlreadyExists {
+                what: format!("repository at {}", backend.location()),
+            });
+        }
+        if !backend.list_objects("")?.is_empty() {
+            return Err(RepoError::invalid(
+                "repository path",
+                format!("{} exists and is not empty", backend.location()),
+            ));
+        }
+        Repository::write_config(&*backend, key.as_ref(), opts)?;
+        Repository::open_backend(backend, key)
+    }
+
+    fn write_config(backend: &dyn Backend, key: Option<&Key>, opts: &InitOptions) -> Result<()> {
         let config = RepoConfig {
             format: CONFIG_FORMAT.into(),
             version: CONFIG_VERSION,
@@ -348,8 +383,7 @@ impl Repository {
             .map_err(|e| RepoError::invalid("config", e.to_string()))?;
         text.push(b'\n');
         // The config is the last file: its presence means "initialised".
-        backend.put(CONFIG_KEY, &text)?;
-        Repository::open(path, key)
+        backend.put(CONFIG_KEY, &text)
     }
 
     /// This repository's id: the config's, or for a repository created
@@ -374,6 +408,9 @@ impl Repository {
     /// repository can only list backup ids and sizes. A key that does not
     /// match the repository is refused here, before anything is written.
     pub fn open(path: &Path, key: Option<Key>) -> Result<Repository> {
+        if let Some(backend) = url_backend(path)? {
+            return Repository::open_backend(backend, key);
+        }
         match std::fs::metadata(path) {
             Ok(m) if m.is_dir() => {}
             Ok(_) => {
@@ -496,12 +533,21 @@ impl Repository {
         let b = &self.inner.backend;
         let vmids: Vec<VmId> = match vmid {
             Some(v) => vec![v.clone()],
-            None => b
-                .list(VM_BACKUPS_KEY)?
-                .into_iter()
-                .filter(|e| e.is_dir)
-                .filter_map(|e| VmId::new(&e.name).ok())
-                .collect(),
+            None => match b.list(VM_BACKUPS_KEY) {
+                Ok(l) => l
+                    .into_iter()
+                    .filter(|e| e.is_dir)
+                    .filter_map(|e| VmId::new(&e.name).ok())
+                    .collect(),
+                // An object store has no empty prefixes.
+                Err(e)
+                    if e.kind() == ErrorKind::NotFound
+                        && b.coordination() == Coordination::Markers =>
+                {
+                    Vec::new()
+                }
+                Err(e) => return Err(e),
+            },
         };
         let mut out = Vec::new();
         for v in vmids {
@@ -516,7 +562,17 @@ impl Repository {
                     continue;
                 };
                 let id = BackupId::new(v.clone(), time);
-                let files = b.list(&id.dir_key())?;
+                let files = match b.list(&id.dir_key()) {
+                    Ok(f) => f,
+                    // Removed meanwhile (no empty prefixes in object stores).
+                    Err(e)
+                        if e.kind() == ErrorKind::NotFound
+                            && b.coordination() == Coordination::Markers =>
+                    {
+                        continue
+                    }
+                    Err(e) => return Err(e),
+                };
                 let has = |n: &str| files.iter().any(|f| f.name == n && !f.is_dir);
                 out.push(SnapshotDir {
                     complete: has(MANIFEST_NAME),
@@ -724,6 +780,14 @@ impl Repository {
     /// first (one atomic step makes it invisible), then remove the files.
     pub(crate) fn remove_snapshot_locked(&self, id: &BackupId, lock: LockGuard) -> Result<()> {
         let b = &self.inner.backend;
+        if b.coordination() == Coordination::Markers {
+            // No rename: the manifest goes first (the backup is invisible
+            // from then on); a crash leaves a manifest-less prefix that GC
+            // removes as abandoned.
+            b.delete(&format!("{}/{MANIFEST_NAME}", id.dir_key()))?;
+            drop(lock);
+            return b.remove_tree(&id.dir_key());
+        }
         let trash = format!(
             "{VM_BACKUPS_KEY}/{}/{TRASH_PREFIX}{}-{}",
             id.vmid(),
@@ -733,6 +797,25 @@ impl Repository {
         b.rename(&id.dir_key(), &trash)?;
         drop(lock);
         b.remove_tree(&trash)
+    }
+}
+
+/// The backend of a repository given as a URL (`s3://BUCKET/PREFIX`);
+/// `None` for a local path. Any other `scheme://` is refused rather than
+/// taken as a local directory named `scheme:`.
+pub fn url_backend(path: &Path) -> Result<Option<Arc<dyn Backend>>> {
+    let Some(s) = path.to_str() else {
+        return Ok(None);
+    };
+    match s3::url_scheme(s) {
+        None => Ok(None),
+        Some("s3") => Ok(Some(Arc::new(s3::S3Backend::new(s3::S3Location::parse(
+            s,
+        )?)?))),
+        Some(other) => Err(RepoError::invalid(
+            "repository",
+            format!("{s}: unsupported scheme {other}:// (use a local path or s3://BUCKET/PREFIX)"),
+        )),
     }
 }
 
