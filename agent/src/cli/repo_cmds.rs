@@ -418,6 +418,9 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     r.bad_chunks_removed,
                     if *dry_run { " (dry run: nothing deleted)" } else { "" }
                 );
+                if let Some(why) = &r.deferred {
+                    out!("{why}");
+                }
             }
         }
         Command::Restore(args) => restore(&cli, args)?,

@@ -5,7 +5,8 @@
 //! addressed chunks, fixed indexes, a manifest as the commit point, atomic
 //! temp+rename writes, a locking table); docs/formats.md has every byte.
 //!
-//! # Layout (local directory backend)
+//! # Layout (local directory backend; an S3 repository has the same keys
+//! under its prefix, without lock files, plus `coord/` markers)
 //!
 //! ```text
 //! <repo>/shear-repo.json            repository config (written last by init)
@@ -34,6 +35,11 @@
 //!
 //! # Locking table
 //!
+//! The backend decides how operations coordinate
+//! ([`backend::Coordination`]).
+//!
+//! ## Local directory: `flock` locks
+//!
 //! Two `flock` locks: the repository lock (`<repo>/lock`) and one lock per
 //! snapshot directory (the directory itself). flock locks die with their
 //! process, so no stale lock survives a crash and no lease can expire under
@@ -41,7 +47,7 @@
 //!
 //! | operation            | repository lock                          | snapshot lock                              | GC lock   |
 //! |----------------------|------------------------------------------|--------------------------------------------|-----------|
-//! | backup writer        | shared, session lifetime                 | exclusive on its new dir; shared on `base` | –         |
+//! | backup writer, sync  | shared, session lifetime                 | exclusive on its new dir; shared on `base` | –         |
 //! | restore / reader     | shared, reader lifetime                  | shared                                     | –         |
 //! | verify               | shared                                   | shared, per backup while checked           | –         |
 //! | prune / forget       | shared                                   | exclusive, non-blocking (busy → skipped)   | –         |
@@ -69,6 +75,41 @@
 //!   chunk and the next verify names it (as in PBS). Backups after the
 //!   quarantine upload the chunk again (F-35).
 //!
+//! ## Object store (S3): leases written into the store, no locks
+//!
+//! `lock` holds nothing; [`coord`] has the protocol and its proof. Markers
+//! live under `coord/`; times are the server's `Last-Modified`, never a
+//! client clock; no conditional PUT is used.
+//!
+//! | operation            | writes                                        | checks                                                  |
+//! |----------------------|-----------------------------------------------|---------------------------------------------------------|
+//! | backup writer, sync  | in-progress marker (heartbeat every lease/4)  | then: waits while a live GC marker exists; before the manifest: its heartbeat never lapsed ½ lease (fencing) |
+//! | restore / verify     | – (verify: `verify-state.json`, `.bad` copy)  | digests of every index and chunk (as locally)           |
+//! | prune / forget       | deletes the manifest first, then the rest     | –                                                       |
+//! | GC                   | GC marker (heartbeat), then the epoch         | then: any live writer marker → deletes nothing (deferred); fencing before each delete |
+//!
+//! Why each pair is safe:
+//! - *writer × GC* (F-36): each writes its own marker, then looks for the
+//!   other's; over a strongly consistent store one of them sees the other.
+//!   GC that sees a writer deletes nothing; a writer that sees GC makes no
+//!   dedup decision until GC is done (and its cache of known chunks is
+//!   dropped, GC having changed the epoch). GC marks manifests *after*
+//!   listing writers, so a backup that committed meanwhile is marked.
+//!   Only unreferenced chunks older than the grace period (store time) go.
+//! - *stalled writer or GC* (F-38): a marker not renewed for its lease is
+//!   taken for dead; its holder, when it resumes, finds the lapse and fails
+//!   before committing or deleting (fencing). A killed writer's marker
+//!   blocks GC for one lease at most.
+//! - *clock skew* (F-37): only server times are compared with each other.
+//! - *writer × prune*: prune removes only committed backups; an
+//!   incremental's base may go while the writer runs, but its chunks stay
+//!   (GC defers while the writer runs) and the writer checks each reused
+//!   chunk exists.
+//! - *reader × prune*: not excluded: a restore of a backup pruned under it
+//!   fails on a missing index or chunk (digests are checked: never wrong
+//!   data). `protect` a backup you are restoring from a shared bucket.
+//! - *writer × writer*: chunk PUTs are idempotent (same key, same bytes).
+
 //! # Threads
 //!
 //! The store is synchronous `std::fs` code. [`writer::DiskWriter`] methods
