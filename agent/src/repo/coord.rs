@@ -398,3 +398,42 @@ impl ChunkCache {
             crate::fsutil::write_atomic(path, text.as_bytes(), crate::fsutil::Existing::Replace);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marker_liveness_uses_its_own_lease_and_server_times() {
+        let m = Marker {
+            backup: "vm/100/x".into(),
+            host: "h".into(),
+            pid: 1,
+            started_ms: 1000,
+            lease_ms: 5000,
+        };
+        assert!(is_live(10_000, Some(&m), 15_000));
+        assert!(!is_live(10_000, Some(&m), 15_001));
+        // Unreadable marker: live for the default lease, never "dead".
+        assert!(is_live(0, None, ms(DEFAULT_LEASE)));
+        assert!(!is_live(0, None, ms(DEFAULT_LEASE) + 1));
+    }
+
+    #[test]
+    fn chunk_cache_is_dropped_when_gc_changed_the_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        std::env::set_var("SHEAR_CACHE_DIR", dir.path());
+        let mut c = ChunkCache::load("repo1", "e1");
+        assert!(c.known.is_empty());
+        c.known.insert([7u8; 32]);
+        c.save(&HashSet::from([[8u8; 32]]));
+        let same = ChunkCache::load("repo1", "e1");
+        assert_eq!(same.known.len(), 2);
+        let after_gc = ChunkCache::load("repo1", "e2");
+        assert!(
+            after_gc.known.is_empty(),
+            "a cache from another GC epoch was trusted"
+        );
+        assert!(ChunkCache::load("repo2", "e1").known.is_empty());
+    }
+}
