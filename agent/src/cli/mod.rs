@@ -198,6 +198,28 @@ pub enum Command {
     /// Serve a backup's disks over NBD (read-only, or writable into local
     /// overlay files with --overlay) until SIGINT/SIGTERM.
     Serve(serve_cmd::ServeArgs),
+    /// Copy backups between repositories (local or s3://BUCKET/PREFIX):
+    /// missing chunks, then indexes, then the manifest last; resumable.
+    Sync {
+        /// Source repository.
+        #[arg(long)]
+        from: PathBuf,
+        /// Target repository (initialised, same chunk size and key).
+        #[arg(long)]
+        to: PathBuf,
+        /// Only this VM's backups.
+        #[arg(long)]
+        vmid: Option<String>,
+        /// Only the newest N backups of each VM.
+        #[arg(long)]
+        last: Option<usize>,
+        /// Decode every copied chunk and check its digest.
+        #[arg(long)]
+        verify: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Internal (packaging): write man pages or shell completions
     /// generated from this CLI into DIR.
     #[command(name = "generate", hide = true)]
@@ -426,7 +448,8 @@ impl Cli {
             Command::List { json, .. }
             | Command::Show { json, .. }
             | Command::Verify { json, .. }
-            | Command::Gc { json, .. } => *json,
+            | Command::Gc { json, .. }
+            | Command::Sync { json, .. } => *json,
             Command::Report(a) => a.json,
             Command::Snapshot(a) => a.json,
             Command::Job(a) => a.conn.json,

@@ -104,6 +104,12 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 zstd_level: *zstd_level,
                 chunk_size: *chunk_size,
             };
+            if seal.is_some() && crate::repo::url_backend(&cli.repo)?.is_some() {
+                bail!(
+                    "a master-key seal is kept beside a local repository only: not yet on {}",
+                    cli.repo.display()
+                );
+            }
             let fp = key.as_ref().map(Key::fingerprint);
             let repo = Repository::init(&cli.repo, key, &opts)?;
             if let Some(seal) = &seal {
@@ -412,9 +418,49 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     r.bad_chunks_removed,
                     if *dry_run { " (dry run: nothing deleted)" } else { "" }
                 );
+                if let Some(why) = &r.deferred {
+                    out!("{why}");
+                }
             }
         }
         Command::Restore(args) => restore(&cli, args)?,
+        Command::Sync {
+            from,
+            to,
+            vmid,
+            last,
+            verify,
+            json,
+        } => {
+            let key = load_key(&cli)?;
+            let src = Repository::open(from, key)?;
+            // The target stores blobs as they are: it needs no key (sync
+            // checks that both have the same key fingerprint).
+            let dst = Repository::open(to, None)?;
+            let opts = crate::repo::sync::SyncOptions {
+                vmid: vmid.as_deref().map(VmId::new).transpose()?,
+                last: *last,
+                verify: *verify,
+            };
+            let t0 = std::time::Instant::now();
+            let r = crate::repo::sync::sync(&src, &dst, &opts)?;
+            if *json {
+                print_json(&r)?;
+            } else {
+                for id in &r.copied {
+                    out!("copied {id}");
+                }
+                out!(
+                    "{} backup(s) copied, {} already there; {} chunk(s) copied ({}), {} present; {:.1} s",
+                    r.copied.len(),
+                    r.already_present,
+                    r.chunks_copied,
+                    mib(r.bytes_copied),
+                    r.chunks_present,
+                    t0.elapsed().as_secs_f64()
+                );
+            }
+        }
         Command::Backup(_)
         | Command::Watchdog(_)
         | Command::Cleanup(_)

@@ -1,4 +1,19 @@
-//! Storage behind a trait: a local directory now, object storage later.
+//! Storage behind a trait: a local directory ([`LocalBackend`]) or an S3
+//! bucket ([`super::s3::S3Backend`]).
+//!
+//! The contract splits in two (issue 14):
+//! - **the object store**: `put` / `get` / `get_prefix` (range get) /
+//!   `size` (head) / `list` / `list_objects` / `delete`. Content-addressed
+//!   chunk writes are idempotent (the same key always gets the same bytes),
+//!   so two writers racing on one chunk need nothing else.
+//! - **coordination** ([`Coordination`]): a local directory has `flock`
+//!   locks, renames and directories ([`Coordination::Locks`], the locking
+//!   table in `repo/mod.rs`); an object store has none of them, and the
+//!   repository coordinates through objects it writes itself: in-progress
+//!   markers with heartbeats and GC's condemned lists
+//!   ([`Coordination::Markers`], `repo/coord.rs`). On such a backend `lock`
+//!   returns a guard that holds nothing, `rename` is copy + delete (only used
+//!   to quarantine), and directories are implicit.
 //!
 //! Keys are `/`-separated relative paths built from validated names
 //! (`chunks/ab/<hex>`, `backups/vm/100/<time>/manifest.blob`). The contract
@@ -72,6 +87,28 @@ pub struct ListEntry {
     pub size: u64,
 }
 
+/// How writers, pruners and GC coordinate on a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Coordination {
+    /// `flock` locks that die with their holder (local directory).
+    Locks,
+    /// No locks: in-progress markers with heartbeats, condemned lists
+    /// (object stores; `repo/coord.rs`).
+    Markers,
+}
+
+/// One object of a recursive listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// Key relative to the repository root.
+    pub key: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Last modification as the *store* recorded it (server clock), in
+    /// milliseconds since the epoch.
+    pub modified_ms: i64,
+}
+
 /// Object storage as the repository uses it.
 pub trait Backend: Send + Sync + fmt::Debug {
     /// Human-readable location for messages.
@@ -101,6 +138,47 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn lock(&self, key: &str, mode: LockMode, wait: LockWait) -> Result<LockGuard>;
     /// Whether `name` is a leftover of an interrupted `put`.
     fn is_temp_name(&self, name: &str) -> bool;
+    /// How this backend coordinates (see the module docs).
+    fn coordination(&self) -> Coordination {
+        Coordination::Locks
+    }
+    /// Every object below a prefix (recursive) with its store-side
+    /// modification time. A missing prefix is an empty list.
+    fn list_objects(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
+        let mut out = Vec::new();
+        let mut stack = vec![prefix.to_owned()];
+        while let Some(dir) = stack.pop() {
+            let entries = match self.list(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == super::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            for e in entries {
+                let key = if dir.is_empty() {
+                    e.name.clone()
+                } else {
+                    format!("{dir}/{}", e.name)
+                };
+                if e.is_dir {
+                    stack.push(key);
+                } else {
+                    let modified_ms = self.modified_ms(&key)?.unwrap_or(0);
+                    out.push(ObjectInfo {
+                        key,
+                        size: e.size,
+                        modified_ms,
+                    });
+                }
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+    /// Store-side modification time of an object (ms since the epoch);
+    /// `None` if absent. (Default: present objects at time 0.)
+    fn modified_ms(&self, key: &str) -> Result<Option<i64>> {
+        Ok(self.size(key)?.map(|_| 0))
+    }
 }
 
 /// A repository in a local directory.
@@ -396,6 +474,20 @@ impl Backend for LocalBackend {
 
     fn is_temp_name(&self, name: &str) -> bool {
         fsutil::is_temp_name(name)
+    }
+
+    fn modified_ms(&self, key: &str) -> Result<Option<i64>> {
+        let path = self.path(key)?;
+        match fs::symlink_metadata(&path) {
+            Ok(m) => Ok(Some(
+                m.modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+            )),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(RepoError::io("stat", &path, e)),
+        }
     }
 }
 

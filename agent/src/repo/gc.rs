@@ -16,6 +16,7 @@
 //! against is protected by that backup's shared lock, not by a timestamp.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -63,6 +64,10 @@ pub struct GcReport {
     pub incomplete_backups_removed: u64,
     /// Quarantined `.bad` chunks removed.
     pub bad_chunks_removed: u64,
+    /// Object stores: why nothing was deleted this time (a backup was
+    /// running; see repo/coord.rs), if so.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deferred: Option<String>,
 }
 
 impl Repository {
@@ -70,6 +75,9 @@ impl Repository {
     pub fn gc(&self, opts: &GcOptions) -> Result<GcReport> {
         self.key_for_data()?;
         let b = &self.inner.backend;
+        if b.coordination() == super::backend::Coordination::Markers {
+            return self.gc_markers(opts);
+        }
         let _gc_lock = b
             .lock(GC_LOCK_KEY, LockMode::Exclusive, LockWait::NoWait)
             .map_err(|e| match e.kind() {
@@ -183,6 +191,100 @@ impl Repository {
                 }
             }
         }
+        Ok(report)
+    }
+
+    /// GC on an object store (repo/coord.rs): GC marker, then writers'
+    /// markers; nothing is deleted while a backup runs.
+    fn gc_markers(&self, opts: &GcOptions) -> Result<GcReport> {
+        use super::coord;
+        let b = &self.inner.backend;
+        let mut report = GcReport::default();
+        let lease = coord::Lease::acquire(Arc::clone(b), coord::GC_KEY, "gc", "gc")?;
+        let t0 = lease.started_ms;
+        let grace = i64::try_from(coord::gc_grace().as_millis()).unwrap_or(i64::MAX);
+        let writers = coord::live_markers(&**b, coord::IN_PROGRESS_KEY)?;
+        // Marked after the writers' markers were listed: a backup that
+        // committed (manifest, then marker deleted) before is seen here.
+        let mut marked_ids: HashSet<BackupId> = HashSet::new();
+        let mut referenced: HashSet<Digest> = HashSet::new();
+        self.mark(&mut marked_ids, &mut referenced)?;
+        report.backups_marked = marked_ids.len() as u64;
+        report.chunks_referenced = referenced.len() as u64;
+        if let Some((key, m)) = writers.first() {
+            report.deferred = Some(format!(
+                "{} backup(s) running ({}): nothing deleted; run gc again when they are done",
+                writers.len(),
+                m.as_ref().map_or(key.as_str(), |m| m.backup.as_str())
+            ));
+            lease.end();
+            return Ok(report);
+        }
+        let objects = b.list_objects(CHUNKS_KEY)?;
+        let mut doomed = Vec::new();
+        for o in &objects {
+            let name = o.key.rsplit('/').next().unwrap_or("");
+            let (hex_part, bad) = match name.strip_suffix(".bad") {
+                Some(h) => (h, true),
+                None => (name, false),
+            };
+            let mut digest = [0u8; 32];
+            if hex::decode_to_slice(hex_part, &mut digest).is_err() {
+                continue; // not ours: leave it
+            }
+            if referenced.contains(&digest) {
+                if !bad {
+                    report.chunks_kept += 1;
+                }
+                continue;
+            }
+            if bad {
+                report.bad_chunks_removed += 1;
+                doomed.push(o.key.clone());
+            } else if o.modified_ms < t0 - grace {
+                report.chunks_removed += 1;
+                report.bytes_removed += o.size;
+                doomed.push(o.key.clone());
+            } else {
+                report.chunks_kept += 1;
+            }
+        }
+        // Abandoned backups: no manifest, no live writer (checked above),
+        // and nothing written since this GC started.
+        let mut abandoned = Vec::new();
+        for s in self.snapshot_dirs(None)? {
+            if s.complete {
+                continue;
+            }
+            let objs = b.list_objects(&s.id.dir_key())?;
+            if objs.iter().all(|o| o.modified_ms < t0) {
+                report.incomplete_backups_removed += 1;
+                abandoned.push(s.id.dir_key());
+            }
+        }
+        // Stale markers of dead writers.
+        let stale: Vec<String> = coord::markers(&**b, coord::IN_PROGRESS_KEY)?
+            .into_iter()
+            .filter(|(_, t, _)| *t < t0)
+            .map(|(k, _, _)| k)
+            .collect();
+        if !opts.dry_run {
+            if !doomed.is_empty() {
+                coord::bump_epoch(&**b)?;
+            }
+            for k in &doomed {
+                lease.check_fresh()?;
+                b.delete(k)?;
+            }
+            for k in &abandoned {
+                lease.check_fresh()?;
+                b.remove_tree(k)?;
+            }
+            for k in &stale {
+                b.delete(k)?;
+            }
+        }
+        lease.end();
         Ok(report)
     }
 

@@ -5,7 +5,8 @@
 //! addressed chunks, fixed indexes, a manifest as the commit point, atomic
 //! temp+rename writes, a locking table); docs/formats.md has every byte.
 //!
-//! # Layout (local directory backend)
+//! # Layout (local directory backend; an S3 repository has the same keys
+//! under its prefix, without lock files, plus `coord/` markers)
 //!
 //! ```text
 //! <repo>/shear-repo.json            repository config (written last by init)
@@ -34,6 +35,11 @@
 //!
 //! # Locking table
 //!
+//! The backend decides how operations coordinate
+//! ([`backend::Coordination`]).
+//!
+//! ## Local directory: `flock` locks
+//!
 //! Two `flock` locks: the repository lock (`<repo>/lock`) and one lock per
 //! snapshot directory (the directory itself). flock locks die with their
 //! process, so no stale lock survives a crash and no lease can expire under
@@ -41,7 +47,7 @@
 //!
 //! | operation            | repository lock                          | snapshot lock                              | GC lock   |
 //! |----------------------|------------------------------------------|--------------------------------------------|-----------|
-//! | backup writer        | shared, session lifetime                 | exclusive on its new dir; shared on `base` | –         |
+//! | backup writer, sync  | shared, session lifetime                 | exclusive on its new dir; shared on `base` | –         |
 //! | restore / reader     | shared, reader lifetime                  | shared                                     | –         |
 //! | verify               | shared                                   | shared, per backup while checked           | –         |
 //! | prune / forget       | shared                                   | exclusive, non-blocking (busy → skipped)   | –         |
@@ -69,6 +75,41 @@
 //!   chunk and the next verify names it (as in PBS). Backups after the
 //!   quarantine upload the chunk again (F-35).
 //!
+//! ## Object store (S3): leases written into the store, no locks
+//!
+//! `lock` holds nothing; [`coord`] has the protocol and its proof. Markers
+//! live under `coord/`; times are the server's `Last-Modified`, never a
+//! client clock; no conditional PUT is used.
+//!
+//! | operation            | writes                                        | checks                                                  |
+//! |----------------------|-----------------------------------------------|---------------------------------------------------------|
+//! | backup writer, sync  | in-progress marker (heartbeat every lease/4)  | then: waits while a live GC marker exists; before the manifest: its heartbeat never lapsed ½ lease (fencing) |
+//! | restore / verify     | – (verify: `verify-state.json`, `.bad` copy)  | digests of every index and chunk (as locally)           |
+//! | prune / forget       | deletes the manifest first, then the rest     | –                                                       |
+//! | GC                   | GC marker (heartbeat), then the epoch         | then: any live writer marker → deletes nothing (deferred); fencing before each delete |
+//!
+//! Why each pair is safe:
+//! - *writer × GC* (F-36): each writes its own marker, then looks for the
+//!   other's; over a strongly consistent store one of them sees the other.
+//!   GC that sees a writer deletes nothing; a writer that sees GC makes no
+//!   dedup decision until GC is done (and its cache of known chunks is
+//!   dropped, GC having changed the epoch). GC marks manifests *after*
+//!   listing writers, so a backup that committed meanwhile is marked.
+//!   Only unreferenced chunks older than the grace period (store time) go.
+//! - *stalled writer or GC* (F-38): a marker not renewed for its lease is
+//!   taken for dead; its holder, when it resumes, finds the lapse and fails
+//!   before committing or deleting (fencing). A killed writer's marker
+//!   blocks GC for one lease at most.
+//! - *clock skew* (F-37): only server times are compared with each other.
+//! - *writer × prune*: prune removes only committed backups; an
+//!   incremental's base may go while the writer runs, but its chunks stay
+//!   (GC defers while the writer runs) and the writer checks each reused
+//!   chunk exists.
+//! - *reader × prune*: not excluded: a restore of a backup pruned under it
+//!   fails on a missing index or chunk (digests are checked: never wrong
+//!   data). `protect` a backup you are restoring from a shared bucket.
+//! - *writer × writer*: chunk PUTs are idempotent (same key, same bytes).
+
 //! # Threads
 //!
 //! The store is synchronous `std::fs` code. [`writer::DiskWriter`] methods
@@ -80,6 +121,7 @@
 
 pub mod backend;
 pub mod blob;
+pub mod coord;
 pub mod crypto;
 pub mod error;
 pub mod format;
@@ -92,6 +134,8 @@ pub mod prune;
 pub mod qcow2;
 pub mod reader;
 pub mod shared;
+pub mod s3;
+pub mod sync;
 pub mod target;
 pub mod verify;
 pub mod writer;
@@ -101,7 +145,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-pub use backend::{Backend, LocalBackend, LockMode, LockWait};
+pub use backend::{Backend, Coordination, LocalBackend, LockMode, LockWait};
 pub use crypto::{Fingerprint, KdfParams, Key};
 pub use error::{ErrorKind, RepoError, Result, Retry};
 pub use master::{MasterPrivateKey, MasterPublicKey, MasterSeal};
@@ -288,6 +332,9 @@ impl Repository {
     pub fn init(path: &Path, key: Option<Key>, opts: &InitOptions) -> Result<Repository> {
         format::check_geometry(opts.chunk_size, 1)?;
         zstd_level_check(opts.zstd_level)?;
+        if let Some(backend) = url_backend(path)? {
+            return Repository::init_backend(backend, key, opts);
+        }
         match std::fs::symlink_metadata(path) {
             Ok(m) if m.is_dir() => {
                 let mut rd = std::fs::read_dir(path)
@@ -330,6 +377,35 @@ impl Repository {
         backend.ensure_dir(VM_BACKUPS_KEY)?;
         backend.put(LOCK_KEY, b"")?;
         backend.put(GC_LOCK_KEY, b"")?;
+        Repository::write_config(&backend, key.as_ref(), opts)?;
+        Repository::open(path, key)
+    }
+
+    /// Creates a repository on an object store (which must hold nothing
+    /// under its prefix) and opens it.
+    pub fn init_backend(
+        backend: Arc<dyn Backend>,
+        key: Option<Key>,
+        opts: &InitOptions,
+    ) -> Result<Repository> {
+        format::check_geometry(opts.chunk_size, 1)?;
+        zstd_level_check(opts.zstd_level)?;
+        if backend.size(CONFIG_KEY)?.is_some() {
+            return Err(RepoError::AlreadyExists {
+                what: format!("repository at {}", backend.location()),
+            });
+        }
+        if !backend.list_objects("")?.is_empty() {
+            return Err(RepoError::invalid(
+                "repository path",
+                format!("{} exists and is not empty", backend.location()),
+            ));
+        }
+        Repository::write_config(&*backend, key.as_ref(), opts)?;
+        Repository::open_backend(backend, key)
+    }
+
+    fn write_config(backend: &dyn Backend, key: Option<&Key>, opts: &InitOptions) -> Result<()> {
         let config = RepoConfig {
             format: CONFIG_FORMAT.into(),
             version: CONFIG_VERSION,
@@ -351,8 +427,7 @@ impl Repository {
             .map_err(|e| RepoError::invalid("config", e.to_string()))?;
         text.push(b'\n');
         // The config is the last file: its presence means "initialised".
-        backend.put(CONFIG_KEY, &text)?;
-        Repository::open(path, key)
+        backend.put(CONFIG_KEY, &text)
     }
 
     /// This repository's id: the config's, or for a repository created
@@ -377,6 +452,9 @@ impl Repository {
     /// repository can only list backup ids and sizes. A key that does not
     /// match the repository is refused here, before anything is written.
     pub fn open(path: &Path, key: Option<Key>) -> Result<Repository> {
+        if let Some(backend) = url_backend(path)? {
+            return Repository::open_backend(backend, key);
+        }
         match std::fs::metadata(path) {
             Ok(m) if m.is_dir() => {}
             Ok(_) => {
@@ -499,12 +577,21 @@ impl Repository {
         let b = &self.inner.backend;
         let vmids: Vec<VmId> = match vmid {
             Some(v) => vec![v.clone()],
-            None => b
-                .list(VM_BACKUPS_KEY)?
-                .into_iter()
-                .filter(|e| e.is_dir)
-                .filter_map(|e| VmId::new(&e.name).ok())
-                .collect(),
+            None => match b.list(VM_BACKUPS_KEY) {
+                Ok(l) => l
+                    .into_iter()
+                    .filter(|e| e.is_dir)
+                    .filter_map(|e| VmId::new(&e.name).ok())
+                    .collect(),
+                // An object store has no empty prefixes.
+                Err(e)
+                    if e.kind() == ErrorKind::NotFound
+                        && b.coordination() == Coordination::Markers =>
+                {
+                    Vec::new()
+                }
+                Err(e) => return Err(e),
+            },
         };
         let mut out = Vec::new();
         for v in vmids {
@@ -519,7 +606,17 @@ impl Repository {
                     continue;
                 };
                 let id = BackupId::new(v.clone(), time);
-                let files = b.list(&id.dir_key())?;
+                let files = match b.list(&id.dir_key()) {
+                    Ok(f) => f,
+                    // Removed meanwhile (no empty prefixes in object stores).
+                    Err(e)
+                        if e.kind() == ErrorKind::NotFound
+                            && b.coordination() == Coordination::Markers =>
+                    {
+                        continue
+                    }
+                    Err(e) => return Err(e),
+                };
                 let has = |n: &str| files.iter().any(|f| f.name == n && !f.is_dir);
                 out.push(SnapshotDir {
                     complete: has(MANIFEST_NAME),
@@ -727,6 +824,14 @@ impl Repository {
     /// first (one atomic step makes it invisible), then remove the files.
     pub(crate) fn remove_snapshot_locked(&self, id: &BackupId, lock: LockGuard) -> Result<()> {
         let b = &self.inner.backend;
+        if b.coordination() == Coordination::Markers {
+            // No rename: the manifest goes first (the backup is invisible
+            // from then on); a crash leaves a manifest-less prefix that GC
+            // removes as abandoned.
+            b.delete(&format!("{}/{MANIFEST_NAME}", id.dir_key()))?;
+            drop(lock);
+            return b.remove_tree(&id.dir_key());
+        }
         let trash = format!(
             "{VM_BACKUPS_KEY}/{}/{TRASH_PREFIX}{}-{}",
             id.vmid(),
@@ -736,6 +841,25 @@ impl Repository {
         b.rename(&id.dir_key(), &trash)?;
         drop(lock);
         b.remove_tree(&trash)
+    }
+}
+
+/// The backend of a repository given as a URL (`s3://BUCKET/PREFIX`);
+/// `None` for a local path. Any other `scheme://` is refused rather than
+/// taken as a local directory named `scheme:`.
+pub fn url_backend(path: &Path) -> Result<Option<Arc<dyn Backend>>> {
+    let Some(s) = path.to_str() else {
+        return Ok(None);
+    };
+    match s3::url_scheme(s) {
+        None => Ok(None),
+        Some("s3") => Ok(Some(Arc::new(s3::S3Backend::new(s3::S3Location::parse(
+            s,
+        )?)?))),
+        Some(other) => Err(RepoError::invalid(
+            "repository",
+            format!("{s}: unsupported scheme {other}:// (use a local path or s3://BUCKET/PREFIX)"),
+        )),
     }
 }
 

@@ -242,6 +242,12 @@ impl Repository {
         }
         report.chunks_checked = work.len() as u64;
         let mut bad = bad.into_inner().unwrap_or_else(|p| p.into_inner());
+        if self.inner.backend.coordination() == super::backend::Coordination::Markers
+            && bad.iter().any(|b| b.2)
+        {
+            // Writers' caches of known chunks must forget the quarantined.
+            super::coord::bump_epoch(&*self.inner.backend)?;
+        }
         bad.sort();
         for (digest, problem, quarantined) in bad {
             let users = chunks.get(&digest).map(|c| c.1.clone()).unwrap_or_default();

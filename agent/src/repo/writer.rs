@@ -27,7 +27,7 @@ use std::time::Instant;
 
 use time::OffsetDateTime;
 
-use super::backend::{LockGuard, LockMode, LockWait};
+use super::backend::{Coordination, LockGuard, LockMode, LockWait};
 use super::blob;
 use super::error::{ErrorKind, RepoError, Result};
 use super::format::{
@@ -149,6 +149,14 @@ struct SessionShared {
     /// Held from begin until commit or abort (not until the last
     /// `DiskWriter` handle is dropped).
     locks: Mutex<Option<SessionLocks>>,
+    /// Object stores: the in-progress marker (repo/coord.rs) and the local
+    /// cache of known chunks. `None` on a local directory.
+    markers: Option<MarkerState>,
+}
+
+struct MarkerState {
+    lease: Mutex<Option<super::coord::Lease>>,
+    cache: super::coord::ChunkCache,
 }
 
 struct SessionLocks {
@@ -175,6 +183,11 @@ impl SessionShared {
     /// Whether a plausible copy of the chunk is stored: present, not
     /// truncated, same encryption mode (F-47 cross-mode, F-32 empty files).
     fn chunk_present(&self, digest: &Digest) -> Result<bool> {
+        if let Some(m) = &self.markers {
+            if m.cache.known.contains(digest) {
+                return Ok(true);
+            }
+        }
         if lock(&self.known).contains(digest) {
             return Ok(true);
         }
@@ -235,6 +248,17 @@ impl Repository {
         let id = BackupId::new(vmid, meta.time.unwrap_or(started_wall));
         let repo_lock = self.lock_repo(LockMode::Shared, LockWait::Forever)?;
         let b = &self.inner.backend;
+        let markers = match b.coordination() {
+            Coordination::Locks => None,
+            Coordination::Markers => {
+                let (lease, epoch) = super::coord::begin_writer(b, &id)?;
+                let cache = super::coord::ChunkCache::load(&self.repo_id(), &epoch);
+                Some(MarkerState {
+                    cache,
+                    lease: Mutex::new(Some(lease)),
+                })
+            }
+        };
         b.ensure_dir(&format!("{VM_BACKUPS_KEY}/{}", id.vmid()))?;
         b.create_dir(&id.dir_key()).map_err(|e| match e.kind() {
             ErrorKind::AlreadyExists => RepoError::AlreadyExists {
@@ -281,6 +305,7 @@ impl Repository {
                     _base: base_lock,
                     _repo: repo_lock,
                 })),
+                markers,
             }),
             disks: Mutex::new(Vec::new()),
             meta: meta.clone(),
@@ -395,8 +420,20 @@ impl BackupSession {
         let key = repo.key_for_data()?;
         let blob = blob::encode(ObjectType::Manifest, &json, Some(1), key, b"")?;
         let mkey = format!("{}/{MANIFEST_NAME}", self.shared.id.dir_key());
+        if let Some(m) = &self.shared.markers {
+            if let Some(l) = lock(&m.lease).as_ref() {
+                l.check_fresh()?;
+            }
+        }
         repo.inner.backend.put(&mkey, &blob)?;
         self.shared.committed.store(true, Ordering::Release);
+        if let Some(m) = &self.shared.markers {
+            // The manifest is visible: the marker may go.
+            if let Some(l) = lock(&m.lease).take() {
+                l.end();
+            }
+            m.cache.save(&lock(&self.shared.known));
+        }
         lock(&self.shared.locks).take();
         Ok(self.shared.id.clone())
     }
@@ -420,6 +457,11 @@ impl Drop for BackupSession {
                 .inner
                 .backend
                 .remove_tree(&self.shared.id.dir_key());
+            if let Some(m) = &self.shared.markers {
+                if let Some(l) = lock(&m.lease).take() {
+                    l.end();
+                }
+            }
             lock(&self.shared.locks).take();
         }
     }

@@ -1,0 +1,428 @@
+//! S3 repositories (`s3://BUCKET/PREFIX`) through `object_store` (aws).
+//!
+//! A plain object store: put/get/range-get/head/list/delete. No rename, no
+//! directories, no locks, no conditional PUT (servers ignore `If-None-Match`,
+//! design.md): the repository coordinates through objects it writes itself
+//! ([`super::coord`]). Every call is retried by object_store's
+//! [`RetryConfig`] (5xx, 429, timeouts, connection errors, with exponential
+//! backoff) and bounded by a request semaphore.
+//!
+//! Settings come from the usual AWS environment variables
+//! (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`,
+//! `AWS_REGION`/`AWS_DEFAULT_REGION`, `AWS_ENDPOINT_URL`), overridden by
+//! `SHEAR_S3_ENDPOINT`, `SHEAR_S3_REGION`, `SHEAR_S3_VIRTUAL_HOSTED=1`.
+//! With a custom endpoint, requests are path-style, and `http://` is allowed
+//! when the endpoint says `http://`.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path as OPath;
+use object_store::{BackoffConfig, ClientOptions, ObjectStore, PutPayload, RetryConfig};
+use tokio::sync::Semaphore;
+
+use super::backend::{Backend, Coordination, ListEntry, LockGuard, LockMode, LockWait, ObjectInfo};
+use super::error::{RepoError, Result};
+
+/// Where an `s3://` repository is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Location {
+    /// Bucket name.
+    pub bucket: String,
+    /// Key prefix (no leading or trailing `/`; may be empty).
+    pub prefix: String,
+}
+
+impl S3Location {
+    /// Parses `s3://BUCKET[/PREFIX]`.
+    pub fn parse(url: &str) -> Result<S3Location> {
+        let rest = url
+            .strip_prefix("s3://")
+            .ok_or_else(|| RepoError::invalid("repository", format!("{url}: not an s3:// URL")))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let bucket_ok = (3..=63).contains(&bucket.len())
+            && bucket
+                .bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.');
+        if !bucket_ok {
+            return Err(RepoError::invalid(
+                "repository",
+                format!("{url}: bucket {bucket:?} is not a valid S3 bucket name"),
+            ));
+        }
+        let prefix = prefix.trim_matches('/').to_owned();
+        for c in prefix.split('/').filter(|c| !c.is_empty()) {
+            if c == "." || c == ".." {
+                return Err(RepoError::invalid(
+                    "repository",
+                    format!("{url}: bad prefix"),
+                ));
+            }
+        }
+        if prefix.contains("//") {
+            return Err(RepoError::invalid(
+                "repository",
+                format!("{url}: empty prefix component"),
+            ));
+        }
+        Ok(S3Location {
+            bucket: bucket.to_owned(),
+            prefix,
+        })
+    }
+}
+
+/// Whether a repository argument names a URL (`scheme://…`) rather than a
+/// local path. Unknown schemes are refused by [`super::Repository::open`]
+/// instead of becoming a local directory named `scheme:`.
+pub fn url_scheme(repo: &str) -> Option<&str> {
+    let (scheme, _) = repo.split_once("://")?;
+    (!scheme.is_empty()
+        && scheme
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'+' || c == b'-' || c == b'.'))
+    .then_some(scheme)
+}
+
+/// A repository in an S3 bucket.
+pub struct S3Backend {
+    loc: S3Location,
+    store: Arc<AmazonS3>,
+    rt: tokio::runtime::Runtime,
+    permits: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for S3Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "S3Backend({})", self.location())
+    }
+}
+
+fn env_secs(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn s3_err(op: &'static str, key: &str, e: object_store::Error) -> RepoError {
+    match e {
+        object_store::Error::NotFound { .. } => RepoError::not_found(key.to_owned()),
+        e => RepoError::io(op, key, std::io::Error::other(crate::chain(&e))),
+    }
+}
+
+impl S3Backend {
+    /// Connects (lazily: no request is made here).
+    pub fn new(loc: S3Location) -> Result<S3Backend> {
+        let mut b = AmazonS3Builder::from_env().with_bucket_name(&loc.bucket);
+        if let Ok(e) = std::env::var("SHEAR_S3_ENDPOINT") {
+            b = b.with_endpoint(e);
+        }
+        if let Ok(r) = std::env::var("SHEAR_S3_REGION") {
+            b = b.with_region(r);
+        } else if std::env::var_os("AWS_REGION").is_none()
+            && std::env::var_os("AWS_DEFAULT_REGION").is_none()
+        {
+            b = b.with_region("us-east-1");
+        }
+        let endpoint = std::env::var("SHEAR_S3_ENDPOINT")
+            .or_else(|_| std::env::var("AWS_ENDPOINT_URL"))
+            .or_else(|_| std::env::var("AWS_ENDPOINT"))
+            .unwrap_or_default();
+        let virtual_hosted = std::env::var("SHEAR_S3_VIRTUAL_HOSTED").is_ok_and(|v| v == "1");
+        b = b.with_virtual_hosted_style_request(virtual_hosted);
+        let timeout = Duration::from_secs(env_secs("SHEAR_S3_TIMEOUT", 60));
+        let client = ClientOptions::new()
+            .with_allow_http(endpoint.starts_with("http://"))
+            .with_timeout(timeout)
+            .with_connect_timeout(Duration::from_secs(10));
+        b = b.with_client_options(client).with_retry(RetryConfig {
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(15),
+                base: 2.0,
+            },
+            max_retries: usize::try_from(env_secs("SHEAR_S3_RETRIES", 10)).unwrap_or(10),
+            retry_timeout: Duration::from_secs(env_secs("SHEAR_S3_RETRY_TIMEOUT", 180)),
+        });
+        let store = b
+            .build()
+            .map_err(|e| RepoError::invalid("S3 repository", crate::chain(&e)))?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("shear-s3")
+            .enable_all()
+            .build()
+            .map_err(|e| RepoError::io("start S3 runtime", "s3", e))?;
+        let max = usize::try_from(env_secs("SHEAR_S3_MAX_REQUESTS", 16))
+            .unwrap_or(16)
+            .max(1);
+        Ok(S3Backend {
+            loc,
+            store: Arc::new(store),
+            rt,
+            permits: Arc::new(Semaphore::new(max)),
+        })
+    }
+
+    fn path(&self, key: &str) -> Result<OPath> {
+        for comp in key.split('/') {
+            if key.is_empty() {
+                break;
+            }
+            if comp.is_empty() || comp == "." || comp == ".." || comp.contains('\0') {
+                return Err(RepoError::invalid("storage key", format!("{key:?}")));
+            }
+        }
+        let full = match (self.loc.prefix.is_empty(), key.is_empty()) {
+            (true, _) => key.to_owned(),
+            (false, true) => self.loc.prefix.clone(),
+            (false, false) => format!("{}/{key}", self.loc.prefix),
+        };
+        OPath::parse(&full).map_err(|e| RepoError::invalid("storage key", e.to_string()))
+    }
+
+    fn rel(&self, p: &OPath) -> String {
+        let s = p.as_ref();
+        if self.loc.prefix.is_empty() {
+            s.to_owned()
+        } else {
+            s.strip_prefix(&self.loc.prefix)
+                .map(|r| r.trim_start_matches('/').to_owned())
+                .unwrap_or_else(|| s.to_owned())
+        }
+    }
+
+    /// Runs a request on the backend's runtime from any thread (also from
+    /// inside another runtime's blocking section), bounded by the permits.
+    fn run<T: Send + 'static>(&self, fut: impl Future<Output = T> + Send + 'static) -> Result<T> {
+        let permits = Arc::clone(&self.permits);
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.rt.spawn(async move {
+            let _p = permits.acquire_owned().await;
+            let _ = tx.send(fut.await);
+        });
+        rx.recv().map_err(|_| {
+            RepoError::io(
+                "S3 request",
+                "s3",
+                std::io::Error::other("the S3 runtime stopped"),
+            )
+        })
+    }
+
+    fn head_meta(&self, key: &str) -> Result<Option<object_store::ObjectMeta>> {
+        let p = self.path(key)?;
+        let s = Arc::clone(&self.store);
+        match self.run(async move { s.head(&p).await })? {
+            Ok(m) => Ok(Some(m)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(s3_err("head", key, e)),
+        }
+    }
+}
+
+impl Backend for S3Backend {
+    fn location(&self) -> String {
+        if self.loc.prefix.is_empty() {
+            format!("s3://{}", self.loc.bucket)
+        } else {
+            format!("s3://{}/{}", self.loc.bucket, self.loc.prefix)
+        }
+    }
+
+    fn put(&self, key: &str, data: &[u8]) -> Result<()> {
+        let p = self.path(key)?;
+        let s = Arc::clone(&self.store);
+        let payload = PutPayload::from(data.to_vec());
+        self.run(async move { s.put(&p, payload).await })?
+            .map(|_| ())
+            .map_err(|e| s3_err("put", key, e))
+    }
+
+    fn get(&self, key: &str, max_len: usize) -> Result<Vec<u8>> {
+        let p = self.path(key)?;
+        let s = Arc::clone(&self.store);
+        let r = self.run(async move {
+            let g = s.get(&p).await?;
+            let size = g.meta.size;
+            if size > max_len as u64 {
+                return Ok(Err(size));
+            }
+            g.bytes().await.map(Ok)
+        })?;
+        match r {
+            Ok(Ok(b)) if b.len() <= max_len => Ok(b.to_vec()),
+            Ok(Ok(b)) => Err(RepoError::corrupt(
+                key,
+                format!("{} bytes, larger than the limit {max_len}", b.len()),
+            )),
+            Ok(Err(size)) => Err(RepoError::corrupt(
+                key,
+                format!("{size} bytes, larger than the limit {max_len}"),
+            )),
+            Err(e) => Err(s3_err("get", key, e)),
+        }
+    }
+
+    fn get_prefix(&self, key: &str, len: usize) -> Result<Option<Vec<u8>>> {
+        let Some(m) = self.head_meta(key)? else {
+            return Ok(None);
+        };
+        let end = m.size.min(len as u64);
+        if end == 0 {
+            return Ok(Some(Vec::new()));
+        }
+        let p = self.path(key)?;
+        let s = Arc::clone(&self.store);
+        match self.run(async move { s.get_range(&p, 0..end).await })? {
+            Ok(b) => Ok(Some(b.to_vec())),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(s3_err("get range", key, e)),
+        }
+    }
+
+    fn size(&self, key: &str) -> Result<Option<u64>> {
+        Ok(self.head_meta(key)?.map(|m| m.size))
+    }
+
+    fn delete(&self, key: &str) -> Result<bool> {
+        // S3 DELETE succeeds whether or not the object existed; HEAD first
+        // only to report which (callers count).
+        let existed = self.head_meta(key)?.is_some();
+        let p = self.path(key)?;
+        let s = Arc::clone(&self.store);
+        match self.run(async move { s.delete(&p).await })? {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(existed),
+            Err(e) => Err(s3_err("delete", key, e)),
+        }
+    }
+
+    fn rename(&self, from: &str, to: &str) -> Result<()> {
+        // Copy, then delete: not atomic. Used only to quarantine a corrupt
+        // chunk (verify); a crash between leaves both, which verify and GC
+        // handle.
+        let (a, b) = (self.path(from)?, self.path(to)?);
+        let s = Arc::clone(&self.store);
+        self.run(async move { s.copy(&a, &b).await })?
+            .map_err(|e| s3_err("copy", from, e))?;
+        self.delete(from).map(|_| ())
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<ListEntry>> {
+        let p = self.path(prefix)?;
+        let s = Arc::clone(&self.store);
+        let r = self
+            .run(async move { s.list_with_delimiter(Some(&p)).await })?
+            .map_err(|e| s3_err("list", prefix, e))?;
+        let mut out = Vec::new();
+        for d in r.common_prefixes {
+            if let Some(n) = d.filename() {
+                out.push(ListEntry {
+                    name: n.to_owned(),
+                    is_dir: true,
+                    size: 0,
+                });
+            }
+        }
+        for o in r.objects {
+            if let Some(n) = o.location.filename() {
+                out.push(ListEntry {
+                    name: n.to_owned(),
+                    is_dir: false,
+                    size: o.size,
+                });
+            }
+        }
+        if out.is_empty() && !prefix.is_empty() {
+            return Err(RepoError::not_found(prefix.to_owned()));
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    fn create_dir(&self, key: &str) -> Result<()> {
+        // No directories: "new" means no object under the prefix yet. Not
+        // atomic (no conditional PUT); backup ids are per-second times and
+        // the in-progress marker names the writer.
+        match self.list(key) {
+            Ok(_) => Err(RepoError::AlreadyExists {
+                what: format!("{key} in {}", self.location()),
+            }),
+            Err(e) if e.kind() == super::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn ensure_dir(&self, _key: &str) -> Result<()> {
+        Ok(())
+    }
+
+    fn remove_tree(&self, key: &str) -> Result<()> {
+        for o in self.list_objects(key)? {
+            self.delete(&o.key)?;
+        }
+        Ok(())
+    }
+
+    fn lock(&self, _key: &str, _mode: LockMode, _wait: LockWait) -> Result<LockGuard> {
+        // No locks in an object store: the callers coordinate through
+        // in-progress markers and GC's condemned lists (repo/coord.rs).
+        Ok(LockGuard::new(Box::new(())))
+    }
+
+    fn is_temp_name(&self, _name: &str) -> bool {
+        false // PUT is atomic: there are no temp objects
+    }
+
+    fn coordination(&self) -> Coordination {
+        Coordination::Markers
+    }
+
+    fn list_objects(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
+        let p = self.path(prefix)?;
+        let s = Arc::clone(&self.store);
+        let r: Vec<object_store::Result<object_store::ObjectMeta>> =
+            self.run(async move { s.list(Some(&p)).collect::<Vec<_>>().await })?;
+        let mut out = Vec::with_capacity(r.len());
+        for m in r {
+            let m = m.map_err(|e| s3_err("list", prefix, e))?;
+            out.push(ObjectInfo {
+                key: self.rel(&m.location),
+                size: m.size,
+                modified_ms: m.last_modified.timestamp_millis(),
+            });
+        }
+        Ok(out)
+    }
+
+    fn modified_ms(&self, key: &str) -> Result<Option<i64>> {
+        Ok(self
+            .head_meta(key)?
+            .map(|m| m.last_modified.timestamp_millis()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_s3_urls() {
+        let l = S3Location::parse("s3://my-bucket/a/b/").unwrap();
+        assert_eq!(l.bucket, "my-bucket");
+        assert_eq!(l.prefix, "a/b");
+        assert_eq!(S3Location::parse("s3://bkt").unwrap().prefix, "");
+        S3Location::parse("s3://B_ad/x").unwrap_err();
+        S3Location::parse("s3://ok-bucket/../x").unwrap_err();
+        S3Location::parse("/var/x").unwrap_err();
+        assert_eq!(url_scheme("s3://b/p"), Some("s3"));
+        assert_eq!(url_scheme("gs://b"), Some("gs"));
+        assert_eq!(url_scheme("/var/lib/shear/repo"), None);
+        assert_eq!(url_scheme("./a://b"), None);
+    }
+}

@@ -1,0 +1,163 @@
+//! `shear sync`: copy committed backups from one repository to another
+//! (local ↔ S3 in any direction).
+//!
+//! Per backup, oldest first: chunks the target lacks, then the indexes, then
+//! the manifest last, as a backup writer does. So an interrupted sync leaves
+//! nothing listed that is incomplete, and a rerun copies only what did not
+//! arrive (chunks present in the target are skipped; a backup whose manifest
+//! is there is skipped). Blobs are copied as stored (compressed, encrypted),
+//! never re-encoded: index and manifest digests stay valid.
+//!
+//! The target must have the same chunk size and the same encryption key
+//! fingerprint (chunk digests are keyed when encrypted). The indexes of an
+//! encrypted repository are encrypted (format v1), so reading which chunks a
+//! backup needs takes the key: the key is needed to sync, not to store.
+//! In the target the sync is a backup writer: on a local directory it holds
+//! the shared repository lock and its new backup's exclusive lock; on an
+//! object store it holds an in-progress marker (repo/coord.rs), so GC on
+//! the target never deletes a chunk the sync is relying on.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::backend::{Coordination, LockMode, LockWait};
+use super::blob;
+use super::error::{ErrorKind, RepoError, Result};
+use super::format::{chunk_len, Digest, ZERO_ENTRY};
+use super::names::{BackupId, VmId};
+use super::{Repository, MANIFEST_NAME, MAX_CHUNK_BLOB, VM_BACKUPS_KEY};
+
+/// What to copy.
+#[derive(Debug, Clone, Default)]
+pub struct SyncOptions {
+    /// Only this VM's backups.
+    pub vmid: Option<VmId>,
+    /// Only the newest N backups (per VM).
+    pub last: Option<usize>,
+    /// Decode every copied chunk and check its digest (needs the key if
+    /// encrypted).
+    pub verify: bool,
+}
+
+/// What a sync did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SyncReport {
+    /// Backups copied.
+    pub copied: Vec<BackupId>,
+    /// Backups already in the target.
+    pub already_present: u64,
+    /// Chunks copied.
+    pub chunks_copied: u64,
+    /// Chunks the target had.
+    pub chunks_present: u64,
+    /// Bytes of chunk, index and manifest blobs written to the target.
+    pub bytes_copied: u64,
+}
+
+/// Copies backups from `from` to `to`; see the module docs.
+pub fn sync(from: &Repository, to: &Repository, opts: &SyncOptions) -> Result<SyncReport> {
+    let (fc, tc) = (from.config(), to.config());
+    if fc.chunk_size != tc.chunk_size {
+        return Err(RepoError::invalid(
+            "sync target",
+            format!(
+                "chunk size {} differs from the source's {}: create it with --chunk-size {}",
+                tc.chunk_size, fc.chunk_size, fc.chunk_size
+            ),
+        ));
+    }
+    let ffp = fc.encryption.as_ref().map(|e| e.key_fingerprint.clone());
+    let tfp = tc.encryption.as_ref().map(|e| e.key_fingerprint.clone());
+    if ffp != tfp {
+        return Err(RepoError::invalid(
+            "sync target",
+            format!(
+                "encryption differs (source key {}, target key {}): create the target with the source's key",
+                ffp.as_deref().unwrap_or("none"),
+                tfp.as_deref().unwrap_or("none")
+            ),
+        ));
+    }
+    let mut ids: Vec<BackupId> = from
+        .snapshot_dirs(opts.vmid.as_ref())?
+        .into_iter()
+        .filter(|s| s.complete)
+        .map(|s| s.id)
+        .collect();
+    if let Some(n) = opts.last {
+        let mut keep = Vec::new();
+        let vms: HashSet<VmId> = ids.iter().map(|i| i.vmid().clone()).collect();
+        for v in vms {
+            let mine: Vec<&BackupId> = ids.iter().filter(|i| *i.vmid() == v).collect();
+            keep.extend(mine.iter().rev().take(n).map(|i| (*i).clone()));
+        }
+        keep.sort();
+        ids = keep;
+    }
+    let mut report = SyncReport::default();
+    let tb = Arc::clone(to.backend());
+    let _repo_lock = to.lock_repo(LockMode::Shared, LockWait::Forever)?;
+    let _lease = match tb.coordination() {
+        Coordination::Locks => None,
+        Coordination::Markers => Some(super::coord::begin_writer_named(&tb, "sync", "sync")?.0),
+    };
+    let mut known: HashSet<Digest> = HashSet::new();
+    for id in ids {
+        let mkey = format!("{}/{MANIFEST_NAME}", id.dir_key());
+        if tb.size(&mkey)?.is_some() {
+            report.already_present += 1;
+            continue;
+        }
+        let m = from.load_manifest(&id)?;
+        let mut indexes = Vec::new();
+        for d in &m.disks {
+            indexes.push((d.clone(), from.load_index(&id, d)?));
+        }
+        tb.ensure_dir(&format!("{VM_BACKUPS_KEY}/{}", id.vmid()))?;
+        match tb.create_dir(&id.dir_key()) {
+            Ok(()) => {}
+            // A directory an interrupted sync left (no manifest): reuse it.
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        let _snap = to.lock_snapshot(&id, LockMode::Exclusive, LockWait::NoWait)?;
+        let key = from.key_for_data()?;
+        for (_, idx) in &indexes {
+            for (i, digest) in idx.entries.iter().enumerate() {
+                if *digest == ZERO_ENTRY || known.contains(digest) {
+                    continue;
+                }
+                let ck = Repository::chunk_key(digest);
+                if tb.size(&ck)?.is_some() {
+                    report.chunks_present += 1;
+                } else {
+                    let bytes = from.backend().get(&ck, MAX_CHUNK_BLOB)?;
+                    if opts.verify {
+                        let len = chunk_len(idx.virtual_size, idx.chunk_size, i as u64);
+                        blob::decode_chunk(&bytes, digest, key, len)?;
+                    }
+                    tb.put(&ck, &bytes)?;
+                    report.chunks_copied += 1;
+                    report.bytes_copied += bytes.len() as u64;
+                }
+                known.insert(*digest);
+            }
+        }
+        for (d, _) in &indexes {
+            let ik = format!("{}/{}", id.dir_key(), d.index_file);
+            let bytes = from.backend().get(&ik, 1 << 30)?;
+            tb.put(&ik, &bytes)?;
+            report.bytes_copied += bytes.len() as u64;
+        }
+        if let Some(l) = &_lease {
+            l.check_fresh()?;
+        }
+        let bytes = from.backend().get(&mkey, 64 << 20)?;
+        tb.put(&mkey, &bytes)?;
+        report.bytes_copied += bytes.len() as u64;
+        report.copied.push(id);
+    }
+    Ok(report)
+}
