@@ -13,8 +13,8 @@ pub mod hookscript;
 pub mod job;
 pub mod notify;
 pub mod repo;
-pub mod snapshot;
 pub mod serve;
+pub mod snapshot;
 pub mod units;
 
 pub use error_chain::chain;

@@ -1407,6 +1407,8 @@ fn snapshot_phase(b: &Bench, mut vm: TestVm, r: &mut Results) -> Res<()> {
 /// `sync(1)`: nothing of an earlier step is left to write back meanwhile.
 fn sync() {
     let _ = Command::new("sync").status();
+}
+
 /// Waits until `path` exists (a server's socket), or fails.
 fn wait_path(path: &Path, what: &str) -> Res<()> {
     let deadline = Instant::now() + Duration::from_secs(120);

@@ -18,8 +18,8 @@ mod nbd_cmd;
 mod passphrase;
 mod progress;
 mod repo_cmds;
-mod snapshot_cmd;
 mod serve_cmd;
+mod snapshot_cmd;
 mod vm_definition;
 
 pub use backup_cmd::{BackupArgs, CleanupArgs, WatchdogArgs};
