@@ -20,6 +20,20 @@ pub fn human_bytes(b: u64) -> String {
     }
 }
 
+/// `"2d 3h"`, `"5h 10m"`, `"45m"`, `"30s"`: the two largest units.
+pub fn human_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    let (days, h, m) = (s / 86_400, s / 3600 % 24, s / 60 % 60);
+    match (days, s / 3600, s / 60) {
+        (1.., _, _) if h > 0 => format!("{days}d {h}h"),
+        (1.., _, _) => format!("{days}d"),
+        (0, 1.., _) if m > 0 => format!("{h}h {m}m"),
+        (0, 1.., _) => format!("{h}h"),
+        (0, 0, 1..) => format!("{m}m"),
+        _ => format!("{s}s"),
+    }
+}
+
 /// Parse `"90s"`, `"30m"`, `"48h"`, `"7d"`, `"2w"`, `"0"`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
@@ -54,5 +68,13 @@ mod tests {
         assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
         parse_duration("48").unwrap_err();
         parse_duration("1y").unwrap_err();
+        assert_eq!(human_duration(Duration::from_secs(30)), "30s");
+        assert_eq!(human_duration(Duration::from_secs(45 * 60)), "45m");
+        assert_eq!(
+            human_duration(Duration::from_secs(5 * 3600 + 600)),
+            "5h 10m"
+        );
+        assert_eq!(human_duration(Duration::from_secs(48 * 3600)), "2d");
+        assert_eq!(human_duration(Duration::from_secs(51 * 3600 + 59)), "2d 3h");
     }
 }

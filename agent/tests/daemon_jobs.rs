@@ -650,3 +650,108 @@ listen = ["127.0.0.1:{port}"]
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// Issue 15 in the daemon: snapshots made by `shear snapshot` and left past
+/// `snapshot_max_age` raise one `snapshot-old` warning per VM (routed to
+/// the targets of the jobs covering it, here a real webhook), not repeated
+/// while nothing changes; a VM whose snapshots are all young raises none;
+/// `/metrics` carries the oldest snapshot's age.
+#[test]
+fn daemon_warns_once_about_snapshots_past_their_age_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("repo");
+    drop(init_repo(&root, None));
+    let snaps = dir.path().join("state/snapshots");
+    std::fs::create_dir_all(&snaps).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let record = |vmid: &str, ages_h: &[u64]| {
+        let entries: Vec<Value> = ages_h
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                serde_json::json!({
+                    "name": format!("s{i}"),
+                    "tag": format!("s{i}"),
+                    "description": "",
+                    "created_unix": now - h * 3600,
+                    "vmstate": false,
+                    "consistency": "crash",
+                    "disks": [{"name": "d0", "filename": "/nonexistent/d0.qcow2"}],
+                })
+            })
+            .collect();
+        std::fs::write(
+            snaps.join(format!("{vmid}.json")),
+            serde_json::to_vec(&serde_json::json!({
+                "version": 1, "vmid": vmid, "snapshots": entries,
+            }))
+            .unwrap(),
+        )
+        .unwrap();
+    };
+    record("100", &[72, 50, 1]);
+    record("101", &[2]);
+    let sock = dir.path().join("api.sock");
+    let cfg = dir.path().join("shear.toml");
+    let (hook_url, hooked) = webhook_receiver();
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"state_dir = "{d}/state"
+run_dir = "{d}/run"
+snapshot_max_age = "48h"
+[[job]]
+id = "nightly"
+schedule = "daily"
+enabled = false
+vmids = ["100", "101"]
+repo = "{r}"
+notify = ["ops"]
+[api]
+socket = "{s}"
+[[notify_target]]
+name = "ops"
+type = "webhook"
+url = "{hook_url}"
+"#,
+            d = dir.path().display(),
+            r = root.display(),
+            s = sock.display()
+        ),
+    )
+    .unwrap();
+    let mut child = start_daemon(&cfg, &sock, &dir.path().join("daemon.log"));
+    let got = hooked.recv_timeout(Duration::from_secs(60)).unwrap();
+    let text = got.to_string();
+    assert_eq!(got["kind"], "snapshot-old", "{got:#}");
+    assert_eq!(got["severity"], "warning", "{got:#}");
+    assert!(text.contains("VM 100"), "{got:#}");
+    assert!(
+        text.contains("2 snapshot(s) older than 2d, the oldest 3d"),
+        "{got:#}"
+    );
+    // No second warning (VM 100 again, or VM 101 whose snapshot is young).
+    if let Ok(more) = hooked.recv_timeout(Duration::from_secs(3)) {
+        panic!("a second notification: {more:#}");
+    }
+    let mut s = UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut m = String::new();
+    s.read_to_string(&mut m).unwrap();
+    let line = m
+        .lines()
+        .find(|l| l.starts_with("shear_snapshot_oldest_age_seconds{vmid=\"100\"}"))
+        .unwrap_or_else(|| panic!("no age gauge:\n{m}"));
+    let age: f64 = line.split_whitespace().last().unwrap().parse().unwrap();
+    assert!((72.0 * 3600.0..73.0 * 3600.0).contains(&age), "{line}");
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -91,6 +91,19 @@ pub enum Event {
         /// The policy's RPO.
         rpo_s: u64,
     },
+    /// A VM has snapshots made by `shear snapshot` older than the limit
+    /// (`snapshot_max_age`): snapshots left for days slow the VM down and
+    /// hold space; they should go.
+    SnapshotOld {
+        /// VM id.
+        vmid: String,
+        /// Snapshots over the limit.
+        count: usize,
+        /// Age of the oldest.
+        oldest_age_s: u64,
+        /// The limit.
+        limit_s: u64,
+    },
     /// Verify found damaged backups or chunks.
     VerifyDamage {
         /// Job id.
@@ -122,7 +135,9 @@ impl Event {
     pub fn severity(&self) -> Severity {
         match self {
             Event::JobFinished { .. } => Severity::Info,
-            Event::SpaceLow { .. } | Event::RpoMissed { .. } => Severity::Warning,
+            Event::SpaceLow { .. } | Event::RpoMissed { .. } | Event::SnapshotOld { .. } => {
+                Severity::Warning
+            }
             Event::JobFailed { .. } | Event::VerifyDamage { .. } => Severity::Error,
         }
     }
@@ -133,7 +148,7 @@ impl Event {
             Event::JobFinished { job, .. }
             | Event::JobFailed { job, .. }
             | Event::VerifyDamage { job, .. } => Some(job),
-            Event::RpoMissed { .. } | Event::SpaceLow { .. } => None,
+            Event::RpoMissed { .. } | Event::SpaceLow { .. } | Event::SnapshotOld { .. } => None,
         }
     }
 
@@ -143,7 +158,9 @@ impl Event {
             Event::JobFinished { vms, .. } | Event::JobFailed { vms, .. } => {
                 vms.iter().map(|v| v.vmid.as_str()).collect()
             }
-            Event::RpoMissed { vmid, .. } => vec![vmid.as_str()],
+            Event::RpoMissed { vmid, .. } | Event::SnapshotOld { vmid, .. } => {
+                vec![vmid.as_str()]
+            }
             Event::VerifyDamage { .. } | Event::SpaceLow { .. } => Vec::new(),
         }
     }

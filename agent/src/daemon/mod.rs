@@ -99,6 +99,8 @@ pub struct Shared {
     shutting_down: AtomicBool,
     repos: Mutex<BTreeMap<PathBuf, repos::RepoStatus>>,
     breached: Mutex<BTreeSet<String>>,
+    /// VMs with snapshots past the age limit, already notified.
+    snapshots_old: Mutex<BTreeSet<String>>,
     /// Wakes the main loop (a run ended, config changed).
     pub wake: tokio::sync::Notify,
 }
@@ -267,17 +269,7 @@ impl Shared {
                 let rpo = i64::try_from(p.rpo.as_secs()).unwrap_or(i64::MAX);
                 let over = age.is_none_or(|a| a > rpo);
                 if over && breached.insert(vmid.clone()) {
-                    let notify: Vec<String> = cfg
-                        .jobs
-                        .iter()
-                        .filter(|j| {
-                            j.backup.as_ref().is_some_and(|b| match &b.vms {
-                                config::Selection::List(v) => v.contains(vmid),
-                                config::Selection::All { exclude } => !exclude.contains(vmid),
-                            })
-                        })
-                        .flat_map(|j| j.notify.clone())
-                        .collect();
+                    let notify = notify_for_vm(&cfg, vmid);
                     self.events.emit(
                         &Event::RpoMissed {
                             vmid: vmid.clone(),
@@ -292,6 +284,64 @@ impl Shared {
             }
         }
     }
+
+    /// Emit a snapshot-old event for each VM newly holding snapshots made
+    /// by `shear snapshot` past `snapshot_max_age` (from the snapshot
+    /// records, as the metrics do).
+    fn check_snapshots(&self) {
+        let cfg = self.config();
+        let limit = cfg
+            .base
+            .snapshot_max_age
+            .as_deref()
+            .and_then(|s| crate::units::parse_duration(s).ok())
+            .unwrap_or(crate::snapshot::ops::DEFAULT_MAX_AGE);
+        let limit_s = i64::try_from(limit.as_secs()).unwrap_or(i64::MAX);
+        let now = jiff::Timestamp::now().as_second();
+        let over: BTreeMap<String, (usize, i64)> =
+            crate::snapshot::ops::recorded_created(&cfg.state_dir)
+                .into_iter()
+                .filter_map(|(vmid, created)| {
+                    let ages: Vec<i64> = created
+                        .iter()
+                        .map(|c| now.saturating_sub(*c))
+                        .filter(|a| *a > limit_s)
+                        .collect();
+                    let oldest = ages.iter().copied().max()?;
+                    Some((vmid, (ages.len(), oldest)))
+                })
+                .collect();
+        let mut notified = lock(&self.snapshots_old);
+        notified.retain(|v| over.contains_key(v));
+        for (vmid, (count, oldest)) in over {
+            if notified.insert(vmid.clone()) {
+                let notify = notify_for_vm(&cfg, &vmid);
+                self.events.emit(
+                    &Event::SnapshotOld {
+                        vmid,
+                        count,
+                        oldest_age_s: u64::try_from(oldest).unwrap_or(0),
+                        limit_s: limit.as_secs(),
+                    },
+                    &notify,
+                );
+            }
+        }
+    }
+}
+
+/// The notification targets of the backup jobs that cover `vmid`.
+fn notify_for_vm(cfg: &DaemonConfig, vmid: &str) -> Vec<String> {
+    cfg.jobs
+        .iter()
+        .filter(|j| {
+            j.backup.as_ref().is_some_and(|b| match &b.vms {
+                config::Selection::List(v) => v.iter().any(|x| x == vmid),
+                config::Selection::All { exclude } => !exclude.iter().any(|x| x == vmid),
+            })
+        })
+        .flat_map(|j| j.notify.clone())
+        .collect()
 }
 
 /// Load and validate the config at `path`, or say why not.
@@ -347,6 +397,7 @@ async fn main_loop(cfg: DaemonConfig, config_path: PathBuf) -> anyhow::Result<()
         shutting_down: AtomicBool::new(false),
         repos: Mutex::new(BTreeMap::new()),
         breached: Mutex::new(BTreeSet::new()),
+        snapshots_old: Mutex::new(BTreeSet::new()),
         wake: tokio::sync::Notify::new(),
     });
     let mut sighup = signal(SignalKind::hangup())?;
@@ -396,6 +447,7 @@ async fn main_loop(cfg: DaemonConfig, config_path: PathBuf) -> anyhow::Result<()
                     shared.refresh_repos(&cfg).await;
                 }
                 shared.check_rpo();
+                shared.check_snapshots();
             }
         }
         let now = Zoned::now();

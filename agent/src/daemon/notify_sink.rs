@@ -6,6 +6,7 @@
 //! logged.
 
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use super::events::{Event, EventSink, VmResult};
 use crate::config::Config;
@@ -112,6 +113,32 @@ pub fn notification(event: &Event, host: &str) -> Notification {
             n.vms = vec![VmRow {
                 vmid: vmid.clone(),
                 status: "missed".into(),
+                ..VmRow::default()
+            }];
+            n
+        }
+        Event::SnapshotOld {
+            vmid,
+            count,
+            oldest_age_s,
+            limit_s,
+        } => {
+            let mut n = Notification::new(
+                Severity::Warning,
+                Kind::SnapshotOld,
+                "",
+                host,
+                format!("shear on {host}: VM {vmid} has snapshots past their age limit"),
+            );
+            n.message = format!(
+                "{count} snapshot(s) older than {}, the oldest {}: remove them \
+                 (`shear snapshot {vmid} delete NAME`, or `shear snapshot prune`)",
+                crate::units::human_duration(Duration::from_secs(*limit_s)),
+                crate::units::human_duration(Duration::from_secs(*oldest_age_s)),
+            );
+            n.vms = vec![VmRow {
+                vmid: vmid.clone(),
+                status: "snapshot-old".into(),
                 ..VmRow::default()
             }];
             n

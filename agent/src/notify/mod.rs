@@ -61,6 +61,8 @@ pub enum Kind {
     VerifyDamage,
     /// A repository's free space is low.
     SpaceLow,
+    /// A VM has snapshots older than the limit.
+    SnapshotOld,
 }
 
 impl Kind {
@@ -72,6 +74,7 @@ impl Kind {
             Kind::RpoMissed => "rpo-missed",
             Kind::VerifyDamage => "verify-damage",
             Kind::SpaceLow => "space-low",
+            Kind::SnapshotOld => "snapshot-old",
         }
     }
 }

@@ -933,6 +933,19 @@ pub fn recorded_ages(state_dir: &Path, now_unix: i64) -> Vec<(String, usize, i64
         .collect()
 }
 
+/// Per VM with a snapshot record in `state_dir`: the creation times
+/// (Unix seconds) of its snapshots.
+pub fn recorded_created(state_dir: &Path) -> Vec<(String, Vec<i64>)> {
+    recorded_vmids(state_dir)
+        .into_iter()
+        .filter_map(|v| {
+            let r = record::load(state_dir, &v).ok()?;
+            let c = r.snapshots.iter().map(|s| s.created_unix).collect();
+            Some((v, c))
+        })
+        .collect()
+}
+
 /// The stopped VM's images through `qemu-img`.
 pub(crate) mod offline {
     use std::path::Path;
