@@ -405,21 +405,15 @@ impl Conn {
             })
             .ok_or_else(|| Error::InvalidArgument("read destination out of bounds".into()))?;
         slot.refs += 1;
-        let cookie = self.cookie();
-        self.push_request(wire::NBD_CMD_READ, 0, cookie, offset, len);
-        self.pending.insert(
-            cookie,
-            Pending {
-                tag,
-                offset,
-                len,
-                kind: Kind::Read {
-                    buf,
-                    buf_off,
-                    coverage: Coverage::default(),
-                },
-                error: None,
-                started: false,
+        self.enqueue(
+            wire::NBD_CMD_READ,
+            tag,
+            offset,
+            len,
+            Kind::Read {
+                buf,
+                buf_off,
+                coverage: Coverage::default(),
             },
         );
         self.bytes_in_flight += u64::from(len);
@@ -435,21 +429,32 @@ impl Conn {
             ));
         }
         self.check_range(offset, len, tuning::BLOCK_STATUS_MAX_LEN)?;
-        let cookie = self.cookie();
-        self.push_request(wire::NBD_CMD_BLOCK_STATUS, 0, cookie, offset, len);
         let n = self.info.contexts.len();
+        self.enqueue(
+            wire::NBD_CMD_BLOCK_STATUS,
+            tag,
+            offset,
+            len,
+            Kind::BlockStatus { got: vec![None; n] },
+        );
+        Ok(())
+    }
+
+    /// Sends request `cmd` and remembers it under a fresh cookie.
+    fn enqueue(&mut self, cmd: u16, tag: u64, offset: u64, len: u32, kind: Kind) {
+        let cookie = self.cookie();
+        self.push_request(cmd, 0, cookie, offset, len);
         self.pending.insert(
             cookie,
             Pending {
                 tag,
                 offset,
                 len,
-                kind: Kind::BlockStatus { got: vec![None; n] },
+                kind,
                 error: None,
                 started: false,
             },
         );
-        Ok(())
     }
 
     /// Queues `NBD_CMD_TRIM` for `len` bytes at `offset` (the server must
@@ -462,19 +467,7 @@ impl Conn {
             ));
         }
         self.check_range(offset, len, tuning::TRIM_MAX_LEN)?;
-        let cookie = self.cookie();
-        self.push_request(wire::NBD_CMD_TRIM, 0, cookie, offset, len);
-        self.pending.insert(
-            cookie,
-            Pending {
-                tag,
-                offset,
-                len,
-                kind: Kind::Trim,
-                error: None,
-                started: false,
-            },
-        );
+        self.enqueue(wire::NBD_CMD_TRIM, tag, offset, len, Kind::Trim);
         Ok(())
     }
 
