@@ -882,14 +882,24 @@ fn qemu_f38_stalled_writer_keeps_its_base_and_chunks_gc_waits() {
         .unwrap()
         .to_string();
     write_pattern(&mut vm, "d0", 0x33, 32, 16);
+    let repo = env.dir.path().join("repo");
+    assert!(repo.join("chunks").is_dir(), "repository layout changed");
+    let chunks_of_b1_b2 = chunk_files(&repo);
     let mut cmd = env.backup(&vm, &["--bwlimit", "1024"]);
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd.spawn().unwrap();
     wait_reading(&mut vm, &mut child, Duration::from_secs(60));
+    // Stop it once it stores data: its repository session (and the shared
+    // lock on its base) is open by then; the export alone comes earlier.
+    shear_tests::wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(20),
+        "the backup's first new chunk",
+        || (chunk_files(&repo) > chunks_of_b1_b2).then_some(()),
+    )
+    .unwrap();
     let mut stalled = Stopped(Some(child));
     assert!(signal(stalled.0.as_ref().unwrap(), "-STOP"));
-    let repo = env.dir.path().join("repo");
-    assert!(repo.join("chunks").is_dir(), "repository layout changed");
     let chunks_before = chunk_files(&repo);
 
     // The stalled writer's base cannot be forgotten.
