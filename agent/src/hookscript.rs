@@ -269,19 +269,20 @@ impl VmHooks {
     /// Run `phase`; a failure becomes the warning text returned (logged
     /// through `tracing` too). What the script printed is logged at info.
     pub async fn run_or_warn(&self, phase: HookPhase) -> Option<String> {
-        match self.script.run(phase, &self.ctx).await {
-            Ok(out) => {
-                for l in out.output.lines().filter(|l| !l.trim().is_empty()) {
-                    tracing::info!(vmid = %self.ctx.vmid, phase = phase.as_str(), "hook: {l}");
-                }
-                None
-            }
-            Err(e) => {
-                let w = format!("{e} (ignored: only backup-start aborts)");
-                tracing::warn!(vmid = %self.ctx.vmid, "{w}");
-                Some(w)
-            }
-        }
+        self.run_reporting(phase, &mut TracingSink).await
+    }
+}
+
+/// `tracing` as the sink: what the backup job's own phases (stop mode)
+/// report.
+struct TracingSink;
+
+impl HookSink for TracingSink {
+    fn output(&mut self, vmid: &str, phase: HookPhase, line: &str) {
+        tracing::info!(vmid = %vmid, phase = phase.as_str(), "hook: {line}");
+    }
+    fn warning(&mut self, vmid: &str, text: &str) {
+        tracing::warn!(vmid = %vmid, "{text}");
     }
 }
 

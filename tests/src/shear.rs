@@ -219,6 +219,24 @@ impl ShearEnv {
         let v: Value = serde_json::from_slice(&out.stdout).unwrap();
         v.as_array().cloned().unwrap_or_default()
     }
+
+    /// Wait (up to `timeout`) until VM 100's run record is gone: the run
+    /// was taken back (by shear, its watchdog or a cleanup) after `what`.
+    pub fn wait_record_gone(&self, timeout: Duration, what: &str) {
+        let rec = self.run_dir().join("backup-100.json");
+        let t = Instant::now();
+        crate::wait_until(
+            timeout,
+            Duration::from_millis(50),
+            &format!("the run record to go after {what}"),
+            || (!rec.exists()).then_some(()),
+        )
+        .unwrap();
+        eprintln!(
+            "run taken back {:.2} s after {what}",
+            t.elapsed().as_secs_f64()
+        );
+    }
 }
 
 /// The test-only hold hook (`SHEAR_TEST_FROZEN_HOOK`): shear runs it while

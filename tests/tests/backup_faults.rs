@@ -178,7 +178,7 @@ fn vm_f04_agent_sigkill_while_frozen_watchdog_thaws_and_takes_back_graph() {
     );
     // Issue 16 D(b): the watchdog also takes back the graph changes the
     // dead agent recorded (filters, fleece, record), without a new backup.
-    wait_record_gone(&env, Duration::from_secs(15));
+    env.wait_record_gone(Duration::from_secs(15), "the kill");
     assert_released_and_clean(&mut vm, &env, &["d0"]);
     assert!(env.list().is_empty());
     let out = run_ok(env.backup(&vm, &[]));
@@ -254,7 +254,7 @@ fn vm_f04_unit_cgroup_killed_while_frozen_watchdog_outside_thaws() {
         "bug 6: thawed {:.2} s after the cgroup kill",
         killed.elapsed().as_secs_f64()
     );
-    wait_record_gone(&env, Duration::from_secs(15));
+    env.wait_record_gone(Duration::from_secs(15), "the kill");
     assert_released_and_clean(&mut vm, &env, &["d0"]);
     assert!(env.list().is_empty());
     std::fs::remove_dir(&unit).unwrap();
@@ -395,23 +395,6 @@ fn vm_sighup_with_terminal_gone_mid_read_rolls_back_no_backup() {
     );
 }
 
-/// Wait until the run record is gone (the watchdog took the run back).
-fn wait_record_gone(env: &ShearEnv, timeout: Duration) {
-    let rec = env.run_dir().join("backup-100.json");
-    let t = Instant::now();
-    wait_until(
-        timeout,
-        Duration::from_millis(50),
-        "the run record to go",
-        || (!rec.exists()).then_some(()),
-    )
-    .unwrap();
-    eprintln!(
-        "run taken back {:.2} s after the kill",
-        t.elapsed().as_secs_f64()
-    );
-}
-
 /// The `shear __watchdog` child of the shear process `pid`.
 fn watchdog_of(pid: u32) -> u32 {
     wait_until(
@@ -446,7 +429,7 @@ fn vm_sigkill_mid_read_watchdog_takes_back_graph_without_next_run() {
     wait_reading(&mut vm, &mut child, Duration::from_secs(60));
     child.kill().unwrap();
     let _ = child.wait();
-    wait_record_gone(&env, Duration::from_secs(10));
+    env.wait_record_gone(Duration::from_secs(10), "the kill");
     assert_released_and_clean(&mut vm, &env, &["d0"]);
     assert!(env.list().is_empty());
     let out = run_ok(env.backup(&vm, &[]));
@@ -804,7 +787,7 @@ fn vm_stop_mode_agent_killed_while_guest_down_watchdog_boots_it() {
         || vm.qga("guest-ping", json!(null)).ok(),
     )
     .unwrap();
-    wait_record_gone(&env, Duration::from_secs(30));
+    env.wait_record_gone(Duration::from_secs(30), "the kill");
     report_of(&run_ok(env.backup(&vm, &[])));
     assert_released_and_clean(&mut vm, &env, &["d0"]);
 }
@@ -1208,7 +1191,7 @@ fn vm_f04_qga_unreachable_past_old_deadline_watchdog_never_gives_up() {
     );
     std::os::unix::fs::symlink(vm.qga_socket(), &link).unwrap();
     let back = Instant::now();
-    wait_record_gone(&env, Duration::from_secs(30));
+    env.wait_record_gone(Duration::from_secs(30), "the kill");
     eprintln!(
         "D(c): thawed and taken back {:.2} s after qemu-ga came back",
         back.elapsed().as_secs_f64()

@@ -752,19 +752,6 @@ fn qemu_migration_during_backup_fails_backup_unharmed_f26() {
     migrate(&mut src, &mut dst, &sock, true);
 }
 
-/// Wait until the watchdog (or shear itself) has removed VM 100's run
-/// record: the graph has been taken back.
-fn wait_record_gone(env: &Env, what: &str) {
-    let rec = env.run_dir().join("backup-100.json");
-    shear_tests::wait_until(
-        Duration::from_secs(30),
-        Duration::from_millis(50),
-        &format!("the run record to go after {what}"),
-        || (!rec.exists()).then_some(()),
-    )
-    .unwrap();
-}
-
 /// F-31 on a live backup (issue 16): shear SIGKILLed at durable steps while
 /// it backs up a running QEMU (`SHEAR_TEST_KILL_AT`): in the data, while
 /// the index is renamed into place, before the manifest (the commit point)
@@ -810,7 +797,7 @@ fn qemu_live_backup_killed_at_durable_steps_f31_f22() {
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
-        wait_record_gone(&env, point);
+        env.wait_record_gone(Duration::from_secs(30), point);
         shear_tests::shear::assert_graph_clean(&mut vm, &env, &disks);
         let listed = env.list().len();
         assert_eq!(

@@ -213,13 +213,7 @@ pub fn authenticate(
     })
 }
 
-/// Whether `presented` (`NAME:SECRET`) is a token among `tokens` with
-/// the right secret (disabled or expired ones included: see
-/// [`authenticate`]).
-pub fn check(tokens: &[StoredToken], presented: &str) -> bool {
-    matching(tokens, presented).is_some()
-}
-
+/// The token `presented` (`NAME:SECRET`) names, if its secret is right.
 fn matching<'a>(tokens: &'a [StoredToken], presented: &str) -> Option<&'a StoredToken> {
     let (name, secret) = presented.split_once(':')?;
     let t = tokens.iter().find(|t| t.name == name)?;
@@ -243,13 +237,15 @@ mod tests {
         assert!(!std::fs::read_to_string(tokens_path(d.path()))
             .unwrap()
             .contains(tok.split_once(':').unwrap().1));
-        assert!(check(&all, &tok));
-        assert!(!check(&all, "ci:00"));
-        assert!(!check(&all, &tok.replace("ci:", "other:")));
-        assert!(!check(&all, "garbage"));
+        let now = jiff::Timestamp::now();
+        let valid = |all: &[StoredToken], p: &str| authenticate(all, p, now).is_some();
+        assert!(valid(&all, &tok));
+        assert!(!valid(&all, "ci:00"));
+        assert!(!valid(&all, &tok.replace("ci:", "other:")));
+        assert!(!valid(&all, "garbage"));
         assert!(delete(d.path(), "ci").unwrap());
         assert!(!delete(d.path(), "ci").unwrap());
-        assert!(!check(&load(d.path()).unwrap(), &tok));
+        assert!(!valid(&load(d.path()).unwrap(), &tok));
     }
 
     #[test]

@@ -923,18 +923,18 @@ pub fn recorded_vmids(state_dir: &Path) -> Vec<String> {
 /// seconds at `now_unix`). Unreadable records are skipped (metrics must
 /// not fail on them; `shear snapshot VMID list` reports them).
 pub fn recorded_ages(state_dir: &Path, now_unix: i64) -> Vec<(String, usize, i64)> {
-    recorded_vmids(state_dir)
+    recorded_created(state_dir)
         .into_iter()
-        .filter_map(|v| {
-            let r = record::load(state_dir, &v).ok()?;
-            let oldest = r.snapshots.iter().map(|s| s.created_unix).min()?;
-            Some((v, r.snapshots.len(), (now_unix - oldest).max(0)))
+        .filter_map(|(v, created)| {
+            let oldest = created.iter().copied().min()?;
+            Some((v, created.len(), (now_unix - oldest).max(0)))
         })
         .collect()
 }
 
 /// Per VM with a snapshot record in `state_dir`: the creation times
-/// (Unix seconds) of its snapshots.
+/// (Unix seconds) of its snapshots. Unreadable records are skipped, as in
+/// [`recorded_ages`].
 pub fn recorded_created(state_dir: &Path) -> Vec<(String, Vec<i64>)> {
     recorded_vmids(state_dir)
         .into_iter()
