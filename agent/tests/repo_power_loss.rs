@@ -185,6 +185,74 @@ fn f34_failing_fsync_or_write_fails_the_backup_nothing_committed_earlier_intact(
     }
 }
 
+/// F-34 through the chunk pipeline: a chunk's fsync failing on a store
+/// thread fails `finish` with the failed step named, that chunk is never
+/// recorded in the index nor reported stored (the hook that releases read
+/// ranges from the snapshot), and the session commits nothing.
+#[test]
+fn f34_failing_fsync_on_a_pipeline_store_thread_fails_the_backup() {
+    let _g = serial();
+    let dir = scratch_dir();
+    let repo = init_repo(dir.path(), None);
+    let before = check_listed(&repo, None, "pipeline");
+    let mut meta = BackupMeta::new("100", "vm-100");
+    meta.time = Some(t(7 * 3600));
+    let s = repo.begin_backup(&meta).unwrap();
+    // Six distinct, incompressible chunks: every one is stored.
+    let mut data = vec![0u8; 6 * CHUNK as usize];
+    StdRng::seed_from_u64(34).fill(&mut data[..]);
+    let d = s.add_disk(&DiskSpec::new("d0", data.len() as u64)).unwrap();
+    let stored = std::sync::Arc::new(Mutex::new(Vec::new()));
+    let hook = {
+        let stored = std::sync::Arc::clone(&stored);
+        std::sync::Arc::new(move |i: u64| stored.lock().unwrap().push(i)) as shear::repo::StoredHook
+    };
+    failpoint::configure(vec![
+        Rule::parse("chunk:fsync:3", Action::Fail(libc::EIO)).unwrap()
+    ]);
+    let p = shear::repo::ChunkPipeline::with_hooks(
+        2,
+        2,
+        &(std::sync::Arc::new(drop) as shear::repo::BufferRecycler),
+        Some(hook),
+    );
+    let mut submit_err = None;
+    for (i, c) in data.chunks(CHUNK as usize).enumerate() {
+        if let Err(e) = p.submit(&d, i as u64, c.to_vec()) {
+            submit_err = Some(e);
+            break;
+        }
+    }
+    let res = p.finish();
+    failpoint::configure(Vec::new());
+    let err = error_chain(&res.expect_err("a chunk fsync failed: finish must fail"));
+    assert!(
+        err.contains("injected at failpoint chunk:fsync") && err.contains("Input/output error"),
+        "the error does not name the failed step: {err} (submit: {submit_err:?})"
+    );
+    // At most the other five chunks were stored, and every chunk reported
+    // stored is durable: its object exists.
+    let reported = stored.lock().unwrap().clone();
+    assert!(
+        reported.len() <= 5,
+        "the failed chunk was reported stored: {reported:?}"
+    );
+    for i in &reported {
+        let c = &data[*i as usize * CHUNK as usize..(*i as usize + 1) * CHUNK as usize];
+        let digest = shear::repo::blob::chunk_digest(None, c);
+        let h = hex::encode(digest);
+        let key = format!("chunks/{}/{h}", &h[..2]);
+        assert!(
+            dir.path().join(&key).exists(),
+            "chunk {i} reported stored but {key} is absent"
+        );
+    }
+    // The index cannot be finished: a chunk is missing from it.
+    d.finish().expect_err("the disk lacks its failed chunk");
+    drop(s);
+    assert_eq!(check_listed(&repo, None, "pipeline"), before);
+}
+
 // ---------------------------------------------------------------- F-32
 
 type Ino = usize;

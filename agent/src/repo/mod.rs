@@ -159,7 +159,7 @@ pub use shared::{CacheStats, DiskExtent, SharedDisk};
 pub use verify::{VerifyReport, VerifyTarget};
 pub use writer::{
     BackupMeta, BackupSession, BufferRecycler, ChunkPipeline, CommitInfo, DiskSpec, DiskWriter,
-    StoredHook,
+    PreparedChunk, StoredHook, STORE_QUEUE, STORE_THREADS,
 };
 
 use backend::LockGuard;
