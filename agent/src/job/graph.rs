@@ -463,28 +463,26 @@ fn fleece_file(path: &Path) -> Value {
     file
 }
 
-/// Create a qcow2 image of exactly `size` bytes with `qemu-img create`.
+/// Create an empty qcow2 image of exactly `size` bytes (64 KiB clusters,
+/// v3, as `qemu-img create -f qcow2` makes it), owner-only. Written in
+/// process: `qemu-img create` cost 40-150 ms per disk here, a fixed cost
+/// of every backup that an incremental of a quiet disk mostly consists of.
+/// Not fsynced: a fleece image is scratch, never read after a crash.
 async fn create_qcow2(path: &Path, size: u64) -> Result<(), JobError> {
-    let out = tokio::time::timeout(
-        QMP_STEP_TIMEOUT,
-        tokio::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536"])
-            .arg(path)
-            .arg(size.to_string())
-            .kill_on_drop(true)
-            .output(),
-    )
+    let owned = path.to_path_buf();
+    let made = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&owned)?;
+        crate::repo::qcow2::Qcow2Writer::new(file, size).finish_unsynced()?;
+        Ok(())
+    })
     .await
-    .map_err(|_| JobError::Invalid(format!("qemu-img create {} timed out", path.display())))?
-    .map_err(|e| JobError::io(format!("running qemu-img create {}", path.display()), e))?;
-    if !out.status.success() {
-        return Err(JobError::Invalid(format!(
-            "qemu-img create {} failed: {}",
-            path.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(())
+    .map_err(|e| JobError::Invalid(format!("creating {}: {e}", path.display())))?;
+    made.map_err(|e| JobError::io(format!("creating the fleece image {}", path.display()), e))
 }
 
 /// Undo every step of `record` in reverse order. Best effort: every step is

@@ -81,6 +81,14 @@ impl Qcow2Writer {
 
     /// Writes the metadata and the header, syncs, and returns the file.
     pub fn finish(self) -> io::Result<File> {
+        let file = self.finish_unsynced()?;
+        file.sync_all()?;
+        Ok(file)
+    }
+
+    /// Like [`Qcow2Writer::finish`] without the final fsync: for scratch
+    /// images (a backup's fleece image) that need not survive a crash.
+    pub fn finish_unsynced(self) -> io::Result<File> {
         let guest_clusters = self.virtual_size.div_ceil(CLUSTER_SIZE);
         let l1_entries = guest_clusters.div_ceil(L2_ENTRIES).max(1);
         let l1_clusters = (l1_entries * 8).div_ceil(CLUSTER_SIZE);
@@ -157,7 +165,6 @@ impl Qcow2Writer {
         // 104..112: header extension end marker (type 0, length 0) = zeros.
         self.file.write_all_at(&h, 0)?;
         self.file.set_len(total * CLUSTER_SIZE)?;
-        self.file.sync_all()?;
         Ok(self.file)
     }
 }
