@@ -213,12 +213,15 @@ impl BackupRun {
         let inserted = self.insert().await;
         // Release at once, whatever happened.
         self.phase(Phase::Release);
-        let released = self.release().await;
-        inserted?;
+        if inserted.is_err() {
+            let released = self.release().await;
+            inserted?;
+            released?;
+        }
+        // The exports go in while the guest thaws (see release_and_export).
+        let (released, exported) = self.release_and_export().await;
         released?;
-        self.cancel.check()?;
-        self.phase(Phase::Export);
-        self.export().await?;
+        exported.unwrap_or(Ok(()))?;
         self.cancel.check()?;
         // Let the monitor go for the whole read: QEMU serves one client per
         // monitor, and the host's own tools need it.
@@ -439,7 +442,7 @@ impl BackupRun {
 
     /// Phase `export`: one read-only export per disk under a random name
     /// on the NBD server started (on a private socket) in `prepare`.
-    async fn export(&mut self) -> Result<(), JobError> {
+    pub(super) async fn export(&mut self) -> Result<(), JobError> {
         self.export_names = (0..self.disks.len()).map(|_| random_hex(16)).collect();
         self.release_names = (0..self.disks.len()).map(|_| random_hex(16)).collect();
         let mut g = GraphBuilder::new(self.monitor.get()?, &mut self.record, &self.rpath);
