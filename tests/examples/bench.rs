@@ -105,7 +105,9 @@ const USAGE: &str =
   --only PHASES     only these phases, comma-separated: incremental (one full
                     backup per run, then the incrementals), huge (the 1 TiB disk),
                     snapshot (shear snapshot create/rollback, small guest disk),
-                    serve (issue 13: nbdcopy from shear serve vs from qemu-nbd)";
+                    serve (issue 13: nbdcopy from shear serve vs from qemu-nbd),
+                    guest (issue 17: guest O_DIRECT writes and a CPU-bound guest
+                    job idle vs during backups, default and --workers 1)";
 
 impl Opts {
     fn parse(mut args: impl Iterator<Item = String>) -> Res<Opts> {
@@ -139,7 +141,7 @@ impl Opts {
                 "--only" => {
                     let v = args.next().ok_or("--only needs a value")?;
                     for p in v.split(',') {
-                        if !["incremental", "huge", "snapshot", "serve"].contains(&p) {
+                        if !["incremental", "huge", "snapshot", "serve", "guest"].contains(&p) {
                             return Err(format!("--only: unknown phase {p}\n{USAGE}"));
                         }
                         o.only.push(p.to_owned());
@@ -1278,6 +1280,9 @@ fn run() -> Res<()> {
         if only("serve") {
             serve_phase(&b, &mut r)?;
         }
+        if only("guest") {
+            only_guest(&b, &mut r)?;
+        }
     } else {
         let plan = Plan::for_size(b.size);
         let ds = prepare_dataset(&b.work, &plan)?;
@@ -1307,6 +1312,7 @@ fn run() -> Res<()> {
         }
         freeze_phase(&b, &vm, &mut r)?;
         guest_write_phase(&b, &mut vm, &mut r)?;
+        guest_cpu_phase(&b, &mut vm, &mut r)?;
         // Shuts the VM down (its last figure is the offline rollback).
         snapshot_phase(&b, vm, &mut r)?;
         rss_phase(&b, &ds, &mut r)?;
@@ -1511,6 +1517,35 @@ fn serve_phase(b: &Bench, r: &mut Results) -> Res<()> {
 /// `--only incremental`: the data set and guest as in a full run, one
 /// shear full backup per run into a fresh repository (the wall time the
 /// incrementals are compared with), then the incremental phase.
+/// `--only guest` (issue 17): the guest-impact figures alone: full backups
+/// for the read-phase length, then guest writes and a CPU-bound guest job
+/// idle vs during backups.
+fn only_guest(b: &Bench, r: &mut Results) -> Res<()> {
+    let plan = Plan::for_size(b.size);
+    let ds = prepare_dataset(&b.work, &plan)?;
+    r.dataset = ds.info.clone();
+    let disk = b.run.join("disk.qcow2");
+    std::fs::copy(&ds.image, &disk).ctx("copying the data set")?;
+    say("booting the guest (TCG) with the data disk");
+    let mut vm = TestVm::start(VmConfig::guest().disk(DiskSpec::qcow2(DISK, b.size).image(&disk)))
+        .ctx("starting the VM")?;
+    vm.guest_sh("grep -q ' /mnt/vda ext4' /proc/mounts")
+        .ctx("the data disk is not mounted in the guest")?;
+    let repo = b.run.join("repo-main");
+    for round in 1..=b.opts.runs.min(2) {
+        say(&format!("full backup {round} (read-phase length)"));
+        b.fresh_repo(&repo)?;
+        let s = b.shear_backup(&vm, &repo)?;
+        r.series("shear_backup", "shear backup (fresh repository)")
+            .samples
+            .push(s);
+    }
+    guest_write_phase(b, &mut vm, r)?;
+    guest_cpu_phase(b, &mut vm, r)?;
+    vm.shutdown().ctx("shutting the VM down")?;
+    Ok(())
+}
+
 fn only_incremental(b: &Bench, r: &mut Results) -> Res<()> {
     let plan = Plan::for_size(b.size);
     let ds = prepare_dataset(&b.work, &plan)?;
@@ -2052,8 +2087,7 @@ fn guest_write_phase(b: &Bench, vm: &mut TestVm, r: &mut Results) -> Res<()> {
     Ok(())
 }
 
-/// Start a backup, wait for its read phase (its export exists), run the
-/// guest writes, and report how much of them overlapped the backup.
+/// [`during_backup`] with the guest writes as the workload.
 fn write_during_backup(
     b: &Bench,
     vm: &mut TestVm,
@@ -2061,6 +2095,21 @@ fn write_during_backup(
     extra: &[&str],
     files: u64,
     file_mib: u64,
+) -> Res<((u64, f64), Value)> {
+    during_backup(b, vm, prefix, extra, |vm| guest_dd(vm, files, file_mib))
+}
+
+/// Start a backup, wait for its read phase (its export exists), run
+/// `workload` in the guest, and report how much of it overlapped the
+/// backup, with the backup's fleece peak (issue 17: the fleece holds only
+/// what the guest overwrote before shear read it, so it is at most the
+/// bytes written during the backup).
+fn during_backup(
+    b: &Bench,
+    vm: &mut TestVm,
+    prefix: &[&str],
+    extra: &[&str],
+    workload: impl FnOnce(&TestVm) -> Res<(u64, f64)>,
 ) -> Res<((u64, f64), Value)> {
     let repo = b.run.join("repo-write");
     b.fresh_repo(&repo)?;
@@ -2096,7 +2145,7 @@ fn write_during_backup(
         std::thread::sleep(Duration::from_millis(10));
     }
     let dd_start = Instant::now();
-    let written = guest_dd(vm, files, file_mib);
+    let written = workload(vm);
     let dd_end = Instant::now();
     let (out, shear_end) = waiter.join().map_err(|_| "backup waiter panicked")?;
     let out = out.ctx("shear backup")?;
@@ -2126,8 +2175,73 @@ fn write_during_backup(
     Ok((
         written,
         json!({"overlap": overlap, "backup_read_ms": report["read_ms"],
-               "backup_total_ms": report["total_ms"]}),
+               "backup_total_ms": report["total_ms"],
+               "fleece_peak_bytes": sum_disks(&report, "fleece_peak_bytes")}),
     ))
+}
+
+/// A CPU-bound guest job: busybox `md5sum` of a 16 MiB file in the
+/// guest's RAM (tmpfs /tmp), `rounds` times; returns (bytes hashed,
+/// seconds by the guest's /proc/uptime). No disk I/O: what it measures is
+/// the CPU the guest's vCPU gets.
+fn guest_cpu(vm: &TestVm, rounds: u32) -> Res<(u64, f64)> {
+    let script = format!(
+        "[ -f /tmp/cpu.bin ] || dd if=/dev/urandom of=/tmp/cpu.bin bs=1M count=16 2>/dev/null; \
+         read a _ </proc/uptime; i=0; while [ $i -lt {rounds} ]; do \
+         md5sum /tmp/cpu.bin >/dev/null || exit 1; i=$((i+1)); done; \
+         read b _ </proc/uptime; echo \"$a $b\""
+    );
+    let out = vm
+        .guest_exec(&["/bin/sh", "-c", &script])
+        .ctx("guest md5sum")?;
+    let text = out.stdout_str();
+    if out.exit != 0 {
+        return Err(format!(
+            "guest md5sum failed ({}): {}",
+            out.exit,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let secs = parse_uptimes(&text).ok_or(format!("cannot parse the guest's uptimes: {text:?}"))?;
+    Ok((u64::from(rounds) * 16 * MIB, secs))
+}
+
+/// Issue 17: a CPU-bound guest job idle and during backups (default
+/// workers, `--workers 1`). Rates are MiB hashed per second in the guest.
+fn guest_cpu_phase(b: &Bench, vm: &mut TestVm, r: &mut Results) -> Res<()> {
+    let read_s = r.get("shear_backup").map_or(2.0, |s| {
+        s.of(|x| x.extra["read_ms"].as_f64().unwrap_or(0.0) / 1000.0)
+            .min
+    });
+    say("guest CPU job: idle");
+    guest_cpu(vm, 1)?; // warm-up: TCG translates md5sum's loop once
+    let (_, one) = guest_cpu(vm, 2)?;
+    let per_round = one / 2.0;
+    // About a third of a read phase, as the writes.
+    let mut rounds = 1u32;
+    while f64::from(rounds + 1) * per_round <= read_s * 0.3 && rounds < 64 {
+        rounds += 1;
+    }
+    for _ in 0..b.opts.runs {
+        let s = guest_cpu(vm, rounds)?;
+        r.rate("guest_cpu_idle", "idle", s, json!({}));
+    }
+    let variants: [(&'static str, &str, &[&str]); 2] = [
+        ("guest_cpu_backup", "during a shear backup", &[]),
+        (
+            "guest_cpu_backup_w1",
+            "during a shear backup --workers 1",
+            &["--workers", "1"],
+        ),
+    ];
+    for (key, label, extra) in variants {
+        say(&format!("guest CPU job: {label}"));
+        for _ in 0..b.opts.runs {
+            let (s, detail) = during_backup(b, vm, &[], extra, |vm| guest_cpu(vm, rounds))?;
+            r.rate(key, label, s, detail);
+        }
+    }
+    Ok(())
 }
 
 /// Peak RSS of a backup of a larger, mostly sparse disk (the data set
@@ -2636,9 +2750,9 @@ fn render(b: &Bench, r: &Results) -> (String, Value) {
     let idle = rate_med("guest_write_idle");
     let _ = writeln!(
         md,
-        "| condition | MiB/s | vs idle | writes inside the backup's run | backup wall s |"
+        "| condition | MiB/s | vs idle | writes inside the backup's run | backup wall s | fleece peak MiB (written during the backup: MiB) |"
     );
-    let _ = writeln!(md, "|---|---|---|---|---|");
+    let _ = writeln!(md, "|---|---|---|---|---|---|");
     for key in [
         "guest_write_idle",
         "guest_write_cbw",
@@ -2665,9 +2779,33 @@ fn render(b: &Bench, r: &Results) -> (String, Value) {
         } else {
             summary(&wall).show(2)
         };
+        let peaks = values("fleece_peak_bytes");
+        let fleece = if peaks.is_empty() {
+            "–".to_string()
+        } else {
+            // Bytes written before the backup ended: the most the fleece
+            // could have had to hold.
+            let inside: Vec<f64> = x
+                .detail
+                .iter()
+                .filter_map(|d| Some(d["bytes"].as_f64()? * d["overlap"].as_f64()?))
+                .collect();
+            let peak_max = peaks.iter().copied().fold(0.0, f64::max);
+            let inside_min = inside.iter().copied().fold(f64::INFINITY, f64::min);
+            format!(
+                "{:.1} max ({:.1} min){}",
+                peak_max / MIB as f64,
+                inside_min / MIB as f64,
+                if peak_max <= inside_min {
+                    ""
+                } else {
+                    " **peak > written**"
+                }
+            )
+        };
         let _ = writeln!(
             md,
-            "| {} | {} | {:.2} | {overlap} | {wall} |",
+            "| {} | {} | {:.2} | {overlap} | {wall} | {fleece} |",
             x.label,
             summary(&x.mib_s).show(1),
             ratio(rate_med(key), idle),
@@ -2678,8 +2816,56 @@ fn render(b: &Bench, r: &Results) -> (String, Value) {
         "\nshear has one mode, fleecing: the second row is the cost of the copy-before-write filter alone \
          (each first write to a cluster since the snapshot waits for a copy of the old data to the fleece \
          image). The writes start once the backup's export exists (its read phase); \"inside\" is the share \
-         of the writes' duration before the backup ended."
+         of the writes' duration before the backup ended. The fleece image holds only what the guest \
+         overwrote before shear read and released it, so its peak must stay at or below the bytes written \
+         during the backup (a bound: which of them hit not-yet-read ranges is not observable from outside)."
     );
+
+    if r.guest.contains_key("guest_cpu_idle") {
+        let idle = rate_med("guest_cpu_idle");
+        let _ = writeln!(
+            md,
+            "\n## Guest CPU job (busybox `md5sum` of a 16 MiB file in the guest's RAM, repeated)\n"
+        );
+        let _ = writeln!(
+            md,
+            "| condition | MiB/s hashed | vs idle | job inside the backup's run | backup wall s |"
+        );
+        let _ = writeln!(md, "|---|---|---|---|---|");
+        for key in ["guest_cpu_idle", "guest_cpu_backup", "guest_cpu_backup_w1"] {
+            let Some(x) = r.guest.get(key) else { continue };
+            let values =
+                |f: &str| -> Vec<f64> { x.detail.iter().filter_map(|d| d[f].as_f64()).collect() };
+            let overlap = values("overlap");
+            let overlap = if overlap.is_empty() {
+                "–".to_string()
+            } else {
+                let o = summary(&overlap);
+                format!("{:.0} % (min {:.0} %)", o.median * 100.0, o.min * 100.0)
+            };
+            let wall: Vec<f64> = values("backup_total_ms")
+                .iter()
+                .map(|v| v / 1000.0)
+                .collect();
+            let wall = if wall.is_empty() {
+                "–".to_string()
+            } else {
+                summary(&wall).show(2)
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.2} | {overlap} | {wall} |",
+                x.label,
+                summary(&x.mib_s).show(1),
+                ratio(rate_med(key), idle),
+            );
+        }
+        let _ = writeln!(
+            md,
+            "\nThe guest has one vCPU (TCG: one host thread); the host has {} cores. shear's data path runs at nice 19 and SCHED_BATCH (`--nice`, `--ionice`), so its workers take only CPU the vCPU thread leaves idle.",
+            b.cores
+        );
+    }
 
     let _ = writeln!(md, "\n## Peak RSS of `shear backup`\n");
     let _ = writeln!(md, "| virtual disk | data read MiB | peak RSS MiB | how |");
@@ -3001,6 +3187,15 @@ fn goals(r: &Results) -> Vec<Value> {
         "measured": format!("{:.0} %", w * 100.0),
         "met": w.is_finite().then_some(w >= 0.8),
     }));
+    let c = rate("guest_cpu_backup") / rate("guest_cpu_idle");
+    if c.is_finite() {
+        g.push(json!({
+            "goal": "CPU-bound guest job during backup vs idle",
+            "aim": "≥ 90 %",
+            "measured": format!("{:.0} %", c * 100.0),
+            "met": Some(c >= 0.9),
+        }));
+    }
     let rss = r
         .rss
         .iter()
