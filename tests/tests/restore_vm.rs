@@ -162,6 +162,52 @@ fn vm_verify_boot_good_backup_records_ok_and_panicking_kernel_fails_clearly() {
         "a panicking guest must fail fast, not at the deadline"
     );
     assert_eq!(std::fs::read(manifest_path(&env, &id)).unwrap(), manifest);
+
+    // SIGTERM mid-boot: QEMU is killed, the private directory removed,
+    // and nothing is recorded (an interruption says nothing of the backup).
+    let tmp = env.dir.path().join("rtmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let mut c = env.shear(&["verify", "--boot", &id, "--accel", "tcg", "--memory", "256"]);
+    c.env_remove("XDG_RUNTIME_DIR").env("TMPDIR", &tmp);
+    let mut child = c.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let vmdir = loop {
+        let found = std::fs::read_dir(&tmp)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.join("console.log").exists());
+        if let Some(d) = found {
+            break d;
+        }
+        assert!(Instant::now() < deadline, "no restore VM started");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let qemu_running = |dir: &std::path::Path| {
+        std::fs::read_dir("/proc").unwrap().any(|e| {
+            let p = e.unwrap().path().join("cmdline");
+            std::fs::read(p)
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&*dir.to_string_lossy()))
+        })
+    };
+    assert!(qemu_running(&vmdir), "the restore VM's QEMU is not running");
+    let st = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let st = child.wait().unwrap();
+    assert_eq!(st.code(), Some(1), "{st}");
+    assert!(!vmdir.exists(), "the restore VM's directory was left");
+    assert!(
+        !qemu_running(&vmdir),
+        "the restore VM's QEMU was left running"
+    );
+    assert_eq!(
+        listed_restore_test(&env),
+        rec,
+        "an interrupted test was recorded"
+    );
 }
 
 /// An MBR-partitioned raw disk whose partition 1 (at 1 MiB) is ext4

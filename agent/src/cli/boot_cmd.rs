@@ -131,6 +131,29 @@ fn boot_of(a: &BootArgs, vm_config: &serde_json::Value) -> anyhow::Result<Boot> 
     Ok(boot)
 }
 
+/// The run was stopped by a signal (not a result of the backup).
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted by {0}; the restore VM was torn down")]
+struct Interrupted(&'static str);
+
+/// Runs `fut` until it ends or SIGINT/SIGTERM/SIGHUP arrives; then the
+/// future is dropped and the caller's [`RestoreVm`] is torn down by its
+/// `Drop` (a SIGKILL of shear cannot be caught: QEMU then stays).
+async fn until_signal<T>(
+    fut: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::select! {
+        r = fut => r,
+        _ = term.recv() => Err(Interrupted("SIGTERM").into()),
+        _ = int.recv() => Err(Interrupted("SIGINT").into()),
+        _ = hup.recv() => Err(Interrupted("SIGHUP").into()),
+    }
+}
+
 fn now_str() -> String {
     crate::repo::names::format_time(time::OffsetDateTime::now_utc())
 }
@@ -233,9 +256,14 @@ pub fn verify_boot(cli: &Cli, backup: &str, a: &BootArgs, json: bool) -> anyhow:
     let mut o = Outcome::default();
     let result = {
         let mut vm = RestoreVm::start(&reader, &spec)?;
-        let r = rt.block_on(boot_test(&mut vm, a, &mut o));
+        let r = rt.block_on(until_signal(boot_test(&mut vm, a, &mut o)));
         drop(vm);
         r
+    };
+    let result = match result {
+        // Not a result of the backup: nothing is recorded.
+        Err(e) if e.downcast_ref::<Interrupted>().is_some() => return Err(e),
+        r => r,
     };
     let record = RestoreTest {
         format: "shear-restore-test".into(),
@@ -668,14 +696,14 @@ pub fn files(cli: &Cli, a: &FilesArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     let mut vm = RestoreVm::start(&reader, &spec)?;
-    let r = rt.block_on(async {
+    let r = rt.block_on(until_signal(async {
         let deadline = vm.started + Duration::from_secs(a.vm.timeout);
         let mut ga = vm
             .wait_agent(deadline)
             .await
             .context("the restore VM did not start")?;
         files_op(&mut ga, a).await
-    });
+    }));
     drop(vm);
     r.map(|()| ExitCode::SUCCESS)
 }
