@@ -162,6 +162,29 @@ fn vm_verify_boot_good_backup_records_ok_and_panicking_kernel_fails_clearly() {
         "a panicking guest must fail fast, not at the deadline"
     );
     assert_eq!(std::fs::read(manifest_path(&env, &id)).unwrap(), manifest);
+    // `shear report` shows the last restore test per VM.
+    let d = env.dir.path();
+    let cfg = d.join("daemon.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "run_dir = \"{d}/run\"\nstate_dir = \"{d}/state\"\nfleecing_dir = \"{d}/fleece\"\n\
+             [api]\nsocket = \"{d}/api.sock\"\n[[job]]\nid = \"j\"\nschedule = \"daily\"\n\
+             enabled = false\nvmids = [\"100\"]\nrepo = \"{repo}\"\nkeep = {{ last = 1 }}\n",
+            d = d.display(),
+            repo = env.repo().display()
+        ),
+    )
+    .unwrap();
+    let out = env
+        .shear(&["report", "--json", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let rep: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rep[0]["vmid"], "100", "{rep}");
+    assert_eq!(rep[0]["last_restore_test_state"], "failed", "{rep}");
+    assert!(rep[0]["last_restore_test"].as_i64().is_some(), "{rep}");
 
     // SIGTERM mid-boot: QEMU is killed, the private directory removed,
     // and nothing is recorded (an interruption says nothing of the backup).
