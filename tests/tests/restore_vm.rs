@@ -275,8 +275,19 @@ fn backed_up_partitioned_image(env: &ShearEnv) -> String {
         f.seek(std::io::SeekFrom::Start(0)).unwrap();
         f.write_all(&mbr).unwrap();
     }
-    let vm =
-        TestVm::start(VmConfig::paused().disk(DiskSpec::raw("d0", 64 * MIB).image(&img))).unwrap();
+    // d0: garbage (no boot signature) for the disk-boot failure; d1: the
+    // partitioned ext4 disk.
+    let garbage = env.dir.path().join("garbage.raw");
+    let junk: Vec<u8> = (0..MIB)
+        .map(|i| u8::try_from((i * 7 + 13) % 256).unwrap())
+        .collect();
+    std::fs::write(&garbage, junk).unwrap();
+    let vm = TestVm::start(
+        VmConfig::paused()
+            .disk(DiskSpec::raw("d0", MIB).image(&garbage))
+            .disk(DiskSpec::raw("d1", 64 * MIB).image(&img)),
+    )
+    .unwrap();
     let out = env.backup(&vm, &[]).output().unwrap();
     assert!(
         out.status.success(),
@@ -296,7 +307,7 @@ fn vm_files_ls_cat_extract_hostile_names_stay_inside() {
     let guest = shear_tests::guest_image().unwrap();
     let rvm = guest.kernel.parent().unwrap().to_owned();
     let files = |args: &[&str]| {
-        let mut c = env.shear(&["files", &id, "d0"]);
+        let mut c = env.shear(&["files", &id, "d1"]);
         c.args(["--accel", "tcg", "--memory", "256", "--timeout", "180"]);
         c.arg("--restore-vm").arg(&rvm);
         c.args(args);
@@ -358,4 +369,35 @@ fn vm_files_ls_cat_extract_hostile_names_stay_inside() {
         .collect();
     beside.sort();
     assert!(!beside.iter().any(|n| n == "x"), "{beside:?}");
+
+    // A backup whose first disk does not boot (garbage, no boot
+    // signature) fails the restore test clearly and fast, not at the
+    // deadline.
+    let t = Instant::now();
+    let out = env
+        .shear(&[
+            "verify",
+            "--boot",
+            &id,
+            "--boot-disk",
+            "--accel",
+            "tcg",
+            "--memory",
+            "256",
+            "--timeout",
+            "180",
+        ])
+        .output()
+        .unwrap();
+    eprintln!("verify --boot --boot-disk (garbage) took {:?}", t.elapsed());
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let rec = listed_restore_test(&env);
+    assert_eq!(rec["state"], "failed", "{rec}");
+    assert_eq!(rec["boot"], "disk", "{rec}");
+    assert!(rec["ping_ms"].is_null(), "{rec}");
+    assert!(
+        rec["reason"].as_str().unwrap().contains("QEMU exited"),
+        "{rec}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(120), "{rec}");
 }

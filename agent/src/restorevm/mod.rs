@@ -233,6 +233,11 @@ impl RestoreVm {
                 args.extend(["-initrd".into(), i.display().to_string()]);
             }
             args.extend(["-append".into(), append.clone()]);
+        } else {
+            // No other boot device; when the disk does not boot, SeaBIOS
+            // reboots after 1 s and -no-reboot ends QEMU: a fast, clear
+            // failure instead of a hang until the deadline.
+            args.extend(["-boot".into(), "strict=on,reboot-timeout=1000".into()]);
         }
         let sockq = qemu_path(&sock)?;
         for (i, d) in spec.disks.iter().enumerate() {
