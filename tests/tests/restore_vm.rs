@@ -337,9 +337,21 @@ fn vm_files_ls_cat_extract_hostile_names_stay_inside() {
         .unwrap();
     assert_eq!(abs["target"], "/etc/passwd");
 
-    let out = files(&["cat", "/hello.txt"]);
+    // cat follows a symlink inside the backed-up filesystem…
+    let out = files(&["cat", "/dir/rel"]);
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(out.stdout, b"hello from the backup\n");
+    assert_eq!(out.stdout, b"deep");
+    // …but never out of it (an absolute link would name the restore VM's
+    // own /etc/passwd).
+    let out = files(&["cat", "/dir/abs"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(out.stdout.is_empty(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("not a regular file inside the backed-up filesystem"),
+        "{}",
+        text(&out)
+    );
 
     let to = env.dir.path().join("extracted");
     let out = files(&["extract", "/dir", "--to", to.to_str().unwrap()]);

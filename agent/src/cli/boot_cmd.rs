@@ -393,8 +393,10 @@ pub enum FilesOp {
 
 const MOUNT: &str = "/run/shear-files";
 
-/// Mounts the disk (or partition) read-only at [`MOUNT`]; a journal that
-/// needs recovery (crash-consistent backup) is not replayed (`noload`).
+/// Mounts the disk (or partition) read-only at [`MOUNT`], `nodev` (a
+/// device node in the backup cannot reach the restore VM's devices),
+/// `nosuid`, `noexec`; a journal that needs recovery (crash-consistent
+/// backup) is not replayed (`noload`).
 const MOUNT_SCRIPT: &str = r#"
 i=0; while [ ! -e /sys/block/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
 [ -e /sys/block/vda ] || { echo "no disk in the restore VM" >&2; exit 3; }
@@ -402,7 +404,8 @@ dev=/dev/vda
 if [ -n "$1" ]; then dev=/dev/vda$1; [ -e "$dev" ] || { echo "the disk has no partition $1" >&2; exit 3; }
 elif [ -e /sys/block/vda/vda1 ]; then dev=/dev/vda1; fi
 mkdir -p /run/shear-files
-mount -o ro "$dev" /run/shear-files 2>/tmp/mount.err || mount -o ro,noload "$dev" /run/shear-files 2>>/tmp/mount.err || { cat /tmp/mount.err >&2; exit 4; }
+o=ro,nodev,nosuid,noexec
+mount -o $o "$dev" /run/shear-files 2>/tmp/mount.err || mount -o $o,noload "$dev" /run/shear-files 2>>/tmp/mount.err || { cat /tmp/mount.err >&2; exit 4; }
 "#;
 
 /// One NUL-separated record per entry: `type|mode|size|mtime`, name,
@@ -421,11 +424,14 @@ cd -- "$1" || exit 3
 find . -mindepth 1 -exec sh -c 'for f; do if [ -L "$f" ]; then printf "l\0%s\0%s\0" "$f" "$(readlink -- "$f")"; elif [ -d "$f" ]; then printf "d\0%s\0\0" "$f"; elif [ -f "$f" ]; then printf "f\0%s\0\0" "$f"; else printf "o\0%s\0\0" "$f"; fi; done' sh {} +
 "#;
 
-/// Kind of the path: `d`, `f`, `l`, `o`; and its canonical path.
+/// Kind of the path (`d`, `f`, `l`, `o`), its canonical path, and the
+/// kind of what that names (`d`, `f`, `o`).
 const KIND_SCRIPT: &str = r#"
 p=$1
 if [ -L "$p" ]; then printf 'l\0'; elif [ -d "$p" ]; then printf 'd\0'; elif [ -f "$p" ]; then printf 'f\0'; elif [ -e "$p" ]; then printf 'o\0'; else echo "no such file" >&2; exit 3; fi
-printf '%s\0' "$(readlink -f -- "$p")"
+r=$(readlink -f -- "$p")
+printf '%s\0' "$r"
+if [ -d "$r" ]; then printf 'd\0'; elif [ -f "$r" ]; then printf 'f\0'; else printf 'o\0'; fi
 "#;
 
 const EXEC_TIMEOUT: Duration = Duration::from_secs(120);
@@ -567,14 +573,15 @@ async fn files_op(ga: &mut GuestAgent, a: &FilesArgs) -> anyhow::Result<()> {
             let p = guest_path(&comps);
             let kind = sh(ga, KIND_SCRIPT, &[&p]).await?;
             let f = fields(&kind);
-            let (Some(k), Some(real)) = (f.first(), f.get(1)) else {
+            let (Some(k), Some(real), Some(target_kind)) = (f.first(), f.get(1), f.get(2)) else {
                 bail!("malformed reply from the guest");
             };
             // Symlinks are resolved inside the backed-up filesystem only:
             // one leading out of it (an absolute link would name the
-            // restore VM's own files) is refused.
+            // restore VM's own files) is refused, as is anything but a
+            // regular file (a FIFO or device would block or never end).
             let inside = real.starts_with(format!("{MOUNT}/").as_bytes());
-            if !inside || *k == b"d" || *k == b"o" {
+            if !inside || !matches!(*k, b"f" | b"l") || *target_kind != b"f" {
                 bail!(
                     "{}: not a regular file inside the backed-up filesystem",
                     escape_name(path.as_bytes())
