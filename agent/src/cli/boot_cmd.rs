@@ -161,6 +161,7 @@ fn now_str() -> String {
 /// What one boot found.
 #[derive(Default)]
 struct Outcome {
+    accel: Option<&'static str>,
     ping_ms: Option<u64>,
     filesystems: Vec<SeenFilesystem>,
     probe: Option<ProbeResult>,
@@ -170,6 +171,7 @@ async fn boot_test(vm: &mut RestoreVm, a: &BootArgs, o: &mut Outcome) -> anyhow:
     let deadline = vm.started + Duration::from_secs(a.vm.timeout);
     let mut ga = vm.wait_agent(deadline).await?;
     o.ping_ms = Some(u64::try_from(vm.started.elapsed().as_millis()).unwrap_or(u64::MAX));
+    o.accel = vm.accelerator().await;
     let fs = ga.get_fsinfo().await.context("guest-get-fsinfo failed")?;
     o.filesystems = fs
         .iter()
@@ -279,7 +281,7 @@ pub fn verify_boot(cli: &Cli, backup: &str, a: &BootArgs, json: bool) -> anyhow:
         time,
         ping_ms: o.ping_ms,
         total_ms: u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
-        accel: spec.accel.join(":"),
+        accel: o.accel.map_or_else(|| spec.accel.join(":"), str::to_owned),
         boot: boot.kind().into(),
         filesystems: o.filesystems,
         probe: o.probe,

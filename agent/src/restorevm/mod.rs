@@ -210,6 +210,11 @@ impl RestoreVm {
         args.push(spec.memory_mib.to_string());
         args.extend(["-smp".into(), spec.cpus.to_string()]);
         args.extend([
+            "-qmp".into(),
+            format!(
+                "unix:{},server=on,wait=off",
+                qemu_path(&dir.join("qmp.sock"))?
+            ),
             "-serial".into(),
             format!("file:{}", qemu_path(&dir.join("console.log"))?),
             "-chardev".into(),
@@ -268,6 +273,19 @@ impl RestoreVm {
         vm.started = Instant::now();
         vm.child = Some(child);
         Ok(vm)
+    }
+
+    /// The accelerator QEMU actually uses (`kvm` or `tcg`), asked through
+    /// QMP `query-kvm`; `None` if QMP did not answer.
+    pub async fn accelerator(&self) -> Option<&'static str> {
+        let (qmp, _events) = qmp::Qmp::connect(self.dir.join("qmp.sock"), Duration::from_secs(5))
+            .await
+            .ok()?;
+        let v = qmp
+            .execute_value("query-kvm", serde_json::Value::Null)
+            .await
+            .ok()?;
+        Some(if v["enabled"] == true { "kvm" } else { "tcg" })
     }
 
     /// The guest agent's socket.
