@@ -13,6 +13,7 @@ pub mod hookscript;
 pub mod job;
 pub mod notify;
 pub mod repo;
+pub mod restorevm;
 pub mod serve;
 pub mod snapshot;
 pub mod units;

@@ -9,6 +9,7 @@
 
 mod backup_cmd;
 mod backup_job;
+mod boot_cmd;
 pub mod boot_cmdline;
 mod daemon_cmd;
 mod generate;
@@ -163,6 +164,9 @@ pub enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// `--boot`: a restore test that boots the backup.
+        #[command(flatten)]
+        boot: boot_cmd::BootArgs,
     },
     /// Remove old backups of a VM by retention rules (Proxmox semantics).
     Prune(PruneArgs),
@@ -198,6 +202,9 @@ pub enum Command {
     /// Serve a backup's disks over NBD (read-only, or writable into local
     /// overlay files with --overlay) until SIGINT/SIGTERM.
     Serve(serve_cmd::ServeArgs),
+    /// List, read or extract files of a backed-up disk through a restore
+    /// VM (the filesystem is never mounted on the host).
+    Files(boot_cmd::FilesArgs),
     /// Copy backups between repositories (local or s3://BUCKET/PREFIX):
     /// missing chunks, then indexes, then the manifest last; resumable.
     Sync {
@@ -418,6 +425,16 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Report(a) => daemon_cmd::report(a),
         Command::Snapshot(a) => snapshot_cmd::run(a),
         Command::Serve(a) => serve_cmd::run(&cli, a).map(|()| ExitCode::SUCCESS),
+        Command::Files(a) => boot_cmd::files(&cli, a),
+        Command::Verify {
+            backup: Some(b),
+            json,
+            boot,
+            ..
+        } if boot.boot => boot_cmd::verify_boot(&cli, b, boot, *json),
+        Command::Verify { boot, .. } if boot.boot => {
+            anyhow::bail!("verify --boot needs one backup id (not --all)")
+        }
         _ => repo_cmds::run(cli),
     }
 }

@@ -320,9 +320,19 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 if !m.notes.is_empty() {
                     out!("notes        {}", m.notes);
                 }
+                match repo.restore_test(&id) {
+                    Ok(Some(r)) => out!(
+                        "restore test {}",
+                        super::boot_cmd::restore_test_line(&id.to_string(), &r)
+                    ),
+                    Ok(None) => out!("restore test never (run `shear verify --boot`)"),
+                    Err(e) => out!("restore test unreadable: {}", crate::chain(&e)),
+                }
             }
         }
-        Command::Verify { backup, all, json } => {
+        Command::Verify {
+            backup, all, json, ..
+        } => {
             let repo = open(&cli)?;
             let target = match (backup, all) {
                 (Some(b), false) => VerifyTarget::Backup(resolve_backup(&repo, b)?),
@@ -472,7 +482,8 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         | Command::Token(_)
         | Command::Report(_)
         | Command::Snapshot(_)
-        | Command::Serve(_) => {
+        | Command::Serve(_)
+        | Command::Files(_) => {
             anyhow::bail!("internal: {:?} is dispatched in cli::run", cli.command)
         }
     }
@@ -597,6 +608,9 @@ fn list_line(b: &crate::repo::BackupInfo) -> String {
     match &b.verify {
         Some(v) => line.push_str(&format!("  last verify: {} at {}", v.state, v.time)),
         None => line.push_str("  never verified"),
+    }
+    if let Some(r) = &b.restore_test {
+        line.push_str(&format!("  last restore test: {} at {}", r.state, r.time));
     }
     if let Some(s) = &b.summary {
         if !s.notes.is_empty() {

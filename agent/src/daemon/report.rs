@@ -30,8 +30,11 @@ pub struct VmReport {
     pub last_verify: Option<String>,
     /// Its result (`ok`, `failed`).
     pub last_verify_state: Option<String>,
-    /// Last restore test (unix s), when recorded.
+    /// Last restore test (unix s), when recorded (the newest of the
+    /// repositories' `verify --boot` records and the daemon's state).
     pub last_restore_test: Option<i64>,
+    /// Its result (`ok`, `failed`), when it came from a repository record.
+    pub last_restore_test_state: Option<String>,
     /// Status of the daemon's last backup of it.
     pub last_daemon_status: Option<String>,
     /// Repository errors met while reading.
@@ -87,6 +90,15 @@ pub fn build(cfg: &DaemonConfig) -> Vec<VmReport> {
                     r.last_verify_state = Some(v.state.clone());
                 }
             }
+            if let Some(rt) = &b.restore_test {
+                if let Ok(t) = crate::repo::names::parse_time(&rt.time) {
+                    let t = t.unix_timestamp();
+                    if r.last_restore_test.is_none_or(|x| x < t) {
+                        r.last_restore_test = Some(t);
+                        r.last_restore_test_state = Some(rt.state.clone());
+                    }
+                }
+            }
             let good = b.manifest != ManifestState::Damaged
                 && b.verify.as_ref().is_none_or(|v| v.state != "failed");
             let t = b.id.time().unix_timestamp();
@@ -108,7 +120,10 @@ pub fn build(cfg: &DaemonConfig) -> Vec<VmReport> {
                 (Some(_), _) => "breached".into(),
             };
             if let Some(s) = state.vms.get(&r.vmid) {
-                r.last_restore_test = s.last_restore_test;
+                if s.last_restore_test > r.last_restore_test {
+                    r.last_restore_test = s.last_restore_test;
+                    r.last_restore_test_state = None;
+                }
                 r.last_daemon_status.clone_from(&s.last_status);
             }
             r.errors.clone_from(&repo_errors);
@@ -134,7 +149,7 @@ pub fn table(rows: &[VmReport]) -> Vec<String> {
     )];
     for r in rows {
         out.push(format!(
-            "{:<10} {:<36} {:>6} {:>6} {:<9} {:<22} {:<12}",
+            "{:<10} {:<36} {:>6} {:>6} {:<9} {:<22} {}",
             r.vmid,
             r.newest_good_backup.as_deref().unwrap_or("none"),
             age(r.age_seconds),
@@ -147,9 +162,13 @@ pub fn table(rows: &[VmReport]) -> Vec<String> {
             },
             r.last_restore_test
                 .and_then(|t| jiff::Timestamp::from_second(t).ok())
-                .map_or("not recorded".into(), |t| t
-                    .strftime("%Y-%m-%d")
-                    .to_string()),
+                .map_or("not recorded".into(), |t| format!(
+                    "{} {}",
+                    t.strftime("%Y-%m-%d"),
+                    r.last_restore_test_state.as_deref().unwrap_or("")
+                )
+                .trim_end()
+                .to_owned()),
         ));
     }
     out

@@ -133,6 +133,7 @@ pub mod names;
 pub mod prune;
 pub mod qcow2;
 pub mod reader;
+pub mod restore_test;
 pub mod s3;
 pub mod shared;
 pub mod sync;
@@ -269,6 +270,8 @@ pub struct BackupInfo {
     pub protected: bool,
     /// Result of the last verify, if any.
     pub verify: Option<VerifyState>,
+    /// The last restore test (`verify --boot`), if any.
+    pub restore_test: Option<restore_test::RestoreTest>,
     /// Bytes of the backup's own files (indexes + manifest; chunks are shared).
     pub metadata_bytes: u64,
     /// From the manifest, when it is readable (needs the key if encrypted).
@@ -644,6 +647,7 @@ impl Repository {
                 .map(|f| f.size)
                 .sum();
             let verify = self.verify_state(&s.id).ok().flatten();
+            let restore_test = self.restore_test(&s.id).ok().flatten();
             let (summary, manifest, manifest_error) =
                 if self.inner.key.is_some() || !self.is_encrypted() {
                     match self.load_manifest(&s.id) {
@@ -675,6 +679,7 @@ impl Repository {
                 manifest_error,
                 protected: s.protected,
                 verify,
+                restore_test,
                 metadata_bytes,
                 summary,
             });
