@@ -95,7 +95,7 @@ fn wait_line(rx: &mpsc::Receiver<String>, prefix: &str) -> String {
 }
 
 #[test]
-fn vm_live_restore_rto_guest_writes_server_killed_and_resume_f15() {
+fn vm_live_restore_rto_writes_server_death_resume_f19() {
     if !require_guest() {
         return;
     }
@@ -209,7 +209,7 @@ fn vm_live_restore_rto_guest_writes_server_killed_and_resume_f15() {
         expect[at..at + 65536].fill(0xee);
     }
 
-    // F-15 a: the serving process dies; the supervising shear restarts it.
+    // F-19 (connection lost) a: the serving process dies; the supervising shear restarts it.
     let pid = record(&state)["server_pid"].as_u64().unwrap();
     kill9(pid);
     wait_until(
@@ -222,8 +222,17 @@ fn vm_live_restore_rto_guest_writes_server_killed_and_resume_f15() {
     let pid2 = record(&state)["server_pid"].as_u64().unwrap();
     assert_ne!(pid, pid2);
     assert!(alive(pid2));
+    // One supervisor at a time: a second one is refused, changing nothing.
+    let mut second = env.shear(&["restore", "vm/100", "--live", "--resume", "--target"]);
+    second.arg(&target).arg("--state-dir").arg(&state);
+    let out = second.output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("another shear supervises"),
+        "{out:?}"
+    );
 
-    // F-15 b: shear and the server die together: the copy pauses on its
+    // F-19 b: shear and the server die together: the copy pauses on its
     // read error, the VM runs on, the state says what is left to do.
     kill9(sup.id().into());
     let _ = sup.wait();

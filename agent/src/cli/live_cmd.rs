@@ -74,6 +74,7 @@ pub(super) fn run(cli: &Cli, a: &RestoreArgs) -> anyhow::Result<()> {
     let target = std::path::absolute(&a.target)
         .with_context(|| format!("resolving {}", a.target.display()))?;
     let rec_path = record_path(&state_dir, &target);
+    let _lock = lock(&rec_path)?;
     let existing = LiveRecord::load(&rec_path)?;
     let mut server: Option<Child> = None;
     let mut rec = if l.resume {
@@ -151,6 +152,33 @@ pub(super) fn run(cli: &Cli, a: &RestoreArgs) -> anyhow::Result<()> {
         started,
     };
     rt.block_on(sup.run())
+}
+
+/// Takes `<key>.lock` beside the record (flock, held until the command
+/// ends): one shear supervises a live restore at a time.
+fn lock(rec_path: &Path) -> anyhow::Result<std::fs::File> {
+    use std::os::unix::fs::DirBuilderExt;
+    if let Some(dir) = rec_path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let path = rec_path.with_extension("lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(|e| {
+        anyhow::anyhow!(
+            "another shear supervises this live restore ({} is locked: {e})",
+            path.display()
+        )
+    })?;
+    Ok(f)
 }
 
 /// Makes the images, starts the server, records it all; prints how to
