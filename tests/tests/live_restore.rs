@@ -94,13 +94,10 @@ fn wait_line(rx: &mpsc::Receiver<String>, prefix: &str) -> String {
     }
 }
 
-#[test]
-fn vm_live_restore_rto_writes_server_death_resume_f19() {
-    if !require_guest() {
-        return;
-    }
-    let env = ShearEnv::new();
-    // The backup: data at 1 MiB and 20 MiB and in the last 4 KiB.
+/// A backup of vm/100 with scsi0 (32 MiB: data at 1 MiB and 20 MiB and in
+/// the last 4 KiB, zeros elsewhere), taken from a paused QEMU; returns the
+/// disk's bytes.
+fn backed_up(env: &ShearEnv) -> Vec<u8> {
     let mut src =
         TestVm::start(VmConfig::paused().disk(DiskSpec::raw("scsi0", SIZE as u64).scsi())).unwrap();
     src.qemu_io("scsi0", "write -P 0x5c 1M 3M").unwrap();
@@ -118,6 +115,30 @@ fn vm_live_restore_rto_writes_server_death_resume_f19() {
     expect[MIB..4 * MIB].fill(0x5c);
     expect[20 * MIB..22 * MIB].fill(0xa7);
     expect[SIZE - 4096..].fill(0x01);
+    expect
+}
+
+/// The image's data, read from the file (qemu-img convert to raw).
+fn image_bytes(env: &ShearEnv, image: &Path) -> Vec<u8> {
+    let raw = env.dir.path().join("check.raw");
+    let _ = std::fs::remove_file(&raw);
+    let out = Command::new("qemu-img")
+        .args(["convert", "-f", "qcow2", "-O", "raw"])
+        .arg(image)
+        .arg(&raw)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    std::fs::read(&raw).unwrap()
+}
+
+#[test]
+fn vm_live_restore_rto_writes_server_death_resume_f19() {
+    if !require_guest() {
+        return;
+    }
+    let env = ShearEnv::new();
+    let mut expect = backed_up(&env);
 
     let state = env.dir.path().join("state");
     let target = env.dir.path().join("live");
@@ -312,15 +333,7 @@ fn vm_live_restore_rto_writes_server_death_resume_f19() {
         "{}",
         image_info(&image)
     );
-    let raw = env.dir.path().join("check.raw");
-    let out = Command::new("qemu-img")
-        .args(["convert", "-f", "qcow2", "-O", "raw"])
-        .arg(&image)
-        .arg(&raw)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let got = std::fs::read(&raw).unwrap();
+    let got = image_bytes(&env, &image);
     assert_eq!(got.len(), expect.len());
     let first_bad = got.iter().zip(&expect).position(|(a, b)| a != b);
     assert!(first_bad.is_none(), "image differs at {first_bad:?}");
@@ -332,4 +345,75 @@ fn vm_live_restore_rto_writes_server_death_resume_f19() {
         String::from_utf8_lossy(&out.stdout).contains("already complete"),
         "{out:?}"
     );
+}
+
+/// Without --qmp shear only serves and prepares; QEMU copies (a stream
+/// started by an earlier shear, here by the test) and is gone before any
+/// shear saw the end: `--resume` finds the copy done in the image header,
+/// stops the server and records the restore complete.
+#[test]
+fn qemu_live_restore_resume_after_vm_gone_finishes_from_image_headers() {
+    if !shear_tests::require_qemu() {
+        return;
+    }
+    let env = ShearEnv::new();
+    let expect = backed_up(&env);
+    let state = env.dir.path().join("state");
+    let target = env.dir.path().join("live");
+    let image = target.join("scsi0.qcow2");
+    let mut prep = env.shear(&["restore", "vm/100", "--live", "--target"]);
+    prep.arg(&target).arg("--state-dir").arg(&state);
+    let out = run_ok(prep);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--resume"));
+    let r = record(&state);
+    assert_eq!(r["phase"], "serving", "{r}");
+    let pid = r["server_pid"].as_u64().unwrap();
+    assert!(alive(pid), "the server outlives the command");
+    // A raw target is refused (the backup is the qcow2's backing file).
+    let mut raw = env.shear(&["restore", "vm/100", "--live", "--format", "raw", "--target"]);
+    raw.arg(env.dir.path().join("raw"))
+        .arg("--state-dir")
+        .arg(&state);
+    let out = raw.output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("qcow2"),
+        "{out:?}"
+    );
+
+    let mut vm = TestVm::start(
+        VmConfig::paused()
+            .arg("-blockdev")
+            .arg(
+                &json!({"driver": "qcow2", "node-name": "rst0",
+                        "file": {"driver": "file", "filename": image}})
+                .to_string(),
+            )
+            .arg("-device")
+            .arg("virtio-blk-pci,id=vd0,drive=rst0"),
+    )
+    .unwrap();
+    vm.harness_qmp("block-stream", json!({"job-id": JOB, "device": "rst0"}))
+        .unwrap();
+    vm.wait_event("BLOCK_JOB_COMPLETED", Duration::from_secs(60))
+        .unwrap();
+    vm.harness_qmp("quit", Value::Null).unwrap();
+    vm.wait_exit(Duration::from_secs(30)).unwrap();
+
+    let mut res = env.shear(&["restore", "vm/100", "--live", "--resume", "--target"]);
+    res.arg(&target)
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--qmp")
+        .arg(env.dir.path().join("gone.qmp"));
+    let out = run_ok(res);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("live-restore: complete"),
+        "{out:?}"
+    );
+    let r = record(&state);
+    assert_eq!(r["phase"], "complete", "{r}");
+    assert!(!alive(pid), "the server still runs");
+    assert!(image_info(&image).get("backing-filename").is_none());
+    assert!(image_bytes(&env, &image) == expect, "image differs");
 }

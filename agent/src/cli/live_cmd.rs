@@ -467,6 +467,24 @@ const POLL: Duration = Duration::from_millis(300);
 /// Between two `block-job-resume`s of one job (QEMU's NBD client
 /// reconnects in the background with a growing backoff).
 const RESUME_EVERY: Duration = Duration::from_secs(2);
+/// Between two offline looks at the images while no VM answers.
+const OFFLINE_EVERY: Duration = Duration::from_secs(5);
+
+/// Whether `image`'s header names no backing file (`qemu-img info -U`);
+/// `None` when it cannot be read.
+fn image_has_backing(image: &Path) -> Option<bool> {
+    let out = Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(image)
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+    Some(v.get("backing-filename").is_some())
+}
 
 impl Supervisor<'_> {
     fn save(&mut self, detail: &str) -> anyhow::Result<()> {
@@ -529,6 +547,7 @@ impl Supervisor<'_> {
         let mut last_seen: Option<Instant> = None;
         let mut last_resume: Option<Instant> = None;
         let mut last_cont: Option<Instant> = None;
+        let mut last_offline: Option<Instant> = None;
         let waiting_since = Instant::now();
         loop {
             let all_done = self.rec.disks.iter().all(|d| d.done);
@@ -544,6 +563,14 @@ impl Supervisor<'_> {
             let q = match conn {
                 Ok((q, _events)) => q,
                 Err(e) => {
+                    // No VM: an image whose header lost its backing file
+                    // was copied to the end before QEMU went away.
+                    if last_offline.is_none_or(|t| t.elapsed() > OFFLINE_EVERY) {
+                        last_offline = Some(Instant::now());
+                        if self.copied_offline() {
+                            return self.finish();
+                        }
+                    }
                     let gone = match last_seen {
                         Some(t) => t.elapsed() > QEMU_GONE_AFTER,
                         None => waiting_since.elapsed() > self.vm_timeout,
@@ -556,7 +583,7 @@ impl Supervisor<'_> {
                         };
                         self.save(&format!("{why}: {e}"))?;
                         bail!(
-                            "{why} ({}); the images keep every write and still name the backup as their backing file; the server keeps serving on {}. Start the VM on the images again, then `shear restore {} --live --resume --target {} --qmp SOCKET`",
+                            "{why} ({}); the images keep every write and still name the backup as their backing file; the server keeps serving on {}. Run `shear restore {} --live --resume --target {} --qmp SOCKET` (it serves again if needed), then start the VM on the images",
                             qmp_path.display(),
                             self.rec.socket.display(),
                             self.rec.backup,
@@ -593,6 +620,22 @@ impl Supervisor<'_> {
             }
             tokio::time::sleep(POLL).await;
         }
+    }
+
+    /// With no VM to ask: marks done each image whose header has no
+    /// backing file any more; true when all are.
+    fn copied_offline(&mut self) -> bool {
+        let mut changed = false;
+        for d in self.rec.disks.iter_mut().filter(|d| !d.done) {
+            if image_has_backing(&d.image) == Some(false) {
+                d.done = true;
+                changed = true;
+            }
+        }
+        if changed {
+            let _ = self.save("copied (seen in the image headers; the VM is gone)");
+        }
+        self.rec.disks.iter().all(|d| d.done)
     }
 
     /// One look at the VM; `Ok(true)` once every disk is copied.
