@@ -1600,13 +1600,16 @@ fn live_phase(b: &Bench, r: &mut Results) -> Res<()> {
         if !st.success() {
             return Err(format!("shear restore --live failed: {st}"));
         }
-        r.series("live_rto", "live restore: command start → qemu-ga answers (RTO)")
-            .samples
-            .push(Sample {
-                wall: rto,
-                extra: json!({"qemu_start_to_qga_s": boot}),
-                ..Sample::default()
-            });
+        r.series(
+            "live_rto",
+            "live restore: command start → qemu-ga answers (RTO)",
+        )
+        .samples
+        .push(Sample {
+            wall: rto,
+            extra: json!({"qemu_start_to_qga_s": boot}),
+            ..Sample::default()
+        });
         r.series(
             "live_independent",
             "live restore: command start → VM independent of the backup",

@@ -65,6 +65,12 @@ fn now_ms() -> u64 {
 pub(super) fn run(cli: &Cli, a: &RestoreArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let l = &a.live;
+    if a.json {
+        bail!("--json is not available with --live yet: its state is the record in the state directory (docs/formats.md §9c)");
+    }
+    if a.force {
+        bail!("--live never replaces a file: --force does not apply (move the old images away)");
+    }
     let cfg = Config::load()?;
     let state_dir = l
         .state_dir
@@ -150,6 +156,7 @@ pub(super) fn run(cli: &Cli, a: &RestoreArgs) -> anyhow::Result<()> {
         server: server.take(),
         vm_timeout: Duration::from_secs(l.vm_timeout),
         started,
+        restarted: false,
     };
     rt.block_on(sup.run())
 }
@@ -306,7 +313,14 @@ fn prepare(
             format: "qcow2",
         })
         .collect();
-    let boot = super::boot_cmdline::qemu_command(vm_config, &restored);
+    let boot = live_argv(
+        super::boot_cmdline::qemu_argv(vm_config, &restored),
+        rec.qmp.as_deref(),
+    )
+    .iter()
+    .map(|w| super::boot_cmdline::sh_quote(w))
+    .collect::<Vec<_>>()
+    .join(" ");
     let written = super::vm_definition::write_beside(
         vm_config,
         target,
@@ -327,7 +341,7 @@ fn prepare(
     for f in &written {
         out!("wrote {}", f.display());
     }
-    out!("boot the restored disks with (add rerror=stop,werror=stop to each disk device to pause rather than fail on a lost server):\n  {boot}");
+    out!("boot the restored disks with:\n  {boot}");
     out!(
         "live-restore: ready after {} ms; start the VM on the images now (record {})",
         now_ms().saturating_sub(rec.started_ms),
@@ -338,6 +352,30 @@ fn prepare(
         let _ = std::io::stdout().flush();
     }
     Ok((rec, child))
+}
+
+/// The restore's QEMU command line made fit for a live restore: each disk
+/// device pauses the guest on an I/O error (`rerror=stop,werror=stop`: a
+/// lost server stops the VM with a clear status instead of failing guest
+/// reads; shear continues it once the server is back), and the QMP socket
+/// shear waits for.
+fn live_argv(mut argv: Vec<String>, qmp: Option<&Path>) -> Vec<String> {
+    let mut after_device = false;
+    for a in &mut argv {
+        if after_device
+            && ["virtio-blk-pci,", "scsi-hd,", "ide-hd,"]
+                .iter()
+                .any(|d| a.starts_with(d))
+        {
+            a.push_str(",rerror=stop,werror=stop");
+        }
+        after_device = a == "-device";
+    }
+    if let Some(q) = qmp {
+        argv.push("-qmp".into());
+        argv.push(format!("unix:{},server=on,wait=off", q.display()));
+    }
+    argv
 }
 
 fn create_image(d: &LiveDisk, rec: &LiveRecord) -> anyhow::Result<()> {
@@ -458,6 +496,9 @@ struct Supervisor<'a> {
     server: Option<Child>,
     vm_timeout: Duration,
     started: Instant,
+    /// This process found the server gone and started it again: a guest
+    /// paused on an I/O error meanwhile was paused by that loss.
+    restarted: bool,
 }
 
 /// How long QEMU may be unreachable, once seen, before shear gives up
@@ -510,6 +551,7 @@ impl Supervisor<'_> {
         let mut c = spawn_server(self.rec)?;
         self.rec.server_pid = Some(c.id());
         self.rec.server_restarts += 1;
+        self.restarted = true;
         self.save("the server was gone: restarted")?;
         wait_ready(&self.rec.socket, &mut c)?;
         eprintln!(
@@ -524,11 +566,18 @@ impl Supervisor<'_> {
         let Some(pid) = self.rec.server_pid else {
             return;
         };
-        if is_our_server(pid, &self.rec.socket) {
-            if let Some(p) = rustix::process::Pid::from_raw(i32::try_from(pid).unwrap_or(0)) {
-                let _ = rustix::process::kill_process(p, rustix::process::Signal::TERM);
+        // SIGTERM, then SIGKILL if it is still there after 10 s.
+        for (sig, wait) in [
+            (rustix::process::Signal::TERM, Duration::from_secs(10)),
+            (rustix::process::Signal::KILL, Duration::from_secs(5)),
+        ] {
+            if !is_our_server(pid, &self.rec.socket) {
+                break;
             }
-            let deadline = Instant::now() + Duration::from_secs(10);
+            if let Some(p) = rustix::process::Pid::from_raw(i32::try_from(pid).unwrap_or(0)) {
+                let _ = rustix::process::kill_process(p, sig);
+            }
+            let deadline = Instant::now() + wait;
             while is_our_server(pid, &self.rec.socket) && Instant::now() < deadline {
                 if let Some(c) = self.server.as_mut() {
                     let _ = c.try_wait();
@@ -711,9 +760,9 @@ impl Supervisor<'_> {
             );
             changed = true;
         }
-        // A guest paused on a read error (rerror=stop) goes on once the
-        // server is back; a pause of anyone else is left alone.
-        if up {
+        // A guest paused on a read error (rerror=stop) while the server
+        // was gone goes on once it is back; any other pause is left alone.
+        if up && self.restarted {
             let status: Value = q.execute_value("query-status", json!({})).await?;
             if status["status"] == "io-error"
                 && last_cont.is_none_or(|t| t.elapsed() > RESUME_EVERY)
@@ -760,5 +809,36 @@ impl Supervisor<'_> {
             self.rec.server_restarts
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn live_command_line_stops_on_io_errors_and_has_the_qmp_socket() {
+        let argv: Vec<String> = [
+            "qemu-system-x86_64",
+            "-device",
+            "virtio-scsi-pci,id=restored-scsi",
+            "-device",
+            "scsi-hd,id=scsi0,drive=drive-scsi0,bus=restored-scsi.0",
+            "-device",
+            "virtio-blk-pci,id=virtio1,drive=drive-virtio1",
+            "-device",
+            "nvme,id=n,drive=drive-n,serial=n",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let out = live_argv(argv, Some(Path::new("/run/r.qmp")));
+        assert_eq!(out[2], "virtio-scsi-pci,id=restored-scsi");
+        assert!(out[4].ends_with(",rerror=stop,werror=stop"), "{}", out[4]);
+        assert!(out[6].ends_with(",rerror=stop,werror=stop"), "{}", out[6]);
+        // nvme has no rerror/werror properties.
+        assert_eq!(out[8], "nvme,id=n,drive=drive-n,serial=n");
+        assert_eq!(out[9..], ["-qmp", "unix:/run/r.qmp,server=on,wait=off"]);
+        assert_eq!(live_argv(vec!["q".into()], None), ["q"]);
     }
 }
