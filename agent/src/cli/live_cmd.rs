@@ -45,9 +45,12 @@ pub struct LiveArgs {
     /// Copy speed limit in KiB/s (0: as fast as it goes).
     #[arg(long, default_value_t = 0, requires = "live")]
     pub bwlimit: u64,
-    /// Seconds QEMU's NBD client waits for a lost server before a read of
-    /// uncopied data fails (written into the images' backing).
-    #[arg(long, default_value_t = 30, requires = "live")]
+    /// Seconds QEMU's NBD client holds reads of uncopied data while the
+    /// server is lost, waiting for it to come back (written into the
+    /// images' backing). Long on purpose: during a block-stream, QEMU
+    /// 10.0's copy-on-read filter was seen to hand the guest zeros instead
+    /// of an error for such a read once this delay has passed.
+    #[arg(long, default_value_t = 600, requires = "live")]
     pub reconnect_delay: u64,
     /// Seconds to wait for the VM's QMP socket and its disks.
     #[arg(long, default_value_t = 600, requires = "live")]

@@ -21,7 +21,7 @@
 //!
 //! | what dies | what happens | how it finishes |
 //! |---|---|---|
-//! | the server | QEMU's NBD client waits `reconnect-delay` s for it, then reads of uncopied data fail: the stream job pauses (`on-error: stop`), the guest gets the error (or pauses, with `rerror=stop` on its device) | the supervising `shear restore` restarts the server within a second and resumes the job; else `--resume` does |
+//! | the server | QEMU's NBD client holds reads for `reconnect-delay` s (default 600) waiting for it; after that reads of uncopied data fail: the stream job pauses (`on-error: stop`), and the guest's read, through the copy-on-read filter the job inserted, was seen to return zeros instead of an error (QEMU 10.0.2) — hence the long delay | the supervising `shear restore` restarts the server within a second and resumes the job; else `--resume` does (before the delay ends) |
 //! | shear (the supervisor) | nothing: the job runs inside QEMU, the server in its own process group | `--resume` watches it to the end and stops the server |
 //! | QEMU | the images keep the guest's writes and still name the backup as their backing file: nothing opens them as complete by mistake (without the server they fail to open) | start the VM again on the same images, `--resume` |
 //!
