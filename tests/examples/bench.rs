@@ -107,7 +107,8 @@ const USAGE: &str =
                     snapshot (shear snapshot create/rollback, small guest disk),
                     serve (issue 13: nbdcopy from shear serve vs from qemu-nbd),
                     guest (issue 17: guest O_DIRECT writes and a CPU-bound guest
-                    job idle vs during backups, default and --workers 1)";
+                    job idle vs during backups, default and --workers 1),
+                    live (issue 13: live-restore RTO and time to independence)";
 
 impl Opts {
     fn parse(mut args: impl Iterator<Item = String>) -> Res<Opts> {
@@ -141,7 +142,7 @@ impl Opts {
                 "--only" => {
                     let v = args.next().ok_or("--only needs a value")?;
                     for p in v.split(',') {
-                        if !["incremental", "huge", "snapshot", "serve", "guest"].contains(&p) {
+                        if !["incremental", "huge", "snapshot", "serve", "guest", "live"].contains(&p) {
                             return Err(format!("--only: unknown phase {p}\n{USAGE}"));
                         }
                         o.only.push(p.to_owned());
@@ -1283,6 +1284,9 @@ fn run() -> Res<()> {
         if only("guest") {
             only_guest(&b, &mut r)?;
         }
+        if only("live") {
+            live_phase(&b, &mut r)?;
+        }
     } else {
         let plan = Plan::for_size(b.size);
         let ds = prepare_dataset(&b.work, &plan)?;
@@ -1509,6 +1513,125 @@ fn serve_phase(b: &Bench, r: &mut Results) -> Res<()> {
             "serve (issue 13): nbdcopy of the {} GiB disk from shear serve {sh:.2} s, from qemu-nbd {qn:.2} s: shear serve at {:.2}× qemu-nbd's speed (target ≥ 1×)",
             b.opts.size_gib,
             qn / sh.max(1e-9)
+        ));
+    }
+    Ok(())
+}
+
+/// Issue 13: `shear restore --live` of a backup of the data set's disk
+/// into a qcow2 image, the guest started on it at once: the RTO (command
+/// start → qemu-ga answers) and the time until the VM no longer depends on
+/// the backup (the copy ended, the server stopped), per round.
+fn live_phase(b: &Bench, r: &mut Results) -> Res<()> {
+    let plan = Plan::for_size(b.size);
+    let ds = prepare_dataset(&b.work, &plan)?;
+    r.dataset = ds.info.clone();
+    let disk = b.run.join("disk.qcow2");
+    std::fs::copy(&ds.image, &disk).ctx("copying the data set")?;
+    let repo = b.run.join("repo-live");
+    b.fresh_repo(&repo)?;
+    {
+        say("live: backing up the data set (paused VM)");
+        let vm = TestVm::start(VmConfig::paused().disk(DiskSpec::qcow2(DISK, b.size).image(&disk)))
+            .ctx("starting the paused VM")?;
+        b.shear_backup(&vm, &repo)?;
+    }
+    for round in 1..=b.opts.runs {
+        say(&format!("live restore round {round}/{}", b.opts.runs));
+        let target = b.run.join("live-target");
+        let state = b.run.join("live-state");
+        let qmp = b.run.join("live.qmp");
+        remove(&target);
+        remove(&state);
+        remove(&qmp);
+        let t0 = Instant::now();
+        let mut c = Command::new(&b.shear);
+        c.arg("--repo")
+            .arg(&repo)
+            .args(["restore", "vm/100", "--live", "--target"])
+            .arg(&target)
+            .arg("--qmp")
+            .arg(&qmp)
+            .arg("--state-dir")
+            .arg(&state);
+        for (k, v) in b.shear_env() {
+            c.env(k, v);
+        }
+        let mut sup = c
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .ctx("starting shear restore --live")?;
+        let out = sup.stdout.take().ok_or("no stdout")?;
+        let mut ready = false;
+        for l in std::io::BufRead::lines(std::io::BufReader::new(out)).map_while(Result::ok) {
+            if l.starts_with("live-restore: ready") {
+                ready = true;
+                break;
+            }
+        }
+        if !ready {
+            let _ = sup.kill();
+            let _ = sup.wait();
+            return Err("shear restore --live ended before it was ready".into());
+        }
+        let image = target.join(format!("{DISK}.qcow2"));
+        let vm = TestVm::start(
+            VmConfig::guest()
+                .arg("-blockdev")
+                .arg(
+                    &json!({"driver": "qcow2", "node-name": "rst0",
+                            "file": {"driver": "file", "filename": image}})
+                    .to_string(),
+                )
+                .arg("-device")
+                .arg("virtio-blk-pci,id=vd0,drive=rst0,rerror=stop,werror=stop")
+                .arg("-qmp")
+                .arg(&format!("unix:{},server=on,wait=off", qmp.display())),
+        )
+        .ctx("starting the VM on the live-restore image");
+        let vm = match vm {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = sup.kill();
+                let _ = sup.wait();
+                return Err(e);
+            }
+        };
+        let rto = t0.elapsed().as_secs_f64();
+        let boot = vm.boot_time().map_or(0.0, |d| d.as_secs_f64());
+        let st = sup.wait().ctx("waiting for shear restore --live")?;
+        let independent = t0.elapsed().as_secs_f64();
+        drop(vm);
+        if !st.success() {
+            return Err(format!("shear restore --live failed: {st}"));
+        }
+        r.series(
+            "live_rto",
+            "live restore: command start → qemu-ga answers (RTO)",
+        )
+        .samples
+        .push(Sample {
+            wall: rto,
+            extra: json!({"qemu_start_to_qga_s": boot}),
+            ..Sample::default()
+        });
+        r.series(
+            "live_independent",
+            "live restore: command start → VM independent of the backup",
+        )
+        .samples
+        .push(Sample {
+            wall: independent,
+            ..Sample::default()
+        });
+    }
+    if let (Some(rto), Some(ind)) = (r.get("live_rto"), r.get("live_independent")) {
+        r.notes.push(format!(
+            "live restore (issue 13): RTO {:.2} s (goal ≤ 10 s on the TCG guest), the VM independent of the backup after {:.2} s ({} GiB disk)",
+            rto.wall().median,
+            ind.wall().median,
+            b.opts.size_gib
         ));
     }
     Ok(())

@@ -15,6 +15,7 @@ mod daemon_cmd;
 mod generate;
 mod hook_cmd;
 pub mod json_errors;
+mod live_cmd;
 mod nbd_cmd;
 mod passphrase;
 mod progress;
@@ -399,15 +400,18 @@ pub struct RestoreArgs {
     /// Directory to write `<disk>.<format>` into.
     #[arg(long)]
     pub target: PathBuf,
-    /// Image format.
-    #[arg(long, value_enum, default_value_t = FormatArg::Raw)]
-    pub format: FormatArg,
+    /// Image format (default raw; qcow2 with --live, which needs it).
+    #[arg(long, value_enum)]
+    pub format: Option<FormatArg>,
     /// Replace existing regular files.
     #[arg(long)]
     pub force: bool,
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
+    /// Live restore options (`--live`).
+    #[command(flatten)]
+    pub live: live_cmd::LiveArgs,
 }
 
 /// Runs the parsed command line.

@@ -650,6 +650,9 @@ fn prune(cli: &Cli, a: &PruneArgs) -> anyhow::Result<()> {
 
 fn restore(cli: &Cli, a: &RestoreArgs) -> anyhow::Result<()> {
     use std::os::unix::fs::FileTypeExt;
+    if a.live.live {
+        return super::live_cmd::run(cli, a);
+    }
     let repo = open(cli)?;
     let id = resolve_backup(&repo, &a.backup)?;
     let reader = repo.open_backup(&id)?;
@@ -677,7 +680,7 @@ fn restore(cli: &Cli, a: &RestoreArgs) -> anyhow::Result<()> {
         a.disks.clone()
     };
     let opts = RestoreOptions {
-        format: match a.format {
+        format: match a.format.unwrap_or(FormatArg::Raw) {
             FormatArg::Raw => ImageFormat::Raw,
             FormatArg::Qcow2 => ImageFormat::Qcow2,
         },
@@ -719,7 +722,7 @@ fn restore(cli: &Cli, a: &RestoreArgs) -> anyhow::Result<()> {
         }
         reports.push(r);
     }
-    let format = match a.format {
+    let format = match a.format.unwrap_or(FormatArg::Raw) {
         FormatArg::Raw => "raw",
         FormatArg::Qcow2 => "qcow2",
     };

@@ -5,6 +5,7 @@
 //! default; with an overlay directory each disk is writable into a local
 //! sparse overlay file ([`overlay`]), and the backup is never written.
 
+pub mod live;
 pub mod overlay;
 
 use std::io;

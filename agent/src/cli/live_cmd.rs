@@ -1,0 +1,847 @@
+//! `shear restore BACKUP --live --target DIR --qmp SOCKET`: the VM starts
+//! at once on target images backed by the served backup; QEMU copies the
+//! rest (`block-stream`) while it runs. The design and its safety table are
+//! in [`crate::serve::live`].
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use serde_json::{json, Value};
+
+use super::repo_cmds::{open, resolve_backup};
+use super::{Cli, FormatArg, RestoreArgs};
+use crate::config::Config;
+use crate::out;
+use crate::serve::live::{
+    backing_spec, decide, job_seen, record_path, references_socket, seen_in, socket_path, Action,
+    JobSeen, LiveDisk, LiveRecord, Phase, RECORD_VERSION,
+};
+
+/// `--live` and its options (flattened into `shear restore`).
+#[derive(Debug, Args)]
+pub struct LiveArgs {
+    /// Live restore: serve the backup (read-only, a private unix socket),
+    /// create `<disk>.qcow2` in --target backed by it, and once the VM
+    /// started on those images answers on --qmp, copy the data into them
+    /// while it runs (QEMU block-stream); then stop serving.
+    #[arg(long)]
+    pub live: bool,
+    /// Finish an interrupted live restore of --target: restart the server
+    /// if it is gone, resume or start the copy, wait for the end.
+    #[arg(long, requires = "live")]
+    pub resume: bool,
+    /// QMP socket of the VM started on the target images (waited for up
+    /// to --vm-timeout). Without it shear only serves and prepares.
+    #[arg(long, requires = "live")]
+    pub qmp: Option<PathBuf>,
+    /// State directory for the live-restore record and socket (default:
+    /// the config's state_dir, /var/lib/shear).
+    #[arg(long, env = "SHEAR_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Copy speed limit in KiB/s (0: as fast as it goes).
+    #[arg(long, default_value_t = 0, requires = "live")]
+    pub bwlimit: u64,
+    /// Seconds QEMU's NBD client holds reads of uncopied data while the
+    /// server is lost, waiting for it to come back (written into the
+    /// images' backing). Long on purpose: during a block-stream, QEMU
+    /// 10.0's copy-on-read filter was seen to hand the guest zeros instead
+    /// of an error for such a read once this delay has passed.
+    #[arg(long, default_value_t = 600, requires = "live")]
+    pub reconnect_delay: u64,
+    /// Seconds to wait for the VM's QMP socket and its disks.
+    #[arg(long, default_value_t = 600, requires = "live")]
+    pub vm_timeout: u64,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Runs `shear restore … --live`.
+pub(super) fn run(cli: &Cli, a: &RestoreArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let l = &a.live;
+    if a.json {
+        bail!("--json is not available with --live yet: its state is the record in the state directory (docs/formats.md §9c)");
+    }
+    if a.force {
+        bail!("--live never replaces a file: --force does not apply (move the old images away)");
+    }
+    let cfg = Config::load()?;
+    let state_dir = l
+        .state_dir
+        .clone()
+        .or_else(|| cfg.state_dir.clone())
+        .unwrap_or_else(|| PathBuf::from(crate::daemon::config::DEFAULT_STATE_DIR));
+    let target = std::path::absolute(&a.target)
+        .with_context(|| format!("resolving {}", a.target.display()))?;
+    let rec_path = record_path(&state_dir, &target);
+    let _lock = lock(&rec_path)?;
+    let existing = LiveRecord::load(&rec_path)?;
+    let mut server: Option<Child> = None;
+    let mut rec = if l.resume {
+        let Some(mut rec) = existing else {
+            bail!(
+                "no live restore of {} is recorded in {}",
+                target.display(),
+                state_dir.display()
+            );
+        };
+        let asked = a.backup.trim_end_matches("/latest");
+        if !rec.backup.starts_with(asked) {
+            bail!(
+                "the live restore of {} is of backup {}, not {}",
+                target.display(),
+                rec.backup,
+                a.backup
+            );
+        }
+        if rec.phase == Phase::Complete {
+            out!(
+                "live restore of {} into {} is already complete",
+                rec.backup,
+                target.display()
+            );
+            return Ok(());
+        }
+        if l.qmp.is_some() {
+            rec.qmp.clone_from(&l.qmp);
+        }
+        rec.detail = "resumed".into();
+        rec.save(&rec_path)?;
+        out!(
+            "live-restore: resuming {} into {} (phase {:?})",
+            rec.backup,
+            target.display(),
+            rec.phase
+        );
+        rec
+    } else {
+        if let Some(r) = existing {
+            if r.phase != Phase::Complete {
+                bail!(
+                    "a live restore of {} into {} is not finished ({}): finish it with `shear restore {} --live --resume --target {}`",
+                    r.backup,
+                    target.display(),
+                    rec_path.display(),
+                    r.backup,
+                    target.display()
+                );
+            }
+        }
+        let (rec, child) = prepare(cli, a, &state_dir, &target, &rec_path)?;
+        server = Some(child);
+        rec
+    };
+    if rec.qmp.is_none() {
+        out!(
+            "live-restore: serving on {}; start the VM, then `shear restore {} --live --resume --target {} --qmp SOCKET` copies the data",
+            rec.socket.display(),
+            rec.backup,
+            target.display()
+        );
+        return Ok(());
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let mut sup = Supervisor {
+        rec: &mut rec,
+        path: &rec_path,
+        server: server.take(),
+        vm_timeout: Duration::from_secs(l.vm_timeout),
+        started,
+        restarted: false,
+    };
+    rt.block_on(sup.run())
+}
+
+/// Takes `<key>.lock` beside the record (flock, held until the command
+/// ends): one shear supervises a live restore at a time.
+fn lock(rec_path: &Path) -> anyhow::Result<std::fs::File> {
+    use std::os::unix::fs::DirBuilderExt;
+    if let Some(dir) = rec_path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let path = rec_path.with_extension("lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(|e| {
+        anyhow::anyhow!(
+            "another shear supervises this live restore ({} is locked: {e})",
+            path.display()
+        )
+    })?;
+    Ok(f)
+}
+
+/// Makes the images, starts the server, records it all; prints how to
+/// start the VM. On error, what it made is taken back.
+fn prepare(
+    cli: &Cli,
+    a: &RestoreArgs,
+    state_dir: &Path,
+    target: &Path,
+    rec_path: &Path,
+) -> anyhow::Result<(LiveRecord, Child)> {
+    if matches!(a.format, Some(FormatArg::Raw)) {
+        bail!("a live restore writes qcow2 images (the backup is their backing file until the copy ends); convert them afterwards with `qemu-img convert -O raw` if raw is needed");
+    }
+    if cli.keyfile.is_some()
+        && cli.passphrase_file.is_none()
+        && std::env::var_os("SHEAR_KEY_PASSPHRASE").is_none()
+    {
+        bail!("a live restore of an encrypted repository needs --passphrase-file or SHEAR_KEY_PASSPHRASE: the serving process cannot ask on a terminal");
+    }
+    let l = &a.live;
+    let repo = open(cli)?;
+    let id = resolve_backup(&repo, &a.backup)?;
+    let reader = repo.open_backup(&id)?;
+    let all: Vec<(String, u64)> = reader
+        .manifest()
+        .disks
+        .iter()
+        .map(|d| (d.name.clone(), d.virtual_size))
+        .collect();
+    let unknown: Vec<&str> = a
+        .disks
+        .iter()
+        .filter(|d| !all.iter().any(|(n, _)| n == *d))
+        .map(String::as_str)
+        .collect();
+    if !unknown.is_empty() {
+        bail!(
+            "backup {id} has no disk {}; its disks: {}",
+            unknown.join(", "),
+            all.iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    std::fs::create_dir_all(target)
+        .with_context(|| format!("creating restore target {}", target.display()))?;
+    let disks: Vec<LiveDisk> = all
+        .into_iter()
+        .filter(|(n, _)| a.disks.is_empty() || a.disks.contains(n))
+        .map(|(name, size)| LiveDisk {
+            image: target.join(format!("{name}.qcow2")),
+            name,
+            size,
+            done: false,
+        })
+        .collect();
+    for d in &disks {
+        if std::fs::symlink_metadata(&d.image).is_ok() {
+            bail!(
+                "{} exists: a live restore never replaces a file (move it away or pick another --target)",
+                d.image.display()
+            );
+        }
+    }
+    let mut rec = LiveRecord {
+        version: RECORD_VERSION,
+        backup: id.to_string(),
+        repo: cli.repo.clone(),
+        keyfile: cli.keyfile.clone(),
+        passphrase_file: cli.passphrase_file.clone(),
+        target: target.to_owned(),
+        socket: socket_path(state_dir, target),
+        qmp: l.qmp.clone(),
+        reconnect_delay_secs: l.reconnect_delay,
+        speed: l.bwlimit.saturating_mul(1024),
+        disks,
+        phase: Phase::Serving,
+        server_pid: None,
+        server_restarts: 0,
+        started_ms: now_ms(),
+        vm_attached_ms: None,
+        complete_ms: None,
+        detail: "preparing".into(),
+    };
+    rec.save(rec_path)?;
+    let mut made: Vec<PathBuf> = Vec::new();
+    let mut child: Option<Child> = None;
+    let res = (|| -> anyhow::Result<()> {
+        for d in &rec.disks {
+            create_image(d, &rec)?;
+            made.push(d.image.clone());
+        }
+        let c = spawn_server(&rec)?;
+        rec.server_pid = Some(c.id());
+        child = Some(c);
+        rec.detail = "serving".into();
+        rec.save(rec_path)?;
+        if let Some(c) = child.as_mut() {
+            wait_ready(&rec.socket, c)?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = res {
+        if let Some(mut c) = child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for p in &made {
+            let _ = std::fs::remove_file(p);
+        }
+        let _ = std::fs::remove_file(&rec.socket);
+        let _ = std::fs::remove_file(rec_path);
+        return Err(e);
+    }
+    let child = child.context("the server was not started")?;
+    let vm_config = &reader.manifest().vm_config;
+    let restored: Vec<super::boot_cmdline::RestoredDisk<'_>> = rec
+        .disks
+        .iter()
+        .map(|d| super::boot_cmdline::RestoredDisk {
+            name: &d.name,
+            path: &d.image,
+            format: "qcow2",
+        })
+        .collect();
+    let boot = live_argv(
+        super::boot_cmdline::qemu_argv(vm_config, &restored),
+        rec.qmp.as_deref(),
+    )
+    .iter()
+    .map(|w| super::boot_cmdline::sh_quote(w))
+    .collect::<Vec<_>>()
+    .join(" ");
+    let written = super::vm_definition::write_beside(
+        vm_config,
+        target,
+        &rec.disks
+            .iter()
+            .map(|d| (d.name.clone(), d.image.clone(), "qcow2"))
+            .collect::<Vec<_>>(),
+    )?;
+    for d in &rec.disks {
+        out!(
+            "live-restore: {} → {} (backed by nbd+unix:///{}?socket={})",
+            d.name,
+            d.image.display(),
+            d.name,
+            rec.socket.display()
+        );
+    }
+    for f in &written {
+        out!("wrote {}", f.display());
+    }
+    out!("boot the restored disks with:\n  {boot}");
+    out!(
+        "live-restore: ready after {} ms; start the VM on the images now (record {})",
+        now_ms().saturating_sub(rec.started_ms),
+        rec_path.display()
+    );
+    {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+    }
+    Ok((rec, child))
+}
+
+/// The restore's QEMU command line made fit for a live restore: each disk
+/// device pauses the guest on an I/O error (`rerror=stop,werror=stop`: a
+/// lost server stops the VM with a clear status instead of failing guest
+/// reads; shear continues it once the server is back), and the QMP socket
+/// shear waits for.
+fn live_argv(mut argv: Vec<String>, qmp: Option<&Path>) -> Vec<String> {
+    let mut after_device = false;
+    for a in &mut argv {
+        if after_device
+            && ["virtio-blk-pci,", "scsi-hd,", "ide-hd,"]
+                .iter()
+                .any(|d| a.starts_with(d))
+        {
+            a.push_str(",rerror=stop,werror=stop");
+        }
+        after_device = a == "-device";
+    }
+    if let Some(q) = qmp {
+        argv.push("-qmp".into());
+        argv.push(format!("unix:{},server=on,wait=off", q.display()));
+    }
+    argv
+}
+
+fn create_image(d: &LiveDisk, rec: &LiveRecord) -> anyhow::Result<()> {
+    let backing = backing_spec(&rec.socket, &d.name, rec.reconnect_delay_secs);
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b"])
+        .arg(&backing)
+        .arg(&d.image)
+        .arg(d.size.to_string())
+        .stdin(Stdio::null())
+        .output()
+        .context("running qemu-img (package qemu-utils)")?;
+    if !out.status.success() {
+        bail!(
+            "qemu-img create {} failed ({}): {}",
+            d.image.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Starts `shear serve` for the record's disks in its own process group
+/// (a Ctrl-C or the end of this command leaves it running), logging to
+/// `<socket>.log`.
+fn spawn_server(rec: &LiveRecord) -> anyhow::Result<Child> {
+    if std::fs::symlink_metadata(&rec.socket).is_ok() {
+        if std::os::unix::net::UnixStream::connect(&rec.socket).is_ok() {
+            bail!(
+                "something already serves on {}: is another shear serving this restore?",
+                rec.socket.display()
+            );
+        }
+        // Our own socket, left by a killed server: nobody listens.
+        std::fs::remove_file(&rec.socket)
+            .with_context(|| format!("removing the stale socket {}", rec.socket.display()))?;
+    }
+    let log_path = rec.socket.with_extension("log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let exe = std::env::current_exe().context("finding the shear binary")?;
+    let mut c = Command::new(exe);
+    c.arg("--repo").arg(&rec.repo);
+    if let Some(k) = &rec.keyfile {
+        c.arg("--keyfile").arg(k);
+    }
+    if let Some(p) = &rec.passphrase_file {
+        c.arg("--passphrase-file").arg(p);
+    }
+    c.arg("serve")
+        .arg(&rec.backup)
+        .arg("--socket")
+        .arg(&rec.socket)
+        .args(["--cache-mib", "64"]);
+    for d in &rec.disks {
+        c.arg("--disk").arg(&d.name);
+    }
+    c.process_group(0)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    c.spawn().context("starting shear serve")
+}
+
+/// Waits until the socket accepts (60 s), or fails with the server's log.
+fn wait_ready(socket: &Path, child: &mut Child) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            return Ok(());
+        }
+        if let Some(st) = child.try_wait()? {
+            let log = std::fs::read_to_string(socket.with_extension("log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(5).collect();
+            bail!(
+                "shear serve exited ({st}): {}",
+                tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "shear serve did not listen on {} within 60 s",
+                socket.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether `pid` is a live `shear serve` on `socket` (not a reused pid,
+/// not a zombie).
+fn is_our_server(pid: u32, socket: &Path) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat
+        .rsplit(')')
+        .next()
+        .and_then(|r| r.split_whitespace().next());
+    if matches!(state, None | Some("Z" | "X")) {
+        return false;
+    }
+    let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+    let sock = socket.as_os_str().as_encoded_bytes();
+    args.contains(&b"serve".as_slice()) && args.contains(&sock)
+}
+
+/// Watches the VM until every disk is copied, keeping the server up.
+struct Supervisor<'a> {
+    rec: &'a mut LiveRecord,
+    path: &'a Path,
+    /// The server when this process started it (to reap it).
+    server: Option<Child>,
+    vm_timeout: Duration,
+    started: Instant,
+    /// This process found the server gone and started it again: a guest
+    /// paused on an I/O error meanwhile was paused by that loss.
+    restarted: bool,
+}
+
+/// How long QEMU may be unreachable, once seen, before shear gives up
+/// supervising (the server keeps serving).
+const QEMU_GONE_AFTER: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(300);
+/// Between two `block-job-resume`s of one job (QEMU's NBD client
+/// reconnects in the background with a growing backoff).
+const RESUME_EVERY: Duration = Duration::from_secs(2);
+/// Between two offline looks at the images while no VM answers.
+const OFFLINE_EVERY: Duration = Duration::from_secs(5);
+
+/// Whether `image`'s header names no backing file (`qemu-img info -U`);
+/// `None` when it cannot be read.
+fn image_has_backing(image: &Path) -> Option<bool> {
+    let out = Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(image)
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+    Some(v.get("backing-filename").is_some())
+}
+
+impl Supervisor<'_> {
+    fn save(&mut self, detail: &str) -> anyhow::Result<()> {
+        detail.clone_into(&mut self.rec.detail);
+        self.rec.save(self.path)?;
+        Ok(())
+    }
+
+    fn server_up(&mut self) -> bool {
+        if let Some(c) = self.server.as_mut() {
+            if matches!(c.try_wait(), Ok(Some(_))) {
+                self.server = None;
+                return false;
+            }
+        }
+        self.rec
+            .server_pid
+            .is_some_and(|p| is_our_server(p, &self.rec.socket))
+    }
+
+    /// Restarts the server (it died): the NBD clients in QEMU reconnect.
+    fn restart_server(&mut self) -> anyhow::Result<()> {
+        let mut c = spawn_server(self.rec)?;
+        self.rec.server_pid = Some(c.id());
+        self.rec.server_restarts += 1;
+        self.restarted = true;
+        self.save("the server was gone: restarted")?;
+        wait_ready(&self.rec.socket, &mut c)?;
+        eprintln!(
+            "live-restore: the server was gone; restarted (pid {})",
+            c.id()
+        );
+        self.server = Some(c);
+        Ok(())
+    }
+
+    fn stop_server(&mut self) {
+        let Some(pid) = self.rec.server_pid else {
+            return;
+        };
+        // SIGTERM, then SIGKILL if it is still there after 10 s.
+        for (sig, wait) in [
+            (rustix::process::Signal::TERM, Duration::from_secs(10)),
+            (rustix::process::Signal::KILL, Duration::from_secs(5)),
+        ] {
+            if !is_our_server(pid, &self.rec.socket) {
+                break;
+            }
+            if let Some(p) = rustix::process::Pid::from_raw(i32::try_from(pid).unwrap_or(0)) {
+                let _ = rustix::process::kill_process(p, sig);
+            }
+            let deadline = Instant::now() + wait;
+            while is_our_server(pid, &self.rec.socket) && Instant::now() < deadline {
+                if let Some(c) = self.server.as_mut() {
+                    let _ = c.try_wait();
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        if let Some(mut c) = self.server.take() {
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_file(&self.rec.socket);
+    }
+
+    async fn run(&mut self) -> anyhow::Result<()> {
+        let qmp_path = self.rec.qmp.clone().context("no QMP socket")?;
+        let mut last_seen: Option<Instant> = None;
+        let mut last_resume: Option<Instant> = None;
+        let mut last_cont: Option<Instant> = None;
+        let mut last_offline: Option<Instant> = None;
+        let waiting_since = Instant::now();
+        loop {
+            let all_done = self.rec.disks.iter().all(|d| d.done);
+            if !all_done && !self.server_up() {
+                if let Err(e) = self.restart_server() {
+                    eprintln!("live-restore: restarting the server failed: {e:#}");
+                    let _ = self.save(&format!("restarting the server failed: {e:#}"));
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            }
+            let conn = qmp::Qmp::connect(&qmp_path, Duration::from_secs(5)).await;
+            let q = match conn {
+                Ok((q, _events)) => q,
+                Err(e) => {
+                    // No VM: an image whose header lost its backing file
+                    // was copied to the end before QEMU went away.
+                    if last_offline.is_none_or(|t| t.elapsed() > OFFLINE_EVERY) {
+                        last_offline = Some(Instant::now());
+                        if self.copied_offline() {
+                            return self.finish();
+                        }
+                    }
+                    let gone = match last_seen {
+                        Some(t) => t.elapsed() > QEMU_GONE_AFTER,
+                        None => waiting_since.elapsed() > self.vm_timeout,
+                    };
+                    if gone {
+                        let why = if last_seen.is_some() {
+                            "QEMU went away (or its monitor is unreachable)"
+                        } else {
+                            "no VM answered on the QMP socket"
+                        };
+                        self.save(&format!("{why}: {e}"))?;
+                        bail!(
+                            "{why} ({}); the images keep every write and still name the backup as their backing file; the server keeps serving on {}. Run `shear restore {} --live --resume --target {} --qmp SOCKET` (it serves again if needed), then start the VM on the images",
+                            qmp_path.display(),
+                            self.rec.socket.display(),
+                            self.rec.backup,
+                            self.rec.target.display()
+                        );
+                    }
+                    tokio::time::sleep(POLL).await;
+                    continue;
+                }
+            };
+            last_seen = Some(Instant::now());
+            let step = self.poll(&q, &mut last_resume, &mut last_cont).await;
+            q.shutdown();
+            match step {
+                Ok(true) => return self.finish(),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "live-restore poll");
+                }
+            }
+            if self.rec.vm_attached_ms.is_none() && waiting_since.elapsed() > self.vm_timeout {
+                self.save("the VM does not use the images")?;
+                bail!(
+                    "the VM on {} has not opened the images ({}) within {} s",
+                    qmp_path.display(),
+                    self.rec
+                        .disks
+                        .iter()
+                        .map(|d| d.image.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    self.vm_timeout.as_secs()
+                );
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// With no VM to ask: marks done each image whose header has no
+    /// backing file any more; true when all are.
+    fn copied_offline(&mut self) -> bool {
+        let mut changed = false;
+        for d in self.rec.disks.iter_mut().filter(|d| !d.done) {
+            if image_has_backing(&d.image) == Some(false) {
+                d.done = true;
+                changed = true;
+            }
+        }
+        if changed {
+            let _ = self.save("copied (seen in the image headers; the VM is gone)");
+        }
+        self.rec.disks.iter().all(|d| d.done)
+    }
+
+    /// One look at the VM; `Ok(true)` once every disk is copied.
+    async fn poll(
+        &mut self,
+        q: &qmp::Qmp,
+        last_resume: &mut Option<Instant>,
+        last_cont: &mut Option<Instant>,
+    ) -> anyhow::Result<bool> {
+        let nodes: Value = q
+            .execute_value("query-named-block-nodes", json!({"flat": true}))
+            .await?;
+        let jobs: Value = q.execute_value("query-block-jobs", json!({})).await?;
+        let up = self.server_up();
+        let mut changed = false;
+        let mut attached = true;
+        for i in 0..self.rec.disks.len() {
+            if self.rec.disks[i].done {
+                continue;
+            }
+            let job_id = format!("shear-live-{}", self.rec.disks[i].name);
+            let seen = seen_in(&nodes, &self.rec.disks[i].image);
+            if seen == crate::serve::live::Seen::Absent {
+                attached = false;
+            }
+            let job = jobs
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|j| j["device"] == job_id.as_str())
+                .map_or(JobSeen::None, job_seen);
+            match decide(&seen, job, up) {
+                Action::Wait => {}
+                Action::Done => {
+                    self.rec.disks[i].done = true;
+                    eprintln!(
+                        "live-restore: {} copied; it no longer depends on the backup",
+                        self.rec.disks[i].name
+                    );
+                    changed = true;
+                }
+                Action::Start(node) => {
+                    let mut args = json!({"job-id": job_id, "device": node, "on-error": "stop"});
+                    if self.rec.speed > 0 {
+                        args["speed"] = json!(self.rec.speed);
+                    }
+                    q.execute_value("block-stream", args)
+                        .await
+                        .with_context(|| format!("block-stream on {node}"))?;
+                    eprintln!(
+                        "live-restore: copying {} (block-stream {job_id})",
+                        self.rec.disks[i].name
+                    );
+                    self.rec.phase = Phase::Streaming;
+                    changed = true;
+                }
+                Action::Resume => {
+                    if last_resume.is_none_or(|t| t.elapsed() > RESUME_EVERY) {
+                        *last_resume = Some(Instant::now());
+                        q.execute_value("block-job-resume", json!({"device": job_id}))
+                            .await
+                            .with_context(|| format!("block-job-resume {job_id}"))?;
+                        eprintln!("live-restore: resumed {job_id} after a read error");
+                    }
+                }
+            }
+        }
+        if attached && self.rec.vm_attached_ms.is_none() {
+            self.rec.vm_attached_ms = Some(now_ms());
+            eprintln!(
+                "live-restore: the VM runs on the images ({} ms after the start of this command)",
+                self.started.elapsed().as_millis()
+            );
+            changed = true;
+        }
+        // A guest paused on a read error (rerror=stop) while the server
+        // was gone goes on once it is back; any other pause is left alone.
+        if up && self.restarted {
+            let status: Value = q.execute_value("query-status", json!({})).await?;
+            if status["status"] == "io-error"
+                && last_cont.is_none_or(|t| t.elapsed() > RESUME_EVERY)
+            {
+                *last_cont = Some(Instant::now());
+                q.execute_value("cont", json!({})).await?;
+                eprintln!("live-restore: the VM had paused on an I/O error; continued");
+            }
+        }
+        let done = self.rec.disks.iter().all(|d| d.done);
+        if done && references_socket(&nodes, &self.rec.socket) {
+            // The images are copied but a node still reads the server (the
+            // VM was started with its own NBD node): not independent yet.
+            self.save("copied, but a node of the VM still uses the server")?;
+            return Ok(false);
+        }
+        if changed {
+            let detail = if done { "copied" } else { "copying" };
+            self.save(detail)?;
+        }
+        Ok(done)
+    }
+
+    fn finish(&mut self) -> anyhow::Result<()> {
+        self.stop_server();
+        self.rec.phase = Phase::Complete;
+        self.rec.server_pid = None;
+        self.rec.complete_ms = Some(now_ms());
+        self.save("complete: the VM no longer depends on the backup")?;
+        let total = self
+            .rec
+            .complete_ms
+            .unwrap_or(0)
+            .saturating_sub(self.rec.started_ms);
+        let attached = self
+            .rec
+            .vm_attached_ms
+            .map(|t| t.saturating_sub(self.rec.started_ms));
+        out!(
+            "live-restore: complete: {} independent of the backup {} ms after the restore started (VM on the images after {}; {} server restart(s))",
+            self.rec.target.display(),
+            total,
+            attached.map_or("?".to_string(), |t| format!("{t} ms")),
+            self.rec.server_restarts
+        );
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn live_command_line_stops_on_io_errors_and_has_the_qmp_socket() {
+        let argv: Vec<String> = [
+            "qemu-system-x86_64",
+            "-device",
+            "virtio-scsi-pci,id=restored-scsi",
+            "-device",
+            "scsi-hd,id=scsi0,drive=drive-scsi0,bus=restored-scsi.0",
+            "-device",
+            "virtio-blk-pci,id=virtio1,drive=drive-virtio1",
+            "-device",
+            "nvme,id=n,drive=drive-n,serial=n",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let out = live_argv(argv, Some(Path::new("/run/r.qmp")));
+        assert_eq!(out[2], "virtio-scsi-pci,id=restored-scsi");
+        assert!(out[4].ends_with(",rerror=stop,werror=stop"), "{}", out[4]);
+        assert!(out[6].ends_with(",rerror=stop,werror=stop"), "{}", out[6]);
+        // nvme has no rerror/werror properties.
+        assert_eq!(out[8], "nvme,id=n,drive=drive-n,serial=n");
+        assert_eq!(out[9..], ["-qmp", "unix:/run/r.qmp,server=on,wait=off"]);
+        assert_eq!(live_argv(vec!["q".into()], None), ["q"]);
+    }
+}
