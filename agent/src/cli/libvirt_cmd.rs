@@ -73,6 +73,7 @@ pub(super) fn run(
             full: args.full,
             freeze_timeout: Duration::from_secs(args.freeze_timeout.max(1)),
             exclude: args.exclude.clone(),
+            held_hook: crate::job::backup::held_hook_from_env(),
         };
         let progress = !args.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
         let observer = Arc::new(CliObserver::new(progress));

@@ -82,6 +82,9 @@ pub struct LibvirtBackupOptions {
     pub freeze_timeout: Duration,
     /// Disks (targets) left out.
     pub exclude: Vec<String>,
+    /// Test-only: run while the guest is frozen with the backup begun (to
+    /// take a ground-truth copy); see `job::options::held_hook_from_env`.
+    pub held_hook: Option<PathBuf>,
 }
 
 /// What a run changed in libvirt, written before it changes it, so a
@@ -614,6 +617,10 @@ pub async fn run_libvirt_backup(
                 .backup_begin(&dom, &write_backup_xml(None)?, Some(&cp_file))
                 .await;
         }
+        let hook = match (&begin, &opts.held_hook) {
+            (Ok(()), Some(h)) => Some(run_held_hook(h, &dom).await),
+            _ => None,
+        };
         let released = if frozen {
             Some(thaw(&virsh, &dom).await)
         } else {
@@ -642,6 +649,9 @@ pub async fn run_libvirt_backup(
         });
         begin.map_err(lv("backup-begin"))?;
         run.begun = true;
+        if let Some(h) = hook {
+            h?;
+        }
         if let Some(r) = &chain.full_reason {
             warn(&mut warnings, format!("every disk is read in full: {r}"));
         }
@@ -855,6 +865,24 @@ pub async fn run_libvirt_backup(
             Err(e)
         }
     }
+}
+
+/// Test-only: run the held hook (the guest frozen, the backup begun).
+async fn run_held_hook(hook: &Path, domain: &str) -> Result<(), JobError> {
+    let st = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new(hook)
+            .env("SHEAR_VMID", domain)
+            .kill_on_drop(true)
+            .status(),
+    )
+    .await
+    .map_err(|_| JobError::Invalid("held hook timed out".into()))?
+    .map_err(|e| JobError::io(format!("running held hook {}", hook.display()), e))?;
+    if !st.success() {
+        return Err(JobError::Invalid(format!("held hook exited with {st}")));
+    }
+    Ok(())
 }
 
 /// What a run must take back.
