@@ -82,7 +82,12 @@ fn backup_checked(env: &Env, vm: &LibvirtVm, n: u32) -> Checked {
     let report = report_of(&out);
     let truth = env.dir.path().join(format!("truth-{n}.raw"));
     std::fs::rename(&truths[0], &truth).unwrap();
-    // Nothing left behind: no job, no scratch files, no socket, no record.
+    assert_clean(env, vm);
+    Checked { report, truth }
+}
+
+/// Nothing left behind: no job, no scratch files, no socket, no record.
+fn assert_clean(env: &Env, vm: &LibvirtVm) {
     assert!(!vm.has_job(), "a libvirt job is left on the domain");
     let left: Vec<_> = std::fs::read_dir(env.fleece_dir())
         .unwrap()
@@ -91,7 +96,6 @@ fn backup_checked(env: &Env, vm: &LibvirtVm, n: u32) -> Checked {
         .filter(|n| !n.ends_with(".lock"))
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
-    Checked { report, truth }
 }
 
 fn assert_restores_to_truth(env: &Env, b: &Checked) {
@@ -123,8 +127,9 @@ fn assert_restores_to_truth(env: &Env, b: &Checked) {
 /// truth; another repository's chain does not disturb the first's; a clean
 /// restart keeps the (persistent) checkpoint: still incremental; a killed
 /// QEMU (F-23: bitmap inconsistent) means a full read with libvirt's reason
-/// and a healed chain; `restore --libvirt --define` defines a domain on the
-/// restored disk under a new name.
+/// and a healed chain; a domain destroyed mid-backup leaves nothing behind;
+/// `restore --libvirt --define` defines a domain on the restored disk under
+/// a new name.
 #[test]
 fn vm_libvirt_chain_full_incremental_restart_kill_two_repositories_f23() {
     if !require_guest() || !require_libvirt() {
@@ -188,6 +193,29 @@ fn vm_libvirt_chain_full_incremental_restart_kill_two_repositories_f23() {
     let a6 = backup_checked(&a, &vm, 7);
     assert_eq!(a6.kind(), "incremental", "healed: {}", a6.report);
     assert_restores_to_truth(&a, &a6);
+
+    // The domain stops mid-backup (destroyed while shear holds it, the
+    // backup begun): the run fails saying so, and leaves no job, no new
+    // checkpoint, no files and no backup.
+    let before = vm.checkpoints();
+    let listed = a.list().len();
+    let hook = HeldHook::new(&a);
+    let mut cmd = a.shear(&["backup", &vm.name, "--libvirt", "--json", "--fleecing-dir"]);
+    cmd.arg(a.fleece_dir());
+    hook.install(&mut cmd);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    hook.wait_held(&mut child, Duration::from_secs(120));
+    virsh(&["destroy", "--", &vm.name]).unwrap();
+    hook.release();
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let e = v[0]["error"].as_str().unwrap_or("");
+    assert!(e.contains("stopped during the backup"), "{v}");
+    assert_eq!(a.list().len(), listed, "no backup recorded");
+    assert_eq!(vm.checkpoints(), before, "the run's checkpoint is gone");
+    assert_clean(&a, &vm);
 
     // Restore as a new domain.
     let target = a.dir.path().join("restore-domain");

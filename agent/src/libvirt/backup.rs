@@ -346,14 +346,27 @@ fn stop_watchdog(w: Option<std::process::Child>) {
     }
 }
 
-/// Thaw, retrying until [`THAW_FOR`] passes.
-async fn thaw(virsh: &Virsh, domain: &str) -> Result<(), LibvirtError> {
+/// Thaw, retrying until [`THAW_FOR`] passes. `Ok(false)`: the domain is
+/// no longer running (shut off, destroyed, undefined): nothing is frozen.
+async fn thaw(virsh: &Virsh, domain: &str) -> Result<bool, LibvirtError> {
     let t0 = Instant::now();
     loop {
         match virsh.fsthaw(domain, QUERY).await {
-            Ok(()) => return Ok(()),
-            Err(e) if t0.elapsed() > THAW_FOR => return Err(e),
-            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+            Ok(()) => return Ok(true),
+            Err(e) => {
+                let gone = match virsh.domstate(domain).await {
+                    Ok(st) => st != "running" && st != "paused",
+                    Err(LibvirtError::Failed { .. }) => true,
+                    Err(_) => false,
+                };
+                if gone {
+                    return Ok(false);
+                }
+                if t0.elapsed() > THAW_FOR {
+                    return Err(e);
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
         }
     }
 }
@@ -635,6 +648,11 @@ pub async fn run_libvirt_backup(
             )));
         }
         stop_watchdog(watchdog);
+        if let Some(Ok(false)) = released {
+            return Err(JobError::VmGone(format!(
+                "domain {dom} stopped during the backup"
+            )));
+        }
         // Explain a refusal by an old daemon (asked after the thaw: it
         // takes seconds).
         if let Err(e) = &begin {

@@ -206,8 +206,17 @@ impl Virsh {
     }
 
     /// Whether the domain has a job (`domjobinfo`'s "Job type" is not None).
+    /// A domain that is not running has none.
     pub async fn job_active(&self, domain: &str) -> Result<bool, LibvirtError> {
-        let out = self.run(&["domjobinfo", "--", domain], QUERY).await?;
+        let out = match self.run(&["domjobinfo", "--", domain], QUERY).await {
+            Ok(o) => o,
+            Err(e) => {
+                return match self.domstate(domain).await {
+                    Ok(st) if st != "running" && st != "paused" => Ok(false),
+                    _ => Err(e),
+                }
+            }
+        };
         Ok(out
             .lines()
             .find_map(|l| l.trim().strip_prefix("Job type:"))
