@@ -548,13 +548,12 @@ pub async fn run_libvirt_backup(
         .map_err(|e| JobError::Invalid(format!("encoding the run record: {e}")))?;
     crate::fsutil::write_atomic(&rpath, &rec_json, crate::fsutil::Existing::Replace)
         .map_err(|e| JobError::io(format!("writing {} ({})", rpath.display(), e.op), e.source))?;
-    let mut run = Run {
+    let run = Run {
         virsh: virsh.clone(),
         dom: dom.clone(),
         rpath,
         dirs: record.dirs.clone(),
         new_cp: new_cp.clone(),
-        begun: false,
     };
     let result = async {
         make_private(&nbd_dir, owner)?;
@@ -594,8 +593,10 @@ pub async fn run_libvirt_backup(
         let frozen = match virsh.fsfreeze(&dom, opts.freeze_timeout).await {
             Ok(()) => true,
             Err(e) => {
-                // A freeze that timed out may still complete in the guest.
-                let _ = virsh.fsthaw(&dom, QUERY).await;
+                // A freeze that timed out may still complete in the guest:
+                // thaw (as briefly: an agent that did not answer the freeze
+                // will not answer this either; the watchdog goes on).
+                let _ = virsh.fsthaw(&dom, opts.freeze_timeout).await;
                 warn(
                     &mut warnings,
                     format!(
@@ -666,7 +667,6 @@ pub async fn run_libvirt_backup(
             phase: Phase::Release,
         });
         begin.map_err(lv("backup-begin"))?;
-        run.begun = true;
         if let Some(h) = hook {
             h?;
         }
@@ -808,7 +808,6 @@ pub async fn run_libvirt_backup(
             session.abort();
             return Err(lv("ending the backup job")(e));
         }
-        run.begun = false;
         observer.event(&JobEvent::Phase {
             vmid: &dom,
             phase: Phase::Commit,
@@ -910,7 +909,6 @@ struct Run {
     rpath: PathBuf,
     dirs: Vec<PathBuf>,
     new_cp: String,
-    begun: bool,
 }
 
 impl Run {
@@ -938,7 +936,6 @@ impl Run {
             Ok(_) => Ok(()),
             Err(e) => Err(e),
         };
-        let _ = self.begun;
         match (ended, deleted) {
             (Ok(()), Ok(())) => {
                 self.remove_files();
