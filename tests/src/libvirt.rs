@@ -187,7 +187,11 @@ impl LibvirtVm {
         );
         let file = dir.path().join("domain.xml");
         std::fs::write(&file, xml)?;
-        virsh(&["define", "--file", &file.display().to_string()])?;
+        if let Err(e) = virsh(&["define", "--file", &file.display().to_string()]) {
+            // A define that timed out may still complete in the daemon.
+            let _ = virsh(&["undefine", "--", &name]);
+            return Err(e);
+        }
         let vm = LibvirtVm { name, dir, disks };
         vm.boot()?;
         Ok(vm)
