@@ -11,6 +11,7 @@ pub mod failpoint;
 pub mod fsutil;
 pub mod hookscript;
 pub mod job;
+pub mod libvirt;
 pub mod notify;
 pub mod repo;
 pub mod restorevm;

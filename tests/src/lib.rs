@@ -20,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 pub mod disk;
+pub mod libvirt;
 pub mod prereq;
 pub mod shear;
 pub mod sinks;

@@ -126,6 +126,14 @@ pub struct BackupArgs {
     /// is none); repeatable.
     #[arg(long, value_name = "NAME=BITMAP", requires = "nbd")]
     pub bitmap: Vec<String>,
+    /// Back up libvirt domains (the VMIDs are domain names) through
+    /// libvirt's backup API: freeze, pull-mode backup-begin, thaw, read,
+    /// with one checkpoint chain per repository for incrementals.
+    #[arg(long, conflicts_with = "nbd")]
+    pub libvirt: bool,
+    /// libvirt connection URI (with --libvirt).
+    #[arg(long, value_name = "URI", default_value = crate::libvirt::DEFAULT_URI, requires = "libvirt")]
+    pub connect: String,
     /// One JSON document (an array with one entry per VM) on stdout.
     #[arg(long)]
     pub json: bool,
@@ -208,6 +216,22 @@ pub fn run(cli: &super::Cli, args: &BackupArgs) -> anyhow::Result<ExitCode> {
     let cancel = Cancel::default();
     rt.spawn(cancel_on_signals(cancel.clone()));
 
+    if args.libvirt {
+        let repo = Arc::new(super::repo_cmds::open(cli)?);
+        return super::libvirt_cmd::run(
+            &rt,
+            &repo,
+            args,
+            &cfg,
+            &run_dir,
+            &fleecing_dir,
+            fleecing,
+            zstd_level,
+            workers,
+            priority,
+            &cancel,
+        );
+    }
     if !args.nbd.is_empty() {
         let repo = Arc::new(super::repo_cmds::open(cli)?);
         return super::nbd_cmd::run(

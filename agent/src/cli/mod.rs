@@ -16,6 +16,7 @@ mod generate;
 mod hook_cmd;
 pub mod json_errors;
 mod live_cmd;
+mod libvirt_cmd;
 mod nbd_cmd;
 mod passphrase;
 mod progress;
@@ -412,6 +413,25 @@ pub struct RestoreArgs {
     /// Live restore options (`--live`).
     #[command(flatten)]
     pub live: live_cmd::LiveArgs,
+    /// Also write the backup's libvirt domain XML adapted to the restored
+    /// disks (`<name>.xml` in the target): a new name and UUID unless
+    /// --replace.
+    #[arg(long)]
+    pub libvirt: bool,
+    /// With --libvirt: define the domain (`virsh define`).
+    #[arg(long, requires = "libvirt")]
+    pub define: bool,
+    /// With --libvirt: the restored domain's name (default: the original's
+    /// with `-restored`).
+    #[arg(long, requires = "libvirt", conflicts_with = "replace")]
+    pub name: Option<String>,
+    /// With --libvirt: keep the original name, UUID and MAC addresses
+    /// (the restored domain replaces the original's definition).
+    #[arg(long, requires = "libvirt")]
+    pub replace: bool,
+    /// With --libvirt: connection URI for --define.
+    #[arg(long, value_name = "URI", default_value = crate::libvirt::DEFAULT_URI)]
+    pub connect: String,
 }
 
 /// Runs the parsed command line.

@@ -749,6 +749,25 @@ fn restore(cli: &Cli, a: &RestoreArgs) -> anyhow::Result<()> {
     } else {
         Vec::new()
     };
+    let libvirt = if a.libvirt {
+        if !target.is_dir() {
+            bail!("--libvirt writes the domain XML beside the restored disks: give a directory as --target");
+        }
+        let restored: Vec<(String, std::path::PathBuf, &str)> = reports
+            .iter()
+            .map(|r| (r.disk.clone(), r.path.clone(), format))
+            .collect();
+        Some(super::libvirt_cmd::restore_domain(
+            &reader.manifest().vm_config,
+            target,
+            &restored,
+            a.name.as_deref(),
+            a.replace,
+            a.define.then_some(a.connect.as_str()),
+        )?)
+    } else {
+        None
+    };
     let devices: Vec<serde_json::Value> = reports
         .iter()
         .map(|r| {
@@ -757,9 +776,11 @@ fn restore(cli: &Cli, a: &RestoreArgs) -> anyhow::Result<()> {
         })
         .collect();
     if a.json {
-        print_json(
-            &serde_json::json!({"disks": reports, "devices": devices, "qemu_command": boot}),
-        )?;
+        let mut v = serde_json::json!({"disks": reports, "devices": devices, "qemu_command": boot});
+        if let Some((_, file)) = &libvirt {
+            v["libvirt_xml"] = serde_json::json!(file);
+        }
+        print_json(&v)?;
     } else {
         for d in &devices {
             out!(
@@ -776,6 +797,9 @@ fn restore(cli: &Cli, a: &RestoreArgs) -> anyhow::Result<()> {
         out!("boot the restored disks with:\n  {boot}");
         for f in &definition {
             out!("wrote {}", f.display());
+        }
+        for l in libvirt.iter().flat_map(|(lines, _)| lines) {
+            out!("{l}");
         }
     }
     Ok(())

@@ -926,6 +926,6 @@ pub(super) enum Hold {
 }
 
 /// Milliseconds of a duration, saturating.
-pub(super) fn ms(d: Duration) -> u64 {
+pub(crate) fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

@@ -21,7 +21,7 @@ use crate::repo;
 
 /// Data path settings.
 #[derive(Debug, Clone)]
-pub(super) struct DataPathConfig {
+pub(crate) struct DataPathConfig {
     /// Hash/compress threads.
     pub workers: usize,
     /// NBD connections per export.
@@ -34,7 +34,7 @@ pub(super) struct DataPathConfig {
 
 /// One disk to read.
 #[derive(Debug, Clone)]
-pub(super) struct DiskJob {
+pub(crate) struct DiskJob {
     /// The disk.
     pub disk: VmDisk,
     /// Where its export is (server and export name; the dirty bitmap
@@ -56,7 +56,7 @@ pub(super) struct DiskJob {
 /// Read every disk's export into the session (blocking), on a thread of
 /// its own at the data path's priority (`dp.priority`; the threads it
 /// starts inherit it), so the caller's thread keeps its own.
-pub(super) fn read_all(
+pub(crate) fn read_all(
     session: &repo::BackupSession,
     jobs: &[DiskJob],
     dp: &DataPathConfig,

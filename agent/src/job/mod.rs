@@ -45,7 +45,7 @@
 pub mod backup;
 pub mod cancel;
 pub mod cleanup;
-mod datapath;
+pub(crate) mod datapath;
 pub mod definition;
 mod diagnose;
 pub mod events;
@@ -213,6 +213,15 @@ pub enum JobError {
          stop it (nbd-server-stop) or run the backup when it is gone"
     )]
     ForeignNbdServer,
+    /// A libvirt call failed (`shear backup --libvirt`).
+    #[error("libvirt: {step}")]
+    Libvirt {
+        /// The step.
+        step: String,
+        /// Cause.
+        #[source]
+        source: crate::libvirt::LibvirtError,
+    },
     /// Anything else, said plainly: a permanent condition of the VM or
     /// the input (no disks, a hook that failed, a size mismatch).
     #[error("{0}")]
@@ -249,6 +258,8 @@ impl JobError {
                 _ => ErrorKind::Permanent,
             },
             JobError::Record(_) | JobError::Io { .. } => ErrorKind::Retryable,
+            JobError::Libvirt { source, .. } if source.is_retryable() => ErrorKind::Retryable,
+            JobError::Libvirt { .. } => ErrorKind::Permanent,
             JobError::Busy(_) => ErrorKind::Retryable,
             JobError::Interrupted(_) => ErrorKind::Interrupted,
             JobError::VmGone(_) => ErrorKind::QemuGone,
