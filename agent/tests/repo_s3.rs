@@ -199,6 +199,7 @@ fn opts() -> InitOptions {
     InitOptions {
         chunk_size: CHUNK,
         zstd_level: 1,
+        ..InitOptions::default()
     }
 }
 

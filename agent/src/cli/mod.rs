@@ -84,6 +84,10 @@ pub struct Cli {
     /// else it is asked on the terminal).
     #[arg(long, global = true, env = "SHEAR_KEY_PASSPHRASE_FILE")]
     pub passphrase_file: Option<PathBuf>,
+    /// Admin token of an append-only repository (prune, forget, gc,
+    /// unprotect; `init --append-only` writes a new one here).
+    #[arg(long, global = true, env = "SHEAR_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
     /// The command.
     #[command(subcommand)]
     pub command: Command,
@@ -126,6 +130,18 @@ pub enum Command {
         /// it, a key file created with --master-pubkey puts its seal there.
         #[arg(long)]
         master_pubkey: Option<PathBuf>,
+        /// Append-only: deletions and overwrites need an admin token
+        /// (written to --admin-token-file, else printed once).
+        #[arg(long)]
+        append_only: bool,
+        /// S3 Object Lock: keep chunks, indexes and manifests retained for
+        /// this many days (the bucket must have Object Lock enabled).
+        #[arg(long)]
+        object_lock_days: Option<u32>,
+        /// Object Lock mode: compliance (nobody can shorten it) or
+        /// governance.
+        #[arg(long, default_value = "compliance", value_parser = ["compliance", "governance"])]
+        object_lock_mode: String,
     },
     /// Key management.
     Key {

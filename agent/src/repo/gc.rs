@@ -74,6 +74,9 @@ impl Repository {
     /// Runs garbage collection (needs the key if encrypted: indexes are).
     pub fn gc(&self, opts: &GcOptions) -> Result<GcReport> {
         self.key_for_data()?;
+        if !opts.dry_run {
+            self.require_admin("gc")?;
+        }
         let b = &self.inner.backend;
         if b.coordination() == super::backend::Coordination::Markers {
             return self.gc_markers(opts);
