@@ -9,6 +9,7 @@ mod common;
 
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use common::{backup, image, restore_raw, CHUNK};
 use shear::repo::gc::GcOptions;
@@ -196,4 +197,236 @@ fn cli_append_only_init_and_admin_token() {
     );
     assert!(!o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("S3"), "{}", text(&o));
+}
+
+// ---------------------------------------------------------------------------
+// S3 Object Lock against moto (scripts/setup installs it).
+
+mod s3 {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::path::PathBuf;
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    pub struct Moto {
+        child: Child,
+        pub port: u16,
+    }
+
+    impl Drop for Moto {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// One raw request (moto does not check signatures): the whole answer.
+    pub fn raw(port: u16, method: &str, path: &str, headers: &str) -> Option<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    }
+
+    /// moto_server with bucket `shear-lock` (Object Lock) and `shear-plain`.
+    pub fn start() -> Option<Moto> {
+        let bin = std::env::var_os("SHEAR_MOTO_SERVER")
+            .map(PathBuf::from)
+            .or_else(|| {
+                let p = PathBuf::from("/opt/shear-test/moto/bin/moto_server");
+                p.exists().then_some(p)
+            });
+        let Some(bin) = bin else {
+            super::common::skip(
+                "moto_server (scripts/setup installs it into /opt/shear-test/moto)",
+            );
+            return None;
+        };
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let m = Moto { child, port };
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while !raw(port, "GET", "/", "").is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
+            assert!(
+                Instant::now() < deadline,
+                "moto_server did not start in 90 s"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let r = raw(
+            port,
+            "PUT",
+            "/shear-lock",
+            "x-amz-bucket-object-lock-enabled: true\r\n",
+        )
+        .unwrap();
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        let r = raw(port, "PUT", "/shear-plain", "").unwrap();
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        std::env::set_var("AWS_ACCESS_KEY_ID", "shear-test");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "shear-test-secret");
+        std::env::set_var("AWS_REGION", "us-east-1");
+        std::env::set_var("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}"));
+        std::env::set_var("SHEAR_S3_GC_GRACE_SECS", "0");
+        std::env::set_var("SHEAR_S3_TIMEOUT", "20");
+        let cache = std::env::temp_dir().join(format!("shear-s3-cache-{}", std::process::id()));
+        std::env::set_var("SHEAR_CACHE_DIR", cache);
+        Some(m)
+    }
+
+    /// A header of a raw answer.
+    pub fn header<'a>(answer: &'a str, name: &str) -> Option<&'a str> {
+        answer.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+}
+
+fn server_ms() -> i64 {
+    i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
+/// S3 Object Lock on moto: init refuses a bucket without Object Lock;
+/// chunks, indexes and manifests are stored retained (COMPLIANCE) and the
+/// server refuses to destroy such a version; prune and forget refuse a
+/// retained backup and say until when; GC extends the retention of chunks
+/// still referenced once half the period is gone, keeps unreferenced chunks
+/// still retained (and says until when), and deletes them once it ran out.
+#[test]
+fn s3_object_lock_retention_prune_and_gc() {
+    use shear::repo::immut::{ObjectLock, RetentionMode};
+    let Some(moto) = s3::start() else { return };
+    const RET: u64 = 8;
+    let lock = ObjectLock {
+        mode: RetentionMode::Compliance,
+        retention_secs: RET,
+    };
+    let opts = InitOptions {
+        chunk_size: CHUNK,
+        zstd_level: 1,
+        object_lock: Some(lock),
+        ..InitOptions::default()
+    };
+    let plain = Path::new("s3://shear-plain/r");
+    let e = Repository::init(plain, None, &opts).unwrap_err();
+    assert!(e.to_string().contains("Object Lock"), "{e}");
+
+    let loc = Path::new("s3://shear-lock/r");
+    let repo = Repository::init(loc, None, &opts).unwrap();
+    assert_eq!(repo.config().object_lock, Some(lock));
+    let a_data = image(21, 6 * CHUNK as usize);
+    let b_data = image(22, 6 * CHUNK as usize);
+    let t_a = server_ms();
+    let a = backup(&repo, "100", 1, &[("scsi0", &a_data)]);
+    let b = backup(&repo, "100", 2, &[("scsi0", &b_data)]);
+    let repo = Repository::open(loc, None).unwrap();
+
+    // Stored retained, in the configured mode.
+    let mkey = format!("backups/vm/100/{}/manifest.blob", a.time_str());
+    let r = repo.backend().retention(&mkey).unwrap().unwrap();
+    assert_eq!(r.mode, RetentionMode::Compliance);
+    assert!(r.until_ms > server_ms(), "{r:?}");
+    assert!(
+        r.until_ms <= t_a + i64::try_from(RET).unwrap() * 1000 + 5000,
+        "{r:?}"
+    );
+    let chunk_keys: Vec<String> = repo
+        .backend()
+        .list_objects("chunks")
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    assert!(chunk_keys.len() >= 4, "{chunk_keys:?}");
+    let first = repo.backend().retention(&chunk_keys[0]).unwrap().unwrap();
+
+    // The server refuses to destroy the retained version (what protects
+    // against a stolen writer key), whoever asks.
+    let path = format!("/shear-lock/r/{}", mkey.replace(':', "%3A"));
+    let auth = "Authorization: AWS4-HMAC-SHA256 Credential=shear-test/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=0\r\n";
+    let head = s3::raw(moto.port, "HEAD", &path, auth).unwrap();
+    let version = s3::header(&head, "x-amz-version-id")
+        .unwrap_or_else(|| panic!("{head}"))
+        .to_owned();
+    let del = s3::raw(
+        moto.port,
+        "DELETE",
+        &format!("{path}?versionId={version}"),
+        auth,
+    )
+    .unwrap();
+    assert!(del.starts_with("HTTP/1.1 403"), "{del}");
+
+    // Prune and forget refuse, naming the date.
+    let keep = KeepOptions {
+        last: Some(1),
+        ..KeepOptions::default()
+    };
+    let vm = VmId::new("100").unwrap();
+    let pr = repo.prune(&vm, &keep, false).unwrap();
+    let pa = pr.iter().find(|e| e.backup == a).unwrap();
+    assert!(!pa.removed, "{pr:?}");
+    let why = pa.skipped.clone().unwrap_or_default();
+    assert!(why.contains("Object Lock until 20"), "{why}");
+    let e = repo.forget(&a).unwrap_err();
+    assert!(e.to_string().contains("until 20"), "{e}");
+    assert_eq!(repo.list_backups(None).unwrap().len(), 2);
+
+    // Past half the period, GC extends what backups reference.
+    std::thread::sleep(Duration::from_millis(RET * 1000 / 2 + 1500));
+    let g = repo.gc(&GcOptions::default()).unwrap();
+    assert!(g.deferred.is_none(), "{g:?}");
+    assert_eq!(g.retention_extended, chunk_keys.len() as u64, "{g:?}");
+    assert_eq!(g.chunks_removed, 0, "{g:?}");
+    let later = repo.backend().retention(&chunk_keys[0]).unwrap().unwrap();
+    assert!(
+        later.until_ms > first.until_ms + 2000,
+        "{first:?} -> {later:?}"
+    );
+
+    // Once a's own retention ran out, prune removes it; its chunks are
+    // still retained (extended above): GC keeps them and says until when.
+    while repo.backend().retention(&mkey).unwrap().unwrap().until_ms + 500 > server_ms() {
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let pr = repo.prune(&vm, &keep, false).unwrap();
+    assert!(pr.iter().any(|e| e.backup == a && e.removed), "{pr:?}");
+    assert_eq!(repo.list_backups(None).unwrap().len(), 1);
+    let g = repo.gc(&GcOptions::default()).unwrap();
+    assert!(g.chunks_locked > 0, "{g:?}");
+    assert_eq!(g.chunks_removed, 0, "{g:?}");
+    let until = shear::repo::immut::parse_ms(g.locked_until.as_deref().unwrap()).unwrap();
+    while until + 500 > server_ms() {
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let g = repo.gc(&GcOptions::default()).unwrap();
+    assert_eq!(g.chunks_locked, 0, "{g:?}");
+    assert!(g.chunks_removed >= 1, "{g:?}");
+    eprintln!("{g:?}");
+    assert!(repo.verify(&VerifyTarget::All, 2).unwrap().is_clean());
+    let out = tempfile::tempdir().unwrap();
+    assert_eq!(restore_raw(&repo, &b, "scsi0", out.path()), b_data);
 }

@@ -135,6 +135,7 @@ pub mod prune;
 pub mod qcow2;
 pub mod reader;
 pub mod s3;
+pub(crate) mod s3_signed;
 pub mod shared;
 pub mod sync;
 pub mod target;
@@ -723,6 +724,64 @@ impl Repository {
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
+    }
+
+    /// [`Self::snapshot_dirs`] for decisions that delete (prune, GC), with
+    /// the listing cross-checked on an object store (F-41): a flat listing
+    /// of every manifest taken *before* it, and the last committed backup
+    /// (`coord/last-commit`), must all be in it unless their manifest is
+    /// gone. A listing that stopped early, lost a page or came back empty
+    /// fails with [`RepoError::ListingIncomplete`] instead of making
+    /// backups look absent.
+    pub(crate) fn snapshot_dirs_checked(&self, vmid: Option<&VmId>) -> Result<Vec<SnapshotDir>> {
+        let b = &self.inner.backend;
+        if b.coordination() != Coordination::Markers {
+            return self.snapshot_dirs(vmid);
+        }
+        let prefix = match vmid {
+            Some(v) => format!("{VM_BACKUPS_KEY}/{v}"),
+            None => VM_BACKUPS_KEY.to_owned(),
+        };
+        let flat: Vec<String> = b
+            .list_objects(&prefix)?
+            .into_iter()
+            .filter_map(|o| {
+                o.key
+                    .strip_suffix(&format!("/{MANIFEST_NAME}"))
+                    .map(str::to_owned)
+            })
+            .collect();
+        let last = match b.get(coord::LAST_COMMIT_KEY, 4096) {
+            Ok(v) => Some(String::from_utf8_lossy(&v).trim().to_owned()),
+            Err(e) if e.kind() == ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        let dirs = self.snapshot_dirs(vmid)?;
+        let listed: std::collections::HashSet<String> = dirs
+            .iter()
+            .filter(|d| d.complete)
+            .map(|d| d.id.dir_key())
+            .collect();
+        let mut expected = flat;
+        if let Some(l) = last.filter(|l| l.starts_with(&format!("{prefix}/"))) {
+            expected.push(l);
+        }
+        for dir in expected {
+            if listed.contains(&dir) {
+                continue;
+            }
+            // Pruned since (its manifest is gone): fine. Otherwise the
+            // listing missed a committed backup.
+            if b.size(&format!("{dir}/{MANIFEST_NAME}"))?.is_some() {
+                return Err(RepoError::ListingIncomplete {
+                    what: format!(
+                        "committed backup {dir} is missing from the listing of {}",
+                        b.location()
+                    ),
+                });
+            }
+        }
+        Ok(dirs)
     }
 
     /// Committed backups, oldest first.

@@ -168,7 +168,7 @@ impl Repository {
         }
         let _repo_lock = self.lock_repo(LockMode::Shared, LockWait::Forever)?;
         let dirs: Vec<_> = self
-            .snapshot_dirs(Some(vmid))?
+            .snapshot_dirs_checked(Some(vmid))?
             .into_iter()
             .filter(|s| s.complete)
             .collect();

@@ -19,13 +19,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey, Checksum};
 use object_store::path::Path as OPath;
 use object_store::{BackoffConfig, ClientOptions, ObjectStore, PutPayload, RetryConfig};
 use tokio::sync::Semaphore;
 
 use super::backend::{Backend, Coordination, ListEntry, LockGuard, LockMode, LockWait, ObjectInfo};
 use super::error::{RepoError, Result};
+use super::immut::{self, ObjectLock, Retention, RetentionMode};
+use super::s3_signed::{self, Signer};
 
 /// Where an `s3://` repository is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,6 +95,10 @@ pub struct S3Backend {
     store: Arc<AmazonS3>,
     rt: tokio::runtime::Runtime,
     permits: Arc<Semaphore>,
+    /// Object Lock requests object_store cannot make.
+    signer: Arc<Signer>,
+    /// The repository's Object Lock setting (from its config).
+    lock: std::sync::Mutex<Option<ObjectLock>>,
 }
 
 impl std::fmt::Debug for S3Backend {
@@ -140,6 +146,10 @@ impl S3Backend {
             .with_allow_http(endpoint.starts_with("http://"))
             .with_timeout(timeout)
             .with_connect_timeout(Duration::from_secs(10));
+        // F-40: every PUT carries x-amz-checksum-sha256, which the server
+        // checks against what it received (a mismatch is refused, and
+        // retried).
+        b = b.with_checksum_algorithm(Checksum::SHA256);
         b = b.with_client_options(client).with_retry(RetryConfig {
             backoff: BackoffConfig {
                 init_backoff: Duration::from_millis(100),
@@ -149,9 +159,22 @@ impl S3Backend {
             max_retries: usize::try_from(env_secs("SHEAR_S3_RETRIES", 10)).unwrap_or(10),
             retry_timeout: Duration::from_secs(env_secs("SHEAR_S3_RETRY_TIMEOUT", 180)),
         });
+        let region = b
+            .get_config_value(&AmazonS3ConfigKey::Region)
+            .unwrap_or_else(|| "us-east-1".into());
+        let cfg_endpoint = b.get_config_value(&AmazonS3ConfigKey::Endpoint);
         let store = b
             .build()
             .map_err(|e| RepoError::invalid("S3 repository", crate::chain(&e)))?;
+        let signer = Signer::new(
+            cfg_endpoint.as_deref(),
+            &region,
+            &loc.bucket,
+            virtual_hosted,
+            Arc::clone(store.credentials()),
+            timeout,
+        )
+        .map_err(|e| RepoError::invalid("S3 repository", e))?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("shear-s3")
@@ -166,7 +189,72 @@ impl S3Backend {
             store: Arc::new(store),
             rt,
             permits: Arc::new(Semaphore::new(max)),
+            signer: Arc::new(signer),
+            lock: std::sync::Mutex::new(None),
         })
+    }
+
+    fn object_lock(&self) -> Option<ObjectLock> {
+        *self.lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sends a signed request (repo/s3_signed.rs) on the runtime.
+    fn signed(
+        &self,
+        method: reqwest::Method,
+        key: &str,
+        query: &'static str,
+        headers: Vec<(&'static str, String)>,
+        body: Vec<u8>,
+    ) -> Result<s3_signed::Reply> {
+        let full = if key.is_empty() {
+            String::new()
+        } else {
+            self.path(key)?.as_ref().to_owned()
+        };
+        let signer = Arc::clone(&self.signer);
+        let what = format!("{method} {key}?{query}");
+        self.run(async move { signer.send(method, &full, query, &headers, body).await })?
+            .map_err(|e| RepoError::io("S3 request", what, std::io::Error::other(e)))
+    }
+
+    fn reply_err(op: &'static str, key: &str, r: &s3_signed::Reply) -> RepoError {
+        let body = String::from_utf8_lossy(&r.body);
+        let msg = format!(
+            "{}: {}",
+            r.status,
+            body.chars().take(300).collect::<String>()
+        );
+        if r.status == reqwest::StatusCode::FORBIDDEN {
+            RepoError::Immutable {
+                what: format!("{op} {key}: {msg}"),
+            }
+        } else {
+            RepoError::io(op, key, std::io::Error::other(msg))
+        }
+    }
+
+    /// PUT with `x-amz-object-lock-*` headers: retained for the period from
+    /// now (this host's clock; the server refuses a date in its past).
+    fn put_locked(&self, key: &str, data: &[u8], lock: ObjectLock) -> Result<()> {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
+        let until = now.saturating_add(lock.retention_ms());
+        let headers = vec![
+            ("x-amz-object-lock-mode", lock.mode.as_s3().to_owned()),
+            (
+                "x-amz-object-lock-retain-until-date",
+                immut::format_ms(until),
+            ),
+            ("x-amz-sdk-checksum-algorithm", "SHA256".to_owned()),
+            ("x-amz-checksum-sha256", s3_signed::sha256_b64(data)),
+            ("content-type", "application/octet-stream".to_owned()),
+        ];
+        let r = self.signed(reqwest::Method::PUT, key, "", headers, data.to_vec())?;
+        if r.status.is_success() {
+            Ok(())
+        } else {
+            Err(Self::reply_err("put (object lock)", key, &r))
+        }
     }
 
     fn path(&self, key: &str) -> Result<OPath> {
@@ -236,6 +324,11 @@ impl Backend for S3Backend {
     }
 
     fn put(&self, key: &str, data: &[u8]) -> Result<()> {
+        if let Some(lock) = self.object_lock() {
+            if immut::is_immutable_key(key) {
+                return self.put_locked(key, data, lock);
+            }
+        }
         let p = self.path(key)?;
         let s = Arc::clone(&self.store);
         let payload = PutPayload::from(data.to_vec());
@@ -404,6 +497,79 @@ impl Backend for S3Backend {
         Ok(self
             .head_meta(key)?
             .map(|m| m.last_modified.timestamp_millis()))
+    }
+
+    fn set_object_lock(&self, lock: Option<ObjectLock>) -> Result<()> {
+        *self.lock.lock().unwrap_or_else(|p| p.into_inner()) = lock;
+        Ok(())
+    }
+
+    fn retention(&self, key: &str) -> Result<Option<Retention>> {
+        let r = self.signed(reqwest::Method::HEAD, key, "", Vec::new(), Vec::new())?;
+        if r.status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !r.status.is_success() {
+            return Err(Self::reply_err("head", key, &r));
+        }
+        let h = |n: &str| r.headers.get(n).and_then(|v| v.to_str().ok());
+        let mode = match h("x-amz-object-lock-mode") {
+            Some("COMPLIANCE") => RetentionMode::Compliance,
+            Some("GOVERNANCE") => RetentionMode::Governance,
+            _ => return Ok(None),
+        };
+        let until = h("x-amz-object-lock-retain-until-date").and_then(immut::parse_ms);
+        Ok(until.map(|until_ms| Retention { mode, until_ms }))
+    }
+
+    fn extend_retention(&self, key: &str, until_ms: i64) -> Result<()> {
+        let Some(lock) = self.object_lock() else {
+            return Err(RepoError::invalid(
+                "object lock",
+                format!("{key}: the repository has no Object Lock setting"),
+            ));
+        };
+        let body = format!(
+            "<Retention xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"><Mode>{}</Mode>\
+             <RetainUntilDate>{}</RetainUntilDate></Retention>",
+            lock.mode.as_s3(),
+            immut::format_ms(until_ms)
+        )
+        .into_bytes();
+        let headers = vec![
+            ("x-amz-sdk-checksum-algorithm", "SHA256".to_owned()),
+            ("x-amz-checksum-sha256", s3_signed::sha256_b64(&body)),
+            ("content-type", "application/xml".to_owned()),
+        ];
+        let r = self.signed(reqwest::Method::PUT, key, "retention", headers, body)?;
+        if r.status.is_success() {
+            Ok(())
+        } else {
+            Err(Self::reply_err("put retention", key, &r))
+        }
+    }
+
+    fn check_object_lock(&self) -> Result<()> {
+        let r = self.signed(
+            reqwest::Method::GET,
+            "",
+            "object-lock",
+            Vec::new(),
+            Vec::new(),
+        )?;
+        let body = String::from_utf8_lossy(&r.body);
+        if r.status.is_success() && body.contains("<ObjectLockEnabled>Enabled</ObjectLockEnabled>")
+        {
+            return Ok(());
+        }
+        Err(RepoError::invalid(
+            "object lock",
+            format!(
+                "bucket {} has no Object Lock enabled ({}): create it with Object Lock \
+                 (e.g. `aws s3api create-bucket --object-lock-enabled-for-bucket`)",
+                self.loc.bucket, r.status
+            ),
+        ))
     }
 }
 

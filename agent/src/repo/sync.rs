@@ -156,6 +156,9 @@ pub fn sync(from: &Repository, to: &Repository, opts: &SyncOptions) -> Result<Sy
         }
         let bytes = from.backend().get(&mkey, 64 << 20)?;
         tb.put(&mkey, &bytes)?;
+        if _lease.is_some() {
+            super::coord::note_commit(&*tb, &id.dir_key());
+        }
         report.bytes_copied += bytes.len() as u64;
         report.copied.push(id);
     }

@@ -428,6 +428,7 @@ impl BackupSession {
         repo.inner.backend.put(&mkey, &blob)?;
         self.shared.committed.store(true, Ordering::Release);
         if let Some(m) = &self.shared.markers {
+            super::coord::note_commit(&*repo.inner.backend, &self.shared.id.dir_key());
             // The manifest is visible: the marker may go.
             if let Some(l) = lock(&m.lease).take() {
                 l.end();
