@@ -430,3 +430,193 @@ fn s3_object_lock_retention_prune_and_gc() {
     let out = tempfile::tempdir().unwrap();
     assert_eq!(restore_raw(&repo, &b, "scsi0", out.path()), b_data);
 }
+
+// ---------------------------------------------------------------------------
+// F-41: S3 LIST errors or partial listings during GC and prune.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+
+use shear::repo::backend::{ListEntry, LockGuard, ObjectInfo};
+use shear::repo::{Backend, Coordination, LockMode, LockWait, RepoError};
+
+const HEALTHY: u8 = 0;
+/// Listings stop after their first page (1 entry per group, 3 objects).
+const STOPS_EARLY: u8 = 1;
+/// A listing fails on its third page (after the client's retries).
+const PAGE_3_FAILS: u8 = 2;
+/// Listings come back empty.
+const EMPTY: u8 = 3;
+
+/// An S3 backend whose listings misbehave (F-41's injection, at the point
+/// where the repository consumes them).
+#[derive(Debug)]
+struct FaultyListings {
+    inner: Arc<dyn Backend>,
+    mode: AtomicU8,
+}
+
+impl FaultyListings {
+    fn fault(&self, prefix: &str) -> u8 {
+        // Only the listings GC and prune decide on; the markers' own
+        // listings stay healthy.
+        if prefix.starts_with("backups") || prefix.starts_with("chunks") {
+            self.mode.load(Ordering::Acquire)
+        } else {
+            HEALTHY
+        }
+    }
+}
+
+impl Backend for FaultyListings {
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+    fn put(&self, key: &str, data: &[u8]) -> shear::repo::Result<()> {
+        self.inner.put(key, data)
+    }
+    fn get(&self, key: &str, max_len: usize) -> shear::repo::Result<Vec<u8>> {
+        self.inner.get(key, max_len)
+    }
+    fn get_prefix(&self, key: &str, len: usize) -> shear::repo::Result<Option<Vec<u8>>> {
+        self.inner.get_prefix(key, len)
+    }
+    fn size(&self, key: &str) -> shear::repo::Result<Option<u64>> {
+        self.inner.size(key)
+    }
+    fn delete(&self, key: &str) -> shear::repo::Result<bool> {
+        self.inner.delete(key)
+    }
+    fn rename(&self, from: &str, to: &str) -> shear::repo::Result<()> {
+        self.inner.rename(from, to)
+    }
+    fn list(&self, prefix: &str) -> shear::repo::Result<Vec<ListEntry>> {
+        let mut l = self.inner.list(prefix)?;
+        match self.fault(prefix) {
+            STOPS_EARLY => l.truncate(1),
+            PAGE_3_FAILS if l.len() > 2 => {
+                return Err(RepoError::Io {
+                    op: "list",
+                    path: prefix.into(),
+                    source: std::io::Error::other("500 Internal Server Error (page 3)"),
+                })
+            }
+            EMPTY => {
+                return Err(RepoError::NotFound {
+                    what: prefix.to_owned(),
+                })
+            }
+            _ => {}
+        }
+        Ok(l)
+    }
+    fn create_dir(&self, key: &str) -> shear::repo::Result<()> {
+        self.inner.create_dir(key)
+    }
+    fn ensure_dir(&self, key: &str) -> shear::repo::Result<()> {
+        self.inner.ensure_dir(key)
+    }
+    fn remove_tree(&self, key: &str) -> shear::repo::Result<()> {
+        self.inner.remove_tree(key)
+    }
+    fn lock(&self, key: &str, mode: LockMode, wait: LockWait) -> shear::repo::Result<LockGuard> {
+        self.inner.lock(key, mode, wait)
+    }
+    fn is_temp_name(&self, name: &str) -> bool {
+        self.inner.is_temp_name(name)
+    }
+    fn coordination(&self) -> Coordination {
+        self.inner.coordination()
+    }
+    fn list_objects(&self, prefix: &str) -> shear::repo::Result<Vec<ObjectInfo>> {
+        let mut l = self.inner.list_objects(prefix)?;
+        match self.fault(prefix) {
+            STOPS_EARLY => l.truncate(3),
+            PAGE_3_FAILS if l.len() > 2 => {
+                return Err(RepoError::Io {
+                    op: "list",
+                    path: prefix.into(),
+                    source: std::io::Error::other("500 Internal Server Error (page 3)"),
+                })
+            }
+            EMPTY => l.clear(),
+            _ => {}
+        }
+        Ok(l)
+    }
+    fn modified_ms(&self, key: &str) -> shear::repo::Result<Option<i64>> {
+        self.inner.modified_ms(key)
+    }
+}
+
+/// F-41: with listings that stop early, fail on page 3, or come back
+/// empty, GC and prune on an S3 repository fail ("listing incomplete" or
+/// the listing's error) and delete nothing; healthy again, they work.
+#[test]
+fn f41_partial_s3_listings_abort_gc_and_prune() {
+    let Some(_moto) = s3::start() else { return };
+    let loc = Path::new("s3://shear-plain/f41");
+    let s3 = shear::repo::url_backend(loc).unwrap().unwrap();
+    let faulty = Arc::new(FaultyListings {
+        inner: Arc::clone(&s3),
+        mode: AtomicU8::new(HEALTHY),
+    });
+    let opts = InitOptions {
+        chunk_size: CHUNK,
+        zstd_level: 1,
+        ..InitOptions::default()
+    };
+    let repo = Repository::init_backend(faulty.clone(), None, &opts).unwrap();
+    let datas: Vec<Vec<u8>> = (0..4).map(|i| image(40 + i, 6 * CHUNK as usize)).collect();
+    let ids: Vec<_> = datas
+        .iter()
+        .enumerate()
+        .map(|(i, d)| backup(&repo, "100", i64::try_from(i).unwrap() + 1, &[("scsi0", d)]))
+        .collect();
+    // Backup 1 goes (healthy), so GC has chunks to delete.
+    repo.forget(&ids[0]).unwrap();
+    let objects = || {
+        let mut v: Vec<String> = s3
+            .list_objects("")
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key)
+            .filter(|k| !k.starts_with("coord/"))
+            .collect();
+        v.sort();
+        v
+    };
+    let before = objects();
+    let keep = KeepOptions {
+        last: Some(1),
+        ..KeepOptions::default()
+    };
+    let vm = VmId::new("100").unwrap();
+    for mode in [STOPS_EARLY, PAGE_3_FAILS, EMPTY] {
+        faulty.mode.store(mode, Ordering::Release);
+        let e = repo.gc(&GcOptions::default()).unwrap_err();
+        let e2 = repo.prune(&vm, &keep, false).unwrap_err();
+        for e in [&e, &e2] {
+            let s = e.to_string();
+            match mode {
+                PAGE_3_FAILS => assert!(format!("{e:?}").contains("page 3"), "mode {mode}: {e:?}"),
+                _ => {
+                    assert!(
+                        matches!(e, RepoError::ListingIncomplete { .. }),
+                        "mode {mode}: {e:?}"
+                    );
+                    assert!(s.contains("listing incomplete"), "{s}");
+                }
+            }
+        }
+        assert_eq!(objects(), before, "mode {mode} deleted something");
+    }
+    faulty.mode.store(HEALTHY, Ordering::Release);
+    let g = repo.gc(&GcOptions::default()).unwrap();
+    assert!(g.chunks_removed > 0, "{g:?}");
+    assert_eq!(g.backups_marked, 3, "{g:?}");
+    let pr = repo.prune(&vm, &keep, false).unwrap();
+    assert_eq!(pr.iter().filter(|e| e.removed).count(), 2, "{pr:?}");
+    let out = tempfile::tempdir().unwrap();
+    assert_eq!(restore_raw(&repo, &ids[3], "scsi0", out.path()), datas[3]);
+}
