@@ -94,6 +94,8 @@ pub struct Config {
     pub verify: Vec<crate::daemon::config::VerifyToml>,
     /// Daemon: `[[gc]]` jobs.
     pub gc: Vec<crate::daemon::config::GcToml>,
+    /// Daemon: `[[sync]]` jobs.
+    pub sync: Vec<crate::daemon::config::SyncToml>,
     /// Daemon: `[[policy]]` RPO policies.
     pub policy: Vec<crate::daemon::config::PolicyToml>,
     /// Daemon: `[api]`.
@@ -144,6 +146,7 @@ impl Default for Config {
             jobs: Vec::new(),
             verify: Vec::new(),
             gc: Vec::new(),
+            sync: Vec::new(),
             policy: Vec::new(),
             api: crate::daemon::config::ApiToml::default(),
             repo_key: Vec::new(),

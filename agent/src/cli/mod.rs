@@ -232,6 +232,10 @@ pub enum Command {
         /// Decode every copied chunk and check its digest.
         #[arg(long)]
         verify: bool,
+        /// Forget backups in the target that the source no longer has
+        /// (protected, locked or append-only ones are left and reported).
+        #[arg(long)]
+        remove_vanished: bool,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,

@@ -475,6 +475,7 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             vmid,
             last,
             verify,
+            remove_vanished,
             json,
         } => {
             let key = load_key(&cli)?;
@@ -486,6 +487,7 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 vmid: vmid.as_deref().map(VmId::new).transpose()?,
                 last: *last,
                 verify: *verify,
+                remove_vanished: *remove_vanished,
             };
             let t0 = std::time::Instant::now();
             let r = crate::repo::sync::sync(&src, &dst, &opts)?;
@@ -504,6 +506,12 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     r.chunks_present,
                     t0.elapsed().as_secs_f64()
                 );
+                for id in &r.removed {
+                    out!("removed vanished {id}");
+                }
+                for why in &r.not_removed {
+                    out!("kept vanished {why}");
+                }
             }
         }
         Command::Backup(_)

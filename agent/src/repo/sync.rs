@@ -39,6 +39,11 @@ pub struct SyncOptions {
     /// Decode every copied chunk and check its digest (needs the key if
     /// encrypted).
     pub verify: bool,
+    /// Forget backups in the target (of the selected VM, or all) that the
+    /// source no longer has. Protected, in-use, Object-Locked backups and
+    /// append-only targets are left and reported; a partial listing of
+    /// either side fails instead (F-41).
+    pub remove_vanished: bool,
 }
 
 /// What a sync did.
@@ -54,6 +59,10 @@ pub struct SyncReport {
     pub chunks_present: u64,
     /// Bytes of chunk, index and manifest blobs written to the target.
     pub bytes_copied: u64,
+    /// `remove_vanished`: backups forgotten in the target.
+    pub removed: Vec<BackupId>,
+    /// `remove_vanished`: vanished backups left in the target, and why.
+    pub not_removed: Vec<String>,
 }
 
 /// Copies backups from `from` to `to`; see the module docs.
@@ -161,6 +170,23 @@ pub fn sync(from: &Repository, to: &Repository, opts: &SyncOptions) -> Result<Sy
         }
         report.bytes_copied += bytes.len() as u64;
         report.copied.push(id);
+    }
+    if opts.remove_vanished {
+        let present: HashSet<BackupId> = from
+            .snapshot_dirs_checked(opts.vmid.as_ref())?
+            .into_iter()
+            .filter(|s| s.complete)
+            .map(|s| s.id)
+            .collect();
+        for s in to.snapshot_dirs_checked(opts.vmid.as_ref())? {
+            if !s.complete || present.contains(&s.id) {
+                continue;
+            }
+            match to.forget(&s.id) {
+                Ok(()) => report.removed.push(s.id),
+                Err(e) => report.not_removed.push(format!("{}: {e}", s.id)),
+            }
+        }
     }
     Ok(report)
 }
