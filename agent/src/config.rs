@@ -104,6 +104,8 @@ pub struct Config {
     pub repo_key: Vec<crate::daemon::config::RepoKeyToml>,
     /// `shear snapshot`: age past which a snapshot is flagged (`"48h"`).
     pub snapshot_max_age: Option<String>,
+    /// `[s3]`: settings of `s3://` repositories (repo/s3_settings.rs).
+    pub s3: crate::repo::s3_settings::S3Settings,
 }
 
 /// `[hooks]`: what `shear hook` does at each lifecycle event.
@@ -151,6 +153,7 @@ impl Default for Config {
             api: crate::daemon::config::ApiToml::default(),
             repo_key: Vec::new(),
             snapshot_max_age: None,
+            s3: crate::repo::s3_settings::S3Settings::default(),
         }
     }
 }

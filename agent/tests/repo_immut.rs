@@ -620,3 +620,103 @@ fn f41_partial_s3_listings_abort_gc_and_prune() {
     let out = tempfile::tempdir().unwrap();
     assert_eq!(restore_raw(&repo, &ids[3], "scsi0", out.path()), datas[3]);
 }
+
+/// `[s3]` settings (endpoint, credentials file, path style) open an S3
+/// repository with no AWS_* variables; the request-rate limit holds (60
+/// HEADs at 20/s with a burst of 20 take >= 2 s); `sync` with 1 and 8
+/// streams copies the same chunks (times printed: measured, not asserted).
+#[test]
+fn s3_settings_from_config_rate_limit_and_sync_streams() {
+    use shear::repo::s3_settings::{install, S3Settings};
+    use shear::repo::sync::{sync, SyncOptions};
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::Instant;
+    let Some(moto) = s3::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("s3.credentials");
+    std::fs::write(
+        &creds,
+        "[default]\naws_access_key_id = shear-test\naws_secret_access_key = shear-test-secret\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
+    for v in [
+        "AWS_ENDPOINT_URL",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_REGION",
+    ] {
+        std::env::remove_var(v);
+    }
+    let settings = S3Settings {
+        endpoint: Some(format!("http://127.0.0.1:{}", moto.port)),
+        region: Some("us-east-1".into()),
+        addressing_style: Some("path".into()),
+        credentials_file: Some(creds.clone()),
+        ..S3Settings::default()
+    };
+    install(S3Settings {
+        max_requests_per_second: Some(20),
+        ..settings.clone()
+    });
+    let opts = InitOptions {
+        chunk_size: CHUNK,
+        zstd_level: 1,
+        ..InitOptions::default()
+    };
+    let repo = Repository::init(Path::new("s3://shear-plain/cfg"), None, &opts).unwrap();
+    let t = Instant::now();
+    for _ in 0..60 {
+        assert_eq!(repo.backend().size("chunks/00/none").unwrap(), None);
+    }
+    let limited = t.elapsed();
+    install(settings.clone());
+    let repo = Repository::open(Path::new("s3://shear-plain/cfg"), None).unwrap();
+    let t = Instant::now();
+    for _ in 0..60 {
+        assert_eq!(repo.backend().size("chunks/00/none").unwrap(), None);
+    }
+    let free = t.elapsed();
+    eprintln!("60 HEADs: {limited:?} at 20 req/s, {free:?} unlimited");
+    assert!(limited >= Duration::from_millis(1900), "{limited:?}");
+
+    // A credentials file others can read is refused.
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = Repository::open(Path::new("s3://shear-plain/cfg"), None).unwrap_err();
+    assert!(e.to_string().contains("chmod 600"), "{e}");
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    // Sync streams.
+    let src = common::init_repo(&dir.path().join("src"), None);
+    let data = image(77, 64 * CHUNK as usize);
+    let id = backup(&src, "100", 1, &[("scsi0", &data)]);
+    let mut chunks = None;
+    for streams in [1usize, 8] {
+        let dst = Repository::init(
+            Path::new(&format!("s3://shear-plain/streams{streams}")),
+            None,
+            &opts,
+        )
+        .unwrap();
+        let t = Instant::now();
+        let r = sync(
+            &src,
+            &dst,
+            &SyncOptions {
+                streams,
+                ..SyncOptions::default()
+            },
+        )
+        .unwrap();
+        eprintln!(
+            "sync to S3 with {streams} stream(s): {} chunks, {} bytes in {:?}",
+            r.chunks_copied,
+            r.bytes_copied,
+            t.elapsed()
+        );
+        assert_eq!(*chunks.get_or_insert(r.chunks_copied), r.chunks_copied);
+        assert!(r.chunks_copied > 16, "{r:?}");
+        let out = tempfile::tempdir().unwrap();
+        assert_eq!(restore_raw(&dst, &id, "scsi0", out.path()), data);
+    }
+}

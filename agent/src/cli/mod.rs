@@ -236,6 +236,10 @@ pub enum Command {
         /// (protected, locked or append-only ones are left and reported).
         #[arg(long)]
         remove_vanished: bool,
+        /// Chunks copied in parallel (a single stream collapses on a
+        /// high-latency link).
+        #[arg(long, default_value_t = 4)]
+        streams: usize,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -425,6 +429,11 @@ pub struct RestoreArgs {
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    // `[s3]` of the config file, for any command that opens s3://
+    // (an unreadable config is reported by the commands that need it).
+    if let Ok(cfg) = crate::config::Config::load() {
+        crate::repo::s3_settings::install(cfg.s3);
+    }
     match &cli.command {
         Command::Backup(args) => backup_cmd::run(&cli, args),
         Command::Watchdog(args) => Ok(backup_cmd::watchdog(args)),

@@ -476,6 +476,7 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             last,
             verify,
             remove_vanished,
+            streams,
             json,
         } => {
             let key = load_key(&cli)?;
@@ -488,6 +489,7 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 last: *last,
                 verify: *verify,
                 remove_vanished: *remove_vanished,
+                streams: *streams,
             };
             let t0 = std::time::Instant::now();
             let r = crate::repo::sync::sync(&src, &dst, &opts)?;

@@ -145,6 +145,8 @@ pub struct SyncToml {
     /// Decode every copied chunk and check its digest.
     #[serde(default)]
     pub verify: bool,
+    /// Chunks copied in parallel (default 4).
+    pub streams: Option<usize>,
     /// Notification targets.
     #[serde(default)]
     pub notify: Vec<String>,
@@ -163,6 +165,8 @@ pub struct SyncJob {
     pub remove_vanished: bool,
     /// Check every copied chunk's digest.
     pub verify: bool,
+    /// Parallel chunk copies.
+    pub streams: usize,
 }
 
 /// `[[repo_key]]`: the key of an encrypted repository. The daemon has no
@@ -629,6 +633,7 @@ pub fn validate(base: Config) -> Result<DaemonConfig, ValidationError> {
                     vmids,
                     remove_vanished: y.remove_vanished,
                     verify: y.verify,
+                    streams: y.streams.unwrap_or(4).clamp(1, 64),
                 }),
             });
         }

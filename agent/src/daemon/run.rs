@@ -593,6 +593,7 @@ async fn sync_job(cfg: &Arc<DaemonConfig>, job: &Job, log: &TaskLog) -> Outcome 
                 last: None,
                 verify: y.verify,
                 remove_vanished: y.remove_vanished,
+                streams: y.streams,
             };
             let r = crate::repo::sync::sync(&src, &dst, &opts).map_err(|e| crate::chain(&e))?;
             log2.line(&serde_json::to_string(&r).unwrap_or_default());

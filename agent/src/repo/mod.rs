@@ -135,6 +135,7 @@ pub mod prune;
 pub mod qcow2;
 pub mod reader;
 pub mod s3;
+pub mod s3_settings;
 pub(crate) mod s3_signed;
 pub mod shared;
 pub mod sync;

@@ -27,6 +27,7 @@ use tokio::sync::Semaphore;
 use super::backend::{Backend, Coordination, ListEntry, LockGuard, LockMode, LockWait, ObjectInfo};
 use super::error::{RepoError, Result};
 use super::immut::{self, ObjectLock, Retention, RetentionMode};
+use super::s3_settings::{self, TokenBucket};
 use super::s3_signed::{self, Signer};
 
 /// Where an `s3://` repository is.
@@ -97,6 +98,10 @@ pub struct S3Backend {
     permits: Arc<Semaphore>,
     /// Object Lock requests object_store cannot make.
     signer: Arc<Signer>,
+    /// Request-rate limit (one token per request).
+    rps: Option<Arc<TokenBucket>>,
+    /// Bandwidth limit (one token per byte, up and down).
+    bw: Option<Arc<TokenBucket>>,
     /// The repository's Object Lock setting (from its config).
     lock: std::sync::Mutex<Option<ObjectLock>>,
 }
@@ -122,25 +127,69 @@ fn s3_err(op: &'static str, key: &str, e: object_store::Error) -> RepoError {
 }
 
 impl S3Backend {
-    /// Connects (lazily: no request is made here).
+    /// Connects (lazily: no request is made here). Settings: the
+    /// environment, then `[s3]` of the config file ([`s3_settings`]).
     pub fn new(loc: S3Location) -> Result<S3Backend> {
+        let st = s3_settings::current();
+        let env = |n: &str| std::env::var(n).ok().filter(|v| !v.is_empty());
         let mut b = AmazonS3Builder::from_env().with_bucket_name(&loc.bucket);
-        if let Ok(e) = std::env::var("SHEAR_S3_ENDPOINT") {
-            b = b.with_endpoint(e);
-        }
-        if let Ok(r) = std::env::var("SHEAR_S3_REGION") {
-            b = b.with_region(r);
-        } else if std::env::var_os("AWS_REGION").is_none()
-            && std::env::var_os("AWS_DEFAULT_REGION").is_none()
-        {
-            b = b.with_region("us-east-1");
-        }
-        let endpoint = std::env::var("SHEAR_S3_ENDPOINT")
-            .or_else(|_| std::env::var("AWS_ENDPOINT_URL"))
-            .or_else(|_| std::env::var("AWS_ENDPOINT"))
+        let endpoint = env("SHEAR_S3_ENDPOINT")
+            .or_else(|| env("AWS_ENDPOINT_URL"))
+            .or_else(|| env("AWS_ENDPOINT"))
+            .or_else(|| st.endpoint.clone())
             .unwrap_or_default();
-        let virtual_hosted = std::env::var("SHEAR_S3_VIRTUAL_HOSTED").is_ok_and(|v| v == "1");
+        if !endpoint.is_empty() {
+            b = b.with_endpoint(&endpoint);
+        }
+        if let Some(r) = env("SHEAR_S3_REGION") {
+            b = b.with_region(r);
+        } else if env("AWS_REGION").is_none() && env("AWS_DEFAULT_REGION").is_none() {
+            b = b.with_region(st.region.clone().unwrap_or_else(|| "us-east-1".into()));
+        }
+        if env("AWS_ACCESS_KEY_ID").is_none() {
+            if let Some(path) = &st.credentials_file {
+                let c = s3_settings::load_credentials(path)
+                    .map_err(|e| RepoError::invalid("S3 credentials", e))?;
+                b = b
+                    .with_access_key_id(c.key_id)
+                    .with_secret_access_key(c.secret);
+                if let Some(t) = c.token {
+                    b = b.with_token(t);
+                }
+            }
+        }
+        let virtual_hosted = match env("SHEAR_S3_VIRTUAL_HOSTED") {
+            Some(v) => v == "1",
+            None => match st.addressing_style.as_deref() {
+                None | Some("path") => false,
+                Some("virtual") => true,
+                Some(o) => {
+                    return Err(RepoError::invalid(
+                        "[s3] addressing_style",
+                        format!("{o:?}: use \"path\" or \"virtual\""),
+                    ))
+                }
+            },
+        };
         b = b.with_virtual_hosted_style_request(virtual_hosted);
+        let rps = match env("SHEAR_S3_MAX_RPS") {
+            Some(v) => Some(v.parse::<u32>().map_err(|_| {
+                RepoError::invalid("SHEAR_S3_MAX_RPS", format!("{v:?} is not a number"))
+            })?),
+            None => st.max_requests_per_second,
+        }
+        .filter(|r| *r > 0)
+        .map(|r| Arc::new(TokenBucket::new(f64::from(r), f64::from(r))));
+        let bw = match env("SHEAR_S3_BWLIMIT").or_else(|| st.bwlimit.clone()) {
+            Some(v) => {
+                let r = s3_settings::parse_rate(&v)
+                    .map_err(|e| RepoError::invalid("S3 bandwidth limit", e))?;
+                #[allow(clippy::cast_precision_loss)]
+                let r = r as f64;
+                Some(Arc::new(TokenBucket::new(r, r)))
+            }
+            None => None,
+        };
         let timeout = Duration::from_secs(env_secs("SHEAR_S3_TIMEOUT", 60));
         let client = ClientOptions::new()
             .with_allow_http(endpoint.starts_with("http://"))
@@ -181,9 +230,12 @@ impl S3Backend {
             .enable_all()
             .build()
             .map_err(|e| RepoError::io("start S3 runtime", "s3", e))?;
-        let max = usize::try_from(env_secs("SHEAR_S3_MAX_REQUESTS", 16))
-            .unwrap_or(16)
-            .max(1);
+        let max = usize::try_from(env_secs(
+            "SHEAR_S3_MAX_REQUESTS",
+            st.max_requests.map_or(16, |m| m as u64),
+        ))
+        .unwrap_or(16)
+        .max(1);
         Ok(S3Backend {
             loc,
             store: Arc::new(store),
@@ -191,7 +243,20 @@ impl S3Backend {
             permits: Arc::new(Semaphore::new(max)),
             signer: Arc::new(signer),
             lock: std::sync::Mutex::new(None),
+            rps,
+            bw,
         })
+    }
+
+    /// Bandwidth limit: waits until `bytes` may pass.
+    fn throttle_bytes(&self, bytes: usize) {
+        if let Some(bw) = &self.bw {
+            #[allow(clippy::cast_precision_loss)]
+            let w = bw.reserve(bytes as f64);
+            if !w.is_zero() {
+                std::thread::sleep(w);
+            }
+        }
     }
 
     fn object_lock(&self) -> Option<ObjectLock> {
@@ -237,6 +302,7 @@ impl S3Backend {
     /// PUT with `x-amz-object-lock-*` headers: retained for the period from
     /// now (this host's clock; the server refuses a date in its past).
     fn put_locked(&self, key: &str, data: &[u8], lock: ObjectLock) -> Result<()> {
+        self.throttle_bytes(data.len());
         let now = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
         let until = now.saturating_add(lock.retention_ms());
         let headers = vec![
@@ -290,7 +356,11 @@ impl S3Backend {
     fn run<T: Send + 'static>(&self, fut: impl Future<Output = T> + Send + 'static) -> Result<T> {
         let permits = Arc::clone(&self.permits);
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let delay = self.rps.as_ref().map_or(Duration::ZERO, |b| b.reserve(1.0));
         self.rt.spawn(async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
             let _p = permits.acquire_owned().await;
             let _ = tx.send(fut.await);
         });
@@ -329,6 +399,7 @@ impl Backend for S3Backend {
                 return self.put_locked(key, data, lock);
             }
         }
+        self.throttle_bytes(data.len());
         let p = self.path(key)?;
         let s = Arc::clone(&self.store);
         let payload = PutPayload::from(data.to_vec());
@@ -348,6 +419,9 @@ impl Backend for S3Backend {
             }
             g.bytes().await.map(Ok)
         })?;
+        if let Ok(Ok(b)) = &r {
+            self.throttle_bytes(b.len());
+        }
         match r {
             Ok(Ok(b)) if b.len() <= max_len => Ok(b.to_vec()),
             Ok(Ok(b)) => Err(RepoError::corrupt(

@@ -44,6 +44,9 @@ pub struct SyncOptions {
     /// append-only targets are left and reported; a partial listing of
     /// either side fails instead (F-41).
     pub remove_vanished: bool,
+    /// Chunks copied in parallel (0 and 1: one stream). A single stream
+    /// collapses on a high-latency link: each chunk is a round trip.
+    pub streams: usize,
 }
 
 /// What a sync did.
@@ -63,6 +66,64 @@ pub struct SyncReport {
     pub removed: Vec<BackupId>,
     /// `remove_vanished`: vanished backups left in the target, and why.
     pub not_removed: Vec<String>,
+}
+
+/// Copies the chunks in `work` the target lacks, over `streams` threads:
+/// (copied, already present, bytes copied). The first error stops every
+/// stream and is returned.
+fn copy_chunks(
+    from: &Repository,
+    tb: &Arc<dyn super::Backend>,
+    work: &[(Digest, usize)],
+    key: Option<&super::Key>,
+    verify: bool,
+    streams: usize,
+) -> Result<(u64, u64, u64)> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    let (copied, present, bytes) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    let failed = AtomicBool::new(false);
+    let first_err: std::sync::Mutex<Option<RepoError>> = std::sync::Mutex::new(None);
+    let one = |digest: &Digest, len: usize| -> Result<()> {
+        let ck = Repository::chunk_key(digest);
+        if tb.size(&ck)?.is_some() {
+            present.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        let blob_bytes = from.backend().get(&ck, MAX_CHUNK_BLOB)?;
+        if verify {
+            blob::decode_chunk(&blob_bytes, digest, key, len)?;
+        }
+        tb.put(&ck, &blob_bytes)?;
+        copied.fetch_add(1, Ordering::Relaxed);
+        bytes.fetch_add(blob_bytes.len() as u64, Ordering::Relaxed);
+        Ok(())
+    };
+    std::thread::scope(|sc| {
+        for _ in 0..streams.min(work.len()).max(1) {
+            sc.spawn(|| {
+                while !failed.load(Ordering::Acquire) {
+                    let i = next.fetch_add(1, Ordering::AcqRel);
+                    let Some((d, len)) = work.get(i) else { break };
+                    if let Err(e) = one(d, *len) {
+                        failed.store(true, Ordering::Release);
+                        first_err
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert(e);
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = first_err.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    Ok((
+        copied.into_inner(),
+        present.into_inner(),
+        bytes.into_inner(),
+    ))
 }
 
 /// Copies backups from `from` to `to`; see the module docs.
@@ -133,27 +194,25 @@ pub fn sync(from: &Repository, to: &Repository, opts: &SyncOptions) -> Result<Sy
         }
         let _snap = to.lock_snapshot(&id, LockMode::Exclusive, LockWait::NoWait)?;
         let key = from.key_for_data()?;
+        // The chunks this backup needs that no earlier one of this run
+        // copied or found, each once, with its plain length.
+        let mut work: Vec<(Digest, usize)> = Vec::new();
         for (_, idx) in &indexes {
             for (i, digest) in idx.entries.iter().enumerate() {
-                if *digest == ZERO_ENTRY || known.contains(digest) {
+                if *digest == ZERO_ENTRY || !known.insert(*digest) {
                     continue;
                 }
-                let ck = Repository::chunk_key(digest);
-                if tb.size(&ck)?.is_some() {
-                    report.chunks_present += 1;
-                } else {
-                    let bytes = from.backend().get(&ck, MAX_CHUNK_BLOB)?;
-                    if opts.verify {
-                        let len = chunk_len(idx.virtual_size, idx.chunk_size, i as u64);
-                        blob::decode_chunk(&bytes, digest, key, len)?;
-                    }
-                    tb.put(&ck, &bytes)?;
-                    report.chunks_copied += 1;
-                    report.bytes_copied += bytes.len() as u64;
-                }
-                known.insert(*digest);
+                work.push((
+                    *digest,
+                    chunk_len(idx.virtual_size, idx.chunk_size, i as u64),
+                ));
             }
         }
+        let (copied, present, bytes) =
+            copy_chunks(from, &tb, &work, key, opts.verify, opts.streams.max(1))?;
+        report.chunks_copied += copied;
+        report.chunks_present += present;
+        report.bytes_copied += bytes;
         for (d, _) in &indexes {
             let ik = format!("{}/{}", id.dir_key(), d.index_file);
             let bytes = from.backend().get(&ik, 1 << 30)?;
