@@ -104,6 +104,9 @@ struct Faults {
     injected: AtomicU64,
     /// Answer 503 to everything.
     dead: AtomicBool,
+    /// Answer 403 AccessDenied to every DELETE (credentials without
+    /// s3:DeleteObject, F-40).
+    deny_deletes: AtomicBool,
 }
 
 /// A one-request-per-connection HTTP proxy in front of moto: reads the
@@ -166,6 +169,15 @@ fn serve(c: TcpStream, upstream: u16, f: &Faults, k: u64) -> std::io::Result<()>
             && k.is_multiple_of(every)
             && f.injected.load(Ordering::Acquire) < f.inject_max.load(Ordering::Acquire));
     let mut c = c;
+    if method == "DELETE" && f.deny_deletes.load(Ordering::Acquire) {
+        let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>";
+        write!(
+            c,
+            "HTTP/1.1 403 Forbidden\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )?;
+        return Ok(());
+    }
     if inject {
         f.injected.fetch_add(1, Ordering::AcqRel);
         c.write_all(
@@ -537,4 +549,37 @@ fn s3_sync_local_to_s3_and_back_resumes() {
         assert_eq!(&restore_raw(&back, id, "scsi0", &out), data);
     }
     assert!(back.verify(&VerifyTarget::All, 2).unwrap().is_clean());
+}
+
+/// F-40: credentials without s3:DeleteObject (every DELETE answered 403
+/// AccessDenied): backups still work and restore byte-identical; prune
+/// fails saying access was denied, and removes nothing.
+#[test]
+fn f40_s3_credentials_without_delete_back_up_and_prune_fails_clearly() {
+    let Some(moto) = start_moto() else { return };
+    let faults = Arc::new(Faults::default());
+    let proxy = start_proxy(moto.port, Arc::clone(&faults));
+    env_for(proxy);
+    let loc = s3_repo("no-delete");
+    let repo = Repository::init(&loc, None, &opts()).unwrap();
+    faults.deny_deletes.store(true, Ordering::Release);
+    let d1 = image(51, 8 * CHUNK as usize);
+    let d2 = image(52, 8 * CHUNK as usize);
+    backup(&repo, 1, &d1).unwrap();
+    let b = backup(&repo, 2, &d2).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(restore_raw(&repo, &b, "scsi0", dir.path()), d2);
+    let keep = KeepOptions {
+        last: Some(1),
+        ..KeepOptions::default()
+    };
+    let e = repo
+        .prune(&shear::repo::VmId::new("100").unwrap(), &keep, false)
+        .unwrap_err();
+    let msg = shear::chain(&e);
+    assert!(
+        msg.contains("403") || msg.contains("Access Denied") || msg.contains("AccessDenied"),
+        "{msg}"
+    );
+    assert_eq!(repo.list_backups(None).unwrap().len(), 2);
 }
