@@ -126,6 +126,24 @@ fn s3_err(op: &'static str, key: &str, e: object_store::Error) -> RepoError {
     }
 }
 
+/// F-40: whether the ETag a server returned for a single PUT says it
+/// stored other bytes than `data` (an MD5 ETag that differs from the
+/// body's). ETags that are not a plain MD5 (multipart, some encryption
+/// modes) are not judged; `SHEAR_S3_ETAG_CHECK=0` turns the check off for
+/// servers whose 32-hex ETags are not MD5s (SSE-KMS).
+fn etag_mismatch(etag: Option<&str>, data: &[u8]) -> Option<String> {
+    use md5::Digest as _;
+    if std::env::var("SHEAR_S3_ETAG_CHECK").is_ok_and(|v| v == "0") {
+        return None;
+    }
+    let e = etag?.trim().trim_matches('"');
+    if e.len() != 32 || !e.bytes().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    let want = hex::encode(md5::Md5::digest(data));
+    (!e.eq_ignore_ascii_case(&want)).then(|| format!("server ETag {e}, body MD5 {want}"))
+}
+
 impl S3Backend {
     /// Connects (lazily: no request is made here). Settings: the
     /// environment, then `[s3]` of the config file ([`s3_settings`]).
@@ -315,11 +333,30 @@ impl S3Backend {
             ("x-amz-checksum-sha256", s3_signed::sha256_b64(data)),
             ("content-type", "application/octet-stream".to_owned()),
         ];
-        let r = self.signed(reqwest::Method::PUT, key, "", headers, data.to_vec())?;
-        if r.status.is_success() {
-            Ok(())
-        } else {
-            Err(Self::reply_err("put (object lock)", key, &r))
+        let mut attempt = 0;
+        loop {
+            let r = self.signed(
+                reqwest::Method::PUT,
+                key,
+                "",
+                headers.clone(),
+                data.to_vec(),
+            )?;
+            if !r.status.is_success() {
+                return Err(Self::reply_err("put (object lock)", key, &r));
+            }
+            attempt += 1;
+            let etag = r.headers.get("etag").and_then(|v| v.to_str().ok());
+            match etag_mismatch(etag, data) {
+                None => return Ok(()),
+                Some(why) if attempt >= 3 => {
+                    return Err(RepoError::corrupt(
+                        key,
+                        format!("{why} after {attempt} uploads"),
+                    ))
+                }
+                Some(why) => tracing::warn!("upload of {key} arrived damaged ({why}): again"),
+            }
         }
     }
 
@@ -399,13 +436,27 @@ impl Backend for S3Backend {
                 return self.put_locked(key, data, lock);
             }
         }
-        self.throttle_bytes(data.len());
         let p = self.path(key)?;
-        let s = Arc::clone(&self.store);
-        let payload = PutPayload::from(data.to_vec());
-        self.run(async move { s.put(&p, payload).await })?
-            .map(|_| ())
-            .map_err(|e| s3_err("put", key, e))
+        let mut attempt = 0;
+        loop {
+            self.throttle_bytes(data.len());
+            let (p, s) = (p.clone(), Arc::clone(&self.store));
+            let payload = PutPayload::from(data.to_vec());
+            let r = self
+                .run(async move { s.put(&p, payload).await })?
+                .map_err(|e| s3_err("put", key, e))?;
+            attempt += 1;
+            match etag_mismatch(r.e_tag.as_deref(), data) {
+                None => return Ok(()),
+                Some(why) if attempt >= 3 => {
+                    return Err(RepoError::corrupt(
+                        key,
+                        format!("{why} after {attempt} uploads"),
+                    ))
+                }
+                Some(why) => tracing::warn!("upload of {key} arrived damaged ({why}): again"),
+            }
+        }
     }
 
     fn get(&self, key: &str, max_len: usize) -> Result<Vec<u8>> {
