@@ -94,6 +94,8 @@ pub struct Config {
     pub verify: Vec<crate::daemon::config::VerifyToml>,
     /// Daemon: `[[gc]]` jobs.
     pub gc: Vec<crate::daemon::config::GcToml>,
+    /// Daemon: `[[sync]]` jobs.
+    pub sync: Vec<crate::daemon::config::SyncToml>,
     /// Daemon: `[[policy]]` RPO policies.
     pub policy: Vec<crate::daemon::config::PolicyToml>,
     /// Daemon: `[api]`.
@@ -102,6 +104,8 @@ pub struct Config {
     pub repo_key: Vec<crate::daemon::config::RepoKeyToml>,
     /// `shear snapshot`: age past which a snapshot is flagged (`"48h"`).
     pub snapshot_max_age: Option<String>,
+    /// `[s3]`: settings of `s3://` repositories (repo/s3_settings.rs).
+    pub s3: crate::repo::s3_settings::S3Settings,
 }
 
 /// `[hooks]`: what `shear hook` does at each lifecycle event.
@@ -144,10 +148,12 @@ impl Default for Config {
             jobs: Vec::new(),
             verify: Vec::new(),
             gc: Vec::new(),
+            sync: Vec::new(),
             policy: Vec::new(),
             api: crate::daemon::config::ApiToml::default(),
             repo_key: Vec::new(),
             snapshot_max_age: None,
+            s3: crate::repo::s3_settings::S3Settings::default(),
         }
     }
 }

@@ -755,3 +755,119 @@ url = "{hook_url}"
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// `[[sync]]` jobs: copy the selected VM's backups (vmid filter, verify)
+/// to another repository, remove vanished ones on the next run, and a
+/// sync that fails (target missing) ends as a failed task with a
+/// job-failed notification to the job's target.
+#[test]
+fn daemon_sync_job_vmid_filter_remove_vanished_and_failure_notification() {
+    let dir = tempfile::tempdir().unwrap();
+    let src_root = dir.path().join("src");
+    let dst_root = dir.path().join("dst");
+    let src = init_repo(&src_root, None);
+    let dst = init_repo(&dst_root, None);
+    let a = image(31, 4 * CHUNK as usize);
+    let b = image(32, 4 * CHUNK as usize);
+    let c = image(33, 4 * CHUNK as usize);
+    let first = backup(&src, "100", 0, &[("d0", &a)]);
+    let second = backup(&src, "100", 10, &[("d0", &b)]);
+    backup(&src, "101", 20, &[("d0", &c)]);
+
+    let sock = dir.path().join("api.sock");
+    let cfg = dir.path().join("shear.toml");
+    let (hook_url, hooked) = webhook_receiver();
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"state_dir = "{d}/state"
+run_dir = "{d}/run"
+[[sync]]
+id = "offsite"
+schedule = "daily"
+from = "{s}"
+to = "{t}"
+vmids = [100]
+remove_vanished = true
+verify = true
+[[sync]]
+id = "broken"
+schedule = "daily"
+from = "{s}"
+to = "{d}/missing"
+notify = ["ops"]
+[api]
+socket = "{sock}"
+[[notify_target]]
+name = "ops"
+type = "webhook"
+url = "{hook_url}"
+"#,
+            d = dir.path().display(),
+            s = src_root.display(),
+            t = dst_root.display(),
+            sock = sock.display()
+        ),
+    )
+    .unwrap();
+    let mut child = start_daemon(&cfg, &sock, &dir.path().join("daemon.log"));
+
+    let t = run_task(&sock, "offsite");
+    assert_eq!(t["status"], "ok", "{t}");
+    assert!(
+        t["summary"]
+            .as_str()
+            .unwrap()
+            .starts_with("2 backup(s) copied"),
+        "{t}"
+    );
+    let listed: Vec<String> = dst
+        .list_backups(None)
+        .unwrap()
+        .iter()
+        .map(|i| i.id.to_string())
+        .collect();
+    assert_eq!(listed, vec![first.to_string(), second.to_string()]);
+    let out = tempfile::tempdir().unwrap();
+    assert_eq!(restore_raw(&dst, &second, "d0", out.path()), b);
+
+    // The source forgets its first backup: the next run removes it.
+    src.forget(&first).unwrap();
+    let t = run_task(&sock, "offsite");
+    assert_eq!(t["status"], "ok", "{t}");
+    assert!(
+        t["summary"]
+            .as_str()
+            .unwrap()
+            .contains("1 vanished removed"),
+        "{t}"
+    );
+    let listed: Vec<String> = dst
+        .list_backups(None)
+        .unwrap()
+        .iter()
+        .map(|i| i.id.to_string())
+        .collect();
+    assert_eq!(listed, vec![second.to_string()]);
+
+    let t = run_task(&sock, "broken");
+    assert_eq!(t["status"], "failed", "{t}");
+    assert!(t["summary"].as_str().unwrap().contains("missing"), "{t}");
+    let n = hooked
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the job-failed notification did not reach the webhook");
+    assert_eq!(n["kind"], "job-failed", "{n}");
+    assert_eq!(n["job"], "broken", "{n}");
+
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "daemon did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -104,6 +104,14 @@ struct Faults {
     injected: AtomicU64,
     /// Answer 503 to everything.
     dead: AtomicBool,
+    /// Answer 403 AccessDenied to every DELETE (credentials without
+    /// s3:DeleteObject, F-40).
+    deny_deletes: AtomicBool,
+    /// Added latency per request (ms), as on a long link.
+    delay_ms: AtomicU64,
+    /// Flip a byte in the body of this many PUTs of chunks (F-40).
+    corrupt_puts: AtomicU64,
+    corrupted: AtomicU64,
 }
 
 /// A one-request-per-connection HTTP proxy in front of moto: reads the
@@ -166,6 +174,27 @@ fn serve(c: TcpStream, upstream: u16, f: &Faults, k: u64) -> std::io::Result<()>
             && k.is_multiple_of(every)
             && f.injected.load(Ordering::Acquire) < f.inject_max.load(Ordering::Acquire));
     let mut c = c;
+    let delay = f.delay_ms.load(Ordering::Acquire);
+    if delay > 0 {
+        std::thread::sleep(Duration::from_millis(delay));
+    }
+    if method == "PUT"
+        && head.windows(8).any(|w| w == b"/chunks/")
+        && body.len() > 64
+        && f.corrupted.load(Ordering::Acquire) < f.corrupt_puts.load(Ordering::Acquire)
+    {
+        f.corrupted.fetch_add(1, Ordering::AcqRel);
+        body[40] ^= 0x5a;
+    }
+    if method == "DELETE" && f.deny_deletes.load(Ordering::Acquire) {
+        let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>";
+        write!(
+            c,
+            "HTTP/1.1 403 Forbidden\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )?;
+        return Ok(());
+    }
     if inject {
         f.injected.fetch_add(1, Ordering::AcqRel);
         c.write_all(
@@ -199,6 +228,7 @@ fn opts() -> InitOptions {
     InitOptions {
         chunk_size: CHUNK,
         zstd_level: 1,
+        ..InitOptions::default()
     }
 }
 
@@ -536,4 +566,107 @@ fn s3_sync_local_to_s3_and_back_resumes() {
         assert_eq!(&restore_raw(&back, id, "scsi0", &out), data);
     }
     assert!(back.verify(&VerifyTarget::All, 2).unwrap().is_clean());
+}
+
+/// F-40: credentials without s3:DeleteObject (every DELETE answered 403
+/// AccessDenied): backups still work and restore byte-identical; prune
+/// fails saying access was denied, and removes nothing.
+#[test]
+fn f40_s3_credentials_without_delete_back_up_and_prune_fails_clearly() {
+    let Some(moto) = start_moto() else { return };
+    let faults = Arc::new(Faults::default());
+    let proxy = start_proxy(moto.port, Arc::clone(&faults));
+    env_for(proxy);
+    let loc = s3_repo("no-delete");
+    let repo = Repository::init(&loc, None, &opts()).unwrap();
+    faults.deny_deletes.store(true, Ordering::Release);
+    let d1 = image(51, 8 * CHUNK as usize);
+    let d2 = image(52, 8 * CHUNK as usize);
+    backup(&repo, 1, &d1).unwrap();
+    let b = backup(&repo, 2, &d2).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(restore_raw(&repo, &b, "scsi0", dir.path()), d2);
+    let keep = KeepOptions {
+        last: Some(1),
+        ..KeepOptions::default()
+    };
+    let e = repo
+        .prune(&shear::repo::VmId::new("100").unwrap(), &keep, false)
+        .unwrap_err();
+    let msg = shear::chain(&e);
+    assert!(
+        msg.contains("403") || msg.contains("Access Denied") || msg.contains("AccessDenied"),
+        "{msg}"
+    );
+    assert_eq!(repo.list_backups(None).unwrap().len(), 2);
+}
+
+/// F-40: PUT bodies corrupted on the way (a byte flipped by the proxy in
+/// the first 2 chunk uploads): shear notices by the server's
+/// ETag (moto 5.2.5 does not check x-amz-checksum-sha256 and stores them:
+/// shear compares the returned MD5 ETag with the body), uploads them again, and the backup
+/// verifies clean and restores byte-identical.
+#[test]
+fn f40_s3_corrupted_uploads_are_detected_by_etag_and_retried() {
+    let Some(moto) = start_moto() else { return };
+    let faults = Arc::new(Faults::default());
+    let proxy = start_proxy(moto.port, Arc::clone(&faults));
+    env_for(proxy);
+    let loc = s3_repo("corrupt-put");
+    let repo = Repository::init(&loc, None, &opts()).unwrap();
+    faults.corrupt_puts.store(2, Ordering::Release);
+    let data = image(61, 16 * CHUNK as usize);
+    let id = backup(&repo, 1, &data).unwrap();
+    assert_eq!(faults.corrupted.load(Ordering::Acquire), 2);
+    let v = repo.verify(&VerifyTarget::All, 2).unwrap();
+    assert!(v.is_clean(), "{v:?}");
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(restore_raw(&repo, &id, "scsi0", dir.path()), data);
+}
+
+/// `sync --streams`: with 40 ms added to every request (a long link, by the
+/// proxy), 8 streams copy the same backup to S3 much faster than one
+/// (measured times printed); both copies restore byte-identical.
+#[test]
+fn s3_sync_streams_hide_link_latency() {
+    let Some(moto) = start_moto() else { return };
+    let faults = Arc::new(Faults::default());
+    let proxy = start_proxy(moto.port, Arc::clone(&faults));
+    env_for(proxy);
+    let dir = tempfile::tempdir().unwrap();
+    let src = common::init_repo(&dir.path().join("src"), None);
+    let data = image(91, 48 * CHUNK as usize);
+    let id = common::backup(&src, "100", 1, &[("scsi0", &data)]);
+    let mut times = Vec::new();
+    for streams in [1usize, 8] {
+        let loc = s3_repo(&format!("streams-{streams}"));
+        let dst = Repository::init(&loc, None, &opts()).unwrap();
+        faults.delay_ms.store(40, Ordering::Release);
+        let t = Instant::now();
+        let r = shear::repo::sync::sync(
+            &src,
+            &dst,
+            &shear::repo::sync::SyncOptions {
+                streams,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let took = t.elapsed();
+        faults.delay_ms.store(0, Ordering::Release);
+        eprintln!(
+            "sync with {streams} stream(s), 40 ms per request: {} chunks in {took:?}",
+            r.chunks_copied
+        );
+        assert!(r.chunks_copied > 16, "{r:?}");
+        times.push(took);
+        let out = tempfile::tempdir().unwrap();
+        assert_eq!(restore_raw(&dst, &id, "scsi0", out.path()), data);
+    }
+    assert!(
+        times[1].as_secs_f64() < times[0].as_secs_f64() * 0.7,
+        "8 streams {:?} vs 1 stream {:?}",
+        times[1],
+        times[0]
+    );
 }

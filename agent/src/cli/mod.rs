@@ -87,6 +87,10 @@ pub struct Cli {
     /// else it is asked on the terminal).
     #[arg(long, global = true, env = "SHEAR_KEY_PASSPHRASE_FILE")]
     pub passphrase_file: Option<PathBuf>,
+    /// Admin token of an append-only repository (prune, forget, gc,
+    /// unprotect; `init --append-only` writes a new one here).
+    #[arg(long, global = true, env = "SHEAR_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
     /// The command.
     #[command(subcommand)]
     pub command: Command,
@@ -129,6 +133,18 @@ pub enum Command {
         /// it, a key file created with --master-pubkey puts its seal there.
         #[arg(long)]
         master_pubkey: Option<PathBuf>,
+        /// Append-only: deletions and overwrites need an admin token
+        /// (written to --admin-token-file, else printed once).
+        #[arg(long)]
+        append_only: bool,
+        /// S3 Object Lock: keep chunks, indexes and manifests retained for
+        /// this many days (the bucket must have Object Lock enabled).
+        #[arg(long)]
+        object_lock_days: Option<u32>,
+        /// Object Lock mode: compliance (nobody can shorten it) or
+        /// governance.
+        #[arg(long, default_value = "compliance", value_parser = ["compliance", "governance"])]
+        object_lock_mode: String,
     },
     /// Key management.
     Key {
@@ -225,6 +241,14 @@ pub enum Command {
         /// Decode every copied chunk and check its digest.
         #[arg(long)]
         verify: bool,
+        /// Forget backups in the target that the source no longer has
+        /// (protected, locked or append-only ones are left and reported).
+        #[arg(long)]
+        remove_vanished: bool,
+        /// Chunks copied in parallel (a single stream collapses on a
+        /// high-latency link).
+        #[arg(long, default_value_t = 4)]
+        streams: usize,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -436,6 +460,11 @@ pub struct RestoreArgs {
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    // `[s3]` of the config file, for any command that opens s3://
+    // (an unreadable config is reported by the commands that need it).
+    if let Ok(cfg) = crate::config::Config::load() {
+        crate::repo::s3_settings::install(cfg.s3);
+    }
     match &cli.command {
         Command::Backup(args) => backup_cmd::run(&cli, args),
         Command::Watchdog(args) => Ok(backup_cmd::watchdog(args)),

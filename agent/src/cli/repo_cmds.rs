@@ -36,7 +36,13 @@ fn load_key(cli: &Cli) -> anyhow::Result<Option<Key>> {
 
 pub(super) fn open(cli: &Cli) -> anyhow::Result<Repository> {
     let key = load_key(cli)?;
-    Ok(Repository::open(&cli.repo, key)?)
+    let repo = Repository::open(&cli.repo, key)?;
+    if let Some(path) = &cli.admin_token_file {
+        let token = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("admin token file {}: {e}", path.display()))?;
+        repo.authorize_admin(&token)?;
+    }
+    Ok(repo)
 }
 
 fn parse_backup(s: &str) -> anyhow::Result<BackupId> {
@@ -79,6 +85,9 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             chunk_size,
             max_disk_size_gib,
             master_pubkey,
+            append_only,
+            object_lock_days,
+            object_lock_mode,
         } => {
             let max_entries = crate::repo::format::MAX_INDEX_ENTRIES;
             let holds = u64::from(*chunk_size).saturating_mul(max_entries);
@@ -100,10 +109,34 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 (Some(_), None, Some(kf)) => Key::file_master_seal(kf)?,
                 _ => None,
             };
+            let admin_token = append_only.then(crate::repo::immut::new_admin_token);
             let opts = InitOptions {
                 zstd_level: *zstd_level,
                 chunk_size: *chunk_size,
+                append_only: admin_token
+                    .as_ref()
+                    .map(|t| crate::repo::immut::AppendOnly {
+                        admin_token_hash: crate::repo::immut::admin_token_hash(t),
+                    }),
+                object_lock: object_lock_days.map(|d| crate::repo::immut::ObjectLock {
+                    mode: if object_lock_mode == "governance" {
+                        crate::repo::immut::RetentionMode::Governance
+                    } else {
+                        crate::repo::immut::RetentionMode::Compliance
+                    },
+                    retention_secs: u64::from(d) * 86_400,
+                }),
             };
+            // The token file first: an append-only repository whose token
+            // was lost needs the config edited by hand to administer.
+            if let (Some(t), Some(path)) = (&admin_token, &cli.admin_token_file) {
+                crate::fsutil::write_atomic(
+                    path,
+                    format!("{t}\n").as_bytes(),
+                    crate::fsutil::Existing::Keep,
+                )
+                .map_err(|e| anyhow::anyhow!("admin token file {}: {e}", path.display()))?;
+            }
             if seal.is_some() && crate::repo::url_backend(&cli.repo)?.is_some() {
                 bail!(
                     "a master-key seal is kept beside a local repository only: not yet on {}",
@@ -127,6 +160,18 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     repo.location()
                 ),
                 None => out!("initialised repository {}", repo.location()),
+            }
+            match (&admin_token, &cli.admin_token_file) {
+                (Some(_), Some(path)) => out!(
+                    "append-only: prune, forget, gc and unprotect need the admin token in {} \
+                     (keep it off this host)",
+                    path.display()
+                ),
+                (Some(t), None) => out!(
+                    "append-only: prune, forget, gc and unprotect need this admin token \
+                     (shown once; keep it off this host): {t}"
+                ),
+                _ => {}
             }
         }
         Command::Key { command } => match command {
@@ -440,6 +485,8 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             vmid,
             last,
             verify,
+            remove_vanished,
+            streams,
             json,
         } => {
             let key = load_key(&cli)?;
@@ -451,6 +498,8 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 vmid: vmid.as_deref().map(VmId::new).transpose()?,
                 last: *last,
                 verify: *verify,
+                remove_vanished: *remove_vanished,
+                streams: *streams,
             };
             let t0 = std::time::Instant::now();
             let r = crate::repo::sync::sync(&src, &dst, &opts)?;
@@ -469,6 +518,12 @@ pub(super) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     r.chunks_present,
                     t0.elapsed().as_secs_f64()
                 );
+                for id in &r.removed {
+                    out!("removed vanished {id}");
+                }
+                for why in &r.not_removed {
+                    out!("kept vanished {why}");
+                }
             }
         }
         Command::Backup(_)

@@ -123,6 +123,52 @@ pub struct GcToml {
     pub notify: Vec<String>,
 }
 
+/// `[[sync]]`: copy backups from one repository to another
+/// (`shear sync`), e.g. to an off-site or S3 repository.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncToml {
+    /// Job id.
+    pub id: String,
+    /// Calendar event.
+    pub schedule: String,
+    /// Source repository (absolute path or `s3://BUCKET/PREFIX`).
+    pub from: PathBuf,
+    /// Target repository (absolute path or `s3://BUCKET/PREFIX`).
+    pub to: PathBuf,
+    /// Only these VMs (default: all).
+    #[serde(default)]
+    pub vmids: Vec<VmIdValue>,
+    /// Forget backups in the target that the source no longer has.
+    #[serde(default)]
+    pub remove_vanished: bool,
+    /// Decode every copied chunk and check its digest.
+    #[serde(default)]
+    pub verify: bool,
+    /// Chunks copied in parallel (default 4).
+    pub streams: Option<usize>,
+    /// Notification targets.
+    #[serde(default)]
+    pub notify: Vec<String>,
+    /// Scheduled (false: only on request).
+    pub enabled: Option<bool>,
+}
+
+/// What a sync job does (its target is [`Job::repo`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SyncJob {
+    /// Source repository.
+    pub from: PathBuf,
+    /// Only these VMs (empty: all).
+    pub vmids: Vec<String>,
+    /// Forget vanished backups in the target.
+    pub remove_vanished: bool,
+    /// Check every copied chunk's digest.
+    pub verify: bool,
+    /// Parallel chunk copies.
+    pub streams: usize,
+}
+
 /// `[[repo_key]]`: the key of an encrypted repository. The daemon has no
 /// terminal, so the key file's passphrase comes from a file (mode 0600,
 /// e.g. a systemd credential).
@@ -167,6 +213,8 @@ pub enum JobKind {
     Verify,
     /// `[[gc]]`.
     Gc,
+    /// `[[sync]]`.
+    Sync,
 }
 
 impl JobKind {
@@ -176,6 +224,7 @@ impl JobKind {
             JobKind::Backup => "backup",
             JobKind::Verify => "verify",
             JobKind::Gc => "gc",
+            JobKind::Sync => "sync",
         }
     }
 }
@@ -217,6 +266,9 @@ pub struct Job {
     /// Verify jobs: re-verify after this long (None: always).
     #[serde(skip_serializing_if = "Option::is_none", with = "opt_secs")]
     pub outdated_after: Option<Duration>,
+    /// Sync jobs: what they copy (to [`Job::repo`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sync: Option<SyncJob>,
 }
 
 fn ser_schedule<S: serde::Serializer>(s: &Schedule, ser: S) -> Result<S::Ok, S::Error> {
@@ -365,7 +417,7 @@ pub fn validate(base: Config) -> Result<DaemonConfig, ValidationError> {
             errs.push(format!("{what} {id:?}: {e}"));
         } else if !ids.insert(id.to_owned()) {
             errs.push(format!(
-                "{what} {id:?}: the id is used twice (ids are unique across [[job]], [[verify]] and [[gc]])"
+                "{what} {id:?}: the id is used twice (ids are unique across [[job]], [[verify]], [[gc]] and [[sync]])"
             ));
         }
     };
@@ -489,6 +541,7 @@ pub fn validate(base: Config) -> Result<DaemonConfig, ValidationError> {
                     script: j.script.clone(),
                 }),
                 outdated_after: None,
+                sync: None,
             });
         }
     }
@@ -517,6 +570,7 @@ pub fn validate(base: Config) -> Result<DaemonConfig, ValidationError> {
                 enabled: true,
                 backup: None,
                 outdated_after,
+                sync: None,
             });
         }
     }
@@ -537,6 +591,50 @@ pub fn validate(base: Config) -> Result<DaemonConfig, ValidationError> {
                 enabled: true,
                 backup: None,
                 outdated_after: None,
+                sync: None,
+            });
+        }
+    }
+    for y in &base.sync {
+        let what = "[[sync]]";
+        check_id(what, &y.id, &mut errs);
+        let sched = schedule(what, &y.id, &y.schedule, &mut errs);
+        for (key, p) in [("from", &y.from), ("to", &y.to)] {
+            let url = p
+                .to_str()
+                .and_then(crate::repo::s3::url_scheme)
+                .is_some_and(|s| s == "s3");
+            if !url && !p.is_absolute() {
+                errs.push(format!(
+                    "{what} {:?}: {key} {} must be an absolute path or s3://BUCKET/PREFIX",
+                    y.id,
+                    p.display()
+                ));
+            }
+        }
+        if y.from == y.to {
+            errs.push(format!("{what} {:?}: from and to are the same", y.id));
+        }
+        let vmids = vmid_list(what, &y.id, "vmids", &y.vmids, &mut errs);
+        check_notify(&base.notify_target, what, &y.id, &y.notify, &mut errs);
+        if let Some(schedule) = sched {
+            jobs.push(Job {
+                id: y.id.clone(),
+                kind: JobKind::Sync,
+                schedule,
+                repo: y.to.clone(),
+                notify: y.notify.clone(),
+                repeat_missed: false,
+                enabled: y.enabled.unwrap_or(true),
+                backup: None,
+                outdated_after: None,
+                sync: Some(SyncJob {
+                    from: y.from.clone(),
+                    vmids,
+                    remove_vanished: y.remove_vanished,
+                    verify: y.verify,
+                    streams: y.streams.unwrap_or(4).clamp(1, 64),
+                }),
             });
         }
     }

@@ -352,6 +352,8 @@ pub fn load_config(path: &Path) -> anyhow::Result<DaemonConfig> {
 /// Run the daemon in the foreground until SIGTERM/SIGINT.
 pub fn run(config_path: &Path) -> anyhow::Result<()> {
     let cfg = load_config(config_path)?;
+    // `[s3]` of the daemon's own config file (sync jobs to s3://).
+    crate::repo::s3_settings::install(cfg.base.s3.clone());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

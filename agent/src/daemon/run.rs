@@ -49,6 +49,7 @@ pub async fn run(
         JobKind::Backup => backup_job(&cfg, &job, only, &cancel, &log).await,
         JobKind::Verify => verify_job(&shared, &job, &task, &log).await,
         JobKind::Gc => gc_job(&cfg, &job, &log).await,
+        JobKind::Sync => sync_job(&cfg, &job, &log).await,
     };
     log.line(&format!("{}: {}", outcome.status, outcome.summary));
     task.vms.clone_from(&outcome.vms);
@@ -548,6 +549,79 @@ async fn gc_job(cfg: &Arc<DaemonConfig>, job: &Job, log: &TaskLog) -> Outcome {
                 summary: format!(
                     "{} chunk(s) removed, {} bytes freed",
                     g.chunks_removed, g.bytes_removed
+                ),
+                vms: Vec::new(),
+            }
+        }
+        Err(e) => Outcome {
+            status: "failed",
+            summary: e,
+            vms: Vec::new(),
+        },
+    }
+}
+
+/// A `[[sync]]` run: `shear sync` per selected VM (or once for all), the
+/// source opened with its `[[repo_key]]` if any, the target without.
+async fn sync_job(cfg: &Arc<DaemonConfig>, job: &Job, log: &TaskLog) -> Outcome {
+    let Some(y) = job.sync.clone() else {
+        return Outcome {
+            status: "failed",
+            summary: "not a sync job".into(),
+            vms: Vec::new(),
+        };
+    };
+    let to = job.repo.clone();
+    let cfg = cfg.clone();
+    let log2 = log.clone();
+    let r = blocking(move || {
+        let src = cfg.open_repo(&y.from)?;
+        let dst = Repository::open(&to, None)
+            .map_err(|e| format!("repository {}: {}", to.display(), crate::chain(&e)))?;
+        let vms: Vec<Option<VmId>> = if y.vmids.is_empty() {
+            vec![None]
+        } else {
+            y.vmids
+                .iter()
+                .map(|v| VmId::new(v).map(Some).map_err(|e| e.to_string()))
+                .collect::<Result<_, _>>()?
+        };
+        let mut total = crate::repo::sync::SyncReport::default();
+        for vmid in vms {
+            let opts = crate::repo::sync::SyncOptions {
+                vmid,
+                last: None,
+                verify: y.verify,
+                remove_vanished: y.remove_vanished,
+                streams: y.streams,
+            };
+            let r = crate::repo::sync::sync(&src, &dst, &opts).map_err(|e| crate::chain(&e))?;
+            log2.line(&serde_json::to_string(&r).unwrap_or_default());
+            total.copied.extend(r.copied);
+            total.already_present += r.already_present;
+            total.chunks_copied += r.chunks_copied;
+            total.chunks_present += r.chunks_present;
+            total.bytes_copied += r.bytes_copied;
+            total.removed.extend(r.removed);
+            total.not_removed.extend(r.not_removed);
+        }
+        Ok(total)
+    })
+    .await;
+    match r {
+        Ok(t) => {
+            for w in &t.not_removed {
+                log.line(&format!("kept vanished {w}"));
+            }
+            Outcome {
+                status: "ok",
+                summary: format!(
+                    "{} backup(s) copied, {} already there; {} chunk(s), {} bytes copied; {} vanished removed",
+                    t.copied.len(),
+                    t.already_present,
+                    t.chunks_copied,
+                    t.bytes_copied,
+                    t.removed.len()
                 ),
                 vms: Vec::new(),
             }

@@ -160,6 +160,7 @@ mod tests {
             enabled: true,
             backup: None,
             outdated_after: None,
+            sync: None,
         }
     }
 

@@ -179,6 +179,36 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn modified_ms(&self, key: &str) -> Result<Option<i64>> {
         Ok(self.size(key)?.map(|_| 0))
     }
+    /// Sets the Object Lock retention of new chunks, indexes and manifests
+    /// (repo/immut.rs). Backends without Object Lock refuse `Some`.
+    fn set_object_lock(&self, lock: Option<super::immut::ObjectLock>) -> Result<()> {
+        match lock {
+            None => Ok(()),
+            Some(_) => Err(RepoError::invalid(
+                "object lock",
+                format!("{} does not support Object Lock (S3 only)", self.location()),
+            )),
+        }
+    }
+    /// The retention of an object's current version; `None` if it has
+    /// none (or the backend has no Object Lock).
+    fn retention(&self, _key: &str) -> Result<Option<super::immut::Retention>> {
+        Ok(None)
+    }
+    /// Extends the retention of an object's current version to `until_ms`.
+    fn extend_retention(&self, key: &str, _until_ms: i64) -> Result<()> {
+        Err(RepoError::invalid(
+            "object lock",
+            format!("{key}: {} has no Object Lock", self.location()),
+        ))
+    }
+    /// Fails unless the store has Object Lock enabled.
+    fn check_object_lock(&self) -> Result<()> {
+        Err(RepoError::invalid(
+            "object lock",
+            format!("{} does not support Object Lock (S3 only)", self.location()),
+        ))
+    }
 }
 
 /// A repository in a local directory.

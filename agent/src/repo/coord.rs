@@ -56,6 +56,17 @@ pub(crate) const IN_PROGRESS_KEY: &str = "coord/in-progress";
 pub(crate) const GC_KEY: &str = "coord/gc";
 pub(crate) const EPOCH_KEY: &str = "coord/gc-epoch";
 pub(crate) const CLOCK_KEY: &str = "coord/clock";
+/// The snapshot directory of the last committed backup (F-41: GC and prune
+/// refuse a listing that misses it).
+pub(crate) const LAST_COMMIT_KEY: &str = "coord/last-commit";
+
+/// Records `dir` as the last committed backup (best effort: only a
+/// cross-check for listings).
+pub(crate) fn note_commit(b: &dyn Backend, dir: &str) {
+    if let Err(e) = b.put(LAST_COMMIT_KEY, dir.as_bytes()) {
+        tracing::warn!("could not record the last commit: {}", crate::chain(&e));
+    }
+}
 
 /// Default lease of a writer's marker.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(15 * 60);

@@ -124,6 +124,19 @@ pub enum RepoError {
     /// A key was given for a repository that is not encrypted.
     #[error("the repository is not encrypted but a key was given")]
     KeyNotExpected,
+    /// An append-only repository refused a deletion or overwrite (the
+    /// admin token was not given), or Object Lock retains the object.
+    #[error("refused: {what}")]
+    Immutable {
+        /// What was refused, and why.
+        what: String,
+    },
+    /// The listing a deletion would rely on is incomplete (F-41).
+    #[error("listing incomplete: {what}; nothing was deleted")]
+    ListingIncomplete {
+        /// What did not add up.
+        what: String,
+    },
     /// A lock is held by someone else.
     #[error("repository busy: {what}")]
     Busy {
@@ -177,6 +190,8 @@ impl RepoError {
             | RepoError::KeyFileInsecure { .. }
             | RepoError::KeyNotExpected => ErrorKind::Key,
             RepoError::Busy { .. } => ErrorKind::Busy,
+            RepoError::Immutable { .. } => ErrorKind::PermissionDenied,
+            RepoError::ListingIncomplete { .. } => ErrorKind::Io,
         }
     }
 

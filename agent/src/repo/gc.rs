@@ -64,6 +64,13 @@ pub struct GcReport {
     pub incomplete_backups_removed: u64,
     /// Quarantined `.bad` chunks removed.
     pub bad_chunks_removed: u64,
+    /// Object Lock: referenced chunks whose retention was extended.
+    pub retention_extended: u64,
+    /// Object Lock: unreferenced chunks not deleted because still retained.
+    pub chunks_locked: u64,
+    /// Object Lock: the latest retain-until date of those (RFC 3339).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub locked_until: Option<String>,
     /// Object stores: why nothing was deleted this time (a backup was
     /// running; see repo/coord.rs), if so.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -74,6 +81,9 @@ impl Repository {
     /// Runs garbage collection (needs the key if encrypted: indexes are).
     pub fn gc(&self, opts: &GcOptions) -> Result<GcReport> {
         self.key_for_data()?;
+        if !opts.dry_run {
+            self.require_admin("gc")?;
+        }
         let b = &self.inner.backend;
         if b.coordination() == super::backend::Coordination::Markers {
             return self.gc_markers(opts);
@@ -208,9 +218,50 @@ impl Repository {
         // committed (manifest, then marker deleted) before is seen here.
         let mut marked_ids: HashSet<BackupId> = HashSet::new();
         let mut referenced: HashSet<Digest> = HashSet::new();
-        self.mark(&mut marked_ids, &mut referenced)?;
+        // F-41: a listing that lost backups would make their chunks look
+        // unreferenced.
+        let dirs = self.snapshot_dirs_checked(None)?;
+        self.mark_dirs(dirs, &mut marked_ids, &mut referenced)?;
         report.backups_marked = marked_ids.len() as u64;
         report.chunks_referenced = referenced.len() as u64;
+        let objects = b.list_objects(CHUNKS_KEY)?;
+        // F-41: every chunk a committed backup references must be listed
+        // (as itself or quarantined); else the chunk listing is partial.
+        let mut listed: HashSet<Digest> = HashSet::with_capacity(objects.len());
+        for o in &objects {
+            let name = o.key.rsplit('/').next().unwrap_or("");
+            let mut d = [0u8; 32];
+            if hex::decode_to_slice(name.strip_suffix(".bad").unwrap_or(name), &mut d).is_ok() {
+                listed.insert(d);
+            }
+        }
+        let unlisted = referenced.iter().filter(|d| !listed.contains(*d)).count();
+        if let Some(d) = referenced.iter().find(|d| !listed.contains(*d)) {
+            lease.end();
+            return Err(RepoError::ListingIncomplete {
+                what: format!(
+                    "{unlisted} chunk(s) referenced by committed backups are not in the chunk \
+                     listing (e.g. {}): the listing is partial, or chunks are missing (run verify)",
+                    hex::encode(d)
+                ),
+            });
+        }
+        // Object Lock: extend the retention of referenced chunks before it
+        // runs out (even when deletions are deferred).
+        let lock = self.inner.config.object_lock;
+        if let (Some(lock), false) = (lock, opts.dry_run) {
+            for o in &objects {
+                let name = o.key.rsplit('/').next().unwrap_or("");
+                let mut d = [0u8; 32];
+                if hex::decode_to_slice(name, &mut d).is_ok()
+                    && referenced.contains(&d)
+                    && super::immut::needs_extension(o.modified_ms, t0, &lock)
+                {
+                    b.extend_retention(&o.key, t0.saturating_add(lock.retention_ms()))?;
+                    report.retention_extended += 1;
+                }
+            }
+        }
         if let Some((key, m)) = writers.first() {
             report.deferred = Some(format!(
                 "{} backup(s) running ({}): nothing deleted; run gc again when they are done",
@@ -220,7 +271,6 @@ impl Repository {
             lease.end();
             return Ok(report);
         }
-        let objects = b.list_objects(CHUNKS_KEY)?;
         let mut doomed = Vec::new();
         for o in &objects {
             let name = o.key.rsplit('/').next().unwrap_or("");
@@ -242,6 +292,22 @@ impl Repository {
                 report.bad_chunks_removed += 1;
                 doomed.push(o.key.clone());
             } else if o.modified_ms < t0 - grace {
+                if let Some(lock) = lock {
+                    // Still retained: the server would keep it anyway.
+                    let until = if o.modified_ms.saturating_add(lock.retention_ms()) > t0 {
+                        Some(o.modified_ms.saturating_add(lock.retention_ms()))
+                    } else {
+                        b.retention(&o.key)?.map(|r| r.until_ms).filter(|u| *u > t0)
+                    };
+                    if let Some(u) = until {
+                        report.chunks_locked += 1;
+                        let s = super::immut::format_ms(u);
+                        if report.locked_until.as_ref().is_none_or(|l| *l < s) {
+                            report.locked_until = Some(s);
+                        }
+                        continue;
+                    }
+                }
                 report.chunks_removed += 1;
                 report.bytes_removed += o.size;
                 doomed.push(o.key.clone());
@@ -290,7 +356,17 @@ impl Repository {
 
     /// Adds every committed backup not yet in `ids` to the mark set.
     fn mark(&self, ids: &mut HashSet<BackupId>, referenced: &mut HashSet<Digest>) -> Result<()> {
-        for s in self.snapshot_dirs(None)? {
+        self.mark_dirs(self.snapshot_dirs(None)?, ids, referenced)
+    }
+
+    /// [`Self::mark`] over a given listing.
+    fn mark_dirs(
+        &self,
+        dirs: Vec<super::SnapshotDir>,
+        ids: &mut HashSet<BackupId>,
+        referenced: &mut HashSet<Digest>,
+    ) -> Result<()> {
+        for s in dirs {
             if !s.complete || ids.contains(&s.id) {
                 continue;
             }

@@ -127,6 +127,7 @@ pub mod error;
 pub mod format;
 pub mod fuzzing;
 pub mod gc;
+pub mod immut;
 pub mod manifest;
 pub mod master;
 pub mod names;
@@ -135,6 +136,8 @@ pub mod qcow2;
 pub mod reader;
 pub mod restore_test;
 pub mod s3;
+pub mod s3_settings;
+pub(crate) mod s3_signed;
 pub mod shared;
 pub mod sync;
 pub mod target;
@@ -209,6 +212,14 @@ pub struct RepoConfig {
     /// before it existed; see [`Repository::repo_id`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// Append-only: deletions and overwrites need the admin token
+    /// (repo/immut.rs). An older shear refuses such a config (unknown
+    /// field) rather than ignoring it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub append_only: Option<immut::AppendOnly>,
+    /// S3 Object Lock retention of chunks, indexes and manifests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object_lock: Option<immut::ObjectLock>,
 }
 
 /// Options of [`Repository::init`].
@@ -218,6 +229,10 @@ pub struct InitOptions {
     pub chunk_size: u32,
     /// zstd level. Default 1.
     pub zstd_level: i32,
+    /// Append-only, with the hash of this admin token (repo/immut.rs).
+    pub append_only: Option<immut::AppendOnly>,
+    /// S3 Object Lock (the bucket must have it enabled).
+    pub object_lock: Option<immut::ObjectLock>,
 }
 
 impl Default for InitOptions {
@@ -225,6 +240,8 @@ impl Default for InitOptions {
         InitOptions {
             chunk_size: format::DEFAULT_CHUNK_SIZE,
             zstd_level: 1,
+            append_only: None,
+            object_lock: None,
         }
     }
 }
@@ -311,6 +328,13 @@ pub(crate) struct Inner {
     pub backend: Arc<dyn Backend>,
     pub config: RepoConfig,
     pub key: Option<Key>,
+    /// Append-only repositories: the admin token was given.
+    pub admin: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Constant-time comparison of two hashes.
+fn subtle_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// An open repository. Cheap to clone; safe to share between threads.
@@ -372,6 +396,12 @@ impl Repository {
             }
             Err(e) => return Err(RepoError::io("stat repository path", path, e)),
         }
+        if opts.object_lock.is_some() {
+            return Err(RepoError::invalid(
+                "object lock",
+                "Object Lock is an S3 feature: for a local repository use --append-only",
+            ));
+        }
         let backend = LocalBackend::new(path)?;
         backend.ensure_dir(CHUNKS_KEY)?;
         for i in 0..=255u8 {
@@ -404,6 +434,9 @@ impl Repository {
                 format!("{} exists and is not empty", backend.location()),
             ));
         }
+        if opts.object_lock.is_some() {
+            backend.check_object_lock()?;
+        }
         Repository::write_config(&*backend, key.as_ref(), opts)?;
         Repository::open_backend(backend, key)
     }
@@ -425,6 +458,8 @@ impl Repository {
                 rand::rng().fill_bytes(&mut b);
                 hex::encode(b)
             }),
+            append_only: opts.append_only.clone(),
+            object_lock: opts.object_lock,
         };
         let mut text = serde_json::to_vec_pretty(&config)
             .map_err(|e| RepoError::invalid("config", e.to_string()))?;
@@ -509,13 +544,76 @@ impl Repository {
             (None, Some(_)) => return Err(RepoError::KeyNotExpected),
             _ => {}
         }
+        backend.set_object_lock(config.object_lock)?;
+        let admin = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let backend: Arc<dyn Backend> = if config.append_only.is_some() {
+            Arc::new(immut::AppendOnlyBackend::new(backend, Arc::clone(&admin)))
+        } else {
+            backend
+        };
         Ok(Repository {
             inner: Arc::new(Inner {
                 backend,
                 config,
                 key,
+                admin,
             }),
         })
+    }
+
+    /// Lifts an append-only repository's refusals for this handle, given
+    /// the admin token `shear init --append-only` printed. Fails on a wrong
+    /// token; a no-op on a repository that is not append-only.
+    pub fn authorize_admin(&self, token: &str) -> Result<()> {
+        let Some(a) = &self.inner.config.append_only else {
+            return Ok(());
+        };
+        let given = immut::admin_token_hash(token);
+        if !subtle_eq(given.as_bytes(), a.admin_token_hash.as_bytes()) {
+            return Err(RepoError::Immutable {
+                what: format!(
+                    "the admin token does not match the one of the append-only repository {}",
+                    self.location()
+                ),
+            });
+        }
+        self.inner
+            .admin
+            .store(true, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    /// Fails on an append-only repository unless the admin token was given.
+    pub(crate) fn require_admin(&self, op: &str) -> Result<()> {
+        if self.is_append_only() && !self.inner.admin.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(RepoError::Immutable {
+                what: format!(
+                    "{} is append-only: {op} needs the admin token (--admin-token-file)",
+                    self.location()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether the repository is append-only.
+    pub fn is_append_only(&self) -> bool {
+        self.inner.config.append_only.is_some()
+    }
+
+    /// The Object Lock retention of a backup's manifest, if it is still
+    /// retained at the store's time now: prune and forget refuse it then.
+    pub(crate) fn locked_until(&self, id: &BackupId) -> Result<Option<i64>> {
+        if self.inner.config.object_lock.is_none() {
+            return Ok(None);
+        }
+        let b = &self.inner.backend;
+        let mkey = format!("{}/{MANIFEST_NAME}", id.dir_key());
+        let Some(r) = b.retention(&mkey)? else {
+            return Ok(None);
+        };
+        let now = coord::server_now(&**b)?;
+        Ok((r.until_ms > now).then_some(r.until_ms))
     }
 
     /// The config.
@@ -630,6 +728,64 @@ impl Repository {
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
+    }
+
+    /// [`Self::snapshot_dirs`] for decisions that delete (prune, GC), with
+    /// the listing cross-checked on an object store (F-41): a flat listing
+    /// of every manifest taken *before* it, and the last committed backup
+    /// (`coord/last-commit`), must all be in it unless their manifest is
+    /// gone. A listing that stopped early, lost a page or came back empty
+    /// fails with [`RepoError::ListingIncomplete`] instead of making
+    /// backups look absent.
+    pub(crate) fn snapshot_dirs_checked(&self, vmid: Option<&VmId>) -> Result<Vec<SnapshotDir>> {
+        let b = &self.inner.backend;
+        if b.coordination() != Coordination::Markers {
+            return self.snapshot_dirs(vmid);
+        }
+        let prefix = match vmid {
+            Some(v) => format!("{VM_BACKUPS_KEY}/{v}"),
+            None => VM_BACKUPS_KEY.to_owned(),
+        };
+        let flat: Vec<String> = b
+            .list_objects(&prefix)?
+            .into_iter()
+            .filter_map(|o| {
+                o.key
+                    .strip_suffix(&format!("/{MANIFEST_NAME}"))
+                    .map(str::to_owned)
+            })
+            .collect();
+        let last = match b.get(coord::LAST_COMMIT_KEY, 4096) {
+            Ok(v) => Some(String::from_utf8_lossy(&v).trim().to_owned()),
+            Err(e) if e.kind() == ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        let dirs = self.snapshot_dirs(vmid)?;
+        let listed: std::collections::HashSet<String> = dirs
+            .iter()
+            .filter(|d| d.complete)
+            .map(|d| d.id.dir_key())
+            .collect();
+        let mut expected = flat;
+        if let Some(l) = last.filter(|l| l.starts_with(&format!("{prefix}/"))) {
+            expected.push(l);
+        }
+        for dir in expected {
+            if listed.contains(&dir) {
+                continue;
+            }
+            // Pruned since (its manifest is gone): fine. Otherwise the
+            // listing missed a committed backup.
+            if b.size(&format!("{dir}/{MANIFEST_NAME}"))?.is_some() {
+                return Err(RepoError::ListingIncomplete {
+                    what: format!(
+                        "committed backup {dir} is missing from the listing of {}",
+                        b.location()
+                    ),
+                });
+            }
+        }
+        Ok(dirs)
     }
 
     /// Committed backups, oldest first.
@@ -798,6 +954,9 @@ impl Repository {
         {
             return Err(RepoError::not_found(format!("backup {id}")));
         }
+        if !protected {
+            self.require_admin("unprotect")?;
+        }
         let k = format!("{}/{PROTECTED_NAME}", id.dir_key());
         if protected {
             self.inner.backend.put(&k, b"")
@@ -809,6 +968,7 @@ impl Repository {
     /// Removes one backup (not its chunks: GC does that). Refuses protected
     /// backups and backups in use.
     pub fn forget(&self, id: &BackupId) -> Result<()> {
+        self.require_admin("forget")?;
         let _repo = self.lock_repo(LockMode::Shared, LockWait::Forever)?;
         let snap = self.lock_snapshot(id, LockMode::Exclusive, LockWait::NoWait)?;
         if self
@@ -821,6 +981,14 @@ impl Repository {
                 "backup",
                 format!("{id} is protected (unprotect it first)"),
             ));
+        }
+        if let Some(until) = self.locked_until(id)? {
+            return Err(RepoError::Immutable {
+                what: format!(
+                    "backup {id} is under S3 Object Lock until {}",
+                    immut::format_ms(until)
+                ),
+            });
         }
         self.remove_snapshot_locked(id, snap)
     }

@@ -168,13 +168,16 @@ impl Repository {
         }
         let _repo_lock = self.lock_repo(LockMode::Shared, LockWait::Forever)?;
         let dirs: Vec<_> = self
-            .snapshot_dirs(Some(vmid))?
+            .snapshot_dirs_checked(Some(vmid))?
             .into_iter()
             .filter(|s| s.complete)
             .collect();
         let list: Vec<(OffsetDateTime, bool)> =
             dirs.iter().map(|s| (s.id.time(), s.protected)).collect();
         let marks = compute_prune(&list, keep);
+        if !dry_run && marks.contains(&PruneMark::Remove) {
+            self.require_admin("prune")?;
+        }
         let mut out = Vec::new();
         for (s, mark) in dirs.into_iter().zip(marks).rev() {
             let mut e = PruneEntry {
@@ -190,6 +193,13 @@ impl Repository {
                         let pkey = format!("{}/{}", e.backup.dir_key(), super::PROTECTED_NAME);
                         if self.inner.backend.size(&pkey)?.is_some() {
                             e.mark = PruneMark::Protected;
+                        } else if let Some(until) = self.locked_until(&e.backup)? {
+                            // Object Lock: the server would keep it anyway;
+                            // a delete would only hide it (delete marker).
+                            e.skipped = Some(format!(
+                                "under S3 Object Lock until {}",
+                                super::immut::format_ms(until)
+                            ));
                         } else {
                             self.remove_snapshot_locked(&e.backup, lock)?;
                             e.removed = true;

@@ -19,13 +19,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey, Checksum};
 use object_store::path::Path as OPath;
 use object_store::{BackoffConfig, ClientOptions, ObjectStore, PutPayload, RetryConfig};
 use tokio::sync::Semaphore;
 
 use super::backend::{Backend, Coordination, ListEntry, LockGuard, LockMode, LockWait, ObjectInfo};
 use super::error::{RepoError, Result};
+use super::immut::{self, ObjectLock, Retention, RetentionMode};
+use super::s3_settings::{self, TokenBucket};
+use super::s3_signed::{self, Signer};
 
 /// Where an `s3://` repository is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,6 +96,14 @@ pub struct S3Backend {
     store: Arc<AmazonS3>,
     rt: tokio::runtime::Runtime,
     permits: Arc<Semaphore>,
+    /// Object Lock requests object_store cannot make.
+    signer: Arc<Signer>,
+    /// Request-rate limit (one token per request).
+    rps: Option<Arc<TokenBucket>>,
+    /// Bandwidth limit (one token per byte, up and down).
+    bw: Option<Arc<TokenBucket>>,
+    /// The repository's Object Lock setting (from its config).
+    lock: std::sync::Mutex<Option<ObjectLock>>,
 }
 
 impl std::fmt::Debug for S3Backend {
@@ -115,31 +126,97 @@ fn s3_err(op: &'static str, key: &str, e: object_store::Error) -> RepoError {
     }
 }
 
+/// F-40: whether the ETag a server returned for a single PUT says it
+/// stored other bytes than `data` (an MD5 ETag that differs from the
+/// body's). ETags that are not a plain MD5 (multipart, some encryption
+/// modes) are not judged; `SHEAR_S3_ETAG_CHECK=0` turns the check off for
+/// servers whose 32-hex ETags are not MD5s (SSE-KMS).
+fn etag_mismatch(etag: Option<&str>, data: &[u8]) -> Option<String> {
+    use md5::Digest as _;
+    if std::env::var("SHEAR_S3_ETAG_CHECK").is_ok_and(|v| v == "0") {
+        return None;
+    }
+    let e = etag?.trim().trim_matches('"');
+    if e.len() != 32 || !e.bytes().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    let want = hex::encode(md5::Md5::digest(data));
+    (!e.eq_ignore_ascii_case(&want)).then(|| format!("server ETag {e}, body MD5 {want}"))
+}
+
 impl S3Backend {
-    /// Connects (lazily: no request is made here).
+    /// Connects (lazily: no request is made here). Settings: the
+    /// environment, then `[s3]` of the config file ([`s3_settings`]).
     pub fn new(loc: S3Location) -> Result<S3Backend> {
+        let st = s3_settings::current();
+        let env = |n: &str| std::env::var(n).ok().filter(|v| !v.is_empty());
         let mut b = AmazonS3Builder::from_env().with_bucket_name(&loc.bucket);
-        if let Ok(e) = std::env::var("SHEAR_S3_ENDPOINT") {
-            b = b.with_endpoint(e);
-        }
-        if let Ok(r) = std::env::var("SHEAR_S3_REGION") {
-            b = b.with_region(r);
-        } else if std::env::var_os("AWS_REGION").is_none()
-            && std::env::var_os("AWS_DEFAULT_REGION").is_none()
-        {
-            b = b.with_region("us-east-1");
-        }
-        let endpoint = std::env::var("SHEAR_S3_ENDPOINT")
-            .or_else(|_| std::env::var("AWS_ENDPOINT_URL"))
-            .or_else(|_| std::env::var("AWS_ENDPOINT"))
+        let endpoint = env("SHEAR_S3_ENDPOINT")
+            .or_else(|| env("AWS_ENDPOINT_URL"))
+            .or_else(|| env("AWS_ENDPOINT"))
+            .or_else(|| st.endpoint.clone())
             .unwrap_or_default();
-        let virtual_hosted = std::env::var("SHEAR_S3_VIRTUAL_HOSTED").is_ok_and(|v| v == "1");
+        if !endpoint.is_empty() {
+            b = b.with_endpoint(&endpoint);
+        }
+        if let Some(r) = env("SHEAR_S3_REGION") {
+            b = b.with_region(r);
+        } else if env("AWS_REGION").is_none() && env("AWS_DEFAULT_REGION").is_none() {
+            b = b.with_region(st.region.clone().unwrap_or_else(|| "us-east-1".into()));
+        }
+        if env("AWS_ACCESS_KEY_ID").is_none() {
+            if let Some(path) = &st.credentials_file {
+                let c = s3_settings::load_credentials(path)
+                    .map_err(|e| RepoError::invalid("S3 credentials", e))?;
+                b = b
+                    .with_access_key_id(c.key_id)
+                    .with_secret_access_key(c.secret);
+                if let Some(t) = c.token {
+                    b = b.with_token(t);
+                }
+            }
+        }
+        let virtual_hosted = match env("SHEAR_S3_VIRTUAL_HOSTED") {
+            Some(v) => v == "1",
+            None => match st.addressing_style.as_deref() {
+                None | Some("path") => false,
+                Some("virtual") => true,
+                Some(o) => {
+                    return Err(RepoError::invalid(
+                        "[s3] addressing_style",
+                        format!("{o:?}: use \"path\" or \"virtual\""),
+                    ))
+                }
+            },
+        };
         b = b.with_virtual_hosted_style_request(virtual_hosted);
+        let rps = match env("SHEAR_S3_MAX_RPS") {
+            Some(v) => Some(v.parse::<u32>().map_err(|_| {
+                RepoError::invalid("SHEAR_S3_MAX_RPS", format!("{v:?} is not a number"))
+            })?),
+            None => st.max_requests_per_second,
+        }
+        .filter(|r| *r > 0)
+        .map(|r| Arc::new(TokenBucket::new(f64::from(r), f64::from(r))));
+        let bw = match env("SHEAR_S3_BWLIMIT").or_else(|| st.bwlimit.clone()) {
+            Some(v) => {
+                let r = s3_settings::parse_rate(&v)
+                    .map_err(|e| RepoError::invalid("S3 bandwidth limit", e))?;
+                #[allow(clippy::cast_precision_loss)]
+                let r = r as f64;
+                Some(Arc::new(TokenBucket::new(r, r)))
+            }
+            None => None,
+        };
         let timeout = Duration::from_secs(env_secs("SHEAR_S3_TIMEOUT", 60));
         let client = ClientOptions::new()
             .with_allow_http(endpoint.starts_with("http://"))
             .with_timeout(timeout)
             .with_connect_timeout(Duration::from_secs(10));
+        // F-40: every PUT carries x-amz-checksum-sha256, which the server
+        // checks against what it received (a mismatch is refused, and
+        // retried).
+        b = b.with_checksum_algorithm(Checksum::SHA256);
         b = b.with_client_options(client).with_retry(RetryConfig {
             backoff: BackoffConfig {
                 init_backoff: Duration::from_millis(100),
@@ -149,24 +226,138 @@ impl S3Backend {
             max_retries: usize::try_from(env_secs("SHEAR_S3_RETRIES", 10)).unwrap_or(10),
             retry_timeout: Duration::from_secs(env_secs("SHEAR_S3_RETRY_TIMEOUT", 180)),
         });
+        let region = b
+            .get_config_value(&AmazonS3ConfigKey::Region)
+            .unwrap_or_else(|| "us-east-1".into());
+        let cfg_endpoint = b.get_config_value(&AmazonS3ConfigKey::Endpoint);
         let store = b
             .build()
             .map_err(|e| RepoError::invalid("S3 repository", crate::chain(&e)))?;
+        let signer = Signer::new(
+            cfg_endpoint.as_deref(),
+            &region,
+            &loc.bucket,
+            virtual_hosted,
+            Arc::clone(store.credentials()),
+            timeout,
+        )
+        .map_err(|e| RepoError::invalid("S3 repository", e))?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("shear-s3")
             .enable_all()
             .build()
             .map_err(|e| RepoError::io("start S3 runtime", "s3", e))?;
-        let max = usize::try_from(env_secs("SHEAR_S3_MAX_REQUESTS", 16))
-            .unwrap_or(16)
-            .max(1);
+        let max = usize::try_from(env_secs(
+            "SHEAR_S3_MAX_REQUESTS",
+            st.max_requests.map_or(16, |m| m as u64),
+        ))
+        .unwrap_or(16)
+        .max(1);
         Ok(S3Backend {
             loc,
             store: Arc::new(store),
             rt,
             permits: Arc::new(Semaphore::new(max)),
+            signer: Arc::new(signer),
+            lock: std::sync::Mutex::new(None),
+            rps,
+            bw,
         })
+    }
+
+    /// Bandwidth limit: waits until `bytes` may pass.
+    fn throttle_bytes(&self, bytes: usize) {
+        if let Some(bw) = &self.bw {
+            #[allow(clippy::cast_precision_loss)]
+            let w = bw.reserve(bytes as f64);
+            if !w.is_zero() {
+                std::thread::sleep(w);
+            }
+        }
+    }
+
+    fn object_lock(&self) -> Option<ObjectLock> {
+        *self.lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sends a signed request (repo/s3_signed.rs) on the runtime.
+    fn signed(
+        &self,
+        method: reqwest::Method,
+        key: &str,
+        query: &'static str,
+        headers: Vec<(&'static str, String)>,
+        body: Vec<u8>,
+    ) -> Result<s3_signed::Reply> {
+        let full = if key.is_empty() {
+            String::new()
+        } else {
+            self.path(key)?.as_ref().to_owned()
+        };
+        let signer = Arc::clone(&self.signer);
+        let what = format!("{method} {key}?{query}");
+        self.run(async move { signer.send(method, &full, query, &headers, body).await })?
+            .map_err(|e| RepoError::io("S3 request", what, std::io::Error::other(e)))
+    }
+
+    fn reply_err(op: &'static str, key: &str, r: &s3_signed::Reply) -> RepoError {
+        let body = String::from_utf8_lossy(&r.body);
+        let msg = format!(
+            "{}: {}",
+            r.status,
+            body.chars().take(300).collect::<String>()
+        );
+        if r.status == reqwest::StatusCode::FORBIDDEN {
+            RepoError::Immutable {
+                what: format!("{op} {key}: {msg}"),
+            }
+        } else {
+            RepoError::io(op, key, std::io::Error::other(msg))
+        }
+    }
+
+    /// PUT with `x-amz-object-lock-*` headers: retained for the period from
+    /// now (this host's clock; the server refuses a date in its past).
+    fn put_locked(&self, key: &str, data: &[u8], lock: ObjectLock) -> Result<()> {
+        self.throttle_bytes(data.len());
+        let now = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
+        let until = now.saturating_add(lock.retention_ms());
+        let headers = vec![
+            ("x-amz-object-lock-mode", lock.mode.as_s3().to_owned()),
+            (
+                "x-amz-object-lock-retain-until-date",
+                immut::format_ms(until),
+            ),
+            ("x-amz-sdk-checksum-algorithm", "SHA256".to_owned()),
+            ("x-amz-checksum-sha256", s3_signed::sha256_b64(data)),
+            ("content-type", "application/octet-stream".to_owned()),
+        ];
+        let mut attempt = 0;
+        loop {
+            let r = self.signed(
+                reqwest::Method::PUT,
+                key,
+                "",
+                headers.clone(),
+                data.to_vec(),
+            )?;
+            if !r.status.is_success() {
+                return Err(Self::reply_err("put (object lock)", key, &r));
+            }
+            attempt += 1;
+            let etag = r.headers.get("etag").and_then(|v| v.to_str().ok());
+            match etag_mismatch(etag, data) {
+                None => return Ok(()),
+                Some(why) if attempt >= 3 => {
+                    return Err(RepoError::corrupt(
+                        key,
+                        format!("{why} after {attempt} uploads"),
+                    ))
+                }
+                Some(why) => tracing::warn!("upload of {key} arrived damaged ({why}): again"),
+            }
+        }
     }
 
     fn path(&self, key: &str) -> Result<OPath> {
@@ -202,7 +393,11 @@ impl S3Backend {
     fn run<T: Send + 'static>(&self, fut: impl Future<Output = T> + Send + 'static) -> Result<T> {
         let permits = Arc::clone(&self.permits);
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let delay = self.rps.as_ref().map_or(Duration::ZERO, |b| b.reserve(1.0));
         self.rt.spawn(async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
             let _p = permits.acquire_owned().await;
             let _ = tx.send(fut.await);
         });
@@ -236,12 +431,32 @@ impl Backend for S3Backend {
     }
 
     fn put(&self, key: &str, data: &[u8]) -> Result<()> {
+        if let Some(lock) = self.object_lock() {
+            if immut::is_immutable_key(key) {
+                return self.put_locked(key, data, lock);
+            }
+        }
         let p = self.path(key)?;
-        let s = Arc::clone(&self.store);
-        let payload = PutPayload::from(data.to_vec());
-        self.run(async move { s.put(&p, payload).await })?
-            .map(|_| ())
-            .map_err(|e| s3_err("put", key, e))
+        let mut attempt = 0;
+        loop {
+            self.throttle_bytes(data.len());
+            let (p, s) = (p.clone(), Arc::clone(&self.store));
+            let payload = PutPayload::from(data.to_vec());
+            let r = self
+                .run(async move { s.put(&p, payload).await })?
+                .map_err(|e| s3_err("put", key, e))?;
+            attempt += 1;
+            match etag_mismatch(r.e_tag.as_deref(), data) {
+                None => return Ok(()),
+                Some(why) if attempt >= 3 => {
+                    return Err(RepoError::corrupt(
+                        key,
+                        format!("{why} after {attempt} uploads"),
+                    ))
+                }
+                Some(why) => tracing::warn!("upload of {key} arrived damaged ({why}): again"),
+            }
+        }
     }
 
     fn get(&self, key: &str, max_len: usize) -> Result<Vec<u8>> {
@@ -255,6 +470,9 @@ impl Backend for S3Backend {
             }
             g.bytes().await.map(Ok)
         })?;
+        if let Ok(Ok(b)) = &r {
+            self.throttle_bytes(b.len());
+        }
         match r {
             Ok(Ok(b)) if b.len() <= max_len => Ok(b.to_vec()),
             Ok(Ok(b)) => Err(RepoError::corrupt(
@@ -404,6 +622,79 @@ impl Backend for S3Backend {
         Ok(self
             .head_meta(key)?
             .map(|m| m.last_modified.timestamp_millis()))
+    }
+
+    fn set_object_lock(&self, lock: Option<ObjectLock>) -> Result<()> {
+        *self.lock.lock().unwrap_or_else(|p| p.into_inner()) = lock;
+        Ok(())
+    }
+
+    fn retention(&self, key: &str) -> Result<Option<Retention>> {
+        let r = self.signed(reqwest::Method::HEAD, key, "", Vec::new(), Vec::new())?;
+        if r.status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !r.status.is_success() {
+            return Err(Self::reply_err("head", key, &r));
+        }
+        let h = |n: &str| r.headers.get(n).and_then(|v| v.to_str().ok());
+        let mode = match h("x-amz-object-lock-mode") {
+            Some("COMPLIANCE") => RetentionMode::Compliance,
+            Some("GOVERNANCE") => RetentionMode::Governance,
+            _ => return Ok(None),
+        };
+        let until = h("x-amz-object-lock-retain-until-date").and_then(immut::parse_ms);
+        Ok(until.map(|until_ms| Retention { mode, until_ms }))
+    }
+
+    fn extend_retention(&self, key: &str, until_ms: i64) -> Result<()> {
+        let Some(lock) = self.object_lock() else {
+            return Err(RepoError::invalid(
+                "object lock",
+                format!("{key}: the repository has no Object Lock setting"),
+            ));
+        };
+        let body = format!(
+            "<Retention xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"><Mode>{}</Mode>\
+             <RetainUntilDate>{}</RetainUntilDate></Retention>",
+            lock.mode.as_s3(),
+            immut::format_ms(until_ms)
+        )
+        .into_bytes();
+        let headers = vec![
+            ("x-amz-sdk-checksum-algorithm", "SHA256".to_owned()),
+            ("x-amz-checksum-sha256", s3_signed::sha256_b64(&body)),
+            ("content-type", "application/xml".to_owned()),
+        ];
+        let r = self.signed(reqwest::Method::PUT, key, "retention", headers, body)?;
+        if r.status.is_success() {
+            Ok(())
+        } else {
+            Err(Self::reply_err("put retention", key, &r))
+        }
+    }
+
+    fn check_object_lock(&self) -> Result<()> {
+        let r = self.signed(
+            reqwest::Method::GET,
+            "",
+            "object-lock",
+            Vec::new(),
+            Vec::new(),
+        )?;
+        let body = String::from_utf8_lossy(&r.body);
+        if r.status.is_success() && body.contains("<ObjectLockEnabled>Enabled</ObjectLockEnabled>")
+        {
+            return Ok(());
+        }
+        Err(RepoError::invalid(
+            "object lock",
+            format!(
+                "bucket {} has no Object Lock enabled ({}): create it with Object Lock \
+                 (e.g. `aws s3api create-bucket --object-lock-enabled-for-bucket`)",
+                self.loc.bucket, r.status
+            ),
+        ))
     }
 }
 

@@ -39,6 +39,14 @@ pub struct SyncOptions {
     /// Decode every copied chunk and check its digest (needs the key if
     /// encrypted).
     pub verify: bool,
+    /// Forget backups in the target (of the selected VM, or all) that the
+    /// source no longer has. Protected, in-use, Object-Locked backups and
+    /// append-only targets are left and reported; a partial listing of
+    /// either side fails instead (F-41).
+    pub remove_vanished: bool,
+    /// Chunks copied in parallel (0 and 1: one stream). A single stream
+    /// collapses on a high-latency link: each chunk is a round trip.
+    pub streams: usize,
 }
 
 /// What a sync did.
@@ -54,6 +62,68 @@ pub struct SyncReport {
     pub chunks_present: u64,
     /// Bytes of chunk, index and manifest blobs written to the target.
     pub bytes_copied: u64,
+    /// `remove_vanished`: backups forgotten in the target.
+    pub removed: Vec<BackupId>,
+    /// `remove_vanished`: vanished backups left in the target, and why.
+    pub not_removed: Vec<String>,
+}
+
+/// Copies the chunks in `work` the target lacks, over `streams` threads:
+/// (copied, already present, bytes copied). The first error stops every
+/// stream and is returned.
+fn copy_chunks(
+    from: &Repository,
+    tb: &Arc<dyn super::Backend>,
+    work: &[(Digest, usize)],
+    key: Option<&super::Key>,
+    verify: bool,
+    streams: usize,
+) -> Result<(u64, u64, u64)> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    let (copied, present, bytes) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    let failed = AtomicBool::new(false);
+    let first_err: std::sync::Mutex<Option<RepoError>> = std::sync::Mutex::new(None);
+    let one = |digest: &Digest, len: usize| -> Result<()> {
+        let ck = Repository::chunk_key(digest);
+        if tb.size(&ck)?.is_some() {
+            present.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        let blob_bytes = from.backend().get(&ck, MAX_CHUNK_BLOB)?;
+        if verify {
+            blob::decode_chunk(&blob_bytes, digest, key, len)?;
+        }
+        tb.put(&ck, &blob_bytes)?;
+        copied.fetch_add(1, Ordering::Relaxed);
+        bytes.fetch_add(blob_bytes.len() as u64, Ordering::Relaxed);
+        Ok(())
+    };
+    std::thread::scope(|sc| {
+        for _ in 0..streams.min(work.len()).max(1) {
+            sc.spawn(|| {
+                while !failed.load(Ordering::Acquire) {
+                    let i = next.fetch_add(1, Ordering::AcqRel);
+                    let Some((d, len)) = work.get(i) else { break };
+                    if let Err(e) = one(d, *len) {
+                        failed.store(true, Ordering::Release);
+                        first_err
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert(e);
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = first_err.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    Ok((
+        copied.into_inner(),
+        present.into_inner(),
+        bytes.into_inner(),
+    ))
 }
 
 /// Copies backups from `from` to `to`; see the module docs.
@@ -124,27 +194,25 @@ pub fn sync(from: &Repository, to: &Repository, opts: &SyncOptions) -> Result<Sy
         }
         let _snap = to.lock_snapshot(&id, LockMode::Exclusive, LockWait::NoWait)?;
         let key = from.key_for_data()?;
+        // The chunks this backup needs that no earlier one of this run
+        // copied or found, each once, with its plain length.
+        let mut work: Vec<(Digest, usize)> = Vec::new();
         for (_, idx) in &indexes {
             for (i, digest) in idx.entries.iter().enumerate() {
-                if *digest == ZERO_ENTRY || known.contains(digest) {
+                if *digest == ZERO_ENTRY || !known.insert(*digest) {
                     continue;
                 }
-                let ck = Repository::chunk_key(digest);
-                if tb.size(&ck)?.is_some() {
-                    report.chunks_present += 1;
-                } else {
-                    let bytes = from.backend().get(&ck, MAX_CHUNK_BLOB)?;
-                    if opts.verify {
-                        let len = chunk_len(idx.virtual_size, idx.chunk_size, i as u64);
-                        blob::decode_chunk(&bytes, digest, key, len)?;
-                    }
-                    tb.put(&ck, &bytes)?;
-                    report.chunks_copied += 1;
-                    report.bytes_copied += bytes.len() as u64;
-                }
-                known.insert(*digest);
+                work.push((
+                    *digest,
+                    chunk_len(idx.virtual_size, idx.chunk_size, i as u64),
+                ));
             }
         }
+        let (copied, present, bytes) =
+            copy_chunks(from, &tb, &work, key, opts.verify, opts.streams.max(1))?;
+        report.chunks_copied += copied;
+        report.chunks_present += present;
+        report.bytes_copied += bytes;
         for (d, _) in &indexes {
             let ik = format!("{}/{}", id.dir_key(), d.index_file);
             let bytes = from.backend().get(&ik, 1 << 30)?;
@@ -156,8 +224,28 @@ pub fn sync(from: &Repository, to: &Repository, opts: &SyncOptions) -> Result<Sy
         }
         let bytes = from.backend().get(&mkey, 64 << 20)?;
         tb.put(&mkey, &bytes)?;
+        if _lease.is_some() {
+            super::coord::note_commit(&*tb, &id.dir_key());
+        }
         report.bytes_copied += bytes.len() as u64;
         report.copied.push(id);
+    }
+    if opts.remove_vanished {
+        let present: HashSet<BackupId> = from
+            .snapshot_dirs_checked(opts.vmid.as_ref())?
+            .into_iter()
+            .filter(|s| s.complete)
+            .map(|s| s.id)
+            .collect();
+        for s in to.snapshot_dirs_checked(opts.vmid.as_ref())? {
+            if !s.complete || present.contains(&s.id) {
+                continue;
+            }
+            match to.forget(&s.id) {
+                Ok(()) => report.removed.push(s.id),
+                Err(e) => report.not_removed.push(format!("{}: {e}", s.id)),
+            }
+        }
     }
     Ok(report)
 }

@@ -428,6 +428,7 @@ impl BackupSession {
         repo.inner.backend.put(&mkey, &blob)?;
         self.shared.committed.store(true, Ordering::Release);
         if let Some(m) = &self.shared.markers {
+            super::coord::note_commit(&*repo.inner.backend, &self.shared.id.dir_key());
             // The manifest is visible: the marker may go.
             if let Some(l) = lock(&m.lease).take() {
                 l.end();
@@ -762,9 +763,22 @@ impl DiskWriter {
         };
         let blob = blob::encode(ObjectType::Index, &index.encode(), Some(1), key, b"")?;
         let index_file = index_file_name(&self.spec.name);
-        repo.inner
-            .backend
-            .put(&format!("{}/{index_file}", self.shared.id.dir_key()), &blob)?;
+        let ikey = format!("{}/{index_file}", self.shared.id.dir_key());
+        repo.inner.backend.put(&ikey, &blob)?;
+        if repo.inner.backend.coordination() == Coordination::Markers {
+            // F-40: an object store confirms the index's size (HEAD) before
+            // the manifest can refer to it.
+            let stored = repo.inner.backend.size(&ikey)?;
+            if stored != Some(blob.len() as u64) {
+                return Err(RepoError::corrupt(
+                    &ikey,
+                    format!(
+                        "the store holds {stored:?} bytes after a PUT of {}: not committing",
+                        blob.len()
+                    ),
+                ));
+            }
+        }
         let s = *lock(&self.stats);
         let entry = DiskEntry {
             name: self.spec.name.clone(),

@@ -26,6 +26,7 @@ pub fn init_repo(dir: &Path, key: Option<Key>) -> Repository {
         &InitOptions {
             chunk_size: CHUNK,
             zstd_level: 1,
+            ..InitOptions::default()
         },
     )
     .unwrap()
