@@ -142,7 +142,9 @@ impl Opts {
                 "--only" => {
                     let v = args.next().ok_or("--only needs a value")?;
                     for p in v.split(',') {
-                        if !["incremental", "huge", "snapshot", "serve", "guest", "live"].contains(&p) {
+                        if !["incremental", "huge", "snapshot", "serve", "guest", "live"]
+                            .contains(&p)
+                        {
                             return Err(format!("--only: unknown phase {p}\n{USAGE}"));
                         }
                         o.only.push(p.to_owned());

@@ -279,7 +279,6 @@ fn start_background(
     vmid: &str,
     disks: &[OfflineDisk],
 ) -> anyhow::Result<ExitCode> {
-    use std::os::unix::process::CommandExt;
     crate::repo::VmId::new(vmid)?;
     if disks.is_empty() {
         err(format_args!("shear: VM {vmid} has no disk to back up"));
@@ -290,30 +289,18 @@ fn start_background(
         .unwrap_or_else(|| cfg.run_dir.clone());
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let log_path = run_dir.join(format!("hook-{vmid}.log"));
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .with_context(|| format!("opening {}", log_path.display()))?;
-    let exe = std::env::current_exe().context("finding the shear binary")?;
-    let mut c = Proc::new(exe);
-    c.arg("--repo").arg(&cli.repo);
-    if let Some(k) = &cli.keyfile {
-        c.arg("--keyfile").arg(k);
-    }
-    if let Some(p) = &cli.passphrase_file {
-        c.arg("--passphrase-file").arg(p);
-    }
+    let mut c = super::detached_shear(
+        &cli.repo,
+        cli.keyfile.as_deref(),
+        cli.passphrase_file.as_deref(),
+        &log_path,
+    )?;
     c.args(["hook", "__offline-backup", vmid]);
     for d in disks {
         c.arg("--disk")
             .arg(format!("{}={}:{}", d.name, d.format, d.path));
     }
-    c.env("SHEAR_RUN_DIR", &run_dir)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().context("log file")?)
-        .stderr(log)
-        .process_group(0);
+    c.env("SHEAR_RUN_DIR", &run_dir);
     let child = c.spawn().context("starting the background backup")?;
     out(format_args!(
         "shear: backup of VM {vmid} started in the background (pid {}, log {})",

@@ -3,7 +3,6 @@
 //! rest (`block-stream`) while it runs. The design and its safety table are
 //! in [`crate::serve::live`].
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -417,21 +416,12 @@ fn spawn_server(rec: &LiveRecord) -> anyhow::Result<Child> {
         std::fs::remove_file(&rec.socket)
             .with_context(|| format!("removing the stale socket {}", rec.socket.display()))?;
     }
-    let log_path = rec.socket.with_extension("log");
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .with_context(|| format!("opening {}", log_path.display()))?;
-    let exe = std::env::current_exe().context("finding the shear binary")?;
-    let mut c = Command::new(exe);
-    c.arg("--repo").arg(&rec.repo);
-    if let Some(k) = &rec.keyfile {
-        c.arg("--keyfile").arg(k);
-    }
-    if let Some(p) = &rec.passphrase_file {
-        c.arg("--passphrase-file").arg(p);
-    }
+    let mut c = super::detached_shear(
+        &rec.repo,
+        rec.keyfile.as_deref(),
+        rec.passphrase_file.as_deref(),
+        &rec.socket.with_extension("log"),
+    )?;
     c.arg("serve")
         .arg(&rec.backup)
         .arg("--socket")
@@ -440,10 +430,6 @@ fn spawn_server(rec: &LiveRecord) -> anyhow::Result<Child> {
     for d in &rec.disks {
         c.arg("--disk").arg(&d.name);
     }
-    c.process_group(0)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
     c.spawn().context("starting shear serve")
 }
 

@@ -15,8 +15,8 @@ mod daemon_cmd;
 mod generate;
 mod hook_cmd;
 pub mod json_errors;
-mod live_cmd;
 mod libvirt_cmd;
+mod live_cmd;
 mod nbd_cmd;
 mod passphrase;
 mod progress;
@@ -459,6 +459,39 @@ pub struct RestoreArgs {
 }
 
 /// Runs the parsed command line.
+/// A `shear` child that outlives this command (its own process group, so
+/// a Ctrl-C here does not reach it): the same binary, the same repository
+/// credentials, no stdin, stdout and stderr appended to `log`. The caller
+/// adds the subcommand and spawns it.
+pub(crate) fn detached_shear(
+    repo: &std::path::Path,
+    keyfile: Option<&std::path::Path>,
+    passphrase_file: Option<&std::path::Path>,
+    log: &std::path::Path,
+) -> anyhow::Result<std::process::Command> {
+    use anyhow::Context as _;
+    use std::os::unix::process::CommandExt as _;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
+    let exe = std::env::current_exe().context("finding the shear binary")?;
+    let mut c = std::process::Command::new(exe);
+    c.arg("--repo").arg(repo);
+    if let Some(k) = keyfile {
+        c.arg("--keyfile").arg(k);
+    }
+    if let Some(p) = passphrase_file {
+        c.arg("--passphrase-file").arg(p);
+    }
+    c.process_group(0)
+        .stdin(std::process::Stdio::null())
+        .stdout(file.try_clone().context("log file")?)
+        .stderr(file);
+    Ok(c)
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     // `[s3]` of the config file, for any command that opens s3://
     // (an unreadable config is reported by the commands that need it).
