@@ -314,7 +314,11 @@ impl HeldHook {
 pub fn start_writer(vm: &TestVm, mounts: &[&str]) {
     let mut body = String::from("i=0; while :; do i=$((i+1)); ");
     for m in mounts {
-        body.push_str(&format!("echo $i > {m}/counter; "));
+        // Written aside and renamed: a freeze between `>`'s truncate and
+        // its write would otherwise leave an empty counter in the image.
+        body.push_str(&format!(
+            "echo $i > {m}/counter.new; mv {m}/counter.new {m}/counter; "
+        ));
     }
     for m in mounts {
         body.push_str(&format!(

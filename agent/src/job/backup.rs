@@ -36,7 +36,7 @@ use super::monitor::{Monitor, Reconnect};
 use super::record::{record_path, RunRecord, Step};
 use super::report::{BackupReport, DiskReport};
 use super::watchdog::Watchdog;
-use super::{chain, JobError};
+use super::{chain, ErrorKind, JobError};
 use crate::repo::{self, Consistency, Repository};
 
 pub use super::cancel::Cancel;
@@ -82,7 +82,13 @@ pub async fn run_backup(
     observer: Observer,
 ) -> Result<BackupReport, JobError> {
     let mut run = BackupRun::start(repo, opts, cancel, observer).await?;
-    let result = run.phases().await;
+    // A monitor lost in any phase means QEMU exited: say so (F-28), with
+    // the step it happened in, whatever the phase's own error was.
+    let result = run.phases().await.map_err(|e| match e {
+        JobError::VmGone(_) => e,
+        e if e.kind() == ErrorKind::QemuGone => JobError::VmGone(chain(&e)),
+        e => e,
+    });
     let teardown = run.teardown().await;
     run.commit(result, teardown)
 }
