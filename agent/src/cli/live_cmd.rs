@@ -218,22 +218,8 @@ fn prepare(
         .iter()
         .map(|d| (d.name.clone(), d.virtual_size))
         .collect();
-    let unknown: Vec<&str> = a
-        .disks
-        .iter()
-        .filter(|d| !all.iter().any(|(n, _)| n == *d))
-        .map(String::as_str)
-        .collect();
-    if !unknown.is_empty() {
-        bail!(
-            "backup {id} has no disk {}; its disks: {}",
-            unknown.join(", "),
-            all.iter()
-                .map(|(n, _)| n.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-    }
+    let names: Vec<String> = all.iter().map(|(n, _)| n.clone()).collect();
+    super::repo_cmds::check_disk_names(&id, &a.disks, &names)?;
     std::fs::create_dir_all(target)
         .with_context(|| format!("creating restore target {}", target.display()))?;
     let disks: Vec<LiveDisk> = all

@@ -703,6 +703,28 @@ fn prune(cli: &Cli, a: &PruneArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Fails naming every disk in `wanted` that backup `id` lacks, and the
+/// disks it has.
+pub(super) fn check_disk_names(
+    id: &impl std::fmt::Display,
+    wanted: &[String],
+    names: &[String],
+) -> anyhow::Result<()> {
+    let unknown: Vec<&str> = wanted
+        .iter()
+        .filter(|d| !names.contains(d))
+        .map(String::as_str)
+        .collect();
+    if !unknown.is_empty() {
+        bail!(
+            "backup {id} has no disk {}; its disks: {}",
+            unknown.join(", "),
+            names.join(", ")
+        );
+    }
+    Ok(())
+}
+
 fn restore(cli: &Cli, a: &RestoreArgs) -> anyhow::Result<()> {
     use std::os::unix::fs::FileTypeExt;
     if a.live.live {
@@ -717,18 +739,7 @@ fn restore(cli: &Cli, a: &RestoreArgs) -> anyhow::Result<()> {
         .iter()
         .map(|d| d.name.clone())
         .collect();
-    let unknown: Vec<&String> = a.disks.iter().filter(|d| !names.contains(d)).collect();
-    if !unknown.is_empty() {
-        bail!(
-            "backup {id} has no disk {}; its disks: {}",
-            unknown
-                .iter()
-                .map(|s| s.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
-            names.join(", ")
-        );
-    }
+    check_disk_names(&id, &a.disks, &names)?;
     let disks: Vec<String> = if a.disks.is_empty() {
         names
     } else {

@@ -107,19 +107,7 @@ pub fn run(cli: &Cli, a: &ServeArgs) -> anyhow::Result<()> {
         .iter()
         .map(|d| d.name.clone())
         .collect();
-    let unknown: Vec<&str> = a
-        .disks
-        .iter()
-        .filter(|d| !names.contains(d))
-        .map(String::as_str)
-        .collect();
-    if !unknown.is_empty() {
-        bail!(
-            "backup {id} has no disk {}; its disks: {}",
-            unknown.join(", "),
-            names.join(", ")
-        );
-    }
+    super::repo_cmds::check_disk_names(&id, &a.disks, &names)?;
     let disks = if a.disks.is_empty() {
         names
     } else {
