@@ -575,11 +575,16 @@ fn drive(
             }
             // Nothing in flight anywhere: the workers wait for budget, held
             // by chunks queued for the consumer. Block until it frees some.
-            let need = workers
-                .iter()
-                .filter_map(|w| w.budget_needed(shared))
-                .min()
-                .ok_or_else(|| Error::Internal("reader stalled with nothing to do".into()))?;
+            let Some(need) = workers.iter().filter_map(|w| w.budget_needed(shared)).min() else {
+                // The rate limit refused a read in `fill` and its window
+                // ended before `throttled_for` was asked (a descheduled
+                // thread on a loaded host): go round again.
+                if workers.iter().any(Worker::has_reads_to_issue) {
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
+                }
+                return Err(Error::Internal("reader stalled with nothing to do".into()));
+            };
             // fill() takes the buffer itself, in order.
             if !shared.budget.wait_available(need, &shared.cancel) {
                 return Err(Error::Cancelled);
@@ -727,6 +732,11 @@ impl Worker {
     }
 
     /// Bytes the next planned chunk needs (it waits for budget).
+    /// Whether a chunk it holds budget for still has reads to send.
+    fn has_reads_to_issue(&self) -> bool {
+        self.active.values().any(|a| !a.to_issue.is_empty())
+    }
+
     fn budget_needed(&self, shared: &Shared) -> Option<u64> {
         self.ready.front().map(|_| shared.chunk_size)
     }

@@ -633,7 +633,8 @@ fn qemu_16g_disk_with_300m_written_reads_300m() {
     let (out, peak) = run_measuring_rss(cmd);
     assert!(
         out.status.success(),
-        "{}",
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     let r = report_of(&out);
