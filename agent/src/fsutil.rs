@@ -93,6 +93,22 @@ pub fn temp_path(path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// Creates a fresh temp file beside `path` ([`temp_path`]). A name can be
+/// taken: a process SIGKILLed mid-write leaves its temp file, and with
+/// pid_max 32768 a later process gets its pid again (the 1000-kill
+/// campaign hit this after 2551 runs); the next name is tried then.
+fn create_temp(path: &Path) -> io::Result<(PathBuf, File)> {
+    let mut tries = 0;
+    loop {
+        let tmp = temp_path(path);
+        match create_private(&tmp) {
+            Ok(f) => return Ok((tmp, f)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && tries < 64 => tries += 1,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Creates `path` new (never an existing file, never through a symlink),
 /// mode 0600.
 pub fn create_private(path: &Path) -> io::Result<File> {
@@ -136,10 +152,9 @@ pub fn parent_dir(path: &Path) -> &Path {
 /// discarded, never re-synced (F-34).
 pub fn write_atomic(path: &Path, data: &[u8], existing: Existing) -> Result<(), WriteError> {
     let kind = failpoint::kind_of(path);
-    let tmp = temp_path(path);
-    let mut f = failpoint::hit(kind, "create")
-        .and_then(|()| create_private(&tmp))
-        .map_err(|e| WriteError::new("create temp file", &tmp, e))?;
+    let (tmp, mut f) = failpoint::hit(kind, "create")
+        .and_then(|()| create_temp(path))
+        .map_err(|e| WriteError::new("create temp file", path, e))?;
     failpoint::record(|| FsOp::Create(tmp.clone()));
     let written = failpoint::hit(kind, "write")
         .and_then(|()| f.write_all(data))
@@ -199,6 +214,22 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    #[test]
+    fn write_atomic_steps_over_a_dead_process_temp_file_with_our_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("rec.json");
+        // Leftovers of an earlier process that had our pid, at the next
+        // names this process would pick.
+        let next = TMP_COUNTER.load(Ordering::Relaxed);
+        for n in next..next + 8 {
+            let mut name = p.as_os_str().to_owned();
+            name.push(format!("{TMP_MARK}{}-{n}", std::process::id()));
+            fs::write(PathBuf::from(name), b"stale").unwrap();
+        }
+        write_atomic(&p, b"new", Existing::Replace).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"new");
     }
 
     #[test]
