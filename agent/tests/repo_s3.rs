@@ -112,6 +112,27 @@ struct Faults {
     /// Flip a byte in the body of this many PUTs of chunks (F-40).
     corrupt_puts: AtomicU64,
     corrupted: AtomicU64,
+    /// Requests being answered now, and the most seen at once (how many
+    /// requests a client really keeps in flight).
+    inflight: AtomicU64,
+    max_inflight: AtomicU64,
+}
+
+/// Counts a request as in flight until dropped.
+struct InFlight<'a>(&'a Faults);
+
+impl<'a> InFlight<'a> {
+    fn enter(f: &'a Faults) -> Self {
+        let now = f.inflight.fetch_add(1, Ordering::AcqRel) + 1;
+        f.max_inflight.fetch_max(now, Ordering::AcqRel);
+        InFlight(f)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// A one-request-per-connection HTTP proxy in front of moto: reads the
@@ -174,6 +195,7 @@ fn serve(c: TcpStream, upstream: u16, f: &Faults, k: u64) -> std::io::Result<()>
             && k.is_multiple_of(every)
             && f.injected.load(Ordering::Acquire) < f.inject_max.load(Ordering::Acquire));
     let mut c = c;
+    let _inflight = InFlight::enter(f);
     let delay = f.delay_ms.load(Ordering::Acquire);
     if delay > 0 {
         std::thread::sleep(Duration::from_millis(delay));
@@ -625,10 +647,12 @@ fn f40_s3_corrupted_uploads_are_detected_by_etag_and_retried() {
 }
 
 /// `sync --streams`: with 40 ms added to every request (a long link, by the
-/// proxy), 8 streams copy the same backup to S3 much faster than one
-/// (measured times printed); both copies restore byte-identical.
+/// proxy), 8 streams really keep more requests in flight at once than one
+/// stream does (counted by the proxy); both copies restore
+/// byte-identical. How much faster that is is a figure for the bench, not
+/// a timed assertion here (times are printed only).
 #[test]
-fn s3_sync_streams_hide_link_latency() {
+fn s3_sync_streams_keep_requests_in_flight() {
     let Some(moto) = start_moto() else { return };
     let faults = Arc::new(Faults::default());
     let proxy = start_proxy(moto.port, Arc::clone(&faults));
@@ -637,11 +661,12 @@ fn s3_sync_streams_hide_link_latency() {
     let src = common::init_repo(&dir.path().join("src"), None);
     let data = image(91, 48 * CHUNK as usize);
     let id = common::backup(&src, "100", 1, &[("scsi0", &data)]);
-    let mut times = Vec::new();
+    let mut most = Vec::new();
     for streams in [1usize, 8] {
         let loc = s3_repo(&format!("streams-{streams}"));
         let dst = Repository::init(&loc, None, &opts()).unwrap();
         faults.delay_ms.store(40, Ordering::Release);
+        faults.max_inflight.store(0, Ordering::Release);
         let t = Instant::now();
         let r = shear::repo::sync::sync(
             &src,
@@ -654,19 +679,23 @@ fn s3_sync_streams_hide_link_latency() {
         .unwrap();
         let took = t.elapsed();
         faults.delay_ms.store(0, Ordering::Release);
+        let max = faults.max_inflight.load(Ordering::Acquire);
         eprintln!(
-            "sync with {streams} stream(s), 40 ms per request: {} chunks in {took:?}",
+            "sync with {streams} stream(s), 40 ms per request: {} chunks in {took:?}, \
+             at most {max} request(s) in flight",
             r.chunks_copied
         );
         assert!(r.chunks_copied > 16, "{r:?}");
-        times.push(took);
+        most.push(max);
         let out = tempfile::tempdir().unwrap();
         assert_eq!(restore_raw(&dst, &id, "scsi0", out.path()), data);
     }
+    // One stream still overlaps a few requests of its own (metadata beside
+    // the chunk copy), so compare with it rather than with 1.
     assert!(
-        times[1].as_secs_f64() < times[0].as_secs_f64() * 0.7,
-        "8 streams {:?} vs 1 stream {:?}",
-        times[1],
-        times[0]
+        most[1] >= 6 && most[1] > most[0],
+        "8 streams kept at most {} requests in flight, 1 stream {}",
+        most[1],
+        most[0]
     );
 }
