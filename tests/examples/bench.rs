@@ -1468,7 +1468,16 @@ fn serve_phase(b: &Bench, r: &mut Results) -> Res<()> {
         .spawn()
         .ctx("starting shear serve")?;
     let mut qnbd = Command::new("qemu-nbd")
-        .args(["-r", "-f", "qcow2", "--shared=8", "--cache=writeback", "-k"])
+        // -t: keep serving after a client leaves (one client per round).
+        .args([
+            "-r",
+            "-t",
+            "-f",
+            "qcow2",
+            "--shared=8",
+            "--cache=writeback",
+            "-k",
+        ])
         .arg(&qsock)
         .arg(&disk)
         .stdout(Stdio::null())
