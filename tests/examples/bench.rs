@@ -1327,6 +1327,12 @@ fn run() -> Res<()> {
     r.elapsed_s = t_all.elapsed().as_secs_f64();
     r.machine["loadavg_end"] = json!(loadavg());
     let (md, js) = render(&b, &r);
+    // A partial run leaves out the tables of the phases it did not run.
+    let md = if b.opts.only.is_empty() {
+        md
+    } else {
+        drop_empty_sections(&md)
+    };
     let results = b.root.join("bench/results");
     std::fs::create_dir_all(&results).ctx("creating bench/results")?;
     let date = first_line("date", &["+%Y-%m-%d"]);
@@ -1338,6 +1344,13 @@ fn run() -> Res<()> {
         format!("{date}-{}g", b.opts.size_gib)
     } else {
         date
+    };
+    // A second run on the same day gets the time too: never overwrite a
+    // report (an analysis may have been written into it).
+    let stem = if results.join(format!("{stem}.md")).exists() {
+        format!("{stem}-{}", first_line("date", &["+%H%M"]))
+    } else {
+        stem
     };
     let md_path = results.join(format!("{stem}.md"));
     let js_path = results.join(format!("{stem}.json"));
@@ -1703,6 +1716,39 @@ fn only_incremental(b: &Bench, r: &mut Results) -> Res<()> {
     incremental_phase(b, &mut vm, r)?;
     vm.shutdown().ctx("shutting the VM down")?;
     Ok(())
+}
+
+/// The report without the `## ` sections whose tables have no row left once
+/// rows of figures that were not measured (NaN) are dropped.
+fn drop_empty_sections(md: &str) -> String {
+    let mut out = String::new();
+    let mut sections: Vec<Vec<&str>> = vec![Vec::new()];
+    for line in md.lines() {
+        if line.starts_with("## ") {
+            sections.push(Vec::new());
+        }
+        if let Some(cur) = sections.last_mut() {
+            cur.push(line);
+        }
+    }
+    for (k, sec) in sections.iter().enumerate() {
+        let kept: Vec<&str> = sec
+            .iter()
+            .copied()
+            .filter(|l| !(l.starts_with('|') && l.contains("NaN")))
+            .collect();
+        let table_lines = kept.iter().filter(|l| l.starts_with('|')).count();
+        let separators = kept.iter().filter(|l| l.starts_with("|---")).count();
+        // Header plus separator per table, and no data row: not measured.
+        if k > 0 && table_lines > 0 && table_lines <= 2 * separators {
+            continue;
+        }
+        for l in kept {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 /// Figures 1-4: per round, the anchors on a fresh fleecing export, then
