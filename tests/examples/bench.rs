@@ -108,7 +108,8 @@ const USAGE: &str =
                     serve (issue 13: nbdcopy from shear serve vs from qemu-nbd),
                     guest (issue 17: guest O_DIRECT writes and a CPU-bound guest
                     job idle vs during backups, default and --workers 1),
-                    live (issue 13: live-restore RTO and time to independence)";
+                    live (issue 13: live-restore RTO and time to independence),
+                    boot (issue 13: shear verify --boot of the test guest's backup)";
 
 impl Opts {
     fn parse(mut args: impl Iterator<Item = String>) -> Res<Opts> {
@@ -142,8 +143,16 @@ impl Opts {
                 "--only" => {
                     let v = args.next().ok_or("--only needs a value")?;
                     for p in v.split(',') {
-                        if !["incremental", "huge", "snapshot", "serve", "guest", "live"]
-                            .contains(&p)
+                        if ![
+                            "incremental",
+                            "huge",
+                            "snapshot",
+                            "serve",
+                            "guest",
+                            "live",
+                            "boot",
+                        ]
+                        .contains(&p)
                         {
                             return Err(format!("--only: unknown phase {p}\n{USAGE}"));
                         }
@@ -1289,6 +1298,9 @@ fn run() -> Res<()> {
         if only("live") {
             live_phase(&b, &mut r)?;
         }
+        if only("boot") {
+            boot_phase(&b, &mut r)?;
+        }
     } else {
         let plan = Plan::for_size(b.size);
         let ds = prepare_dataset(&b.work, &plan)?;
@@ -1656,6 +1668,84 @@ fn live_phase(b: &Bench, r: &mut Results) -> Res<()> {
             rto.wall().median,
             ind.wall().median,
             b.opts.size_gib
+        ));
+    }
+    Ok(())
+}
+
+/// `--only boot` (issue 13): `shear verify --boot` of a backup of the
+/// running test guest (its kernel and initramfs recorded with the backup, a
+/// 256 MiB ext4 data disk): command start → the restore VM's qemu-ga
+/// answers (`ping_ms` of the record) and the whole check.
+fn boot_phase(b: &Bench, r: &mut Results) -> Res<()> {
+    let repo = b.run.join("repo-boot");
+    b.fresh_repo(&repo)?;
+    {
+        say("boot: backing up the running test guest");
+        let vm = TestVm::start(
+            VmConfig::guest().disk(DiskSpec::qcow2(DISK, 256 << 20).file("/hello.txt", b"hi\n")),
+        )
+        .ctx("starting the VM")?;
+        b.shear_backup(&vm, &repo)?;
+    }
+    for round in 1..=b.opts.runs {
+        say(&format!("verify --boot round {round}/{}", b.opts.runs));
+        let t0 = Instant::now();
+        let mut c = Command::new(&b.shear);
+        c.arg("--repo").arg(&repo).args([
+            "verify",
+            "--boot",
+            "vm/100",
+            "--accel",
+            "tcg",
+            "--memory",
+            "256",
+            "--timeout",
+            "180",
+            "--probe",
+            "cat /mnt/vda/hello.txt",
+            "--json",
+        ]);
+        for (k, v) in b.shear_env() {
+            c.env(k, v);
+        }
+        let out = c.output().ctx("running shear verify --boot")?;
+        let wall = t0.elapsed().as_secs_f64();
+        if !out.status.success() {
+            return Err(format!(
+                "shear verify --boot failed ({}): {}{}",
+                out.status,
+                tail(&String::from_utf8_lossy(&out.stdout), 10),
+                tail(&String::from_utf8_lossy(&out.stderr), 20)
+            ));
+        }
+        let rec: Value =
+            serde_json::from_slice(&out.stdout).ctx("parsing the restore-test record")?;
+        if rec["state"] != "ok" || rec["probe"]["stdout"] != "hi\n" {
+            return Err(format!("verify --boot did not pass: {rec}"));
+        }
+        let ping = rec["ping_ms"].as_f64().unwrap_or(f64::NAN) / 1000.0;
+        r.series("verify_boot", "shear verify --boot: whole check")
+            .samples
+            .push(Sample {
+                wall,
+                ..Sample::default()
+            });
+        r.series(
+            "verify_boot_ping",
+            "shear verify --boot: start → qemu-ga answers",
+        )
+        .samples
+        .push(Sample {
+            wall: ping,
+            ..Sample::default()
+        });
+    }
+    if let (Some(w), Some(p)) = (r.get("verify_boot"), r.get("verify_boot_ping")) {
+        r.notes.push(format!(
+            "verify --boot (issue 13): the restore VM's qemu-ga answered {} s after the command started; the whole check (boot, guest-get-fsinfo, probe, record, teardown) took {} s (TCG, 256 MiB guest, 256 MiB ext4 disk)",
+            p.wall().show(2),
+            w.wall().show(2)
         ));
     }
     Ok(())
