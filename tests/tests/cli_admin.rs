@@ -301,10 +301,11 @@ fn qemu_list_shows_damaged_manifest_exit_codes_and_closed_stdout() {
 
 /// `--bwlimit` limits the bytes actually read: a fragmented disk (64 KiB
 /// of data every 512 KiB, so every 4 MiB chunk is mostly holes) is read at
-/// the rate asked, within ±10 % (issue 19: counting whole chunks read it at
-/// a fraction of the rate).
+/// most 10 % above the rate asked, and not at a fraction of it (issue 19:
+/// counting whole chunks as read gave 1/8 of the rate). The lower bound is
+/// loose: a limit is a ceiling, and a loaded CI machine reached 83 %.
 #[test]
-fn qemu_bwlimit_limits_bytes_actually_read_within_10_percent() {
+fn qemu_bwlimit_limits_bytes_actually_read_not_above_nor_a_fraction() {
     use std::io::{Seek, SeekFrom, Write};
     if !require_qemu() {
         return;
@@ -338,7 +339,7 @@ fn qemu_bwlimit_limits_bytes_actually_read_within_10_percent() {
     #[allow(clippy::cast_precision_loss)]
     let limit = limit_kib as f64;
     assert!(
-        (rate - limit).abs() <= 0.1 * limit,
+        rate <= 1.1 * limit && rate >= 0.6 * limit,
         "achieved {rate:.0} KiB/s, asked {limit_kib} KiB/s"
     );
 }
