@@ -231,6 +231,37 @@ fn vm_verify_boot_good_backup_records_ok_and_panicking_kernel_fails_clearly() {
         rec,
         "an interrupted test was recorded"
     );
+
+    // SIGKILL mid-boot (issue 13): shear cannot clean up, but its restore
+    // VM must not outlive it (QEMU carries a parent-death SIGKILL).
+    let mut c = env.shear(&["verify", "--boot", &id, "--accel", "tcg", "--memory", "256"]);
+    c.env_remove("XDG_RUNTIME_DIR").env("TMPDIR", &tmp);
+    let mut child = c.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let vmdir = loop {
+        let found = std::fs::read_dir(&tmp)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.join("console.log").exists());
+        if let Some(d) = found {
+            break d;
+        }
+        assert!(Instant::now() < deadline, "no restore VM started");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(qemu_running(&vmdir), "the restore VM's QEMU is not running");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while qemu_running(&vmdir) {
+        assert!(
+            Instant::now() < deadline,
+            "the restore VM's QEMU outlived the SIGKILLed shear by 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(listed_restore_test(&env), rec, "a killed test was recorded");
 }
 
 /// An MBR-partitioned raw disk whose partition 1 (at 1 MiB) is ext4

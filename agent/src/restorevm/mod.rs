@@ -8,13 +8,18 @@
 //! into overlay files in a private directory that is removed at the end;
 //! the backup is never written. Everything (QEMU, the server, the
 //! directory) is torn down on every path by [`RestoreVm`]'s `Drop`.
+//! If shear is SIGKILLed, QEMU gets SIGKILL too: it is started through
+//! util-linux `setpriv --pdeathsig KILL` from a thread that lives as long
+//! as QEMU does (the parent-death signal follows the thread that forked,
+//! not the process), so no restore VM outlives its shear. Only the private
+//! directory is then left behind.
 
 pub mod extract;
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -98,7 +103,7 @@ pub fn recorded_kernel_boot(vm_config: &serde_json::Value) -> Option<Boot> {
 /// NBD server and removes the private directory.
 pub struct RestoreVm {
     dir: PathBuf,
-    child: Option<Child>,
+    child: Option<Launched>,
     stop: StopHandle,
     accept: Option<std::thread::JoinHandle<std::io::Result<()>>>,
     /// When QEMU was started.
@@ -263,13 +268,23 @@ impl RestoreVm {
                 ),
             ]);
         }
-        let child = Command::new(&spec.qemu)
-            .args(&args)
+        let mut cmd = if pdeathsig_supported() {
+            let mut c = Command::new("setpriv");
+            c.args(["--pdeathsig", "KILL", "--"]).arg(&spec.qemu);
+            c
+        } else {
+            tracing::warn!(
+                "setpriv --pdeathsig is not available (util-linux): a SIGKILLed shear would \
+                 leave this restore VM running"
+            );
+            Command::new(&spec.qemu)
+        };
+        cmd.args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("qemu.err"))?)
-            .spawn()
-            .with_context(|| format!("starting {}", spec.qemu.display()))?;
+            .stderr(std::fs::File::create(dir.join("qemu.err"))?);
+        let child =
+            Launched::spawn(cmd).with_context(|| format!("starting {}", spec.qemu.display()))?;
         vm.started = Instant::now();
         vm.child = Some(child);
         Ok(vm)
@@ -311,8 +326,8 @@ impl RestoreVm {
         config.max_reply_bytes = guest_agent::MAX_REPLY_BYTES_CEILING;
         config.connect_timeout = Duration::from_secs(2);
         loop {
-            if let Some(child) = &mut self.child {
-                if let Some(status) = child.try_wait()? {
+            if let Some(child) = &self.child {
+                if let Some(status) = child.exited() {
                     bail!(
                         "QEMU exited ({status}) before the guest agent answered; {}",
                         self.why()
@@ -355,12 +370,128 @@ impl RestoreVm {
     }
 }
 
+/// Whether util-linux `setpriv` knows `--pdeathsig` (2.33 and later).
+fn pdeathsig_supported() -> bool {
+    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SUPPORTED.get_or_init(|| {
+        Command::new("setpriv")
+            .arg("--help")
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--pdeathsig"))
+    })
+}
+
+/// A child process forked by, and reaped on, a thread of its own that lives
+/// until the child exits: `PR_SET_PDEATHSIG` fires when the thread that
+/// forked ends, so the child must not come from a pool thread that may end
+/// first. Reaping happens under the lock, so a kill never hits a reused pid.
+struct Launched {
+    state: Arc<(Mutex<LaunchState>, Condvar)>,
+    waiter: Option<std::thread::JoinHandle<()>>,
+}
+
+struct LaunchState {
+    child: Option<Child>,
+    exited: Option<ExitStatus>,
+    /// Set by `Drop`: the waiter returns.
+    done: bool,
+}
+
+impl Launched {
+    fn spawn(mut cmd: Command) -> std::io::Result<Launched> {
+        let state = Arc::new((
+            Mutex::new(LaunchState {
+                child: None,
+                exited: None,
+                done: false,
+            }),
+            Condvar::new(),
+        ));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let st = Arc::clone(&state);
+        let waiter = std::thread::Builder::new()
+            .name("restorevm-qemu".into())
+            .spawn(move || {
+                let child = match cmd.spawn() {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                let (lock, cvar) = &*st;
+                if let Ok(mut g) = lock.lock() {
+                    g.child = Some(child);
+                }
+                let _ = tx.send(Ok(()));
+                // Poll, not wait(): reaping under the lock keeps Drop's
+                // kill from ever reaching a reused pid.
+                let Ok(mut g) = lock.lock() else { return };
+                loop {
+                    if g.done || g.exited.is_some() {
+                        return;
+                    }
+                    match g.child.as_mut().map(Child::try_wait) {
+                        Some(Ok(Some(s))) => {
+                            g.exited = Some(s);
+                            g.child = None;
+                            return;
+                        }
+                        Some(Ok(None)) => {}
+                        // Cannot be asked: Drop still kills it.
+                        Some(Err(_)) | None => return,
+                    }
+                    g = match cvar.wait_timeout(g, Duration::from_millis(100)) {
+                        Ok((g, _)) => g,
+                        Err(_) => return,
+                    };
+                }
+            })?;
+        match rx.recv() {
+            Ok(Ok(())) => Ok(Launched {
+                state,
+                waiter: Some(waiter),
+            }),
+            Ok(Err(e)) => {
+                let _ = waiter.join();
+                Err(e)
+            }
+            Err(_) => {
+                let _ = waiter.join();
+                Err(std::io::Error::other("the launcher thread ended"))
+            }
+        }
+    }
+
+    /// The exit status once the child has exited.
+    fn exited(&self) -> Option<ExitStatus> {
+        self.state.0.lock().ok().and_then(|g| g.exited)
+    }
+}
+
+impl Drop for Launched {
+    fn drop(&mut self) {
+        let (lock, cvar) = &*self.state;
+        if let Ok(mut g) = lock.lock() {
+            if let Some(mut c) = g.child.take() {
+                let _ = c.kill();
+                g.exited = c.wait().ok();
+            }
+            g.done = true;
+        }
+        cvar.notify_all();
+        if let Some(w) = self.waiter.take() {
+            let _ = w.join();
+        }
+    }
+}
+
 impl Drop for RestoreVm {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        // QEMU first (killed and reaped), then the server it read from.
+        drop(self.child.take());
         self.stop.stop();
         if let Some(a) = self.accept.take() {
             let _ = a.join();
