@@ -40,6 +40,10 @@ use serde_json::{json, Value};
 use shear_tests::prereq::find_tool;
 use shear_tests::{DiskSpec, TestVm, VmConfig};
 
+/// `--only libvirt` (issue 18), kept apart.
+#[path = "bench/libvirt.rs"]
+mod libvirt_phase;
+
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 /// Device id of the data disk (the guest sees /dev/vda, mounted at /mnt/vda).
@@ -108,7 +112,9 @@ const USAGE: &str =
                     serve (issue 13: nbdcopy from shear serve vs from qemu-nbd),
                     guest (issue 17: guest O_DIRECT writes and a CPU-bound guest
                     job idle vs during backups, default and --workers 1),
-                    live (issue 13: live-restore RTO and time to independence)";
+                    live (issue 13: live-restore RTO and time to independence),
+                    libvirt (issue 18: shear --libvirt full and incremental vs
+                    virtnbdbackup on the same domain)";
 
 impl Opts {
     fn parse(mut args: impl Iterator<Item = String>) -> Res<Opts> {
@@ -142,8 +148,16 @@ impl Opts {
                 "--only" => {
                     let v = args.next().ok_or("--only needs a value")?;
                     for p in v.split(',') {
-                        if !["incremental", "huge", "snapshot", "serve", "guest", "live"]
-                            .contains(&p)
+                        if ![
+                            "incremental",
+                            "huge",
+                            "snapshot",
+                            "serve",
+                            "guest",
+                            "live",
+                            "libvirt",
+                        ]
+                        .contains(&p)
                         {
                             return Err(format!("--only: unknown phase {p}\n{USAGE}"));
                         }
@@ -1288,6 +1302,9 @@ fn run() -> Res<()> {
         }
         if only("live") {
             live_phase(&b, &mut r)?;
+        }
+        if only("libvirt") {
+            libvirt_phase::libvirt_phase(&b, &mut r)?;
         }
     } else {
         let plan = Plan::for_size(b.size);
