@@ -40,6 +40,10 @@ use serde_json::{json, Value};
 use shear_tests::prereq::find_tool;
 use shear_tests::{DiskSpec, TestVm, VmConfig};
 
+/// `--only libvirt` (issue 18), kept apart.
+#[path = "bench/libvirt.rs"]
+mod libvirt_phase;
+
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 /// Device id of the data disk (the guest sees /dev/vda, mounted at /mnt/vda).
@@ -109,7 +113,9 @@ const USAGE: &str =
                     guest (issue 17: guest O_DIRECT writes and a CPU-bound guest
                     job idle vs during backups, default and --workers 1),
                     live (issue 13: live-restore RTO and time to independence),
-                    boot (issue 13: shear verify --boot of the test guest's backup)";
+                    boot (issue 13: shear verify --boot of the test guest's backup),
+                    libvirt (issue 18: shear --libvirt full and incremental vs
+                    virtnbdbackup on the same domain)";
 
 impl Opts {
     fn parse(mut args: impl Iterator<Item = String>) -> Res<Opts> {
@@ -151,6 +157,7 @@ impl Opts {
                             "guest",
                             "live",
                             "boot",
+                            "libvirt",
                         ]
                         .contains(&p)
                         {
@@ -1300,6 +1307,9 @@ fn run() -> Res<()> {
         }
         if only("boot") {
             boot_phase(&b, &mut r)?;
+        }
+        if only("libvirt") {
+            libvirt_phase::libvirt_phase(&b, &mut r)?;
         }
     } else {
         let plan = Plan::for_size(b.size);

@@ -121,7 +121,8 @@ fn xml_escape(s: &str) -> String {
 
 impl LibvirtVm {
     /// Define the domain (disks `vda`, `vdb`, … from `specs`, qcow2 or raw
-    /// as each says) and start it; waits until qemu-ga answers.
+    /// as each says; a spec's existing `image` is used in place) and start
+    /// it; waits until qemu-ga answers.
     pub fn start(prefix: &str, specs: &[DiskSpec]) -> Result<LibvirtVm> {
         ensure_daemon()?;
         let img = guest_image().ok_or_else(|| herr!("no guest image"))?;
@@ -143,10 +144,17 @@ impl LibvirtVm {
         let mut disk_xml = String::new();
         for (i, spec) in specs.iter().enumerate() {
             let target = format!("vd{}", (b'a' + u8::try_from(i).unwrap_or(0)) as char);
-            let path = dir
-                .path()
-                .join(format!("{target}.{}", spec.format.driver()));
-            create_disk(spec, &path)?;
+            // An existing image (`DiskSpec::image`) is used where it is.
+            let path = match &spec.image {
+                Some(p) => p.clone(),
+                None => {
+                    let p = dir
+                        .path()
+                        .join(format!("{target}.{}", spec.format.driver()));
+                    create_disk(spec, &p)?;
+                    p
+                }
+            };
             disk_xml.push_str(&format!(
                 "<disk type='file' device='disk'><driver name='qemu' type='{}'/>\
                  <source file='{}'/><target dev='{target}' bus='virtio'/></disk>\n",
@@ -166,6 +174,7 @@ impl LibvirtVm {
     <initrd>{initrd}</initrd>
     <cmdline>console=ttyS0 panic=-1 quiet</cmdline>
   </os>
+  <features><acpi/></features>
   <on_poweroff>destroy</on_poweroff>
   <on_reboot>destroy</on_reboot>
   <on_crash>destroy</on_crash>
@@ -205,6 +214,11 @@ impl LibvirtVm {
     /// Start the (shut off) domain and wait for qemu-ga.
     pub fn boot(&self) -> Result<()> {
         virsh(&["start", "--", &self.name])?;
+        self.wait_agent()
+    }
+
+    /// Wait until qemu-ga answers (the guest runs).
+    pub fn wait_agent(&self) -> Result<()> {
         wait_until(
             BOOT_TIMEOUT,
             Duration::from_millis(500),

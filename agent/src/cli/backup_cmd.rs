@@ -131,8 +131,9 @@ pub struct BackupArgs {
     /// with one checkpoint chain per repository for incrementals.
     #[arg(long, conflicts_with = "nbd")]
     pub libvirt: bool,
-    /// libvirt connection URI (with --libvirt).
-    #[arg(long, value_name = "URI", default_value = crate::libvirt::DEFAULT_URI, requires = "libvirt")]
+    /// libvirt connection URI (with --libvirt, and where a VM id without a
+    /// QMP socket is looked up as a libvirt domain name or UUID).
+    #[arg(long, value_name = "URI", default_value = crate::libvirt::DEFAULT_URI)]
     pub connect: String,
     /// One JSON document (an array with one entry per VM) on stdout.
     #[arg(long)]
@@ -216,28 +217,15 @@ pub fn run(cli: &super::Cli, args: &BackupArgs) -> anyhow::Result<ExitCode> {
     let cancel = Cancel::default();
     rt.spawn(cancel_on_signals(cancel.clone()));
 
-    if args.libvirt {
-        let repo = Arc::new(super::repo_cmds::open(cli)?);
-        return super::libvirt_cmd::run(
-            &rt,
-            &repo,
-            args,
-            &cfg,
-            &run_dir,
-            &fleecing_dir,
-            fleecing,
-            zstd_level,
-            workers,
-            priority,
-            &cancel,
-        );
-    }
     if !args.nbd.is_empty() {
         let repo = Arc::new(super::repo_cmds::open(cli)?);
         return super::nbd_cmd::run(
             &rt, repo, args, &cfg, &run_dir, zstd_level, workers, priority, &cancel,
         );
     }
+    // QEMU's monitor, or libvirt's backup API (--libvirt, or a domain
+    // found by name or UUID where no QMP socket is).
+    let targets = super::libvirt_cmd::choose_targets(&rt, args, &cfg)?;
     let mut extras = JobExtras::new(
         &cfg,
         args.script.clone(),
@@ -262,7 +250,8 @@ pub fn run(cli: &super::Cli, args: &BackupArgs) -> anyhow::Result<ExitCode> {
     rt.block_on(extras.job_phase(HookPhase::JobStart));
     let mut reports: Vec<serde_json::Value> = Vec::new();
     let mut failed = 0usize;
-    for vmid in &args.vmids {
+    for target in &targets {
+        let vmid = &target.vmid;
         let t0 = std::time::Instant::now();
         let mut log = VmLog::default();
         log.line(&format!(
@@ -290,47 +279,75 @@ pub fn run(cli: &super::Cli, args: &BackupArgs) -> anyhow::Result<ExitCode> {
             rt.block_on(extras.vm_done(vmid, mode.as_str(), Err(msg), t0.elapsed(), log));
             continue;
         }
-        let qmp = args.qmp.clone().unwrap_or_else(|| cfg.qmp_socket_for(vmid));
-        let qga = Some(args.qga.clone().unwrap_or_else(|| cfg.qga_socket_for(vmid)));
-        let opts = BackupOptions {
-            vmid: vmid.clone(),
-            qmp,
-            qga,
-            mode,
-            run_dir: run_dir.clone(),
-            fleecing_dir: fleecing_dir.clone(),
-            pve_config: cfg.pve_config_for(vmid),
-            fleecing,
-            zstd_level,
-            workers,
-            connections: usize::from(args.connections),
-            bwlimit_kib: args.bwlimit,
-            priority,
-            exclude: args.exclude.clone(),
-            notes_template: args.notes_template.clone(),
-            node: cfg.node_name(),
-            freeze_timeout: Duration::from_secs(args.freeze_timeout),
-            cbw_timeout_s: args.cbw_timeout,
-            stop_timeout: Duration::from_secs(args.stop_timeout),
-            full: args.full,
-            include_cdrom: args.include_cdrom,
-            held_hook: held_hook.clone(),
-            script: extras.vm_hooks(vmid, mode.as_str()),
-        };
         let progress = !args.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
         let observer = Arc::new(CliObserver::new(progress));
-        if !args.json {
-            out(format_args!(
-                "backing up VM {vmid} ({} mode)",
-                mode.as_str()
-            ));
-        }
-        let result = rt.block_on(run_backup(
-            repo.clone(),
-            opts,
-            cancel.clone(),
-            observer.clone(),
-        ));
+        let result = if target.libvirt {
+            let opts = super::libvirt_cmd::options(
+                args,
+                &cfg,
+                vmid,
+                &run_dir,
+                &fleecing_dir,
+                fleecing,
+                zstd_level,
+                workers,
+                priority,
+                extras.vm_hooks(vmid, mode.as_str()),
+            );
+            if !args.json {
+                out(format_args!(
+                    "backing up libvirt domain {vmid} ({}, {} mode)",
+                    args.connect,
+                    mode.as_str()
+                ));
+            }
+            rt.block_on(crate::libvirt::backup::run_libvirt_backup(
+                repo.clone(),
+                opts,
+                cancel.clone(),
+                observer.clone(),
+            ))
+        } else {
+            let qmp = args.qmp.clone().unwrap_or_else(|| cfg.qmp_socket_for(vmid));
+            let qga = Some(args.qga.clone().unwrap_or_else(|| cfg.qga_socket_for(vmid)));
+            let opts = BackupOptions {
+                vmid: vmid.clone(),
+                qmp,
+                qga,
+                mode,
+                run_dir: run_dir.clone(),
+                fleecing_dir: fleecing_dir.clone(),
+                pve_config: cfg.pve_config_for(vmid),
+                fleecing,
+                zstd_level,
+                workers,
+                connections: usize::from(args.connections),
+                bwlimit_kib: args.bwlimit,
+                priority,
+                exclude: args.exclude.clone(),
+                notes_template: args.notes_template.clone(),
+                node: cfg.node_name(),
+                freeze_timeout: Duration::from_secs(args.freeze_timeout),
+                cbw_timeout_s: args.cbw_timeout,
+                stop_timeout: Duration::from_secs(args.stop_timeout),
+                full: args.full,
+                include_cdrom: args.include_cdrom,
+                held_hook: held_hook.clone(),
+                script: extras.vm_hooks(vmid, mode.as_str()),
+            };
+            if !args.json {
+                out(format_args!(
+                    "backing up VM {vmid} ({} mode)",
+                    mode.as_str()
+                ));
+            }
+            rt.block_on(run_backup(
+                repo.clone(),
+                opts,
+                cancel.clone(),
+                observer.clone(),
+            ))
+        };
         match result {
             Ok(r) => {
                 if args.json {
@@ -553,23 +570,48 @@ pub fn cleanup(args: &CleanupArgs) -> anyhow::Result<ExitCode> {
 #[derive(Debug, Args)]
 pub struct WatchdogArgs {
     /// QMP socket.
-    #[arg(long)]
-    pub qmp: PathBuf,
+    #[arg(long, required_unless_present = "libvirt")]
+    pub qmp: Option<PathBuf>,
     /// qemu-ga socket.
     #[arg(long)]
     pub qga: Option<PathBuf>,
     /// Run directory holding the agent's run record.
-    #[arg(long, requires = "vmid")]
+    #[arg(long)]
     pub run_dir: Option<PathBuf>,
     /// VM id of the run record.
-    #[arg(long, requires = "run_dir")]
+    #[arg(long)]
     pub vmid: Option<String>,
+    /// A libvirt domain's watchdog: the connection URI
+    /// ([`crate::libvirt::rescue`]).
+    #[arg(
+        long,
+        value_name = "URI",
+        conflicts_with = "qmp",
+        requires = "domain",
+        requires = "run_dir"
+    )]
+    pub libvirt: Option<String>,
+    /// With --libvirt: the domain.
+    #[arg(long, requires = "libvirt")]
+    pub domain: Option<String>,
+    /// With --libvirt: seconds a domain still running after a stop-mode
+    /// shutdown request is watched before it counts as running.
+    #[arg(long, default_value_t = 600)]
+    pub stop_grace: u64,
 }
 
 /// Run the watchdog process.
 pub fn watchdog(args: &WatchdogArgs) -> ExitCode {
-    let record = args.run_dir.as_deref().zip(args.vmid.as_deref());
-    let code = crate::job::watchdog::run(&args.qmp, args.qga.as_deref(), record);
+    let code = match (&args.libvirt, &args.domain, &args.run_dir, &args.qmp) {
+        (Some(uri), Some(dom), Some(run_dir), _) => {
+            crate::libvirt::rescue::run(uri, dom, run_dir, Duration::from_secs(args.stop_grace))
+        }
+        (_, _, _, Some(qmp)) => {
+            let record = args.run_dir.as_deref().zip(args.vmid.as_deref());
+            crate::job::watchdog::run(qmp, args.qga.as_deref(), record)
+        }
+        _ => 2,
+    };
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 

@@ -2,19 +2,15 @@
 //! `--libvirt` part of `shear restore`.
 
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use super::backup_cmd::{err, out, print_human, BackupArgs};
-use super::progress::CliObserver;
-use crate::chain;
+use super::backup_cmd::{err, out, BackupArgs};
 use crate::config::Config;
-use crate::job::backup::{render_notes, Cancel};
+use crate::job::backup::render_notes;
 use crate::job::fleece::FleecePolicy;
-use crate::libvirt::backup::{run_libvirt_backup, LibvirtBackupOptions};
+use crate::libvirt::backup::LibvirtBackupOptions;
 use crate::libvirt::virsh::Virsh;
 use crate::libvirt::xml::{adapt_for_restore, RestoredDisk};
 
@@ -23,102 +19,140 @@ fn refuse_qmp_options(args: &BackupArgs) -> anyhow::Result<()> {
     let given = [
         ("--qmp", args.qmp.is_some()),
         ("--qga", args.qga.is_some()),
-        ("--script", args.script.is_some()),
-        ("--notify", !args.notify.is_empty()),
         ("--bitmap", !args.bitmap.is_empty()),
-        (
-            "--mode suspend/stop",
-            args.mode != super::backup_cmd::ModeArg::Snapshot,
-        ),
     ];
     for (name, set) in given {
         if set {
-            bail!("{name} is not supported with --libvirt (yet)");
+            bail!("{name} is not supported with --libvirt");
         }
     }
     Ok(())
 }
 
-/// Run `shear backup DOMAIN… --libvirt`.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn run(
+/// One VM of `shear backup` and how it is reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Target {
+    /// The VM id (a libvirt domain's name).
+    pub vmid: String,
+    /// Through libvirt's backup API (else QEMU's monitor).
+    pub libvirt: bool,
+}
+
+/// How each VM id of `shear backup` is reached: every one through libvirt
+/// with `--libvirt`; else QEMU's monitor where its QMP socket exists (or
+/// `--qmp`/`--qga` name the sockets), and libvirt where no socket is and
+/// libvirt knows a domain of that name or UUID (said on the output). A
+/// UUID becomes the domain's name (the repository's VM id).
+pub(super) fn choose_targets(
     rt: &tokio::runtime::Runtime,
-    repo: &Arc<crate::repo::Repository>,
     args: &BackupArgs,
     cfg: &Config,
+) -> anyhow::Result<Vec<Target>> {
+    let virsh = Virsh::new(&args.connect);
+    if args.libvirt {
+        refuse_qmp_options(args)?;
+        rt.block_on(virsh.check_version())
+            .context("checking libvirt")?;
+        return Ok(args
+            .vmids
+            .iter()
+            .map(|v| Target {
+                // Not found: the backup fails with libvirt's own message.
+                vmid: rt
+                    .block_on(virsh.find_domain(v))
+                    .ok()
+                    .flatten()
+                    .unwrap_or_else(|| v.clone()),
+                libvirt: true,
+            })
+            .collect());
+    }
+    let explicit = args.qmp.is_some() || args.qga.is_some();
+    let mut libvirt_present: Option<bool> = None;
+    let mut targets = Vec::new();
+    for vmid in &args.vmids {
+        let socket = cfg.qmp_socket_for(vmid);
+        let mut target = Target {
+            vmid: vmid.clone(),
+            libvirt: false,
+        };
+        if !explicit && !socket.exists() {
+            let present = *libvirt_present
+                .get_or_insert_with(|| which_virsh() && rt.block_on(virsh.check_version()).is_ok());
+            if present {
+                if let Ok(Some(name)) = rt.block_on(virsh.find_domain(vmid)) {
+                    let line = format!(
+                        "VM {vmid}: no QMP socket at {}; libvirt domain {name} found at {}: \
+                         backing it up through libvirt",
+                        socket.display(),
+                        args.connect
+                    );
+                    if args.json {
+                        err(format_args!("shear: {line}"));
+                    } else {
+                        out(format_args!("{line}"));
+                    }
+                    target = Target {
+                        vmid: name,
+                        libvirt: true,
+                    };
+                }
+            }
+        }
+        targets.push(target);
+    }
+    if targets.iter().any(|t| t.libvirt) && !args.bitmap.is_empty() {
+        bail!("--bitmap is not supported with libvirt domains");
+    }
+    Ok(targets)
+}
+
+/// Whether `virsh` is on the PATH (libvirt's client is installed).
+fn which_virsh() -> bool {
+    std::env::var_os("PATH").is_some_and(|p| {
+        std::env::split_paths(&p).any(|d| {
+            std::fs::metadata(d.join("virsh")).is_ok_and(|m| {
+                m.is_file()
+                    && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0
+            })
+        })
+    })
+}
+
+/// The options of one domain's backup.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn options(
+    args: &BackupArgs,
+    cfg: &Config,
+    dom: &str,
     run_dir: &Path,
     fleecing_dir: &Path,
     fleecing: FleecePolicy,
     zstd_level: Option<i32>,
     workers: usize,
     priority: crate::job::priority::DataPriority,
-    cancel: &Cancel,
-) -> anyhow::Result<ExitCode> {
-    refuse_qmp_options(args)?;
-    let mut reports = Vec::new();
-    let mut failed = 0;
-    for dom in &args.vmids {
-        let opts = LibvirtBackupOptions {
-            domain: dom.clone(),
-            uri: args.connect.clone(),
-            run_dir: run_dir.to_path_buf(),
-            fleecing_dir: fleecing_dir.to_path_buf(),
-            fleecing,
-            zstd_level,
-            workers,
-            connections: usize::from(args.connections),
-            bwlimit_kib: args.bwlimit,
-            priority,
-            notes: render_notes(&args.notes_template, dom, dom, &cfg.node_name()),
-            full: args.full,
-            freeze_timeout: Duration::from_secs(args.freeze_timeout.max(1)),
-            exclude: args.exclude.clone(),
-            held_hook: crate::job::backup::held_hook_from_env(),
-        };
-        let progress = !args.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
-        let observer = Arc::new(CliObserver::new(progress));
-        if !args.json {
-            out(format_args!(
-                "backing up libvirt domain {dom} ({})",
-                args.connect
-            ));
-        }
-        match rt.block_on(run_libvirt_backup(
-            repo.clone(),
-            opts,
-            cancel.clone(),
-            observer,
-        )) {
-            Ok(r) => {
-                if args.json {
-                    reports.push(serde_json::to_value(&r)?);
-                } else {
-                    print_human(&r);
-                }
-            }
-            Err(e) => {
-                failed += 1;
-                let msg = chain(&e);
-                if args.json {
-                    reports.push(serde_json::json!({"vmid": dom, "error": msg}));
-                } else {
-                    err(format_args!("shear: backup of domain {dom} FAILED: {msg}"));
-                    err(format_args!("shear: no backup was recorded"));
-                }
-            }
-        }
-        if cancel.is_cancelled() {
-            break;
-        }
+    script: Option<crate::hookscript::VmHooks>,
+) -> LibvirtBackupOptions {
+    LibvirtBackupOptions {
+        domain: dom.to_string(),
+        uri: args.connect.clone(),
+        run_dir: run_dir.to_path_buf(),
+        fleecing_dir: fleecing_dir.to_path_buf(),
+        fleecing,
+        zstd_level,
+        workers,
+        connections: usize::from(args.connections),
+        bwlimit_kib: args.bwlimit,
+        priority,
+        notes: render_notes(&args.notes_template, dom, dom, &cfg.node_name()),
+        full: args.full,
+        freeze_timeout: Duration::from_secs(args.freeze_timeout.max(1)),
+        exclude: args.exclude.clone(),
+        held_hook: crate::job::backup::held_hook_from_env(),
+        mode: args.mode.into(),
+        stop_timeout: Duration::from_secs(args.stop_timeout),
+        script,
     }
-    if args.json {
-        out(format_args!("{}", serde_json::to_string_pretty(&reports)?));
-    }
-    Ok(if failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
 }
 
 /// `shear restore --libvirt`: the captured domain XML adapted to the

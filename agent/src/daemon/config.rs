@@ -88,6 +88,9 @@ pub struct JobToml {
     pub script: Option<PathBuf>,
     /// A disabled job runs only when asked (`shear job run`).
     pub enabled: Option<bool>,
+    /// Back the job's VMs up as libvirt domains through this connection
+    /// URI (e.g. `qemu:///system`): the VM ids are domain names.
+    pub libvirt: Option<String>,
 }
 
 /// `[[verify]]`: re-read backups whose last verify is older than
@@ -301,6 +304,9 @@ pub struct BackupJob {
     /// vzdump hook script: job phases around the run, VM phases around
     /// each VM (backup-start refuses a VM), stop-mode phases in the job.
     pub script: Option<PathBuf>,
+    /// libvirt connection URI: the VMs are libvirt domains.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub libvirt: Option<String>,
 }
 
 /// A validated RPO policy.
@@ -513,6 +519,12 @@ pub fn validate(base: Config) -> Result<DaemonConfig, ValidationError> {
                 j.id
             ));
         }
+        if j.libvirt.as_deref().is_some_and(|u| u.trim().is_empty()) {
+            errs.push(format!(
+                "{what} {:?}: libvirt must be a connection URI (e.g. \"qemu:///system\")",
+                j.id
+            ));
+        }
         if let Some(s) = &j.script {
             if !s.is_absolute() {
                 errs.push(format!(
@@ -539,6 +551,7 @@ pub fn validate(base: Config) -> Result<DaemonConfig, ValidationError> {
                     max_workers,
                     bwlimit: j.bwlimit,
                     script: j.script.clone(),
+                    libvirt: j.libvirt.clone(),
                 }),
                 outdated_after: None,
                 sync: None,
@@ -891,6 +904,35 @@ listen = ["localhost"]
         ] {
             assert!(all.contains(want), "missing {want:?} in: {all}");
         }
+    }
+
+    #[test]
+    fn a_job_can_back_up_libvirt_domains() {
+        let c = parse(
+            r#"
+[[job]]
+id = "lv"
+schedule = "daily"
+vmids = ["web", "db"]
+repo = "/r"
+mode = "suspend"
+libvirt = "qemu:///system"
+[[job]]
+id = "qmp"
+schedule = "daily"
+vmids = ["100"]
+repo = "/r"
+"#,
+        )
+        .unwrap();
+        let b = c.jobs[0].backup.as_ref().unwrap();
+        assert_eq!(b.libvirt.as_deref(), Some("qemu:///system"));
+        assert_eq!(b.mode, Mode::Suspend);
+        assert_eq!(c.jobs[1].backup.as_ref().unwrap().libvirt, None);
+        assert!(parse("[[job]]\nid = \"x\"\nschedule = \"daily\"\nvmids = [\"a\"]\nrepo = \"/r\"\nlibvirt = \"\"\n")
+            .unwrap_err()
+            .to_string()
+            .contains("libvirt"));
     }
 
     #[test]

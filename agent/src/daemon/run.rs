@@ -109,6 +109,27 @@ pub fn job_vms(cfg: &DaemonConfig, sel: &Selection) -> Vec<String> {
     }
 }
 
+/// The VMs a libvirt backup job covers now: with `all`, every running
+/// domain libvirt lists.
+async fn libvirt_job_vms(uri: &str, sel: &Selection) -> Result<Vec<String>, String> {
+    match sel {
+        Selection::List(v) => Ok(v.clone()),
+        Selection::All { exclude } => {
+            let out = crate::libvirt::virsh::Virsh::new(uri)
+                .run(
+                    &["list", "--state-running", "--name"],
+                    crate::libvirt::virsh::QUERY,
+                )
+                .await
+                .map_err(|e| crate::chain(&e))?;
+            Ok(crate::libvirt::xml::parse_name_list(&out)
+                .into_iter()
+                .filter(|d| !exclude.contains(d))
+                .collect())
+        }
+    }
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, String> + Send + 'static,
 ) -> Result<T, String> {
@@ -131,7 +152,20 @@ async fn backup_job(
             vms: Vec::new(),
         };
     };
-    let mut vmids = job_vms(cfg, &b.vms);
+    let mut vmids = match &b.libvirt {
+        None => job_vms(cfg, &b.vms),
+        Some(uri) => match libvirt_job_vms(uri, &b.vms).await {
+            Ok(v) => v,
+            Err(e) => {
+                log.line(&format!("cannot list libvirt's domains: {e}"));
+                return Outcome {
+                    status: "failed",
+                    summary: format!("cannot list libvirt's domains: {e}"),
+                    vms: Vec::new(),
+                };
+            }
+        },
+    };
     if let Some(only) = only {
         vmids.retain(|v| only.contains(v));
     }
@@ -389,11 +423,40 @@ async fn backup_vm(
         script: hooks.cloned(),
     };
     log.line(&format!(
-        "VM {vmid}: backup starts ({} mode)",
-        b.mode.as_str()
+        "VM {vmid}: backup starts ({} mode{})",
+        b.mode.as_str(),
+        b.libvirt
+            .as_deref()
+            .map_or(String::new(), |u| format!(", libvirt domain at {u}"))
     ));
     let observer = Arc::new(TaskObserver(log.clone()));
-    let result = run_backup(repo.clone(), opts, cancel.clone(), observer).await;
+    let result = match &b.libvirt {
+        None => run_backup(repo.clone(), opts, cancel.clone(), observer).await,
+        Some(uri) => {
+            let lv = crate::libvirt::backup::LibvirtBackupOptions {
+                domain: vmid.to_owned(),
+                uri: uri.clone(),
+                run_dir: opts.run_dir,
+                fleecing_dir: opts.fleecing_dir,
+                fleecing: opts.fleecing,
+                zstd_level: opts.zstd_level,
+                workers: opts.workers,
+                connections: opts.connections,
+                bwlimit_kib: opts.bwlimit_kib,
+                priority: opts.priority,
+                notes: String::new(),
+                full: opts.full,
+                freeze_timeout: opts.freeze_timeout,
+                exclude: opts.exclude,
+                held_hook: opts.held_hook,
+                mode: opts.mode,
+                stop_timeout: opts.stop_timeout,
+                script: opts.script,
+            };
+            crate::libvirt::backup::run_libvirt_backup(repo.clone(), lv, cancel.clone(), observer)
+                .await
+        }
+    };
     let secs = t0.elapsed().as_secs_f64();
     let report = match result {
         Ok(r) => r,

@@ -15,7 +15,7 @@ use super::{chain, JobError};
 use crate::repo::Consistency;
 
 /// Report a state line to the watchdog, if there is one.
-pub(super) fn tell_watchdog(w: &mut Option<Watchdog>, state: &str) {
+pub(crate) fn tell_watchdog(w: &mut Option<Watchdog>, state: &str) {
     if let Some(w) = w.as_mut() {
         if let Err(e) = w.report(state) {
             tracing::warn!("thaw watchdog unreachable: {e}");

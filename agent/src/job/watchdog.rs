@@ -24,7 +24,7 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How long the watchdog waits for the per-VM lock (a dying agent may
 /// still hold it for a moment) before leaving the record to the holder.
-const LOCK_WAIT: Duration = Duration::from_secs(30);
+pub(crate) const LOCK_WAIT: Duration = Duration::from_secs(30);
 
 /// What the agent holds, as last reported to the watchdog.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -33,6 +33,10 @@ pub struct Held {
     pub frozen: bool,
     /// The VM is paused by us.
     pub paused: bool,
+    /// The VM is shut down (or shutting down) by us and must run again
+    /// (a libvirt domain's stop mode: `stopped`; QMP's stop mode keeps
+    /// QEMU alive and reports `paused`).
+    pub stopped: bool,
 }
 
 /// The agent's end of the watchdog: report state changes; `finish` on the
@@ -53,14 +57,47 @@ impl Watchdog {
         run_dir: &Path,
         vmid: &str,
     ) -> std::io::Result<Watchdog> {
+        let mut args: Vec<std::ffi::OsString> = vec!["--qmp".into(), qmp.into()];
+        args.extend([
+            "--run-dir".into(),
+            run_dir.into(),
+            "--vmid".into(),
+            vmid.into(),
+        ]);
+        if let Some(q) = qga {
+            args.extend(["--qga".into(), q.into()]);
+        }
+        Self::spawn_with(&args)
+    }
+
+    /// Start `shear __watchdog --libvirt URI --domain DOMAIN` for a
+    /// libvirt domain (see [`crate::libvirt::rescue`]); `stop_grace`: how
+    /// long a domain that still runs after a stop-mode shutdown request
+    /// is watched before it counts as running.
+    pub fn spawn_libvirt(
+        uri: &str,
+        domain: &str,
+        run_dir: &Path,
+        stop_grace: Duration,
+    ) -> std::io::Result<Watchdog> {
+        let args: Vec<std::ffi::OsString> = vec![
+            "--libvirt".into(),
+            uri.into(),
+            "--domain".into(),
+            domain.into(),
+            "--run-dir".into(),
+            run_dir.into(),
+            "--stop-grace".into(),
+            stop_grace.as_secs().to_string().into(),
+        ];
+        Self::spawn_with(&args)
+    }
+
+    fn spawn_with(args: &[std::ffi::OsString]) -> std::io::Result<Watchdog> {
         use std::os::unix::process::CommandExt;
         let exe = std::env::current_exe()?;
         let mut cmd = Command::new(exe);
-        cmd.arg("__watchdog").arg("--qmp").arg(qmp);
-        cmd.arg("--run-dir").arg(run_dir).arg("--vmid").arg(vmid);
-        if let Some(q) = qga {
-            cmd.arg("--qga").arg(q);
-        }
+        cmd.arg("__watchdog").args(args);
         // Test failpoints aim at the backup process; the watchdog that
         // takes back its leftovers must not die at the same point.
         cmd.env_remove("SHEAR_TEST_KILL_AT")
@@ -159,7 +196,11 @@ pub fn read_states(input: impl BufRead) -> Option<Held> {
             "frozen" => held.frozen = true,
             "thawed" => held.frozen = false,
             "paused" => held.paused = true,
-            "resumed" => held.paused = false,
+            "stopped" => held.stopped = true,
+            "resumed" => {
+                held.paused = false;
+                held.stopped = false;
+            }
             "done" => return None,
             _ => {}
         }
@@ -222,40 +263,51 @@ pub fn run(qmp: &Path, qga: Option<&Path>, record: Option<(&Path, &str)>) -> i32
 
 /// How a rescue ended (it does not end otherwise).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Rescue {
-    /// Thawed (confirmed by qemu-ga) and resumed.
+pub(crate) enum Rescue {
+    /// Thawed (confirmed by the guest agent) and resumed.
     Released,
-    /// QEMU is gone: nothing is held any more.
+    /// The VM is gone: nothing is held any more.
     VmGone,
 }
 
-async fn rescue(qmp: &Path, qga: Option<&Path>, held: Held) -> Rescue {
+/// How the watchdog reaches a guest: QEMU's monitor and qemu-ga, or
+/// libvirt ([`crate::libvirt::rescue`]). One attempt each; the loop in
+/// [`rescue_guest`] retries.
+pub(crate) trait Release {
+    /// Make the guest run again (`held`: what was held); `true` once it
+    /// runs.
+    async fn resume(&self, held: Held) -> bool;
+    /// Thaw the guest; `Ok(true)` once confirmed, `Err(())` when the VM is
+    /// gone.
+    async fn thaw(&self) -> Result<bool, ()>;
+    /// The VM is gone: nothing can be held any more.
+    async fn gone(&self) -> bool;
+}
+
+/// Release what `held` says, retrying with backoff until released or the
+/// VM is gone (never gives up on a frozen or paused guest).
+pub(crate) async fn rescue_guest(guest: &impl Release, held: Held) -> Rescue {
     let mut thawed = !held.frozen;
-    let mut resumed = !held.paused;
+    let mut resumed = !held.paused && !held.stopped;
     let mut backoff = Duration::from_millis(250);
     let mut attempts = 0u32;
     loop {
         // Resume first: a paused guest cannot run qemu-ga's thaw.
         if !resumed {
-            resumed = try_cont(qmp).await;
+            resumed = guest.resume(held).await;
         }
         // A paused guest cannot run the thaw, and the thaw loop only ends
         // when thawed: resume first, retry the resume until it works.
         if !thawed && resumed {
-            thawed = match qga {
-                // Keeps trying until thawed, or fails only when the VM is gone.
-                Some(qga) => match super::freeze::thaw_recorded(qga, Some(qmp)).await {
-                    Ok(()) => true,
-                    Err(e) if super::freeze::is_vm_gone(&e) => return Rescue::VmGone,
-                    Err(_) => false,
-                },
-                None => true,
-            };
+            match guest.thaw().await {
+                Ok(t) => thawed = t,
+                Err(()) => return Rescue::VmGone,
+            }
         }
         if thawed && resumed {
             return Rescue::Released;
         }
-        if vm_gone(qmp).await {
+        if guest.gone().await {
             return Rescue::VmGone;
         }
         attempts += 1;
@@ -267,6 +319,36 @@ async fn rescue(qmp: &Path, qga: Option<&Path>, held: Held) -> Rescue {
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
+}
+
+/// QEMU through its monitor and qemu-ga.
+struct QmpGuest<'a> {
+    qmp: &'a Path,
+    qga: Option<&'a Path>,
+}
+
+impl Release for QmpGuest<'_> {
+    async fn resume(&self, _held: Held) -> bool {
+        try_cont(self.qmp).await
+    }
+    async fn thaw(&self) -> Result<bool, ()> {
+        match self.qga {
+            // Keeps trying until thawed, or fails only when the VM is gone.
+            Some(qga) => match super::freeze::thaw_recorded(qga, Some(self.qmp)).await {
+                Ok(()) => Ok(true),
+                Err(e) if super::freeze::is_vm_gone(&e) => Err(()),
+                Err(_) => Ok(false),
+            },
+            None => Ok(true),
+        }
+    }
+    async fn gone(&self) -> bool {
+        vm_gone(self.qmp).await
+    }
+}
+
+async fn rescue(qmp: &Path, qga: Option<&Path>, held: Held) -> Rescue {
+    rescue_guest(&QmpGuest { qmp, qga }, held).await
 }
 
 /// QEMU is gone: its QMP socket is missing or nobody listens on it.
@@ -289,7 +371,7 @@ async fn try_cont(qmp: &Path) -> bool {
 
 /// A line on stderr that never panics: the agent's terminal may be gone
 /// (a dropped SSH session), and the rescue must go on regardless.
-fn say(line: std::fmt::Arguments<'_>) {
+pub(crate) fn say(line: std::fmt::Arguments<'_>) {
     let mut e = std::io::stderr().lock();
     let _ = e.write_fmt(line).and_then(|()| e.write_all(b"\n"));
 }
@@ -306,5 +388,11 @@ mod tests {
         assert!(!h.frozen && h.paused);
         assert_eq!(read_states(&b"frozen\ndone\n"[..]), None);
         assert_eq!(read_states(&b""[..]), Some(Held::default()));
+        let h = read_states(&b"stopped\n"[..]).unwrap();
+        assert!(h.stopped && !h.paused && !h.frozen);
+        assert_eq!(
+            read_states(&b"stopped\nresumed\n"[..]),
+            Some(Held::default())
+        );
     }
 }

@@ -28,25 +28,29 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::rescue::ResumeStep;
 use super::virsh::{Virsh, QUERY};
 use super::xml::{self, DomainDisk};
 use super::LibvirtError;
+use crate::hookscript::HookPhase;
 use crate::job::backup::ms;
 use crate::job::cancel::Cancel;
 use crate::job::datapath::{read_all, DataPathConfig, DiskJob};
 use crate::job::events::{JobEvent, Observer, Phase};
 use crate::job::fleece::{self, FleecePolicy};
 use crate::job::graph::VmDisk;
+use crate::job::hold::tell_watchdog;
 use crate::job::incremental::bitmap_prefix;
 use crate::job::lock::{lock_vm, private_dir};
 use crate::job::options::Mode;
 use crate::job::priority::DataPriority;
 use crate::job::report::BackupReport;
+use crate::job::watchdog::Watchdog;
 use crate::job::JobError;
 use crate::repo::{self, BackupId, Consistency, Repository, VmId};
 
 /// How long the job may take to end after `domjobabort`.
-const JOB_END: Duration = Duration::from_secs(60);
+pub(crate) const JOB_END: Duration = Duration::from_secs(60);
 /// How long thawing is retried.
 const THAW_FOR: Duration = Duration::from_secs(30);
 
@@ -85,6 +89,14 @@ pub struct LibvirtBackupOptions {
     /// Test-only: run while the guest is frozen with the backup begun (to
     /// take a ground-truth copy); see `job::options::held_hook_from_env`.
     pub held_hook: Option<PathBuf>,
+    /// How the guest is held while the backup begins: snapshot (freeze),
+    /// suspend (`virsh suspend`), stop (shutdown, start paused).
+    pub mode: Mode,
+    /// Stop mode: how long the guest may take to shut down.
+    pub stop_timeout: Duration,
+    /// The vzdump hook script's stop-mode phases (pre-stop, pre-restart,
+    /// post-restart), run by the job as the QMP path runs them.
+    pub script: Option<crate::hookscript::VmHooks>,
 }
 
 /// What a run changed in libvirt, written before it changes it, so a
@@ -103,7 +115,7 @@ pub struct LibvirtRecord {
     pub dirs: Vec<PathBuf>,
 }
 
-fn record_path(run_dir: &Path, domain: &str) -> PathBuf {
+pub(crate) fn record_path(run_dir: &Path, domain: &str) -> PathBuf {
     run_dir.join(format!("libvirt-{domain}.json"))
 }
 
@@ -315,34 +327,202 @@ fn make_private(path: &Path, owner: Option<(u32, u32)>) -> Result<(), JobError> 
     Ok(())
 }
 
-/// The watchdog: a process of its own that thaws the guest if shear dies
-/// while it is frozen (it waits for shear's pid to go away). Killed once
-/// the thaw is confirmed.
-fn start_watchdog(uri: &str, domain: &str) -> Option<std::process::Child> {
-    use std::os::unix::process::CommandExt;
-    let script = "while kill -0 \"$1\" 2>/dev/null; do sleep 0.2; done; \
-                  i=0; while [ $i -lt 60 ]; do \
-                  virsh -c \"$2\" -q domfsthaw -- \"$3\" >/dev/null 2>&1 && exit 0; \
-                  i=$((i+1)); sleep 1; done";
-    std::process::Command::new("sh")
-        .arg("-c")
-        .arg(script)
-        .arg("shear-libvirt-watchdog")
-        .arg(std::process::id().to_string())
-        .arg(uri)
-        .arg(domain)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .process_group(0)
-        .spawn()
-        .ok()
+/// How shear holds the domain while the backup begins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LvHold {
+    /// Not held (a paused domain someone else paused, F-29; a failed
+    /// freeze: crash-consistent).
+    None,
+    /// Filesystems frozen through the guest agent (snapshot mode).
+    Frozen,
+    /// vCPUs paused by `virsh suspend` (suspend mode).
+    Suspended,
+    /// Shut down, started again paused (stop mode).
+    ShutDown,
 }
 
-fn stop_watchdog(w: Option<std::process::Child>) {
-    if let Some(mut c) = w {
-        let _ = c.kill();
-        let _ = c.wait();
+/// Hold the domain as `opts.mode` says. Returns what is held (also when
+/// holding failed half way: the release takes it back), the consistency
+/// the backup gets or why holding failed, and warnings. Each hold is
+/// reported to the watchdog before it is made.
+async fn hold_domain(
+    virsh: &Virsh,
+    dom: &str,
+    opts: &LibvirtBackupOptions,
+    state: &str,
+    cancel: &Cancel,
+    watchdog: &mut Option<Watchdog>,
+) -> (LvHold, Result<Consistency, JobError>, Vec<String>) {
+    let mut notes = Vec::new();
+    if state != "running" {
+        // Someone else paused it: not ours to freeze, suspend, shut down
+        // or resume (F-29).
+        notes.push(format!(
+            "domain {dom} is {state} (not by shear): backed up as it is, crash-consistent; \
+             shear neither holds nor resumes it"
+        ));
+        return (LvHold::None, Ok(Consistency::Crash), notes);
+    }
+    match opts.mode {
+        // `Nbd` is the --nbd path's (never given here): as snapshot.
+        Mode::Snapshot | Mode::Nbd => {
+            tell_watchdog(watchdog, "frozen");
+            match virsh.fsfreeze(dom, opts.freeze_timeout).await {
+                Ok(()) => (LvHold::Frozen, Ok(Consistency::Application), notes),
+                Err(e) => {
+                    // A freeze that timed out may still complete in the
+                    // guest: thaw (as briefly: an agent that did not answer
+                    // the freeze will not answer this either).
+                    if virsh.fsthaw(dom, opts.freeze_timeout).await.is_ok() {
+                        tell_watchdog(watchdog, "thawed");
+                    }
+                    notes.push(format!(
+                        "the guest's filesystems could not be frozen ({}): the backup is \
+                         crash-consistent",
+                        crate::chain(&e)
+                    ));
+                    (LvHold::None, Ok(Consistency::Crash), notes)
+                }
+            }
+        }
+        Mode::Suspend => {
+            tell_watchdog(watchdog, "paused");
+            match virsh.suspend(dom).await {
+                Ok(()) => (LvHold::Suspended, Ok(Consistency::Crash), notes),
+                Err(e) => (LvHold::Suspended, Err(lv("virsh suspend")(e)), notes),
+            }
+        }
+        Mode::Stop => {
+            if let Some(hooks) = &opts.script {
+                notes.extend(hooks.run_or_warn(HookPhase::PreStop).await);
+            }
+            tell_watchdog(watchdog, "stopped");
+            if let Err(e) = virsh.shutdown_acpi(dom).await {
+                // Refused (no ACPI, …): nothing happened to the guest.
+                tell_watchdog(watchdog, "resumed");
+                return (LvHold::None, Err(lv("virsh shutdown")(e)), notes);
+            }
+            let r = wait_off_and_start_paused(virsh, dom, opts.stop_timeout, cancel).await;
+            (
+                LvHold::ShutDown,
+                r.map(|()| Consistency::Application),
+                notes,
+            )
+        }
+    }
+}
+
+/// Stop mode, once the ACPI shutdown is asked for: wait until the domain
+/// is off, start it again with its vCPUs paused (the backup begins before
+/// the guest runs).
+async fn wait_off_and_start_paused(
+    virsh: &Virsh,
+    dom: &str,
+    timeout: Duration,
+    cancel: &Cancel,
+) -> Result<(), JobError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        cancel.check()?;
+        let st = virsh.domstate(dom).await.map_err(lv("domain state"))?;
+        if st == "shut off" {
+            break;
+        }
+        if Instant::now() >= deadline {
+            return Err(JobError::Invalid(format!(
+                "the guest did not shut down within {timeout:?} (stop mode)"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    virsh
+        .start(dom, true)
+        .await
+        .map_err(lv("virsh start --paused"))
+}
+
+/// Release what [`hold_domain`] holds: thaw, resume, or (stop mode) resume
+/// the domain started paused — starting it if it is still off. Returns
+/// whether the domain is still there, whether the watchdog must stay (a
+/// stop-mode shutdown still under way after a failure: it starts the
+/// domain once off), and warnings; `Err` when the release could not be
+/// confirmed (the watchdog goes on).
+async fn release_domain(
+    virsh: &Virsh,
+    dom: &str,
+    hold: LvHold,
+    opts: &LibvirtBackupOptions,
+    watchdog: &mut Option<Watchdog>,
+) -> Result<(bool, bool, Vec<String>), JobError> {
+    let mut notes = Vec::new();
+    let not_released = |what: &str, e: LibvirtError| {
+        JobError::NotReleased(format!("virsh {what} failed: {}", crate::chain(&e)))
+    };
+    match hold {
+        LvHold::None => Ok((true, false, notes)),
+        LvHold::Frozen => match thaw(virsh, dom).await {
+            Ok(there) => {
+                tell_watchdog(watchdog, "thawed");
+                Ok((there, false, notes))
+            }
+            Err(e) => Err(not_released("domfsthaw", e)),
+        },
+        LvHold::Suspended | LvHold::ShutDown => {
+            let stopped = hold == LvHold::ShutDown;
+            if stopped {
+                if let Some(hooks) = &opts.script {
+                    notes.extend(hooks.run_or_warn(HookPhase::PreRestart).await);
+                }
+            }
+            let t0 = Instant::now();
+            let mut acted = false;
+            let (there, handoff) = loop {
+                let st = match super::rescue::state(virsh, dom).await {
+                    Ok(s) => s,
+                    Err(e) if t0.elapsed() > THAW_FOR => return Err(not_released("domstate", e)),
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                };
+                let step = match super::rescue::resume_step(st.as_deref(), stopped, true) {
+                    // Still running after a stop-mode failure: the
+                    // shutdown may be under way; the watchdog watches.
+                    ResumeStep::Done if stopped && !acted && st.as_deref() == Some("running") => {
+                        break (true, true)
+                    }
+                    ResumeStep::Done => break (st.is_some_and(|s| s != "shut off"), false),
+                    step => step,
+                };
+                let r = match step {
+                    ResumeStep::Resume => Some(virsh.resume(dom).await),
+                    ResumeStep::Start => Some(virsh.start(dom, false).await),
+                    _ => None,
+                };
+                match r {
+                    Some(Ok(())) => acted = true,
+                    Some(Err(e)) if t0.elapsed() > THAW_FOR => {
+                        return Err(not_released("resume", e))
+                    }
+                    _ => {}
+                }
+                if t0.elapsed() > THAW_FOR {
+                    return Err(JobError::NotReleased(format!(
+                        "domain {dom} did not run again within {THAW_FOR:?}"
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            };
+            if !handoff {
+                tell_watchdog(watchdog, "resumed");
+            }
+            if stopped && there && !handoff {
+                if let Some(hooks) = &opts.script {
+                    notes.extend(hooks.run_or_warn(HookPhase::PostRestart).await);
+                }
+            }
+            Ok((there, handoff, notes))
+        }
     }
 }
 
@@ -462,6 +642,15 @@ pub async fn run_libvirt_backup(
             "domain {dom} is {state}: a libvirt backup needs it running"
         )));
     }
+    if opts.mode == Mode::Stop
+        && state == "running"
+        && !virsh.is_persistent(&dom).await.map_err(lv("dominfo"))?
+    {
+        return Err(JobError::Invalid(format!(
+            "stop mode needs a persistent domain: {dom} is transient and would be gone once \
+             shut down (use --mode snapshot or suspend)"
+        )));
+    }
     let domain_xml = virsh.dumpxml(&dom).await.map_err(lv("dumpxml"))?;
     let info = xml::parse_domain(&domain_xml).map_err(lv("the domain XML"))?;
     let all_targets: Vec<String> = info.disks.iter().map(|d| d.target.clone()).collect();
@@ -573,8 +762,14 @@ pub async fn run_libvirt_backup(
                 scratch: p.scratch.clone(),
             })
             .collect();
+        // Both backup XMLs before the guest is held (the full one is used
+        // when libvirt refuses the incremental).
         let write_backup_xml = |incremental: Option<&str>| -> Result<PathBuf, JobError> {
-            let f = nbd_dir.join("backup.xml");
+            let f = nbd_dir.join(if incremental.is_some() {
+                "backup-incremental.xml"
+            } else {
+                "backup-full.xml"
+            });
             std::fs::write(
                 &f,
                 xml::backup_xml(&socket, &bdisks, &all_targets, incremental),
@@ -582,79 +777,85 @@ pub async fn run_libvirt_backup(
             .map_err(|e| JobError::io("writing the backup XML", e))?;
             Ok(f)
         };
+        let full_xml = write_backup_xml(None)?;
+        let incremental_xml = match &chain.from {
+            Some((c, _)) => Some(write_backup_xml(Some(c.as_str()))?),
+            None => None,
+        };
         cancel.check()?;
-        // Hold, begin, release.
+        // Hold, begin, release; the watchdog (shared with the QMP path)
+        // releases the domain if shear dies meanwhile.
         observer.event(&JobEvent::Phase {
             vmid: &dom,
             phase: Phase::Hold,
         });
-        let watchdog = start_watchdog(&opts.uri, &dom);
+        let mut watchdog = Some(
+            Watchdog::spawn_libvirt(&opts.uri, &dom, &opts.run_dir, opts.stop_timeout)
+                .map_err(|e| JobError::io("starting the watchdog", e))?,
+        );
         let hold_start = Instant::now();
-        let frozen = match virsh.fsfreeze(&dom, opts.freeze_timeout).await {
-            Ok(()) => true,
-            Err(e) => {
-                // A freeze that timed out may still complete in the guest:
-                // thaw (as briefly: an agent that did not answer the freeze
-                // will not answer this either; the watchdog goes on).
-                let _ = virsh.fsthaw(&dom, opts.freeze_timeout).await;
-                warn(
-                    &mut warnings,
-                    format!(
-                        "the guest's filesystems could not be frozen ({}): the backup is \
-                         crash-consistent",
-                        crate::chain(&e)
-                    ),
+        let (hold, held, notes) =
+            hold_domain(&virsh, &dom, &opts, &state, &cancel, &mut watchdog).await;
+        for n in notes {
+            warn(&mut warnings, n);
+        }
+        let mut begin = Ok(());
+        let mut hook = None;
+        if held.is_ok() {
+            begin = virsh
+                .backup_begin(
+                    &dom,
+                    incremental_xml.as_deref().unwrap_or(full_xml.as_path()),
+                    Some(&cp_file),
+                )
+                .await;
+            if let (Err(e), Some((c, _))) = (&begin, &chain.from) {
+                // The checkpoint is broken (QEMU killed: bitmap inconsistent;
+                // bitmap gone): it goes, and the backup is a full one.
+                let reason = format!(
+                    "libvirt refused an incremental backup from checkpoint {c} ({}); it was \
+                     deleted",
+                    crate::chain(e)
                 );
-                false
+                let c = c.clone();
+                let _ = virsh.checkpoint_delete(&dom, &c).await;
+                chain.from = None;
+                chain.previous = None;
+                chain.full_reason = Some(reason);
+                begin = virsh.backup_begin(&dom, &full_xml, Some(&cp_file)).await;
+            }
+            hook = match (&begin, &opts.held_hook) {
+                (Ok(()), Some(h)) => Some(run_held_hook(h, &dom).await),
+                _ => None,
+            };
+        }
+        let released = release_domain(&virsh, &dom, hold, &opts, &mut watchdog).await;
+        let window = ms(hold_start.elapsed());
+        let (still_there, handoff, notes) = match released {
+            Ok(r) => r,
+            Err(e) => {
+                // Dropping the watchdog unfinished: it keeps trying.
+                drop(watchdog);
+                return Err(e);
             }
         };
-        let mut begin = virsh
-            .backup_begin(
-                &dom,
-                &write_backup_xml(chain.from.as_ref().map(|(c, _)| c.as_str()))?,
-                Some(&cp_file),
-            )
-            .await;
-        if let (Err(e), Some((c, _))) = (&begin, &chain.from) {
-            // The checkpoint is broken (QEMU killed: bitmap inconsistent;
-            // bitmap gone): it goes, and the backup is a full one.
-            let reason = format!(
-                "libvirt refused an incremental backup from checkpoint {c} ({}); it was deleted",
-                crate::chain(e)
-            );
-            let c = c.clone();
-            let _ = virsh.checkpoint_delete(&dom, &c).await;
-            chain.from = None;
-            chain.previous = None;
-            chain.full_reason = Some(reason);
-            begin = virsh
-                .backup_begin(&dom, &write_backup_xml(None)?, Some(&cp_file))
-                .await;
+        for n in notes {
+            warn(&mut warnings, n);
         }
-        let hook = match (&begin, &opts.held_hook) {
-            (Ok(()), Some(h)) => Some(run_held_hook(h, &dom).await),
-            _ => None,
-        };
-        let released = if frozen {
-            Some(thaw(&virsh, &dom).await)
-        } else {
-            None
-        };
-        let window = ms(hold_start.elapsed());
-        if let Some(Err(e)) = &released {
-            // The watchdog keeps trying after we exit.
-            return Err(JobError::NotReleased(format!(
-                "virsh domfsthaw failed: {}",
-                crate::chain(e)
-            )));
+        match watchdog.take() {
+            // A stop-mode shutdown still under way: the watchdog starts
+            // the domain again once it is off.
+            Some(w) if handoff => drop(w),
+            Some(w) => w.finish(),
+            None => {}
         }
-        stop_watchdog(watchdog);
-        if let Some(Ok(false)) = released {
+        let consistency = held?;
+        if !still_there {
             return Err(JobError::VmGone(format!(
                 "domain {dom} stopped during the backup"
             )));
         }
-        // Explain a refusal by an old daemon (asked after the thaw: it
+        // Explain a refusal by an old daemon (asked after the release: it
         // takes seconds).
         if let Err(e) = &begin {
             if let Some(old) = virsh.daemon_too_old().await {
@@ -670,6 +871,7 @@ pub async fn run_libvirt_backup(
         if let Some(h) = hook {
             h?;
         }
+        let frozen = hold != LvHold::None;
         if let Some(r) = &chain.full_reason {
             warn(&mut warnings, format!("every disk is read in full: {r}"));
         }
@@ -813,11 +1015,6 @@ pub async fn run_libvirt_backup(
             phase: Phase::Commit,
         });
         let incremental = disks.iter().any(|d| d.kind == repo::ReadKind::Incremental);
-        let consistency = if frozen {
-            Consistency::Application
-        } else {
-            Consistency::Crash
-        };
         let commit = repo::CommitInfo {
             mode: if incremental {
                 repo::BackupMode::Incremental
@@ -825,7 +1022,7 @@ pub async fn run_libvirt_backup(
                 repo::BackupMode::Full
             },
             consistency,
-            vm_mode: Mode::Snapshot.as_str().into(),
+            vm_mode: opts.mode.as_str().into(),
             vm_config,
             notes: opts.notes.clone(),
             freeze_window_ms: frozen.then_some(window),
@@ -862,7 +1059,7 @@ pub async fn run_libvirt_backup(
             Ok(BackupReport {
                 backup_id: id.to_string(),
                 vmid: dom,
-                mode: Mode::Snapshot,
+                mode: opts.mode,
                 consistency,
                 freeze_window_ms: window,
                 disks,

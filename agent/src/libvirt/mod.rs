@@ -12,6 +12,7 @@
 //!   the job, commit, then retire the previous checkpoint.
 
 pub mod backup;
+pub mod rescue;
 pub mod virsh;
 pub mod xml;
 
@@ -70,6 +71,16 @@ impl LibvirtError {
     }
 }
 
+/// Whether `s` has a UUID's shape (8-4-4-4-12 hex digits).
+pub fn looks_like_uuid(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('-').collect();
+    parts.len() == 5
+        && parts
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(p, n)| p.len() == n && p.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 /// Parse a version `X.Y.Z` (or `X.Y`).
 pub fn parse_version(s: &str) -> Option<(u32, u32, u32)> {
     let mut it = s.trim().split('.');
@@ -114,5 +125,14 @@ mod tests {
             found: "6.0.0".into(),
         };
         assert!(e.to_string().contains(">= 7.2.0"), "{e}");
+    }
+
+    #[test]
+    fn uuids_are_told_from_names_and_vm_ids() {
+        assert!(looks_like_uuid("4dea22b3-1d52-d8f3-2516-782e98ab3fa0"));
+        assert!(!looks_like_uuid("100"));
+        assert!(!looks_like_uuid("web-01"));
+        assert!(!looks_like_uuid("4dea22b3-1d52-d8f3-2516-782e98ab3fa"));
+        assert!(!looks_like_uuid("4dea22b3-1d52-d8f3-2516-782e98ab3fzz"));
     }
 }

@@ -247,6 +247,65 @@ impl Virsh {
         Ok(())
     }
 
+    /// Pause the domain's vCPUs (`virsh suspend`).
+    pub async fn suspend(&self, domain: &str) -> Result<(), LibvirtError> {
+        self.run(&["suspend", "--", domain], QUERY).await.map(drop)
+    }
+
+    /// Let a paused domain run (`virsh resume`).
+    pub async fn resume(&self, domain: &str) -> Result<(), LibvirtError> {
+        self.run(&["resume", "--", domain], QUERY).await.map(drop)
+    }
+
+    /// Ask the guest to power down through the ACPI power button (as the
+    /// QMP path's `system_powerdown`).
+    pub async fn shutdown_acpi(&self, domain: &str) -> Result<(), LibvirtError> {
+        self.run(&["shutdown", "--mode", "acpi", "--", domain], QUERY)
+            .await
+            .map(drop)
+    }
+
+    /// Start a shut-off domain, its vCPUs paused when `paused`.
+    pub async fn start(&self, domain: &str, paused: bool) -> Result<(), LibvirtError> {
+        let mut args = vec!["start"];
+        if paused {
+            args.push("--paused");
+        }
+        args.extend(["--", domain]);
+        self.run(&args, BEGIN).await.map(drop)
+    }
+
+    /// Whether the domain is persistent (`dominfo`'s "Persistent: yes"): a
+    /// transient one is gone once shut down.
+    pub async fn is_persistent(&self, domain: &str) -> Result<bool, LibvirtError> {
+        let out = self.run(&["dominfo", "--", domain], QUERY).await?;
+        Ok(out
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Persistent:"))
+            .is_some_and(|v| v.trim() == "yes"))
+    }
+
+    /// The domain called `name_or_uuid` (by name, else by UUID; never by
+    /// libvirt's numeric id, which a VM id like `100` would match by
+    /// accident): its name, or `None`.
+    pub async fn find_domain(&self, name_or_uuid: &str) -> Result<Option<String>, LibvirtError> {
+        let names = self.run(&["list", "--all", "--name"], QUERY).await?;
+        if super::xml::parse_name_list(&names)
+            .iter()
+            .any(|n| n == name_or_uuid)
+        {
+            return Ok(Some(name_or_uuid.to_string()));
+        }
+        if !super::looks_like_uuid(name_or_uuid) {
+            return Ok(None);
+        }
+        match self.run(&["domname", "--", name_or_uuid], QUERY).await {
+            Ok(n) if !n.trim().is_empty() => Ok(Some(n.trim().to_string())),
+            Ok(_) | Err(LibvirtError::Failed { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// `virsh define FILE`: the name of the defined domain.
     pub async fn define(&self, file: &Path) -> Result<String, LibvirtError> {
         let f = file.display().to_string();
