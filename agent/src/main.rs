@@ -16,7 +16,11 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+                // rustls warns about client quirks (libnbd sends an IP
+                // address as SNI): not the server's problem.
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new(format!("{default_level},rustls=error"))
+                }),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -131,6 +131,15 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+    /// TLS credentials could not be loaded, or are of an unsupported kind
+    /// (server half).
+    #[error("TLS credentials in {}: {detail}", dir.display())]
+    TlsCredentials {
+        /// The credentials directory.
+        dir: std::path::PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
     /// The reader was stopped by its owner.
     #[error("reader cancelled")]
     Cancelled,
@@ -165,6 +174,7 @@ impl Error {
             | Error::ContextMissing(_)
             | Error::InvalidArgument(_)
             | Error::Uring { .. }
+            | Error::TlsCredentials { .. }
             | Error::Cancelled
             | Error::Internal(_) => ErrorKind::Permanent,
         }

@@ -23,7 +23,7 @@
 //!   read plans).
 //! - engines: [`EngineKind::Uring`] (io_uring; the only `unsafe` code) and
 //!   [`EngineKind::Sync`] (portable blocking I/O) behind one trait;
-//!   [`EngineChoice`] or `SHEAR_IO_ENGINE=uring|sync` picks one, and
+//!   [`EngineChoice`] picks one (the crate reads no environment), and
 //!   `Auto` falls back to the portable engine when `io_uring_setup` fails.
 //! - [`Client`]: one connection, blocking calls (maps, reads).
 //! - [`ChunkReader`]: what the backup job calls.
@@ -106,7 +106,7 @@ pub mod wire;
 
 pub use client::{Client, ClientOptions};
 pub use conn::ContextExtents;
-pub use engine::{EngineChoice, EngineKind, ENGINE_ENV};
+pub use engine::{EngineChoice, EngineKind};
 pub use error::{Error, ErrorKind, Result};
 pub use handshake::{BlockSizes, ExportFlags, ExportInfo, MetaContext};
 pub use plan::{ChunkPlan, Extent, Run, RunKind};

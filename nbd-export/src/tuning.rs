@@ -6,8 +6,9 @@ use std::time::Duration;
 
 const MIB: u32 = 1 << 20;
 
-/// Chunk size of the backup store: 4 MiB is the unit that gets hashed,
-/// compressed and stored, so the reader hands out whole chunks.
+/// Default size of the chunks the reader hands out (a caller with its own
+/// unit, such as a backup store's chunk size, sets
+/// [`crate::ReaderConfig::chunk_size`]).
 pub const DEFAULT_CHUNK_SIZE: u32 = 4 * MIB;
 
 /// Largest chunk the reader accepts. A chunk is one allocation; 64 MiB keeps
@@ -117,25 +118,6 @@ pub const MAX_CONNECTIONS: usize = 16;
 /// Default byte budget: 64 chunks of 4 MiB. Plenty for the pipeline to stay
 /// full with 4 connections × 64 MiB in flight.
 pub const DEFAULT_BYTE_BUDGET: u64 = 256 * MIB as u64;
-
-/// The backup's one bound on chunk memory across all its stages (read in
-/// flight, queued, hashed, compressed, waiting in the pool), with the
-/// reader's `budget_until_recycled`: 64 MiB, whatever the disk size.
-/// Before, the reader's 256 MiB budget was returned on delivery, and under
-/// CPU contention it filled while compression lagged: 320 MiB peak RSS on
-/// a full backup (bench 2026-11-30). The reader needs far fewer bytes in
-/// flight than that to keep two compressing workers busy (reading is ~5×
-/// faster than zstd -1 here).
-pub const DATA_PATH_BYTES: u64 = 64 * MIB as u64;
-
-/// The budget for `workers` hash/compress workers: [`DATA_PATH_BYTES`],
-/// or more when the workers alone could hold most of it (each works on one
-/// chunk with two queued, and the reader keeps four chunks in flight).
-pub fn data_path_budget(workers: usize, chunk_size: u32) -> u64 {
-    let per_chunk = u64::from(chunk_size);
-    let stages = (workers as u64).saturating_mul(3).saturating_add(4);
-    DATA_PATH_BYTES.max(stages.saturating_mul(per_chunk))
-}
 
 /// Chunk buffers given back by the consumer and kept for reuse. Reusing a
 /// buffer saves clearing (or page-faulting) 4 MiB per chunk, which was a

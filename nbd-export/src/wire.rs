@@ -51,6 +51,8 @@ pub const NBD_OPT_EXPORT_NAME: u32 = 1;
 pub const NBD_OPT_ABORT: u32 = 2;
 /// Option: list exports.
 pub const NBD_OPT_LIST: u32 = 3;
+/// Option: upgrade the connection to TLS.
+pub const NBD_OPT_STARTTLS: u32 = 5;
 /// Option: ask about an export.
 pub const NBD_OPT_INFO: u32 = 6;
 /// Option: select an export and enter transmission.
@@ -233,6 +235,7 @@ pub fn option_name(option: u32) -> &'static str {
         NBD_OPT_EXPORT_NAME => "NBD_OPT_EXPORT_NAME",
         NBD_OPT_ABORT => "NBD_OPT_ABORT",
         NBD_OPT_LIST => "NBD_OPT_LIST",
+        NBD_OPT_STARTTLS => "NBD_OPT_STARTTLS",
         NBD_OPT_INFO => "NBD_OPT_INFO",
         NBD_OPT_GO => "NBD_OPT_GO",
         NBD_OPT_STRUCTURED_REPLY => "NBD_OPT_STRUCTURED_REPLY",

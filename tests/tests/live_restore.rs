@@ -4,7 +4,8 @@
 //! supervising shear), then shear and the server killed together (the copy
 //! pauses, nothing is lost, `--resume` finishes it); at the end no node of
 //! the VM reads from the server and the images hold the backup plus the
-//! guest's writes, read from the image files.
+//! guest's writes, read from the image files. A raw target: mirrored from
+//! a qcow2 overlay, the device switched over to it.
 // Test code: a failed step is a failed test.
 #![allow(clippy::unwrap_used)]
 
@@ -378,18 +379,6 @@ fn qemu_live_restore_resume_after_vm_gone_finishes_from_image_headers() {
     assert_eq!(r["phase"], "serving", "{r}");
     let pid = r["server_pid"].as_u64().unwrap();
     assert!(alive(pid), "the server outlives the command");
-    // A raw target is refused (the backup is the qcow2's backing file).
-    let mut raw = env.shear(&["restore", "vm/100", "--live", "--format", "raw", "--target"]);
-    raw.arg(env.dir.path().join("raw"))
-        .arg("--state-dir")
-        .arg(&state);
-    let out = raw.output().unwrap();
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("qcow2"),
-        "{out:?}"
-    );
-
     let mut vm = TestVm::start(
         VmConfig::paused()
             .arg("-blockdev")
@@ -432,4 +421,108 @@ fn qemu_live_restore_resume_after_vm_gone_finishes_from_image_headers() {
     .unwrap();
     assert!(image_info(&image).get("backing-filename").is_none());
     assert!(image_bytes(&env, &image) == expect, "image differs");
+
+    raw_target_is_mirrored_and_the_device_switched(&env, &state, expect);
+}
+
+/// `--format raw`: the VM starts on a qcow2 overlay (the backup as its
+/// backing file); shear mirrors it into `<disk>.raw` (write-blocking, so
+/// a write during the copy lands in both), switches the device over once
+/// in sync, drops the overlay and the NBD node, and stops serving. The
+/// raw file alone then holds the backup plus every write.
+fn raw_target_is_mirrored_and_the_device_switched(
+    env: &ShearEnv,
+    state: &Path,
+    mut expect: Vec<u8>,
+) {
+    let dir = env.dir.path().join("raw");
+    let qmp = env.dir.path().join("raw.qmp");
+    let overlay = dir.join("scsi0.live.qcow2");
+    let raw = dir.join("scsi0.raw");
+    let mut sup = env
+        .shear(&["restore", "vm/100", "--live", "--format", "raw", "--target"])
+        .arg(&dir)
+        .arg("--qmp")
+        .arg(&qmp)
+        .arg("--state-dir")
+        .arg(state)
+        // Slow enough that the write below lands during the copy.
+        .args(["--bwlimit", "1024"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let rx = lines_of(&mut sup);
+    wait_line(&rx, "live-restore: ready");
+    assert_eq!(std::fs::metadata(&raw).unwrap().len(), SIZE as u64);
+    assert!(image_info(&overlay)["backing-filename"]
+        .as_str()
+        .unwrap()
+        .contains("nbd"));
+    let mut vm = TestVm::start(
+        VmConfig::paused()
+            .arg("-blockdev")
+            .arg(
+                &json!({"driver": "qcow2", "node-name": "rst1",
+                        "file": {"driver": "file", "filename": overlay}})
+                .to_string(),
+            )
+            .arg("-device")
+            .arg("virtio-blk-pci,id=vd0,drive=rst1")
+            .arg("-qmp")
+            .arg(&format!("unix:{},server=on,wait=off", qmp.display())),
+    )
+    .unwrap();
+    let j = wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        "the mirror job",
+        || job(&mut vm),
+    )
+    .unwrap();
+    assert_eq!(j["type"], "mirror", "{j}");
+    // Into a hole of the backup, while the copy runs.
+    vm.qemu_io("vd0", "write -P 0xee 8M 64k").unwrap();
+    expect[8 * MIB..8 * MIB + 65536].fill(0xee);
+    let _ = vm.harness_qmp("block-job-set-speed", json!({"device": JOB, "speed": 0}));
+    let done = wait_line(&rx, "live-restore: complete");
+    let st = wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        "the supervisor to exit",
+        || sup.try_wait().unwrap(),
+    )
+    .unwrap();
+    assert!(st.success(), "{st}: {done}");
+    let blocks = vm.harness_qmp("query-block", json!({})).unwrap();
+    assert!(
+        blocks
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["inserted"]["node-name"] == "shear-live-raw-scsi0"),
+        "the device is not on the raw target: {blocks}"
+    );
+    let nodes = vm
+        .harness_qmp("query-named-block-nodes", json!({"flat": true}))
+        .unwrap();
+    let overlay_s = overlay.to_string_lossy();
+    assert!(
+        !nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["drv"] == "nbd" || n["file"].as_str() == Some(&*overlay_s)),
+        "the VM still uses the overlay or the server: {nodes}"
+    );
+    assert!(!overlay.exists(), "the overlay is left");
+    // After the switch a write goes to the raw file alone.
+    vm.qemu_io("vd0", "write -P 0x77 30M 4k").unwrap();
+    expect[30 * MIB..30 * MIB + 4096].fill(0x77);
+    vm.harness_qmp("quit", Value::Null).unwrap();
+    vm.wait_exit(Duration::from_secs(30)).unwrap();
+    let got = std::fs::read(&raw).unwrap();
+    assert_eq!(got.len(), expect.len());
+    let first_bad = got.iter().zip(&expect).position(|(a, b)| a != b);
+    assert!(first_bad.is_none(), "raw target differs at {first_bad:?}");
 }

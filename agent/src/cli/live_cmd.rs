@@ -16,8 +16,8 @@ use super::{Cli, FormatArg, RestoreArgs};
 use crate::config::Config;
 use crate::out;
 use crate::serve::live::{
-    backing_spec, decide, job_seen, record_path, references_socket, seen_in, socket_path, Action,
-    JobSeen, LiveDisk, LiveRecord, Phase, RECORD_VERSION,
+    backing_spec, decide, device_on, job_seen, nodes_of, record_path, references_socket, seen_in,
+    socket_path, Action, JobSeen, LiveDisk, LiveRecord, Phase, RECORD_VERSION,
 };
 
 /// `--live` and its options (flattened into `shear restore`).
@@ -159,6 +159,7 @@ pub(super) fn run(cli: &Cli, a: &RestoreArgs) -> anyhow::Result<()> {
         vm_timeout: Duration::from_secs(l.vm_timeout),
         started,
         restarted: false,
+        refused: None,
     };
     rt.block_on(sup.run())
 }
@@ -199,9 +200,10 @@ fn prepare(
     target: &Path,
     rec_path: &Path,
 ) -> anyhow::Result<(LiveRecord, Child)> {
-    if matches!(a.format, Some(FormatArg::Raw)) {
-        bail!("a live restore writes qcow2 images (the backup is their backing file until the copy ends); convert them afterwards with `qemu-img convert -O raw` if raw is needed");
-    }
+    // Raw: the VM starts on a qcow2 overlay per disk (the backup as its
+    // backing file) and QEMU mirrors it into `<disk>.raw`, then switches
+    // the device over to it.
+    let raw = matches!(a.format, Some(FormatArg::Raw));
     if cli.keyfile.is_some()
         && cli.passphrase_file.is_none()
         && std::env::var_os("SHEAR_KEY_PASSPHRASE").is_none()
@@ -226,17 +228,26 @@ fn prepare(
         .into_iter()
         .filter(|(n, _)| a.disks.is_empty() || a.disks.contains(n))
         .map(|(name, size)| LiveDisk {
-            image: target.join(format!("{name}.qcow2")),
+            image: target.join(if raw {
+                format!("{name}.live.qcow2")
+            } else {
+                format!("{name}.qcow2")
+            }),
+            raw_target: raw.then(|| target.join(format!("{name}.raw"))),
+            mirror_ready: false,
             name,
             size,
             done: false,
         })
         .collect();
-    for d in &disks {
-        if std::fs::symlink_metadata(&d.image).is_ok() {
+    for p in disks
+        .iter()
+        .flat_map(|d| std::iter::once(&d.image).chain(d.raw_target.as_ref()))
+    {
+        if std::fs::symlink_metadata(p).is_ok() {
             bail!(
                 "{} exists: a live restore never replaces a file (move it away or pick another --target)",
-                d.image.display()
+                p.display()
             );
         }
     }
@@ -267,6 +278,15 @@ fn prepare(
         for d in &rec.disks {
             create_image(d, &rec)?;
             made.push(d.image.clone());
+            if let Some(t) = &d.raw_target {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(t)
+                    .and_then(|f| f.set_len(d.size))
+                    .with_context(|| format!("creating {}", t.display()))?;
+                made.push(t.clone());
+            }
         }
         let c = spawn_server(&rec)?;
         rec.server_pid = Some(c.id());
@@ -309,12 +329,16 @@ fn prepare(
     .map(|w| super::boot_cmdline::sh_quote(w))
     .collect::<Vec<_>>()
     .join(" ");
+    // The definition is for later boots: the final images.
     let written = super::vm_definition::write_beside(
         vm_config,
         target,
         &rec.disks
             .iter()
-            .map(|d| (d.name.clone(), d.image.clone(), "qcow2"))
+            .map(|d| match &d.raw_target {
+                Some(t) => (d.name.clone(), t.clone(), "raw"),
+                None => (d.name.clone(), d.image.clone(), "qcow2"),
+            })
             .collect::<Vec<_>>(),
     )?;
     for d in &rec.disks {
@@ -325,6 +349,13 @@ fn prepare(
             d.name,
             rec.socket.display()
         );
+        if let Some(t) = &d.raw_target {
+            out!(
+                "live-restore: {} is mirrored into {} while the VM runs, which then runs on it (boot it from there afterwards)",
+                d.name,
+                t.display()
+            );
+        }
     }
     for f in &written {
         out!("wrote {}", f.display());
@@ -474,6 +505,8 @@ struct Supervisor<'a> {
     /// This process found the server gone and started it again: a guest
     /// paused on an I/O error meanwhile was paused by that loss.
     restarted: bool,
+    /// A state shear must not go on from (said, and the command fails).
+    refused: Option<String>,
 }
 
 /// How long QEMU may be unreachable, once seen, before shear gives up
@@ -500,6 +533,31 @@ fn image_has_backing(image: &Path) -> Option<bool> {
     }
     let v: Value = serde_json::from_slice(&out.stdout).ok()?;
     Some(v.get("backing-filename").is_some())
+}
+
+/// Whether no process holds `image`'s lock (`qemu-img info` without
+/// `-U` opens it).
+fn image_unlocked(image: &Path) -> bool {
+    Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(image)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// What QEMU shows of a disk mirrored into a raw target.
+struct MirrorSeen<'a> {
+    seen: &'a crate::serve::live::Seen,
+    job: JobSeen,
+    /// The mirror job is READY (source and target in sync).
+    ready: bool,
+    /// A device runs on the raw target's node (switched over).
+    on_raw: bool,
+    /// The server is up.
+    up: bool,
 }
 
 impl Supervisor<'_> {
@@ -621,6 +679,10 @@ impl Supervisor<'_> {
             last_seen = Some(Instant::now());
             let step = self.poll(&q, &mut last_resume, &mut last_cont).await;
             q.shutdown();
+            if let Some(why) = self.refused.take() {
+                self.save(&why)?;
+                bail!("{why}");
+            }
             match step {
                 Ok(true) => return self.finish(),
                 Ok(false) => {}
@@ -651,7 +713,14 @@ impl Supervisor<'_> {
     fn copied_offline(&mut self) -> bool {
         let mut changed = false;
         for d in self.rec.disks.iter_mut().filter(|d| !d.done) {
-            if image_has_backing(&d.image) == Some(false) {
+            let copied = if d.raw_target.is_some() {
+                // In sync when the VM stopped, and no QEMU holds the
+                // overlay any more (its lock is free).
+                d.mirror_ready && image_unlocked(&d.image)
+            } else {
+                image_has_backing(&d.image) == Some(false)
+            };
+            if copied {
                 d.done = true;
                 changed = true;
             }
@@ -673,6 +742,7 @@ impl Supervisor<'_> {
             .execute_value("query-named-block-nodes", json!({"flat": true}))
             .await?;
         let jobs: Value = q.execute_value("query-block-jobs", json!({})).await?;
+        let blocks: Value = q.execute_value("query-block", json!({})).await?;
         let up = self.server_up();
         let mut changed = false;
         let mut attached = true;
@@ -682,15 +752,32 @@ impl Supervisor<'_> {
             }
             let job_id = format!("shear-live-{}", self.rec.disks[i].name);
             let seen = seen_in(&nodes, &self.rec.disks[i].image);
-            if seen == crate::serve::live::Seen::Absent {
-                attached = false;
-            }
-            let job = jobs
+            let job_v = jobs
                 .as_array()
                 .into_iter()
                 .flatten()
-                .find(|j| j["device"] == job_id.as_str())
-                .map_or(JobSeen::None, job_seen);
+                .find(|j| j["device"] == job_id.as_str());
+            let job = job_v.map_or(JobSeen::None, job_seen);
+            if self.rec.disks[i].raw_target.is_some() {
+                let on_raw = device_on(&blocks, &self.rec.disks[i].raw_node());
+                if seen == crate::serve::live::Seen::Absent && !on_raw {
+                    attached = false;
+                }
+                let mirror = MirrorSeen {
+                    seen: &seen,
+                    job,
+                    ready: job_v.is_some_and(|j| j["status"] == "ready"),
+                    on_raw,
+                    up,
+                };
+                changed |= self
+                    .poll_mirror(q, i, &nodes, &mirror, &job_id, last_resume)
+                    .await?;
+                continue;
+            }
+            if seen == crate::serve::live::Seen::Absent {
+                attached = false;
+            }
             match decide(&seen, job, up) {
                 Action::Wait => {}
                 Action::Done => {
@@ -761,8 +848,126 @@ impl Supervisor<'_> {
         Ok(done)
     }
 
+    /// One look at a disk mirrored into a raw target; `Ok(true)` if the
+    /// record changed.
+    async fn poll_mirror(
+        &mut self,
+        q: &qmp::Qmp,
+        i: usize,
+        nodes: &Value,
+        m: &MirrorSeen<'_>,
+        job_id: &str,
+        last_resume: &mut Option<Instant>,
+    ) -> anyhow::Result<bool> {
+        let d = self.rec.disks[i].clone();
+        let Some(raw) = d.raw_target.as_ref() else {
+            return Ok(false);
+        };
+        let raw_node = d.raw_node();
+        if m.on_raw {
+            // Switched over: drop the overlay's nodes (and with them the
+            // NBD node of its backing). A node QEMU made itself (`-drive`)
+            // went with the switch.
+            for node in nodes_of(nodes, &d.image) {
+                if let Err(e) = q
+                    .execute_value("blockdev-del", json!({"node-name": node}))
+                    .await
+                {
+                    tracing::warn!(node, error = %e, "blockdev-del of the live-restore overlay");
+                }
+            }
+            self.rec.disks[i].done = true;
+            self.rec.disks[i].mirror_ready = true;
+            eprintln!(
+                "live-restore: {} runs on {}; it no longer depends on the backup",
+                d.name,
+                raw.display()
+            );
+            return Ok(true);
+        }
+        if m.ready {
+            if !d.mirror_ready {
+                // Recorded before the switch: from here the raw target is
+                // the disk's data if anything dies.
+                self.rec.disks[i].mirror_ready = true;
+                self.save(&format!("mirror of {} in sync", d.name))?;
+            }
+            q.execute_value("block-job-complete", json!({"device": job_id}))
+                .await
+                .with_context(|| format!("block-job-complete {job_id}"))?;
+            eprintln!(
+                "live-restore: {} copied; switching the VM over to {}",
+                d.name,
+                raw.display()
+            );
+            return Ok(false);
+        }
+        match (m.seen, m.job) {
+            (crate::serve::live::Seen::Backed(node), JobSeen::None) if m.up => {
+                if d.mirror_ready {
+                    self.refused = Some(format!(
+                        "the VM runs on {} again, but {} is newer (its mirror was in sync when the VM stopped): stop the VM and start it on {}",
+                        d.image.display(),
+                        raw.display(),
+                        raw.display()
+                    ));
+                    return Ok(false);
+                }
+                if nodes_of(nodes, raw).is_empty() {
+                    let driver = if std::fs::metadata(raw).is_ok_and(|m| {
+                        std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type())
+                    }) {
+                        "host_device"
+                    } else {
+                        "file"
+                    };
+                    q.execute_value(
+                        "blockdev-add",
+                        json!({"driver": "raw", "node-name": raw_node, "discard": "unmap",
+                               "file": {"driver": driver, "filename": raw}}),
+                    )
+                    .await
+                    .with_context(|| format!("opening {} in the VM", raw.display()))?;
+                }
+                let mut args = json!({"job-id": job_id, "device": node, "target": raw_node,
+                    "sync": "full", "copy-mode": "write-blocking",
+                    "on-source-error": "stop", "on-target-error": "stop"});
+                if self.rec.speed > 0 {
+                    args["speed"] = json!(self.rec.speed);
+                }
+                q.execute_value("blockdev-mirror", args)
+                    .await
+                    .with_context(|| format!("blockdev-mirror {node} → {}", raw.display()))?;
+                eprintln!(
+                    "live-restore: copying {} into {} (blockdev-mirror {job_id})",
+                    d.name,
+                    raw.display()
+                );
+                self.rec.phase = Phase::Streaming;
+                Ok(true)
+            }
+            (crate::serve::live::Seen::Backed(_), JobSeen::PausedOnError) if m.up => {
+                if last_resume.is_none_or(|t| t.elapsed() > RESUME_EVERY) {
+                    *last_resume = Some(Instant::now());
+                    q.execute_value("block-job-resume", json!({"device": job_id}))
+                        .await
+                        .with_context(|| format!("block-job-resume {job_id}"))?;
+                    eprintln!("live-restore: resumed {job_id} after a read error");
+                }
+                Ok(false)
+            }
+            _ => Ok(false),
+        }
+    }
+
     fn finish(&mut self) -> anyhow::Result<()> {
         self.stop_server();
+        // The overlays of raw targets: their data is in the targets.
+        for d in &self.rec.disks {
+            if d.raw_target.is_some() {
+                let _ = std::fs::remove_file(&d.image);
+            }
+        }
         self.rec.phase = Phase::Complete;
         self.rec.server_pid = None;
         self.rec.complete_ms = Some(now_ms());

@@ -425,7 +425,8 @@ pub struct RestoreArgs {
     /// Directory to write `<disk>.<format>` into.
     #[arg(long)]
     pub target: PathBuf,
-    /// Image format (default raw; qcow2 with --live, which needs it).
+    /// Image format (default raw; with --live qcow2, or raw: mirrored
+    /// from a qcow2 overlay while the VM runs).
     #[arg(long, value_enum)]
     pub format: Option<FormatArg>,
     /// Replace existing regular files.

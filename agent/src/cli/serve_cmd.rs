@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use nbd_export::server::{BlockSource, Export, Listener, Server, ServerConfig, StopHandle};
+use nbd_export::server::{
+    BlockSource, Export, Listener, Server, ServerConfig, ServerTls, StopHandle,
+};
 
 use super::repo_cmds::{open, resolve_backup};
 use super::Cli;
@@ -27,11 +29,23 @@ pub struct ServeArgs {
     /// new private directory (0700) under $XDG_RUNTIME_DIR or the temp dir.
     #[arg(long, conflicts_with = "listen")]
     pub socket: Option<PathBuf>,
-    /// Listen on TCP (HOST:PORT). TLS is not built yet: needs --insecure.
+    /// Listen on TCP (HOST:PORT): needs --tls-creds, or --insecure.
     #[arg(long)]
     pub listen: Option<String>,
+    /// Require TLS with the x509 credentials in DIR, laid out as QEMU's
+    /// `tls-creds-x509` (server-cert.pem, server-key.pem; ca-cert.pem for
+    /// --tls-verify-peer). Clients: QEMU/qemu-img with
+    /// `--object tls-creds-x509,…,endpoint=client` and `tls-creds=`,
+    /// libnbd with `nbds://…?tls-certificates=DIR`. TLS-PSK
+    /// (tls-creds-psk) is not supported.
+    #[arg(long, value_name = "DIR")]
+    pub tls_creds: Option<PathBuf>,
+    /// With --tls-creds: clients must present a certificate signed by the
+    /// directory's ca-cert.pem.
+    #[arg(long, requires = "tls_creds")]
+    pub tls_verify_peer: bool,
     /// Serve TCP without TLS (anyone who can connect reads the disks).
-    #[arg(long, requires = "listen")]
+    #[arg(long, requires = "listen", conflicts_with = "tls_creds")]
     pub insecure: bool,
     /// Make the disks writable into overlay files in DIR
     /// (`<disk>.overlay` + `.overlay.map`); the backup is never written.
@@ -95,9 +109,17 @@ fn bind_unix(path: &Path) -> anyhow::Result<std::os::unix::net::UnixListener> {
 
 /// Runs `shear serve`.
 pub fn run(cli: &Cli, a: &ServeArgs) -> anyhow::Result<()> {
-    if a.listen.is_some() && !a.insecure {
-        bail!("TCP serving needs TLS, which is not built yet: use a unix socket (the default), or add --insecure to serve TCP in the clear");
+    if a.listen.is_some() && a.tls_creds.is_none() && !a.insecure {
+        bail!("TCP serving needs TLS: add --tls-creds DIR (x509 credentials as QEMU's tls-creds-x509: server-cert.pem, server-key.pem), use a unix socket (the default), or add --insecure to serve TCP in the clear");
     }
+    let tls = match &a.tls_creds {
+        Some(dir) => Some(
+            ServerTls::from_x509_dir(dir, a.tls_verify_peer)
+                .context("loading the TLS credentials")?,
+        ),
+        None => None,
+    };
+    let scheme = if tls.is_some() { "nbds" } else { "nbd" };
     let repo = open(cli)?;
     let id = resolve_backup(&repo, &a.backup)?;
     let backup = Arc::new(repo.open_backup(&id)?);
@@ -147,6 +169,7 @@ pub fn run(cli: &Cli, a: &ServeArgs) -> anyhow::Result<()> {
         exports,
         ServerConfig {
             max_connections: a.max_connections,
+            tls,
             ..ServerConfig::default()
         },
     )?;
@@ -159,7 +182,10 @@ pub fn run(cli: &Cli, a: &ServeArgs) -> anyhow::Result<()> {
             let l = std::net::TcpListener::bind(addr)
                 .with_context(|| format!("listening on {addr}"))?;
             let local = l.local_addr()?;
-            let uris: Vec<String> = disks.iter().map(|d| format!("nbd://{local}/{d}")).collect();
+            let uris: Vec<String> = disks
+                .iter()
+                .map(|d| format!("{scheme}://{local}/{d}"))
+                .collect();
             (Listener::Tcp(l), uris)
         }
         None => {
@@ -175,15 +201,26 @@ pub fn run(cli: &Cli, a: &ServeArgs) -> anyhow::Result<()> {
             cleanup.socket = Some(path.clone());
             let uris = disks
                 .iter()
-                .map(|d| format!("nbd+unix:///{d}?socket={}", path.display()))
+                .map(|d| format!("{scheme}+unix:///{d}?socket={}", path.display()))
                 .collect();
             (Listener::Unix(l), uris)
         }
     };
-    let mode = match &a.overlay {
+    let mut mode = match &a.overlay {
         Some(d) => format!("writable into overlays in {}", d.display()),
         None => "read-only".to_owned(),
     };
+    if let Some(d) = &a.tls_creds {
+        mode.push_str(&format!(
+            ", TLS required (credentials in {}{})",
+            d.display(),
+            if a.tls_verify_peer {
+                ", client certificates verified"
+            } else {
+                ""
+            }
+        ));
+    }
     out!(
         "serving {} disk(s) of {id}, {mode}; stop with SIGINT or SIGTERM",
         disks.len()

@@ -5,8 +5,10 @@
 //! and hands over whole chunks through a channel; this thread passes data
 //! chunks to the repository's bounded hash/compress pool and records holes
 //! directly. Every chunk buffer is paid from one byte budget from the read
-//! until the pool gives it back (`nbd_export::tuning::data_path_budget`):
-//! memory is that budget, whatever the disk size.
+//! until the pool gives it back ([`data_path_budget`]): memory is that
+//! budget, whatever the disk size. This budget and the I/O engine choice
+//! (`SHEAR_IO_ENGINE`) are shear's policy and live here; nbd-export only
+//! takes them as parameters.
 
 use std::sync::Arc;
 
@@ -18,6 +20,50 @@ use super::release::{FleeceWatch, Trimmer};
 use super::report::DiskReport;
 use super::JobError;
 use crate::repo;
+
+/// The backup's one bound on chunk memory across all its stages (read in
+/// flight, queued, hashed, compressed, waiting in the pool), with the
+/// reader's `budget_until_recycled`: 64 MiB, whatever the disk size.
+/// Before, the reader's 256 MiB budget was returned on delivery, and under
+/// CPU contention it filled while compression lagged: 320 MiB peak RSS on
+/// a full backup (bench 2026-11-30). The reader needs far fewer bytes in
+/// flight than that to keep two compressing workers busy (reading is ~5×
+/// faster than zstd -1 here).
+pub const DATA_PATH_BYTES: u64 = 64 << 20;
+
+/// The budget for `workers` hash/compress workers: [`DATA_PATH_BYTES`],
+/// or more when the workers alone could hold most of it (each works on one
+/// chunk with two queued, and the reader keeps four chunks in flight).
+pub fn data_path_budget(workers: usize, chunk_size: u32) -> u64 {
+    let per_chunk = u64::from(chunk_size);
+    let stages = (workers as u64).saturating_mul(3).saturating_add(4);
+    DATA_PATH_BYTES.max(stages.saturating_mul(per_chunk))
+}
+
+/// Environment variable that picks the NBD I/O engine: `uring`, `sync` or
+/// `auto` (the default: io_uring when the kernel allows it).
+pub const IO_ENGINE_ENV: &str = "SHEAR_IO_ENGINE";
+
+/// The I/O engine [`IO_ENGINE_ENV`] asks for (`Auto` when unset).
+pub fn io_engine() -> nbd_export::Result<nbd_export::EngineChoice> {
+    match std::env::var(IO_ENGINE_ENV) {
+        Ok(v) => nbd_export::EngineChoice::parse(&v).map_err(|_| {
+            nbd_export::Error::InvalidArgument(format!(
+                "{IO_ENGINE_ENV}={v:?}: expected uring, sync or auto"
+            ))
+        }),
+        Err(_) => Ok(nbd_export::EngineChoice::Auto),
+    }
+}
+
+/// Connects an NBD client with the engine from [`IO_ENGINE_ENV`].
+pub fn connect_client(src: &nbd_export::ExportSource) -> nbd_export::Result<nbd_export::Client> {
+    let opts = nbd_export::ClientOptions {
+        engine: io_engine()?,
+        ..nbd_export::ClientOptions::default()
+    };
+    nbd_export::Client::connect(src, &opts)
+}
 
 /// Data path settings.
 #[derive(Debug, Clone)]
@@ -103,14 +149,21 @@ fn read_all_here(
         }
         // The bandwidth limit is applied by the reader to the read requests
         // it sends (the bytes actually read, smoothly), not per chunk.
+        let engine = io_engine().map_err(|source| JobError::ReadFailed {
+            disk: disk.name.clone(),
+            offset: None,
+            cause: None,
+            source: Box::new(source),
+        })?;
         let cfg = nbd_export::ReaderConfig {
             chunk_size: writer.chunk_size(),
+            engine,
             connections: dp.connections,
             rate_limit: dp.bwlimit_bytes,
             // One bound on chunk memory for every stage (read, queued,
             // hashed, compressed, pooled): the pipeline gives every buffer
             // back through the recycler, stored or not.
-            byte_budget: nbd_export::tuning::data_path_budget(dp.workers, writer.chunk_size()),
+            byte_budget: data_path_budget(dp.workers, writer.chunk_size()),
             budget_until_recycled: true,
             ..nbd_export::ReaderConfig::default()
         };
@@ -291,8 +344,8 @@ fn read_missing(
         let step = format!("{step} ({})", disk.name);
         move |source| JobError::Nbd { step, source }
     };
-    let mut client = nbd_export::Client::connect(src, &nbd_export::ClientOptions::default())
-        .map_err(nbd("connecting to re-read chunks missing from the base"))?;
+    let mut client =
+        connect_client(src).map_err(nbd("connecting to re-read chunks missing from the base"))?;
     let mut bytes = 0u64;
     for &i in indexes {
         let off = i * u64::from(writer.chunk_size());

@@ -225,19 +225,17 @@ fn probe(disk: &NbdDisk, bitmap: Option<&str>) -> Result<Probed, JobError> {
     if let Some(b) = bitmap {
         src = src.with_dirty_bitmap(b);
     }
-    let client = nbd_export::Client::connect(&src, &nbd_export::ClientOptions::default()).map_err(
-        |source| JobError::Nbd {
-            step: format!(
-                "connecting to {} for disk {}{}",
-                disk.uri,
-                disk.name,
-                bitmap.map_or(String::new(), |b| format!(
-                    " (with meta context qemu:dirty-bitmap:{b})"
-                ))
-            ),
-            source,
-        },
-    )?;
+    let client = super::datapath::connect_client(&src).map_err(|source| JobError::Nbd {
+        step: format!(
+            "connecting to {} for disk {}{}",
+            disk.uri,
+            disk.name,
+            bitmap.map_or(String::new(), |b| format!(
+                " (with meta context qemu:dirty-bitmap:{b})"
+            ))
+        ),
+        source,
+    })?;
     let size = client.info().size;
     let _ = client.disconnect();
     Ok(Probed { size })

@@ -18,7 +18,7 @@
 //! instant: a store error, a failed pre-store verification (F-45) or
 //! any future in-run retry could then no longer go back to the snapshot.
 //! Waiting for the store costs only the pipeline's lag (at most the
-//! in-flight bytes of the data path, `tuning::DATA_PATH_BYTES`) of extra
+//! in-flight bytes of the data path, `datapath::DATA_PATH_BYTES`) of extra
 //! fleece growth.
 //!
 //! **Only what was read is released**, not holes or the clean chunks of an
@@ -92,7 +92,7 @@ impl Trimmer {
     pub fn start(source: &nbd_export::ExportSource) -> Result<Trimmer, String> {
         let mut src = source.clone();
         src.dirty_bitmap = None;
-        let client = nbd_export::Client::connect(&src, &nbd_export::ClientOptions::default())
+        let client = super::datapath::connect_client(&src)
             .map_err(|e| format!("connecting to trim: {}", crate::chain(&e)))?;
         let flags = client.info().flags;
         if flags.read_only() || !flags.can_trim() {

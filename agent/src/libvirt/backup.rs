@@ -886,7 +886,7 @@ pub async fn run_libvirt_backup(
             let src = nbd_export::ExportSource::unix(socket.display().to_string(), t.clone());
             let s2 = src.clone();
             let size = tokio::task::spawn_blocking(move || {
-                nbd_export::Client::connect(&s2, &nbd_export::ClientOptions::default()).map(|c| {
+                crate::job::datapath::connect_client(&s2).map(|c| {
                     let size = c.info().size;
                     let _ = c.disconnect();
                     size

@@ -60,8 +60,26 @@ pub struct LiveDisk {
     pub image: PathBuf,
     /// Virtual size, bytes.
     pub size: u64,
-    /// The copy of this disk ended (no backing file any more).
+    /// The copy of this disk ended (no backing file any more; with a raw
+    /// target: the VM runs on it).
     pub done: bool,
+    /// Raw target (file or block device) the disk is mirrored into while
+    /// the VM runs on `image`, a temporary qcow2 overlay; None: `image`
+    /// itself is the target (block-stream).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw_target: Option<PathBuf>,
+    /// The mirror into `raw_target` reached READY. It copies in
+    /// write-blocking mode, so from then on the target holds every write
+    /// the guest was told is done: it is the disk's data, whatever dies.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mirror_ready: bool,
+}
+
+impl LiveDisk {
+    /// QEMU node name of the raw target (`blockdev-add` by shear).
+    pub fn raw_node(&self) -> String {
+        format!("shear-live-raw-{}", self.name)
+    }
 }
 
 /// The durable record of one live restore:
@@ -303,6 +321,33 @@ pub fn seen_in(nodes: &serde_json::Value, image: &Path) -> Seen {
     }
 }
 
+/// Named nodes (not QEMU's `#block…`) that have `image` open: its format
+/// node and a separately named protocol node, format node first.
+pub fn nodes_of(nodes: &serde_json::Value, image: &Path) -> Vec<String> {
+    let want = image.to_string_lossy();
+    let mut v: Vec<(bool, String)> = nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|n| n["file"].as_str() == Some(&want))
+        .filter_map(|n| {
+            let name = n["node-name"].as_str()?;
+            (!name.starts_with('#')).then(|| (n["drv"] != "qcow2", name.to_owned()))
+        })
+        .collect();
+    v.sort();
+    v.into_iter().map(|(_, n)| n).collect()
+}
+
+/// Whether a device of the VM (`query-block`) runs on node `node`.
+pub fn device_on(blocks: &serde_json::Value, node: &str) -> bool {
+    blocks
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|b| b["inserted"]["node-name"] == node)
+}
+
 /// Whether any node of the VM still reads from `socket` (an NBD node the
 /// stream did not drop).
 pub fn references_socket(nodes: &serde_json::Value, socket: &Path) -> bool {
@@ -368,6 +413,17 @@ mod tests {
         assert_eq!(seen_in(&done, img), Seen::Independent);
         assert!(!references_socket(&done, Path::new("/s/x.sock")));
         assert_eq!(seen_in(&done, Path::new("/t/other.qcow2")), Seen::Absent);
+        // A raw target: the overlay's named nodes (format first), and the
+        // device on the raw node after the pivot.
+        assert_eq!(nodes_of(&nodes, img), vec!["drv0".to_owned()]);
+        let split = json!([
+            {"node-name": "file-scsi0", "drv": "file", "file": "/t/scsi0.qcow2"},
+            {"node-name": "drive-scsi0", "drv": "qcow2", "file": "/t/scsi0.qcow2"}
+        ]);
+        assert_eq!(nodes_of(&split, img), ["drive-scsi0", "file-scsi0"]);
+        let blocks = json!([{"device": "", "qdev": "vd0", "inserted": {"node-name": "shear-live-raw-scsi0"}}]);
+        assert!(device_on(&blocks, "shear-live-raw-scsi0"));
+        assert!(!device_on(&blocks, "drv0"));
     }
 
     #[test]
@@ -392,6 +448,8 @@ mod tests {
                 image: target.join("scsi0.qcow2"),
                 size: 1 << 30,
                 done: false,
+                raw_target: None,
+                mirror_ready: false,
             }],
             phase: Phase::Serving,
             server_pid: Some(42),

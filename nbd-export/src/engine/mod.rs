@@ -24,14 +24,10 @@ pub(crate) mod sync;
 #[allow(unsafe_code)]
 pub(crate) mod uring;
 
-/// Environment variable that picks the engine: `uring`, `sync` or `auto`.
-pub const ENGINE_ENV: &str = "SHEAR_IO_ENGINE";
-
 /// Which engine to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum EngineChoice {
-    /// `SHEAR_IO_ENGINE` if set, else io_uring when the kernel allows it,
-    /// else the portable engine.
+    /// io_uring when the kernel allows it, else the portable engine.
     #[default]
     Auto,
     /// io_uring; fail if unavailable.
@@ -66,22 +62,17 @@ impl EngineChoice {
             "sync" | "std" => Ok(EngineChoice::Sync),
             "auto" | "" => Ok(EngineChoice::Auto),
             other => Err(Error::InvalidArgument(format!(
-                "{ENGINE_ENV}={other:?}: expected uring, sync or auto"
+                "I/O engine {other:?}: expected uring, sync or auto"
             ))),
         }
     }
 
-    /// Picks the engine: an explicit choice wins, then `SHEAR_IO_ENGINE`,
-    /// then io_uring if a probe ring can be created (`io_uring_setup`).
+    /// Picks the engine: an explicit choice wins, else io_uring if a probe
+    /// ring can be created (`io_uring_setup`). The crate reads no
+    /// environment: a program that lets users pick (shear's
+    /// `SHEAR_IO_ENGINE`) parses it with [`EngineChoice::parse`].
     pub fn resolve(self) -> Result<EngineKind> {
-        let choice = match self {
-            EngineChoice::Auto => match std::env::var(ENGINE_ENV) {
-                Ok(v) => EngineChoice::parse(&v)?,
-                Err(_) => EngineChoice::Auto,
-            },
-            c => c,
-        };
-        resolve_with(choice, uring::probe)
+        resolve_with(self, uring::probe)
     }
 }
 

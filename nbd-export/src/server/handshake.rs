@@ -120,6 +120,8 @@ pub(super) fn negotiate(
         ));
     }
     let no_zeroes = client_flags & wire::NBD_FLAG_C_NO_ZEROES != 0;
+    // With TLS configured, nothing but STARTTLS and ABORT before it.
+    let mut tls_done = false;
     let mut structured = false;
     // (export name, base:allocation selected) of the last SET_META_CONTEXT.
     let mut meta: Option<(String, bool)> = None;
@@ -149,6 +151,43 @@ pub(super) fn negotiate(
             wire::NBD_OPT_ABORT => {
                 let _ = hs.reply(option, wire::NBD_REP_ACK, &[]);
                 return Ok(None);
+            }
+            wire::NBD_OPT_STARTTLS => {
+                let Some(tls) = &server.config.tls else {
+                    hs.error(
+                        option,
+                        wire::NBD_REP_ERR_POLICY,
+                        "TLS is not configured on this server",
+                    )?;
+                    continue;
+                };
+                if !data.is_empty() {
+                    hs.error(option, wire::NBD_REP_ERR_INVALID, "takes no data")?;
+                } else if tls_done {
+                    hs.error(option, wire::NBD_REP_ERR_INVALID, "TLS is already on")?;
+                } else {
+                    hs.reply(option, wire::NBD_REP_ACK, &[])?;
+                    let t = super::tls::accept(&**hs.stream, tls, hs.deadline)?;
+                    *hs.stream = Box::new(t);
+                    tls_done = true;
+                    // The negotiation starts over inside TLS.
+                    structured = false;
+                    meta = None;
+                }
+            }
+            wire::NBD_OPT_EXPORT_NAME if server.config.tls.is_some() && !tls_done => {
+                // Cannot be answered with an error: the spec says close.
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    "NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS on a TLS server",
+                ));
+            }
+            other if server.config.tls.is_some() && !tls_done => {
+                hs.error(
+                    other,
+                    wire::NBD_REP_ERR_TLS_REQD,
+                    "TLS is required: send NBD_OPT_STARTTLS first",
+                )?;
             }
             wire::NBD_OPT_LIST => {
                 if !data.is_empty() {

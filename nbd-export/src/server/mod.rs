@@ -4,6 +4,9 @@
 //! serves (a backup, a file): a source has a size, reads at any offset,
 //! reports extents (holes stay holes), and may accept writes.
 //!
+//! TLS (optional, then required): `NBD_OPT_STARTTLS` with x509
+//! credentials in QEMU's `tls-creds-x509` layout; see [`ServerTls`].
+//!
 //! Negotiation: fixed newstyle only, `NBD_OPT_LIST`, `NBD_OPT_INFO`/`GO`
 //! (export, block size and name info), `NBD_OPT_EXPORT_NAME`,
 //! `NBD_OPT_STRUCTURED_REPLY`, `NBD_OPT_LIST_META_CONTEXT`/
@@ -30,12 +33,14 @@
 mod conn;
 mod handshake;
 mod listener;
+mod tls;
 
 use std::io;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 pub use listener::{Listener, StopHandle};
+pub use tls::{ServerTls, CA_CERT, PSK_FILE, SERVER_CERT, SERVER_KEY};
 
 /// One extent of a source: `length` bytes that are data, or a hole
 /// (reads as zeroes, not allocated).
@@ -127,6 +132,9 @@ pub struct ServerConfig {
     pub max_option_len: u32,
     /// Options per handshake.
     pub max_options: usize,
+    /// TLS credentials: when set, TLS is required (`NBD_OPT_STARTTLS`
+    /// before anything else; see [`ServerTls`]).
+    pub tls: Option<ServerTls>,
 }
 
 impl Default for ServerConfig {
@@ -140,6 +148,7 @@ impl Default for ServerConfig {
             buffer_budget: 256 << 20,
             max_option_len: 64 << 10,
             max_options: 256,
+            tls: None,
         }
     }
 }
@@ -242,7 +251,11 @@ impl Server {
         };
         stream.set_read_timeout(None)?;
         stream.set_write_timeout(Some(self.config.write_timeout))?;
-        conn::transmission(self, stream, &neg)
+        let closer = stream.try_clone_box()?;
+        conn::transmission(self, stream, &neg)?;
+        // Best effort (the client may be gone already).
+        let _ = closer.close();
+        Ok(())
     }
 }
 
@@ -265,6 +278,10 @@ pub trait Stream: io::Read + io::Write + Send + 'static {
     fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()>;
     /// Shuts both directions down.
     fn shutdown(&self) -> io::Result<()>;
+    /// Ends the session cleanly after the last reply (TLS: `close_notify`).
+    fn close(&self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 impl Stream for std::os::unix::net::UnixStream {

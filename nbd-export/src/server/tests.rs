@@ -373,3 +373,294 @@ fn descriptors_are_clipped_merged_and_bounded() {
     );
     assert_eq!(conn::descriptors_for_test(&ext, 50, 1), vec![(15, 0)]);
 }
+
+// --- TLS (NBD_OPT_STARTTLS) ---
+
+const CA: &[u8] = include_bytes!("testdata/ca-cert.pem");
+const SERVER_CERT_PEM: &[u8] = include_bytes!("testdata/server-cert.pem");
+const SERVER_KEY_PEM: &[u8] = include_bytes!("testdata/server-key.pem");
+const CLIENT_CERT_PEM: &[u8] = include_bytes!("testdata/client-cert.pem");
+const CLIENT_KEY_PEM: &[u8] = include_bytes!("testdata/client-key.pem");
+
+fn tls_config(verify_peer: bool) -> ServerConfig {
+    ServerConfig {
+        tls: Some(
+            ServerTls::from_pem(SERVER_CERT_PEM, SERVER_KEY_PEM, verify_peer.then_some(CA))
+                .unwrap(),
+        ),
+        ..ServerConfig::default()
+    }
+}
+
+/// Sends an option on any stream; the replies up to the final one.
+fn opt<S: Read + Write>(s: &mut S, option: u32, data: &[u8]) -> Vec<(u32, Vec<u8>)> {
+    let mut v = Vec::new();
+    wire::encode_option(&mut v, option, data).unwrap();
+    s.write_all(&v).unwrap();
+    let mut replies = Vec::new();
+    loop {
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h).unwrap();
+        let ty = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+        let mut d = vec![0u8; len as usize];
+        s.read_exact(&mut d).unwrap();
+        let end = ty == wire::NBD_REP_ACK || ty & wire::NBD_REP_FLAG_ERROR != 0;
+        replies.push((ty, d));
+        if end {
+            return replies;
+        }
+    }
+}
+
+type TlsClient = rustls::StreamOwned<rustls::ClientConnection, UnixStream>;
+
+fn client_config(with_cert: bool) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(CA).unwrap())
+        .unwrap();
+    let b = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots);
+    Arc::new(if with_cert {
+        b.with_client_auth_cert(
+            vec![CertificateDer::from_pem_slice(CLIENT_CERT_PEM).unwrap()],
+            PrivateKeyDer::from_pem_slice(CLIENT_KEY_PEM).unwrap(),
+        )
+        .unwrap()
+    } else {
+        b.with_no_client_auth()
+    })
+}
+
+/// STARTTLS on a raw client and the TLS handshake (driven to its end).
+fn starttls(mut raw: Raw, with_cert: bool) -> io::Result<TlsClient> {
+    let r = opt(&mut raw.0, wire::NBD_OPT_STARTTLS, &[]);
+    assert_eq!(r.last().unwrap().0, wire::NBD_REP_ACK);
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(client_config(with_cert), name).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, raw.0);
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock)?;
+    }
+    Ok(s)
+}
+
+fn tls_go_and_read(s: &mut TlsClient, offset: u64, len: u32) -> Vec<u8> {
+    let r = opt(
+        s,
+        wire::NBD_OPT_GO,
+        &wire::encode_go_data("disk0", &[]).unwrap(),
+    );
+    assert_eq!(r.last().unwrap().0, wire::NBD_REP_ACK);
+    s.write_all(wire::Request::new(wire::NBD_CMD_READ, 0, 42, offset, len).as_bytes())
+        .unwrap();
+    let mut h = [0u8; 16];
+    s.read_exact(&mut h).unwrap();
+    assert_eq!(
+        u32::from_be_bytes(h[4..8].try_into().unwrap()),
+        0,
+        "read error"
+    );
+    assert_eq!(u64::from_be_bytes(h[8..16].try_into().unwrap()), 42);
+    let mut d = vec![0u8; len as usize];
+    s.read_exact(&mut d).unwrap();
+    d
+}
+
+/// Whether the server closes the connection within 20 s (EOF or reset,
+/// after whatever it still sends, e.g. a TLS alert).
+fn closed_by_server(s: &mut UnixStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut b = [0u8; 4096];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut =>
+            {
+                return false
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+#[test]
+fn tls_required_before_any_option_then_negotiation_and_reads_run_inside_tls() {
+    let r = start(false, tls_config(false));
+    let mut c = Raw::connect(&r);
+    for o in [
+        wire::NBD_OPT_LIST,
+        wire::NBD_OPT_STRUCTURED_REPLY,
+        wire::NBD_OPT_INFO,
+        wire::NBD_OPT_GO,
+    ] {
+        let data = if matches!(o, wire::NBD_OPT_INFO | wire::NBD_OPT_GO) {
+            wire::encode_go_data("disk0", &[]).unwrap()
+        } else {
+            Vec::new()
+        };
+        let rep = c.option(o, &data);
+        assert_eq!(rep.len(), 1, "{}", wire::option_name(o));
+        assert_eq!(
+            rep[0].0,
+            wire::NBD_REP_ERR_TLS_REQD,
+            "{}",
+            wire::option_name(o)
+        );
+    }
+    // STARTTLS with data is malformed (and TLS not started).
+    assert_eq!(
+        c.option(wire::NBD_OPT_STARTTLS, b"x")[0].0,
+        wire::NBD_REP_ERR_INVALID
+    );
+    let mut s = starttls(c, false).unwrap();
+    // STARTTLS twice: refused inside TLS, the session goes on.
+    let rep = opt(&mut s, wire::NBD_OPT_STARTTLS, &[]);
+    assert_eq!(rep[0].0, wire::NBD_REP_ERR_INVALID);
+    let rep = opt(&mut s, wire::NBD_OPT_LIST, &[]);
+    assert_eq!(rep[0].0, wire::NBD_REP_SERVER);
+    // A read larger than rustls' buffers (many records) is whole.
+    let got = tls_go_and_read(&mut s, 0, SIZE as u32);
+    assert!(got == pattern(), "data read over TLS differs");
+    // And the crate's own (plaintext) client is refused: TLS required.
+    let opts = ClientOptions {
+        engine: EngineChoice::Sync,
+        ..ClientOptions::default()
+    };
+    let err = Client::connect(&ExportSource::unix(&r.path, "disk0"), &opts).unwrap_err();
+    assert!(
+        matches!(&err, crate::Error::OptionRefused { reply, .. } if *reply == "NBD_REP_ERR_TLS_REQD"),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn tls_export_name_before_starttls_ends_the_connection() {
+    let r = start(false, tls_config(false));
+    let mut c = Raw::connect(&r);
+    let mut v = Vec::new();
+    wire::encode_option(&mut v, wire::NBD_OPT_EXPORT_NAME, b"disk0").unwrap();
+    c.0.write_all(&v).unwrap();
+    assert!(closed_by_server(&mut c.0), "no close after EXPORT_NAME");
+}
+
+#[test]
+fn tls_garbage_after_starttls_or_silence_ends_only_that_connection() {
+    let r = start(
+        false,
+        ServerConfig {
+            handshake_timeout: Duration::from_secs(2),
+            ..tls_config(false)
+        },
+    );
+    // Plaintext NBD options where the ClientHello should be.
+    let mut c = Raw::connect(&r);
+    assert_eq!(
+        c.option(wire::NBD_OPT_STARTTLS, &[])[0].0,
+        wire::NBD_REP_ACK
+    );
+    let mut junk = Vec::new();
+    for _ in 0..64 {
+        wire::encode_option(&mut junk, wire::NBD_OPT_GO, b"garbage!").unwrap();
+    }
+    c.0.write_all(&junk).unwrap();
+    assert!(
+        closed_by_server(&mut c.0),
+        "garbage after STARTTLS not refused"
+    );
+    // STARTTLS, then nothing: closed at the handshake deadline.
+    let mut c = Raw::connect(&r);
+    assert_eq!(
+        c.option(wire::NBD_OPT_STARTTLS, &[])[0].0,
+        wire::NBD_REP_ACK
+    );
+    let t0 = std::time::Instant::now();
+    assert!(closed_by_server(&mut c.0), "silent TLS client kept");
+    assert!(t0.elapsed() < Duration::from_secs(15));
+    // The server still serves.
+    let mut s = starttls(Raw::connect(&r), false).unwrap();
+    assert!(tls_go_and_read(&mut s, 4096, 8192) == pattern()[4096..4096 + 8192]);
+    drop(s);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while r.server.active_connections() > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(r.server.active_connections(), 0);
+}
+
+#[test]
+fn tls_verify_peer_refuses_a_client_without_a_certificate() {
+    let r = start(false, tls_config(true));
+    // Without a client certificate the handshake fails (TLS 1.3 may only
+    // show it at the first read), and nothing is served.
+    let refused = match starttls(Raw::connect(&r), false) {
+        Err(_) => true,
+        Ok(mut s) => {
+            let mut v = Vec::new();
+            wire::encode_option(&mut v, wire::NBD_OPT_LIST, &[]).unwrap();
+            let _ = s.write_all(&v);
+            let mut h = [0u8; 20];
+            s.read_exact(&mut h).is_err()
+        }
+    };
+    assert!(refused, "a client without a certificate was served");
+    let mut s = starttls(Raw::connect(&r), true).unwrap();
+    assert!(tls_go_and_read(&mut s, 0, 4096) == pattern()[..4096]);
+}
+
+#[test]
+fn starttls_on_a_plaintext_server_is_refused_by_policy() {
+    let r = start(false, ServerConfig::default());
+    let mut c = Raw::connect(&r);
+    assert_eq!(
+        c.option(wire::NBD_OPT_STARTTLS, &[])[0].0,
+        wire::NBD_REP_ERR_POLICY
+    );
+    c.go(false);
+    c.request(wire::NBD_CMD_READ, 1, 0, 512);
+    assert_eq!(c.simple(), (0, 1));
+}
+
+#[test]
+fn tls_credentials_directory_psk_and_missing_files_are_clear_errors() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join(PSK_FILE), "alice:0123abcd\n").unwrap();
+    let e = ServerTls::from_x509_dir(d.path(), false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("TLS-PSK is not supported"), "{e}");
+    std::fs::remove_file(d.path().join(PSK_FILE)).unwrap();
+    let e = ServerTls::from_x509_dir(d.path(), false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(SERVER_CERT), "{e}");
+    std::fs::write(d.path().join(SERVER_CERT), SERVER_CERT_PEM).unwrap();
+    std::fs::write(d.path().join(SERVER_KEY), CLIENT_KEY_PEM).unwrap();
+    // A key that is not the certificate's.
+    let e = ServerTls::from_x509_dir(d.path(), false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(SERVER_KEY), "{e}");
+    std::fs::write(d.path().join(SERVER_KEY), SERVER_KEY_PEM).unwrap();
+    assert!(!ServerTls::from_x509_dir(d.path(), false)
+        .unwrap()
+        .verify_peer());
+    // Verifying peers needs the CA.
+    let e = ServerTls::from_x509_dir(d.path(), true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(CA_CERT), "{e}");
+    std::fs::write(d.path().join(CA_CERT), CA).unwrap();
+    assert!(ServerTls::from_x509_dir(d.path(), true)
+        .unwrap()
+        .verify_peer());
+}
