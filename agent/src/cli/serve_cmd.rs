@@ -57,6 +57,12 @@ pub struct ServeArgs {
     /// Connections served at once.
     #[arg(long, default_value_t = 128)]
     pub max_connections: usize,
+    /// Serve one disk (--disk, or the backup's only one) as a
+    /// vhost-user-blk backend on this unix socket instead of NBD, for
+    /// QEMU's `vhost-user-blk-pci` (the guest's RAM must be a shared
+    /// memfd). Read-only unless --overlay.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["socket", "listen"])]
+    pub vhost_user: Option<PathBuf>,
 }
 
 /// Removes what serve created at exit.
@@ -135,6 +141,12 @@ pub fn run(cli: &Cli, a: &ServeArgs) -> anyhow::Result<()> {
     } else {
         a.disks.clone()
     };
+    if a.vhost_user.is_some() && disks.len() != 1 {
+        bail!(
+            "--vhost-user serves one disk: name it with --disk ({id} has {})",
+            disks.join(", ")
+        );
+    }
     if let Some(dir) = &a.overlay {
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -164,6 +176,9 @@ pub fn run(cli: &Cli, a: &ServeArgs) -> anyhow::Result<()> {
             description: format!("{id} disk {d}"),
             source,
         });
+    }
+    if let Some(path) = &a.vhost_user {
+        return run_vhost_user(path, &id.to_string(), exports, &overlays);
     }
     let server = Server::new(
         exports,
@@ -261,5 +276,73 @@ pub fn run(cli: &Cli, a: &ServeArgs) -> anyhow::Result<()> {
     tracing::info!(signal = why, "serve stopped");
     eprintln!("serve: stopped ({why})");
     accepted.context("accepting NBD connections")?;
+    Ok(())
+}
+
+/// `shear serve --vhost-user PATH`: the one disk in `exports` as a
+/// vhost-user-blk backend until SIGINT/SIGTERM (then the overlay is saved).
+fn run_vhost_user(
+    path: &Path,
+    id: &str,
+    exports: Vec<Export>,
+    overlays: &[Arc<Overlay>],
+) -> anyhow::Result<()> {
+    use crate::serve::vhost_user::{serve, BlkDevice};
+    let Some(export) = exports.into_iter().next() else {
+        bail!("no disk to serve");
+    };
+    let listener = bind_unix(path)?;
+    let cleanup = Cleanup {
+        socket: Some(path.to_owned()),
+        dir: None,
+    };
+    let mode = if export.source.writable() {
+        "writable into its overlay"
+    } else {
+        "read-only"
+    };
+    out!(
+        "serving disk {} of {id} over vhost-user-blk, {mode}; stop with SIGINT or SIGTERM",
+        export.name
+    );
+    out!(
+        "-chardev socket,id=vu0,path={} -device vhost-user-blk-pci,chardev=vu0 (guest RAM: -object memory-backend-memfd,id=mem,size=RAM,share=on -machine memory-backend=mem)",
+        path.display()
+    );
+    {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+    }
+    let dev = BlkDevice::new(export.source, &export.name);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("vhost-user".into())
+        .spawn(move || {
+            let _ = tx.send(serve(listener, dev));
+        })?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let ended = rt.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        anyhow::Ok(tokio::select! {
+            _ = term.recv() => Ok("SIGTERM"),
+            _ = int.recv() => Ok("SIGINT"),
+            r = rx => Err(match r {
+                Ok(Err(e)) => anyhow::Error::new(e),
+                _ => anyhow::anyhow!("the vhost-user server thread ended"),
+            }),
+        })
+    })?;
+    for o in overlays {
+        o.flush()
+            .with_context(|| format!("saving overlay {}", o.path().display()))?;
+    }
+    drop(cleanup);
+    let why = ended?;
+    tracing::info!(signal = why, "serve stopped");
+    eprintln!("serve: stopped ({why})");
     Ok(())
 }

@@ -1,4 +1,5 @@
-//! `shear serve`: a backup's disks as NBD exports.
+//! `shear serve`: a backup's disks as NBD exports, or one disk as a
+//! vhost-user-blk backend ([`vhost_user`]).
 //!
 //! Each disk is a [`crate::repo::SharedDisk`] (owned, cached, verified
 //! reads) behind the protocol-only server of `nbd-export`. Read-only by
@@ -7,6 +8,7 @@
 
 pub mod live;
 pub mod overlay;
+pub mod vhost_user;
 
 use std::io;
 use std::sync::Arc;
