@@ -28,6 +28,9 @@
 //! Writes `bench/results/<date>.md` and `.json` and prints the table.
 #![forbid(unsafe_code)]
 
+#[path = "bench_phases/s3.rs"]
+mod s3_phase;
+
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fmt::Write as _;
@@ -108,7 +111,9 @@ const USAGE: &str =
                     serve (issue 13: nbdcopy from shear serve vs from qemu-nbd),
                     guest (issue 17: guest O_DIRECT writes and a CPU-bound guest
                     job idle vs during backups, default and --workers 1),
-                    live (issue 13: live-restore RTO and time to independence)";
+                    live (issue 13: live-restore RTO and time to independence),
+                    s3 (issue 14: backup to S3 on loopback vs a local directory;
+                    sync with 1/4/16 streams, +0 and +40 ms per request)";
 
 impl Opts {
     fn parse(mut args: impl Iterator<Item = String>) -> Res<Opts> {
@@ -142,8 +147,16 @@ impl Opts {
                 "--only" => {
                     let v = args.next().ok_or("--only needs a value")?;
                     for p in v.split(',') {
-                        if !["incremental", "huge", "snapshot", "serve", "guest", "live"]
-                            .contains(&p)
+                        if ![
+                            "incremental",
+                            "huge",
+                            "snapshot",
+                            "serve",
+                            "guest",
+                            "live",
+                            "s3",
+                        ]
+                        .contains(&p)
                         {
                             return Err(format!("--only: unknown phase {p}\n{USAGE}"));
                         }
@@ -1288,6 +1301,9 @@ fn run() -> Res<()> {
         }
         if only("live") {
             live_phase(&b, &mut r)?;
+        }
+        if only("s3") {
+            s3_phase::s3_phase(&b, &mut r)?;
         }
     } else {
         let plan = Plan::for_size(b.size);
