@@ -10,7 +10,9 @@
 //!   data is written), `fsync` (before the temp file is fsynced), `rename`
 //!   (before it is moved to its name), `dir-fsync` (before the directory is
 //!   fsynced), `done` (everything durable, before returning), `delete`,
-//!   `mkdir`, `remove-tree`.
+//!   `mkdir`, `remove-tree`; on an S3 repository (`repo/s3.rs`, keys taken
+//!   as paths): `put` (before a PUT), `put-done` (after it), `delete`
+//!   (before a DELETE).
 //!
 //! Honoured only when [`TEST_HOOKS`] (debug builds, or the `test-hooks`
 //! feature): release builds compile every call down to nothing, so no

@@ -6,245 +6,20 @@
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 mod common;
+#[path = "common/s3.rs"]
+mod s3;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{image, restore_raw, t, CHUNK};
+use s3::{env_for, s3_repo, start_moto, start_proxy, Faults};
 use shear::repo::{
     BackupMeta, CommitInfo, DiskSpec, InitOptions, KeepOptions, Repository, VerifyTarget,
 };
-
-fn moto_binary() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("SHEAR_MOTO_SERVER") {
-        return Some(PathBuf::from(p));
-    }
-    let p = PathBuf::from("/opt/shear-test/moto/bin/moto_server");
-    p.exists().then_some(p)
-}
-
-struct Moto {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn http(port: u16, method: &str, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    Some(out)
-}
-
-/// Starts moto_server and makes bucket `shear`; `None` = skipped.
-fn start_moto() -> Option<Moto> {
-    let Some(bin) = moto_binary() else {
-        common::skip("moto_server (scripts/setup installs it into /opt/shear-test/moto)");
-        return None;
-    };
-    let port = free_port();
-    let child = Command::new(bin)
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let m = Moto { child, port };
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        if http(port, "GET", "/").is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "moto_server did not start in 90 s"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let r = http(port, "PUT", "/shear").unwrap();
-    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
-    Some(m)
-}
-
-/// What the proxy does to each request.
-#[derive(Default)]
-struct Faults {
-    /// Requests seen (by method).
-    puts: AtomicU64,
-    put_bytes: AtomicU64,
-    others: AtomicU64,
-    /// Answer 503 to every Nth request (0 = never), up to `inject_max`.
-    every: AtomicU64,
-    inject_max: AtomicU64,
-    injected: AtomicU64,
-    /// Answer 503 to everything.
-    dead: AtomicBool,
-    /// Answer 403 AccessDenied to every DELETE (credentials without
-    /// s3:DeleteObject, F-40).
-    deny_deletes: AtomicBool,
-    /// Added latency per request (ms), as on a long link.
-    delay_ms: AtomicU64,
-    /// Flip a byte in the body of this many PUTs of chunks (F-40).
-    corrupt_puts: AtomicU64,
-    corrupted: AtomicU64,
-    /// Requests being answered now, and the most seen at once (how many
-    /// requests a client really keeps in flight).
-    inflight: AtomicU64,
-    max_inflight: AtomicU64,
-}
-
-/// Counts a request as in flight until dropped.
-struct InFlight<'a>(&'a Faults);
-
-impl<'a> InFlight<'a> {
-    fn enter(f: &'a Faults) -> Self {
-        let now = f.inflight.fetch_add(1, Ordering::AcqRel) + 1;
-        f.max_inflight.fetch_max(now, Ordering::AcqRel);
-        InFlight(f)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.inflight.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// A one-request-per-connection HTTP proxy in front of moto: reads the
-/// request head, forwards it with `Connection: close` (so each request has
-/// its own connection and can be failed on its own), or answers 503.
-fn start_proxy(upstream: u16, faults: Arc<Faults>) -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        let n = AtomicU64::new(0);
-        for c in l.incoming() {
-            let Ok(c) = c else { continue };
-            let k = n.fetch_add(1, Ordering::AcqRel) + 1;
-            let faults = Arc::clone(&faults);
-            std::thread::spawn(move || {
-                let _ = serve(c, upstream, &faults, k);
-            });
-        }
-    });
-    port
-}
-
-fn serve(c: TcpStream, upstream: u16, f: &Faults, k: u64) -> std::io::Result<()> {
-    c.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let mut r = BufReader::new(c.try_clone()?);
-    let mut head = Vec::new();
-    let mut len = 0u64;
-    let mut method = String::new();
-    loop {
-        let mut line = String::new();
-        if r.read_line(&mut line)? == 0 {
-            return Ok(());
-        }
-        if method.is_empty() {
-            method = line.split(' ').next().unwrap_or("").to_owned();
-        }
-        let lower = line.to_ascii_lowercase();
-        if let Some(v) = lower.strip_prefix("content-length:") {
-            len = v.trim().parse().unwrap_or(0);
-        }
-        if line == "\r\n" {
-            break;
-        }
-        if !lower.starts_with("connection:") {
-            head.extend_from_slice(line.as_bytes());
-        }
-    }
-    head.extend_from_slice(b"Connection: close\r\n\r\n");
-    let mut body = vec![0u8; len as usize];
-    r.read_exact(&mut body)?;
-    if method == "PUT" {
-        f.puts.fetch_add(1, Ordering::AcqRel);
-        f.put_bytes.fetch_add(len, Ordering::AcqRel);
-    } else {
-        f.others.fetch_add(1, Ordering::AcqRel);
-    }
-    let every = f.every.load(Ordering::Acquire);
-    let inject = f.dead.load(Ordering::Acquire)
-        || (every > 0
-            && k.is_multiple_of(every)
-            && f.injected.load(Ordering::Acquire) < f.inject_max.load(Ordering::Acquire));
-    let mut c = c;
-    let _inflight = InFlight::enter(f);
-    let delay = f.delay_ms.load(Ordering::Acquire);
-    if delay > 0 {
-        std::thread::sleep(Duration::from_millis(delay));
-    }
-    if method == "PUT"
-        && head.windows(8).any(|w| w == b"/chunks/")
-        && body.len() > 64
-        && f.corrupted.load(Ordering::Acquire) < f.corrupt_puts.load(Ordering::Acquire)
-    {
-        f.corrupted.fetch_add(1, Ordering::AcqRel);
-        body[40] ^= 0x5a;
-    }
-    if method == "DELETE" && f.deny_deletes.load(Ordering::Acquire) {
-        let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>";
-        write!(
-            c,
-            "HTTP/1.1 403 Forbidden\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )?;
-        return Ok(());
-    }
-    if inject {
-        f.injected.fetch_add(1, Ordering::AcqRel);
-        c.write_all(
-            b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-        )?;
-        return Ok(());
-    }
-    let mut u = TcpStream::connect(("127.0.0.1", upstream))?;
-    u.write_all(&head)?;
-    u.write_all(&body)?;
-    std::io::copy(&mut u, &mut c)?;
-    Ok(())
-}
-
-fn env_for(port: u16) {
-    std::env::set_var("AWS_ACCESS_KEY_ID", "shear-test");
-    std::env::set_var("AWS_SECRET_ACCESS_KEY", "shear-test-secret");
-    std::env::set_var("AWS_REGION", "us-east-1");
-    std::env::set_var("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}"));
-    std::env::set_var("SHEAR_S3_GC_GRACE_SECS", "0");
-    std::env::set_var("SHEAR_S3_TIMEOUT", "20");
-    let cache = std::env::temp_dir().join(format!("shear-s3-cache-{}", std::process::id()));
-    std::env::set_var("SHEAR_CACHE_DIR", cache);
-}
-
-fn s3_repo(name: &str) -> PathBuf {
-    PathBuf::from(format!("s3://shear/{name}"))
-}
 
 fn opts() -> InitOptions {
     InitOptions {
@@ -697,5 +472,70 @@ fn s3_sync_streams_keep_requests_in_flight() {
         "8 streams kept at most {} requests in flight, 1 stream {}",
         most[1],
         most[0]
+    );
+}
+
+/// F-40: GET bodies cut short (the proxy closes the connection after half
+/// of a chunk's body). A few such cuts are retried (resumed) and the
+/// restore is byte-identical; a cut on every GET fails with a typed error
+/// naming the chunk object, not with a digest error or a short restore.
+#[test]
+fn f40_s3_truncated_get_body_is_retried_and_persistent_cut_names_the_object() {
+    let Some(moto) = start_moto() else { return };
+    let faults = Arc::new(Faults::default());
+    let proxy = start_proxy(moto.port, Arc::clone(&faults));
+    env_for(proxy);
+    let loc = s3_repo("truncated-get");
+    let repo = Repository::init(&loc, None, &opts()).unwrap();
+    let data = image(71, 16 * CHUNK as usize);
+    let id = backup(&repo, 1, &data).unwrap();
+
+    faults.truncate_gets.store(3, Ordering::Release);
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(restore_raw(&repo, &id, "scsi0", dir.path()), data);
+    assert_eq!(
+        faults.truncated.load(Ordering::Acquire),
+        3,
+        "the proxy cut fewer GET bodies than asked"
+    );
+
+    // Every chunk GET cut short: after a bounded number of retries, the
+    // read fails saying which object.
+    std::env::set_var("SHEAR_S3_RETRIES", "2");
+    std::env::set_var("SHEAR_S3_RETRY_TIMEOUT", "10");
+    let repo = Repository::open(&loc, None).unwrap();
+    faults.truncated.store(0, Ordering::Release);
+    faults.truncate_gets.store(u64::MAX, Ordering::Release);
+    let t0 = Instant::now();
+    let reader = repo.open_backup(&id).unwrap();
+    let disk = reader.open_disk("scsi0").unwrap();
+    let first = data
+        .chunks(CHUNK as usize)
+        .position(|c| c.iter().any(|&b| b != 0))
+        .unwrap() as u64;
+    let e = disk.read_chunk(first).unwrap_err();
+    let took = t0.elapsed();
+    let digest = hex::encode(disk.entries()[first as usize]);
+    match &e {
+        shear::repo::RepoError::Io { op, path, source } => {
+            assert_eq!(*op, "read the whole body of", "{e}");
+            assert!(
+                path.to_string_lossy()
+                    .ends_with(&format!("chunks/{}/{digest}", &digest[..2])),
+                "the error does not name the chunk object {digest}: {e}"
+            );
+            assert_eq!(source.kind(), std::io::ErrorKind::UnexpectedEof, "{e}");
+        }
+        other => panic!("not a read error naming the object: {other:?}"),
+    }
+    let cuts = faults.truncated.load(Ordering::Acquire);
+    assert!(
+        (2..=8).contains(&cuts),
+        "{cuts} cut bodies for one read: the retries are not bounded as configured"
+    );
+    assert!(took < Duration::from_secs(30), "{took:?}");
+    eprintln!(
+        "persistent cut: {} after {cuts} cut bodies, {took:?}",
+        shear::chain(&e)
     );
 }

@@ -28,6 +28,9 @@
 //! Writes `bench/results/<date>.md` and `.json` and prints the table.
 #![forbid(unsafe_code)]
 
+#[path = "bench_phases/s3.rs"]
+mod s3_phase;
+
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fmt::Write as _;
@@ -115,7 +118,9 @@ const USAGE: &str =
                     live (issue 13: live-restore RTO and time to independence),
                     boot (issue 13: shear verify --boot of the test guest's backup),
                     libvirt (issue 18: shear --libvirt full and incremental vs
-                    virtnbdbackup on the same domain)";
+                    virtnbdbackup on the same domain),
+                    s3 (issue 14: backup to S3 on loopback vs a local directory;
+                    sync with 1/4/16 streams, +0 and +40 ms per request)";
 
 impl Opts {
     fn parse(mut args: impl Iterator<Item = String>) -> Res<Opts> {
@@ -158,6 +163,7 @@ impl Opts {
                             "live",
                             "boot",
                             "libvirt",
+                            "s3",
                         ]
                         .contains(&p)
                         {
@@ -1310,6 +1316,9 @@ fn run() -> Res<()> {
         }
         if only("libvirt") {
             libvirt_phase::libvirt_phase(&b, &mut r)?;
+        }
+        if only("s3") {
+            s3_phase::s3_phase(&b, &mut r)?;
         }
     } else {
         let plan = Plan::for_size(b.size);

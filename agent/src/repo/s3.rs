@@ -126,6 +126,17 @@ fn s3_err(op: &'static str, key: &str, e: object_store::Error) -> RepoError {
     }
 }
 
+/// The failpoint kind of a key (`chunk`, `index`, `manifest`, `snapshot`,
+/// `file`: [`crate::failpoint::kind_of`] on the key as a path).
+fn failpoint_kind(key: &str) -> &'static str {
+    crate::failpoint::kind_of(std::path::Path::new(&format!("/{key}")))
+}
+
+/// Passes a test failpoint (a no-op in release builds).
+fn failpoint_hit(kind: &str, step: &str, key: &str) -> Result<()> {
+    crate::failpoint::hit(kind, step).map_err(|e| RepoError::io("failpoint", key, e))
+}
+
 /// F-40: whether the ETag a server returned for a single PUT says it
 /// stored other bytes than `data` (an MD5 ETag that differs from the
 /// body's). ETags that are not a plain MD5 (multipart, some encryption
@@ -410,27 +421,8 @@ impl S3Backend {
         })
     }
 
-    fn head_meta(&self, key: &str) -> Result<Option<object_store::ObjectMeta>> {
-        let p = self.path(key)?;
-        let s = Arc::clone(&self.store);
-        match self.run(async move { s.head(&p).await })? {
-            Ok(m) => Ok(Some(m)),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(s3_err("head", key, e)),
-        }
-    }
-}
-
-impl Backend for S3Backend {
-    fn location(&self) -> String {
-        if self.loc.prefix.is_empty() {
-            format!("s3://{}", self.loc.bucket)
-        } else {
-            format!("s3://{}/{}", self.loc.bucket, self.loc.prefix)
-        }
-    }
-
-    fn put(&self, key: &str, data: &[u8]) -> Result<()> {
+    /// The PUT itself (Object Lock headers where the repository asks).
+    fn put_inner(&self, key: &str, data: &[u8]) -> Result<()> {
         if let Some(lock) = self.object_lock() {
             if immut::is_immutable_key(key) {
                 return self.put_locked(key, data, lock);
@@ -459,31 +451,112 @@ impl Backend for S3Backend {
         }
     }
 
-    fn get(&self, key: &str, max_len: usize) -> Result<Vec<u8>> {
+    /// One GET: the body, or (bytes received, object size) when the body
+    /// ended short without an error. A body that fails mid-way (after
+    /// object_store's retries) is an error naming the object.
+    fn get_once(
+        &self,
+        key: &str,
+        max_len: usize,
+    ) -> Result<std::result::Result<Vec<u8>, (u64, u64)>> {
+        enum Got {
+            Body(Vec<u8>, u64),
+            TooLarge(u64),
+            Request(object_store::Error),
+            BodyFailed(object_store::Error),
+        }
         let p = self.path(key)?;
         let s = Arc::clone(&self.store);
         let r = self.run(async move {
-            let g = s.get(&p).await?;
+            let g = match s.get(&p).await {
+                Ok(g) => g,
+                Err(e) => return Got::Request(e),
+            };
             let size = g.meta.size;
             if size > max_len as u64 {
-                return Ok(Err(size));
+                return Got::TooLarge(size);
             }
-            g.bytes().await.map(Ok)
+            match g.bytes().await {
+                Ok(b) => Got::Body(b.to_vec(), size),
+                Err(e) => Got::BodyFailed(e),
+            }
         })?;
-        if let Ok(Ok(b)) = &r {
-            self.throttle_bytes(b.len());
-        }
         match r {
-            Ok(Ok(b)) if b.len() <= max_len => Ok(b.to_vec()),
-            Ok(Ok(b)) => Err(RepoError::corrupt(
-                key,
-                format!("{} bytes, larger than the limit {max_len}", b.len()),
-            )),
-            Ok(Err(size)) => Err(RepoError::corrupt(
+            Got::Body(b, size) => {
+                self.throttle_bytes(b.len());
+                let got = b.len() as u64;
+                // (size <= max_len was checked before the body was read.)
+                if got != size {
+                    return Ok(Err((got, size)));
+                }
+                Ok(Ok(b))
+            }
+            Got::TooLarge(size) => Err(RepoError::corrupt(
                 key,
                 format!("{size} bytes, larger than the limit {max_len}"),
             )),
-            Err(e) => Err(s3_err("get", key, e)),
+            Got::Request(e) => Err(s3_err("get", key, e)),
+            Got::BodyFailed(e) => Err(RepoError::io(
+                "read the whole body of",
+                key,
+                std::io::Error::new(std::io::ErrorKind::UnexpectedEof, crate::chain(&e)),
+            )),
+        }
+    }
+
+    fn head_meta(&self, key: &str) -> Result<Option<object_store::ObjectMeta>> {
+        let p = self.path(key)?;
+        let s = Arc::clone(&self.store);
+        match self.run(async move { s.head(&p).await })? {
+            Ok(m) => Ok(Some(m)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(s3_err("head", key, e)),
+        }
+    }
+}
+
+impl Backend for S3Backend {
+    fn location(&self) -> String {
+        if self.loc.prefix.is_empty() {
+            format!("s3://{}", self.loc.bucket)
+        } else {
+            format!("s3://{}/{}", self.loc.bucket, self.loc.prefix)
+        }
+    }
+
+    fn put(&self, key: &str, data: &[u8]) -> Result<()> {
+        // Kill campaigns (F-31 on S3): a process killed before a PUT, or
+        // right after it (before whatever would follow it).
+        let kind = failpoint_kind(key);
+        failpoint_hit(kind, "put", key)?;
+        self.put_inner(key, data)?;
+        failpoint_hit(kind, "put-done", key)
+    }
+
+    fn get(&self, key: &str, max_len: usize) -> Result<Vec<u8>> {
+        // A body cut short (connection closed early) is resumed by
+        // object_store's own retries (a range GET from where it stopped,
+        // same ETag); a body that still ends short without an error (a
+        // proxy that drops the length) is fetched again here, twice.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.get_once(key, max_len)? {
+                Ok(b) => return Ok(b),
+                Err((got, want)) if attempt < 3 => {
+                    tracing::warn!("{key}: body ended after {got} of {want} bytes: again");
+                }
+                Err((got, want)) => {
+                    return Err(RepoError::io(
+                        "read the whole body of",
+                        key,
+                        std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            format!("the body ended after {got} of {want} bytes, {attempt} times"),
+                        ),
+                    ))
+                }
+            }
         }
     }
 
@@ -509,6 +582,7 @@ impl Backend for S3Backend {
     }
 
     fn delete(&self, key: &str) -> Result<bool> {
+        failpoint_hit(failpoint_kind(key), "delete", key)?;
         // S3 DELETE succeeds whether or not the object existed; HEAD first
         // only to report which (callers count).
         let existed = self.head_meta(key)?.is_some();
