@@ -2584,14 +2584,21 @@ fn expect_kind<'a>(report: &'a Value, kind: &str, what: &str) -> Res<&'a Value> 
     let disks = report["disks"]
         .as_array()
         .ok_or("backup report has no disks")?;
+    // The QMP path names the disk by its qdev id (DISK); libvirt by its
+    // target (`vda`): a report with a single disk is that disk.
     let d = disks
         .iter()
         .find(|d| d["name"] == DISK)
+        .or(if disks.len() == 1 {
+            disks.first()
+        } else {
+            None
+        })
         .ok_or(format!("backup report has no disk {DISK}: {report}"))?;
     if d["kind"] != kind {
         return Err(format!(
-            "{what}: disk {DISK} was read {} (expected {kind}); full_reason: {}",
-            d["kind"], d["full_reason"]
+            "{what}: disk {} was read {} (expected {kind}); full_reason: {}",
+            d["name"], d["kind"], d["full_reason"]
         ));
     }
     Ok(d)
