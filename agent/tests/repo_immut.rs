@@ -202,101 +202,18 @@ fn cli_append_only_init_and_admin_token() {
 // ---------------------------------------------------------------------------
 // S3 Object Lock against moto (scripts/setup installs it).
 
-mod s3 {
-    use std::io::{Read, Write};
-    use std::net::{TcpListener, TcpStream};
-    use std::path::PathBuf;
-    use std::process::{Child, Command, Stdio};
-    use std::time::{Duration, Instant};
+#[path = "common/s3.rs"]
+mod s3;
 
-    pub struct Moto {
-        child: Child,
-        pub port: u16,
-    }
-
-    impl Drop for Moto {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-
-    /// One raw request (moto does not check signatures): the whole answer.
-    pub fn raw(port: u16, method: &str, path: &str, headers: &str) -> Option<String> {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).ok()?;
-        Some(out)
-    }
-
-    /// moto_server with bucket `shear-lock` (Object Lock) and `shear-plain`.
-    pub fn start() -> Option<Moto> {
-        let bin = std::env::var_os("SHEAR_MOTO_SERVER")
-            .map(PathBuf::from)
-            .or_else(|| {
-                let p = PathBuf::from("/opt/shear-test/moto/bin/moto_server");
-                p.exists().then_some(p)
-            });
-        let Some(bin) = bin else {
-            super::common::skip(
-                "moto_server (scripts/setup installs it into /opt/shear-test/moto)",
-            );
-            return None;
-        };
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(bin)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let m = Moto { child, port };
-        let deadline = Instant::now() + Duration::from_secs(90);
-        while !raw(port, "GET", "/", "").is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
-            assert!(
-                Instant::now() < deadline,
-                "moto_server did not start in 90 s"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        let r = raw(
-            port,
-            "PUT",
-            "/shear-lock",
-            "x-amz-bucket-object-lock-enabled: true\r\n",
-        )
-        .unwrap();
-        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
-        let r = raw(port, "PUT", "/shear-plain", "").unwrap();
-        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
-        std::env::set_var("AWS_ACCESS_KEY_ID", "shear-test");
-        std::env::set_var("AWS_SECRET_ACCESS_KEY", "shear-test-secret");
-        std::env::set_var("AWS_REGION", "us-east-1");
-        std::env::set_var("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}"));
-        std::env::set_var("SHEAR_S3_GC_GRACE_SECS", "0");
-        std::env::set_var("SHEAR_S3_TIMEOUT", "20");
-        let cache = std::env::temp_dir().join(format!("shear-s3-cache-{}", std::process::id()));
-        std::env::set_var("SHEAR_CACHE_DIR", cache);
-        Some(m)
-    }
-
-    /// A header of a raw answer.
-    pub fn header<'a>(answer: &'a str, name: &str) -> Option<&'a str> {
-        answer.lines().find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case(name).then(|| v.trim())
-        })
-    }
+/// moto_server with bucket `shear-lock` (Object Lock) and `shear-plain`,
+/// and the AWS environment pointing at it.
+fn start_lock_moto() -> Option<s3::Moto> {
+    let m = s3::start_moto_with_buckets(&[
+        ("shear-lock", "x-amz-bucket-object-lock-enabled: true\r\n"),
+        ("shear-plain", ""),
+    ])?;
+    s3::env_for(m.port);
+    Some(m)
 }
 
 fn server_ms() -> i64 {
@@ -318,7 +235,9 @@ fn server_ms() -> i64 {
 #[test]
 fn s3_object_lock_retention_prune_and_gc() {
     use shear::repo::immut::{ObjectLock, RetentionMode};
-    let Some(moto) = s3::start() else { return };
+    let Some(moto) = start_lock_moto() else {
+        return;
+    };
     const RET: u64 = 8;
     let lock = ObjectLock {
         mode: RetentionMode::Compliance,
@@ -554,7 +473,9 @@ impl Backend for FaultyListings {
 /// the listing's error) and delete nothing; healthy again, they work.
 #[test]
 fn f41_partial_s3_listings_abort_gc_and_prune() {
-    let Some(_moto) = s3::start() else { return };
+    let Some(_moto) = start_lock_moto() else {
+        return;
+    };
     let loc = Path::new("s3://shear-plain/f41");
     let s3 = shear::repo::url_backend(loc).unwrap().unwrap();
     let faulty = Arc::new(FaultyListings {
@@ -631,7 +552,9 @@ fn s3_settings_from_config_rate_limit_and_sync_streams() {
     use shear::repo::sync::{sync, SyncOptions};
     use std::os::unix::fs::PermissionsExt;
     use std::time::Instant;
-    let Some(moto) = s3::start() else { return };
+    let Some(moto) = start_lock_moto() else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let creds = dir.path().join("s3.credentials");
     std::fs::write(

@@ -48,6 +48,23 @@ fn text(o: &Output) -> String {
     )
 }
 
+/// The private directory of the restore VM a `verify --boot` started
+/// under `tmp`, once its console log exists (60 s at most).
+fn restore_vm_dir(tmp: &std::path::Path) -> PathBuf {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let found = std::fs::read_dir(tmp)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.join("console.log").exists());
+        if let Some(d) = found {
+            return d;
+        }
+        assert!(Instant::now() < deadline, "no restore VM started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn listed_restore_test(env: &ShearEnv) -> Value {
     let out = env.shear(&["list", "--json"]).output().unwrap();
     assert!(out.status.success(), "{}", text(&out));
@@ -193,18 +210,7 @@ fn vm_verify_boot_good_backup_records_ok_and_panicking_kernel_fails_clearly() {
     let mut c = env.shear(&["verify", "--boot", &id, "--accel", "tcg", "--memory", "256"]);
     c.env_remove("XDG_RUNTIME_DIR").env("TMPDIR", &tmp);
     let mut child = c.spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let vmdir = loop {
-        let found = std::fs::read_dir(&tmp)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .find(|p| p.join("console.log").exists());
-        if let Some(d) = found {
-            break d;
-        }
-        assert!(Instant::now() < deadline, "no restore VM started");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let vmdir = restore_vm_dir(&tmp);
     std::thread::sleep(Duration::from_millis(500));
     let qemu_running = |dir: &std::path::Path| {
         std::fs::read_dir("/proc").unwrap().any(|e| {
@@ -237,18 +243,7 @@ fn vm_verify_boot_good_backup_records_ok_and_panicking_kernel_fails_clearly() {
     let mut c = env.shear(&["verify", "--boot", &id, "--accel", "tcg", "--memory", "256"]);
     c.env_remove("XDG_RUNTIME_DIR").env("TMPDIR", &tmp);
     let mut child = c.spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let vmdir = loop {
-        let found = std::fs::read_dir(&tmp)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .find(|p| p.join("console.log").exists());
-        if let Some(d) = found {
-            break d;
-        }
-        assert!(Instant::now() < deadline, "no restore VM started");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let vmdir = restore_vm_dir(&tmp);
     std::thread::sleep(Duration::from_millis(500));
     assert!(qemu_running(&vmdir), "the restore VM's QEMU is not running");
     child.kill().unwrap();

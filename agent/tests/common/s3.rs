@@ -3,7 +3,7 @@
 //! HTTP proxy in front of it: 503 answers, a dead server, denied DELETEs,
 //! damaged PUT bodies, truncated GET bodies, added latency; it counts
 //! requests and records DELETEs. Included with `#[path]` by the tests that
-//! use it (repo_s3.rs, repo_killpoints.rs).
+//! use it (repo_s3.rs, repo_killpoints.rs, repo_immut.rs).
 // Test code: unwrap is the assertion.
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation, dead_code)]
 
@@ -44,11 +44,21 @@ pub fn free_port() -> u16 {
 }
 
 pub fn http(port: u16, method: &str, path: &str) -> Option<String> {
+    request(port, method, path, "", Duration::from_secs(10))
+}
+
+/// One raw request with extra `headers` (each ending in CRLF; moto does
+/// not check signatures): the whole answer.
+pub fn raw(port: u16, method: &str, path: &str, headers: &str) -> Option<String> {
+    request(port, method, path, headers, Duration::from_secs(20))
+}
+
+fn request(port: u16, method: &str, path: &str, headers: &str, wait: Duration) -> Option<String> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.set_read_timeout(Some(wait)).ok()?;
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .ok()?;
     let mut out = String::new();
@@ -56,8 +66,22 @@ pub fn http(port: u16, method: &str, path: &str) -> Option<String> {
     Some(out)
 }
 
+/// A header of a raw answer.
+pub fn header<'a>(answer: &'a str, name: &str) -> Option<&'a str> {
+    answer.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
 /// Starts moto_server and makes bucket `shear`; `None` = skipped.
 pub fn start_moto() -> Option<Moto> {
+    start_moto_with_buckets(&[("shear", "")])
+}
+
+/// Starts moto_server and makes each `(bucket, extra headers)`; `None` =
+/// skipped.
+pub fn start_moto_with_buckets(buckets: &[(&str, &str)]) -> Option<Moto> {
     let Some(bin) = moto_binary() else {
         crate::common::skip("moto_server (scripts/setup installs it into /opt/shear-test/moto)");
         return None;
@@ -81,8 +105,10 @@ pub fn start_moto() -> Option<Moto> {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let r = http(port, "PUT", "/shear").unwrap();
-    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    for (bucket, headers) in buckets {
+        let r = raw(port, "PUT", &format!("/{bucket}"), headers).unwrap();
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    }
     Some(m)
 }
 
