@@ -208,6 +208,21 @@ pub fn read_states(input: impl BufRead) -> Option<Held> {
     Some(held)
 }
 
+/// The watchdog's single-threaded runtime (both the QMP and the libvirt
+/// watchdog); `None` (said on stderr) if it cannot be built.
+pub(crate) fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            say(format_args!("shear watchdog: cannot start a runtime: {e}"));
+            None
+        }
+    }
+}
+
 /// The watchdog process's main: block on stdin, then rescue if needed and
 /// take back the dead agent's recorded graph changes (`record`: its run
 /// directory and VM id).
@@ -216,16 +231,7 @@ pub fn run(qmp: &Path, qga: Option<&Path>, record: Option<(&Path, &str)>) -> i32
     let agent_pid = std::os::unix::process::parent_id();
     let held = read_states(std::io::stdin().lock());
     let Some(held) = held else { return 0 };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            say(format_args!("shear watchdog: cannot start a runtime: {e}"));
-            return 2;
-        }
-    };
+    let Some(rt) = runtime() else { return 2 };
     let mut code = 0;
     if held.frozen || held.paused {
         say(format_args!(

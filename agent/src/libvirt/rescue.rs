@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 use super::backup::{record_path, LibvirtRecord, JOB_END};
 use super::virsh::{Virsh, QUERY};
 use super::LibvirtError;
-use crate::job::watchdog::{read_states, rescue_guest, say, Held, Release, Rescue, LOCK_WAIT};
+use crate::job::watchdog::{
+    read_states, rescue_guest, runtime, say, Held, Release, Rescue, LOCK_WAIT,
+};
 
 /// A libvirt domain as the watchdog sees it.
 struct Domain {
@@ -109,16 +111,7 @@ pub fn run(uri: &str, domain: &str, run_dir: &Path, stop_grace: Duration) -> i32
     let Some(held) = read_states(std::io::stdin().lock()) else {
         return 0;
     };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            say(format_args!("shear watchdog: cannot start a runtime: {e}"));
-            return 2;
-        }
-    };
+    let Some(rt) = runtime() else { return 2 };
     let virsh = Virsh::new(uri);
     if held.frozen || held.paused || held.stopped {
         say(format_args!(
