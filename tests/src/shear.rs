@@ -4,7 +4,7 @@
 //! These are assertions: a failed step is a failed test, so they unwrap.
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
@@ -68,13 +68,7 @@ impl ShearEnv {
         self.backup_with(vm, &vm.qga_socket(), &self.fleece_dir(), extra)
     }
     /// [`ShearEnv::backup`] with another qemu-ga socket and fleecing dir.
-    pub fn backup_with(
-        &self,
-        vm: &TestVm,
-        qga: &std::path::Path,
-        fleece: &std::path::Path,
-        extra: &[&str],
-    ) -> Command {
+    pub fn backup_with(&self, vm: &TestVm, qga: &Path, fleece: &Path, extra: &[&str]) -> Command {
         let mut c = self.shear(&["backup", "100", "--json"]);
         c.arg("--qmp").arg(vm.qmp_socket());
         c.arg("--qga").arg(qga);
@@ -121,6 +115,25 @@ pub fn wait_reading(vm: &mut TestVm, child: &mut Child, timeout: Duration) {
         },
     )
     .unwrap();
+}
+
+/// Every file of the repository with its content, sorted by path (lock
+/// files left out): equal before and after means nothing was written.
+pub fn repo_state(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut v = Vec::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if !p.to_string_lossy().ends_with(".lock") {
+                v.push((p.clone(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
 }
 
 /// Run; panic with its output unless it succeeds.

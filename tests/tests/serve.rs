@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use shear_tests::shear::{report_of, run_ok, ShearEnv};
+use shear_tests::shear::{repo_state, report_of, run_ok, ShearEnv};
 use shear_tests::{require_guest, require_qemu, require_tool, DiskSpec, TestVm, VmConfig};
 
 const MIB: u64 = 1 << 20;
@@ -123,24 +123,6 @@ fn ok(c: &mut Command) -> std::process::Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
-}
-
-/// Every file of the repository with its content.
-fn repo_state(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut v = Vec::new();
-    let mut stack = vec![root.to_owned()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if !p.to_string_lossy().ends_with(".lock") {
-                v.push((p.clone(), std::fs::read(&p).unwrap()));
-            }
-        }
-    }
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
 }
 
 /// A paused VM with scsi0 (48 MiB: data at 1 MiB and 20 MiB, zeros

@@ -20,7 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use shear_tests::shear::{report_of, run_ok, ShearEnv};
+use shear_tests::shear::{repo_state, report_of, run_ok, ShearEnv};
 use shear_tests::{require_guest, require_tool, DiskSpec, TestVm, VmConfig};
 
 const MIB: u64 = 1 << 20;
@@ -123,24 +123,6 @@ fn sha256(data: &[u8]) -> String {
     drop(c.stdin.take());
     let out = String::from_utf8(c.wait_with_output().unwrap().stdout).unwrap();
     out.split_whitespace().next().unwrap().to_owned()
-}
-
-/// Every file of the repository with its content.
-fn repo_state(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut v = Vec::new();
-    let mut stack = vec![root.to_owned()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if !p.to_string_lossy().ends_with(".lock") {
-                v.push((p.clone(), std::fs::read(&p).unwrap()));
-            }
-        }
-    }
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
 }
 
 /// A paused VM with scsi0 (32 MiB: data at 1 MiB, 20 MiB and in the last
