@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::datapath::{read_all, DataPathConfig, DiskJob};
+use super::datapath::{self, DataPathConfig, DiskJob};
 use super::events::{JobEvent, Observer, Phase};
 use super::graph::{self, GraphBuilder, NodeNames, VmDisk};
 use super::incremental::{self, DiskTracking};
@@ -666,22 +666,21 @@ impl BackupRun {
             bwlimit_bytes: self.opts.bwlimit_kib.saturating_mul(1024),
             priority: self.opts.priority,
         };
-        let cancel = self.cancel.clone();
-        let observer = self.observer.clone();
-        let (session, disks) = tokio::task::spawn_blocking(move || {
-            let r = read_all(&session, &jobs, &dp, &cancel, observer.as_ref());
-            (session, r)
-        })
-        .await
-        .map_err(|e| JobError::Invalid(format!("data path thread failed: {e}")))?;
-        match disks {
-            Ok(disks) => Ok(PendingCommit {
+        let read = datapath::read_all_blocking(
+            session,
+            jobs,
+            dp,
+            self.cancel.clone(),
+            self.observer.clone(),
+        )
+        .await;
+        match read {
+            Ok((session, disks)) => Ok(PendingCommit {
                 session,
                 disks,
                 read_ms: ms(t_read.elapsed()),
             }),
             Err(e) => {
-                session.abort();
                 let _ = self.reconnect().await;
                 Err(super::diagnose::explain(self.monitor.conn(), &self.opts.fleecing_dir, e).await)
             }

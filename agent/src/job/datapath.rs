@@ -102,7 +102,7 @@ pub(crate) struct DiskJob {
 /// Read every disk's export into the session (blocking), on a thread of
 /// its own at the data path's priority (`dp.priority`; the threads it
 /// starts inherit it), so the caller's thread keeps its own.
-pub(crate) fn read_all(
+fn read_all(
     session: &repo::BackupSession,
     jobs: &[DiskJob],
     dp: &DataPathConfig,
@@ -116,6 +116,31 @@ pub(crate) fn read_all(
     .map_err(|e| JobError::io("starting the data-path thread", e))?
 }
 
+/// [`read_all`] from async code, on a blocking thread. If the read fails
+/// the session is aborted (nothing of this backup is listed) before the
+/// error is returned; on success the session comes back for the commit.
+pub(crate) async fn read_all_blocking(
+    session: repo::BackupSession,
+    jobs: Vec<DiskJob>,
+    dp: DataPathConfig,
+    cancel: Cancel,
+    observer: super::events::Observer,
+) -> Result<(repo::BackupSession, Vec<DiskReport>), JobError> {
+    let (session, r) = tokio::task::spawn_blocking(move || {
+        let r = read_all(&session, &jobs, &dp, &cancel, observer.as_ref());
+        (session, r)
+    })
+    .await
+    .map_err(|e| JobError::Invalid(format!("data path thread failed: {e}")))?;
+    match r {
+        Ok(disks) => Ok((session, disks)),
+        Err(e) => {
+            session.abort();
+            Err(e)
+        }
+    }
+}
+
 fn read_all_here(
     session: &repo::BackupSession,
     jobs: &[DiskJob],
@@ -124,6 +149,12 @@ fn read_all_here(
     observer: &dyn JobObserver,
 ) -> Result<Vec<DiskReport>, JobError> {
     let mut reports = Vec::new();
+    let t0 = std::time::Instant::now();
+    // The read phase's own steps (`RUST_LOG=shear::timing=debug`), timed
+    // from its start: where an incremental's fraction of a second goes.
+    let step = |step: &str| {
+        tracing::debug!(target: "shear::timing", step, datapath_ms = super::backup::ms(t0.elapsed()));
+    };
     // Every disk's fleece grows from the freeze on, also while the disks
     // before it are read: sample them all for the whole data path.
     let watch = FleeceWatch::start(jobs.iter().map(|j| j.fleece.clone()).collect());
@@ -174,6 +205,7 @@ fn read_all_here(
                 cause: None,
                 source: Box::new(source),
             })?;
+        step("read: reader started");
         if stream.export_info().size != disk.virtual_size {
             return Err(JobError::Invalid(format!(
                 "export of {} has {} bytes, the disk {}",
@@ -216,6 +248,7 @@ fn read_all_here(
         });
         let mut read_so_far = 0u64;
         let mut failed = None;
+        let mut first = true;
         // Clean chunks whose base chunk is no longer stored: read them.
         let mut missing: Vec<u64> = Vec::new();
         // Not `for … in stream.by_ref()`: the loop reads the stream's stats.
@@ -237,6 +270,10 @@ fn read_all_here(
                     break;
                 }
             };
+            if first {
+                step("read: first chunk");
+                first = false;
+            }
             let read_now = stream.stats().bytes_read;
             observer.event(&JobEvent::DiskProgress {
                 disk: &disk.name,
@@ -274,6 +311,7 @@ fn read_all_here(
             return Err(failed.unwrap_or_else(|| JobError::Invalid("read stopped".into())));
         }
         drop(stream);
+        step("read: stream drained");
         let mut reread = 0u64;
         if !missing.is_empty() {
             reread = read_missing(&src, &writer, &pipeline, &missing, disk)?;
@@ -281,6 +319,7 @@ fn read_all_here(
         pipeline
             .finish()
             .map_err(JobError::repo(format!("storing {}", disk.name)))?;
+        step("read: pipeline finished");
         let released = trimmer.map(Trimmer::finish);
         let fleece_peak_bytes = watch.peak(disk_no);
         if let Some(b) = fleece_peak_bytes {
@@ -290,6 +329,7 @@ fn read_all_here(
             "writing the index of {}",
             disk.name
         )))?;
+        step("read: index written");
         reports.push(DiskReport {
             name: disk.name.clone(),
             virtual_size: disk.virtual_size,

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use super::backup::ms;
 use super::cancel::Cancel;
-use super::datapath::{read_all, DataPathConfig, DiskJob};
+use super::datapath::{self, DataPathConfig, DiskJob};
 use super::events::{JobEvent, Observer, Phase};
 use super::graph::VmDisk;
 use super::lock::{lock_vm, private_dir};
@@ -225,7 +225,7 @@ fn probe(disk: &NbdDisk, bitmap: Option<&str>) -> Result<Probed, JobError> {
     if let Some(b) = bitmap {
         src = src.with_dirty_bitmap(b);
     }
-    let client = super::datapath::connect_client(&src).map_err(|source| JobError::Nbd {
+    let client = datapath::connect_client(&src).map_err(|source| JobError::Nbd {
         step: format!(
             "connecting to {} for disk {}{}",
             disk.uri,
@@ -432,20 +432,8 @@ pub async fn run_nbd_backup(
             "name": j.disk.name, "uri": j.disk.filename, "virtual-size": j.disk.virtual_size,
         })).collect::<Vec<_>>(),
     });
-    let (c2, o2) = (cancel.clone(), observer.clone());
-    let (session, disks) = tokio::task::spawn_blocking(move || {
-        let r = read_all(&session, &jobs, &dp, &c2, o2.as_ref());
-        (session, r)
-    })
-    .await
-    .map_err(|e| JobError::Invalid(format!("data path thread failed: {e}")))?;
-    let disks = match disks {
-        Ok(d) => d,
-        Err(e) => {
-            session.abort();
-            return Err(e);
-        }
-    };
+    let (session, disks) =
+        datapath::read_all_blocking(session, jobs, dp, cancel.clone(), observer.clone()).await?;
     let read_ms = ms(t_read.elapsed());
     observer.event(&JobEvent::Phase {
         vmid: &opts.vmid,

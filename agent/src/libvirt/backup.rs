@@ -35,7 +35,7 @@ use super::LibvirtError;
 use crate::hookscript::HookPhase;
 use crate::job::backup::ms;
 use crate::job::cancel::Cancel;
-use crate::job::datapath::{read_all, DataPathConfig, DiskJob};
+use crate::job::datapath::{DataPathConfig, DiskJob};
 use crate::job::events::{JobEvent, Observer, Phase};
 use crate::job::fleece::{self, FleecePolicy};
 use crate::job::graph::VmDisk;
@@ -985,20 +985,14 @@ pub async fn run_libvirt_backup(
             "checkpoint": new_cp,
             "libvirt_xml": domain_xml,
         });
-        let (c2, o2) = (cancel.clone(), observer.clone());
-        let (session, disks) = tokio::task::spawn_blocking(move || {
-            let r = read_all(&session, &jobs, &dp, &c2, o2.as_ref());
-            (session, r)
-        })
-        .await
-        .map_err(|e| JobError::Invalid(format!("data path thread failed: {e}")))?;
-        let disks = match disks {
-            Ok(d) => d,
-            Err(e) => {
-                session.abort();
-                return Err(e);
-            }
-        };
+        let (session, disks) = crate::job::datapath::read_all_blocking(
+            session,
+            jobs,
+            dp,
+            cancel.clone(),
+            observer.clone(),
+        )
+        .await?;
         let read_ms = ms(t_read.elapsed());
         // End the job before the commit: a backup is recorded only when
         // libvirt let go of the domain.
