@@ -571,6 +571,11 @@ struct Supervisor<'a> {
 /// How long QEMU may be unreachable, once seen, before shear gives up
 /// supervising (the server keeps serving).
 const QEMU_GONE_AFTER: Duration = Duration::from_secs(30);
+/// How long every look at a reachable VM may fail (a command QEMU
+/// refuses, such as opening a raw target that no longer fits) before shear
+/// gives up supervising with that error, instead of retrying it forever
+/// (the server keeps serving: the VM still needs it).
+const POLL_FAILING_MAX: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(300);
 /// Between two `block-job-resume`s of one job (QEMU's NBD client
 /// reconnects in the background with a growing backoff).
@@ -690,6 +695,7 @@ impl Supervisor<'_> {
         let mut last_cont: Option<Instant> = None;
         let mut last_offline: Option<Instant> = None;
         let waiting_since = Instant::now();
+        let mut failing_since: Option<Instant> = None;
         loop {
             let all_done = self.rec.disks.iter().all(|d| d.done);
             if !all_done && !self.server_up() {
@@ -744,9 +750,23 @@ impl Supervisor<'_> {
             }
             match step {
                 Ok(true) => return self.finish(),
-                Ok(false) => {}
+                Ok(false) => failing_since = None,
                 Err(e) => {
                     tracing::warn!(error = %format!("{e:#}"), "live-restore poll");
+                    let since = *failing_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > POLL_FAILING_MAX {
+                        let why = format!(
+                            "the live restore cannot go on: {e:#} (failing for {} s)",
+                            since.elapsed().as_secs()
+                        );
+                        self.save(&why)?;
+                        bail!(
+                            "{why}; the VM keeps running on the images, the server keeps serving on {}: fix the cause, then `shear restore {} --live --resume --target {}`",
+                            self.rec.socket.display(),
+                            self.rec.backup,
+                            self.rec.target.display()
+                        );
+                    }
                 }
             }
             if self.rec.vm_attached_ms.is_none() && waiting_since.elapsed() > self.vm_timeout {
