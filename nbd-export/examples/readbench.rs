@@ -37,7 +37,7 @@ fn run() -> Result<(), String> {
     let mut tcp = None;
     let mut export = String::new();
     let mut bitmap = None;
-    let mut cfg = ReaderConfig::default();
+    let mut cfg = ReaderConfig::new(4 << 20); // --chunk-size overrides
     let mut repeat = 1;
     let mut recycle = true;
     while let Some(a) = args.next() {

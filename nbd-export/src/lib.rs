@@ -38,7 +38,7 @@
 //!
 //! let src = ExportSource::unix("/run/shear/vm100/nbd.sock", "drive0")
 //!     .with_dirty_bitmap("shear-tmp"); // omit for a full backup
-//! let mut chunks = ChunkReader::start(&src, &ReaderConfig::default())?;
+//! let mut chunks = ChunkReader::start(&src, &ReaderConfig::new(4 << 20))?; // 4 MiB chunks
 //! let recycler = chunks.recycler(); // optional: reuse chunk buffers
 //! for item in &mut chunks {
 //!     let chunk = item?; // errors carry the chunk index and offset

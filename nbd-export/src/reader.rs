@@ -66,10 +66,13 @@ pub struct Chunk {
     pub kind: ChunkKind,
 }
 
-/// Reader settings; `Default` gives the tuned values.
+/// Reader settings; [`ReaderConfig::new`] gives the tuned values for a
+/// chunk size the caller chooses (the crate has no notion of one: it is
+/// the caller's unit, such as a backup store's chunk size).
 #[derive(Debug, Clone)]
 pub struct ReaderConfig {
-    /// Chunk size (a multiple of the server's minimum block size).
+    /// Chunk size (a multiple of the server's minimum block size, at most
+    /// [`tuning::MAX_CHUNK_SIZE`]).
     pub chunk_size: u32,
     /// Connections to open (reduced to 1 if the server does not advertise
     /// multi-conn).
@@ -101,10 +104,12 @@ pub struct ReaderConfig {
     pub rate_limit: u64,
 }
 
-impl Default for ReaderConfig {
-    fn default() -> Self {
+impl ReaderConfig {
+    /// The tuned settings for chunks of `chunk_size` bytes (checked when
+    /// the reader starts).
+    pub fn new(chunk_size: u32) -> Self {
         ReaderConfig {
-            chunk_size: tuning::DEFAULT_CHUNK_SIZE,
+            chunk_size,
             connections: tuning::DEFAULT_CONNECTIONS,
             byte_budget: tuning::DEFAULT_BYTE_BUDGET,
             engine: EngineChoice::Auto,

@@ -6,11 +6,6 @@ use std::time::Duration;
 
 const MIB: u32 = 1 << 20;
 
-/// Default size of the chunks the reader hands out (a caller with its own
-/// unit, such as a backup store's chunk size, sets
-/// [`crate::ReaderConfig::chunk_size`]).
-pub const DEFAULT_CHUNK_SIZE: u32 = 4 * MIB;
-
 /// Largest chunk the reader accepts. A chunk is one allocation; 64 MiB keeps
 /// a single item far below any sane byte budget.
 pub const MAX_CHUNK_SIZE: u32 = 64 * MIB;
@@ -115,8 +110,8 @@ pub const DEFAULT_CONNECTIONS: usize = 2;
 /// Upper bound on connections.
 pub const MAX_CONNECTIONS: usize = 16;
 
-/// Default byte budget: 64 chunks of 4 MiB. Plenty for the pipeline to stay
-/// full with 4 connections × 64 MiB in flight.
+/// Default byte budget: 256 MiB (64 chunks of 4 MiB). Plenty for the
+/// pipeline to stay full with 4 connections × 64 MiB in flight.
 pub const DEFAULT_BYTE_BUDGET: u64 = 256 * MIB as u64;
 
 /// Chunk buffers given back by the consumer and kept for reuse. Reusing a

@@ -34,13 +34,12 @@ fn image() -> Image {
 fn cfg(engine: EngineChoice) -> ReaderConfig {
     ReaderConfig {
         engine,
-        chunk_size: 128 * KIB as u32,
         read_request_len: 64 * KIB as u32,
         connections: 2,
         byte_budget: KIB * KIB,
         idle_timeout: Duration::from_secs(3),
         handshake_timeout: Duration::from_secs(3),
-        ..ReaderConfig::default()
+        ..ReaderConfig::new(128 * KIB as u32)
     }
 }
 
@@ -776,7 +775,7 @@ fn f20_long_block_status_requests_keep_replies_bounded() {
                 engine,
                 idle_timeout: Duration::from_secs(3),
                 handshake_timeout: Duration::from_secs(3),
-                ..ReaderConfig::default()
+                ..ReaderConfig::new(4 * (KIB * KIB) as u32)
             };
             let e = within(LIMIT, move || {
                 let _keep = &srv;

@@ -24,12 +24,11 @@ const MIB: u64 = 1 << 20;
 fn cfg(engine: EngineChoice) -> ReaderConfig {
     ReaderConfig {
         engine,
-        chunk_size: 256 * KIB as u32,
         read_request_len: 64 * KIB as u32,
         connections: 3,
         byte_budget: 2 * MIB,
         idle_timeout: Duration::from_secs(10),
-        ..ReaderConfig::default()
+        ..ReaderConfig::new(256 * KIB as u32)
     }
 }
 
@@ -720,7 +719,7 @@ fn sparse_export_is_mapped_in_few_block_status_requests() {
             engine,
             connections: 2,
             idle_timeout: Duration::from_secs(10),
-            ..ReaderConfig::default()
+            ..ReaderConfig::new(CHUNK as u32)
         };
         let mut s = ChunkReader::start(&src, &c).unwrap();
         let mut kinds = BTreeMap::new();

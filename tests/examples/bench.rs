@@ -1068,7 +1068,7 @@ impl AnchorExport {
 /// write the data chunks to `out`: the compression ceiling's input.
 fn extract_allocated(socket: &Path, out: &Path) -> Res<(u64, u64)> {
     let src = nbd_export::ExportSource::unix(socket, A_NAME);
-    let cfg = nbd_export::ReaderConfig::default();
+    let cfg = nbd_export::ReaderConfig::new(shear::repo::format::DEFAULT_CHUNK_SIZE);
     let mut stream = nbd_export::ChunkReader::start(&src, &cfg).map_err(|e| format!("{e}"))?;
     let mut f = std::io::BufWriter::new(std::fs::File::create(out).ctx("creating alloc.raw")?);
     let mut data = 0u64;
@@ -2911,7 +2911,7 @@ fn map_export(socket: &Path, bitmap: &str) -> Res<Value> {
         .map(|e| e.len)
         .sum();
     let t = Instant::now();
-    let cfg = nbd_export::ReaderConfig::default();
+    let cfg = nbd_export::ReaderConfig::new(shear::repo::format::DEFAULT_CHUNK_SIZE);
     let mut stream = nbd_export::ChunkReader::start(&src, &cfg).map_err(|e| format!("{e}"))?;
     for item in &mut stream {
         item.map_err(|e| format!("reading the map export: {e}"))?;

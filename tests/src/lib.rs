@@ -21,6 +21,7 @@
 
 pub mod disk;
 pub mod libvirt;
+pub mod loopdev;
 pub mod prereq;
 pub mod s3;
 pub mod shear;
@@ -29,6 +30,7 @@ pub mod vm;
 pub mod wire;
 
 pub use disk::{debugfs_cat, e2fsck_clean, make_ext4_image, DiskBus, DiskFormat, DiskSpec};
+pub use loopdev::LoopDevice;
 pub use prereq::{guest_image, require_guest, require_qemu, require_tool, GuestImage};
 pub use vm::{ExecOutput, TestVm, VmConfig};
 

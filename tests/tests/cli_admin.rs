@@ -7,45 +7,13 @@
 #![allow(clippy::unwrap_used)]
 
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use serde_json::{json, Value};
 use shear_tests::shear::{report_of, run_ok, ShearEnv};
-use shear_tests::{require_qemu, DiskSpec, TestVm, VmConfig};
+use shear_tests::{require_qemu, DiskSpec, LoopDevice, TestVm, VmConfig};
 
 const MIB: u64 = 1 << 20;
-
-/// A loop device over a backing file; detached on drop.
-struct Loop {
-    dev: PathBuf,
-}
-
-impl Loop {
-    fn new(backing: &Path) -> Option<Loop> {
-        let out = Command::new("losetup")
-            .args(["-f", "--show"])
-            .arg(backing)
-            .output()
-            .ok()?;
-        if !out.status.success() {
-            eprintln!(
-                "skipping the block-device part: losetup: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            return None;
-        }
-        Some(Loop {
-            dev: PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()),
-        })
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
-    }
-}
 
 fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -128,7 +96,7 @@ fn qemu_restore_refuses_open_targets_unknown_disks_and_writes_block_devices_thin
     // byte of it must end up as the backup says, and the holes discarded).
     let backing = env.dir.path().join("thin.img");
     std::fs::write(&backing, vec![0xffu8; usize::try_from(24 * MIB).unwrap()]).unwrap();
-    let Some(lo) = Loop::new(&backing) else {
+    let Some(lo) = LoopDevice::new(&backing) else {
         return;
     };
     let dev = lo.dev.to_str().unwrap().to_string();

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use shear_tests::shear::{report_of, run_ok, ShearEnv};
-use shear_tests::{require_guest, wait_until, DiskSpec, TestVm, VmConfig};
+use shear_tests::{require_guest, wait_until, DiskSpec, LoopDevice, TestVm, VmConfig};
 
 const MIB: usize = 1 << 20;
 const SIZE: usize = 32 * MIB;
@@ -151,6 +151,7 @@ fn vm_live_restore_rto_writes_server_death_resume_f19() {
         return;
     }
     let env = ShearEnv::new();
+    let _reap = KillUnder(env.dir.path().to_owned());
     let mut expect = backed_up(&env);
 
     let state = env.dir.path().join("state");
@@ -367,6 +368,7 @@ fn qemu_live_restore_resume_after_vm_gone_finishes_from_image_headers() {
         return;
     }
     let env = ShearEnv::new();
+    let _reap = KillUnder(env.dir.path().to_owned());
     let expect = backed_up(&env);
     let state = env.dir.path().join("state");
     let target = env.dir.path().join("live");
@@ -525,4 +527,625 @@ fn raw_target_is_mirrored_and_the_device_switched(
     assert_eq!(got.len(), expect.len());
     let first_bad = got.iter().zip(&expect).position(|(a, b)| a != b);
     assert!(first_bad.is_none(), "raw target differs at {first_bad:?}");
+}
+
+/// Kills, on drop (a failed test too), every process whose command line
+/// names the test's directory: the supervising shears and the servers it
+/// started (in their own process groups, they outlive the test otherwise).
+struct KillUnder(std::path::PathBuf);
+
+impl Drop for KillUnder {
+    fn drop(&mut self) {
+        let want = self.0.as_os_str().as_encoded_bytes().to_vec();
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for p in procs.flatten() {
+            let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            if pid == std::process::id() {
+                continue;
+            }
+            let Ok(cmd) = std::fs::read(p.path().join("cmdline")) else {
+                continue;
+            };
+            if cmd.windows(want.len()).any(|w| w == want.as_slice()) {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
+        }
+    }
+}
+
+/// The first disk of the record in `state` (one live restore per state
+/// directory).
+fn disk0(state: &Path) -> Value {
+    record(state)["disks"][0].clone()
+}
+
+/// [`wait_line`] for the end of a live restore, showing the VM's job and
+/// status every 5 s meanwhile (what a failure needs to be understood).
+fn wait_complete(rx: &mpsc::Receiver<String>, vm: &mut TestVm) -> String {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match rx.recv_timeout(Duration::from_secs(5)) {
+            Ok(l) if l.starts_with("live-restore: complete") => return l,
+            Ok(_) => {}
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let status = vm.harness_qmp("query-status", json!({})).unwrap();
+                eprintln!("[test] waiting: job {:?}, VM {status}", job(vm));
+                assert!(
+                    Instant::now() < deadline,
+                    "the live restore did not complete within 120 s"
+                );
+            }
+            Err(e) => panic!("shear's output ended before the end: {e}"),
+        }
+    }
+}
+
+fn has_record(state: &Path) -> bool {
+    std::fs::read_dir(state.join("live-restore"))
+        .map(|d| {
+            d.flatten()
+                .any(|e| e.path().extension().is_some_and(|x| x == "json"))
+        })
+        .unwrap_or(false)
+}
+
+fn wait_exit(child: &mut Child, what: &str) -> std::process::ExitStatus {
+    wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        what,
+        || child.try_wait().unwrap(),
+    )
+    .unwrap()
+}
+
+fn first_difference(got: &[u8], want: &[u8]) -> Option<usize> {
+    if got.len() != want.len() {
+        return Some(got.len().min(want.len()));
+    }
+    got.iter().zip(want).position(|(a, b)| a != b)
+}
+
+/// The restored VM: the guest (or a paused QEMU) on the qcow2 overlay,
+/// `rerror/werror=stop` as the printed boot line has them, its QMP socket
+/// for shear.
+fn vm_on(overlay: &Path, qmp: &Path, guest: bool) -> TestVm {
+    let cfg = if guest {
+        VmConfig::guest()
+    } else {
+        VmConfig::paused()
+    };
+    TestVm::start(
+        cfg.arg("-blockdev")
+            .arg(
+                &json!({"driver": "qcow2", "node-name": "rst0",
+                        "file": {"driver": "file", "filename": overlay}})
+                .to_string(),
+            )
+            .arg("-device")
+            .arg("virtio-blk-pci,id=vd0,drive=rst0,rerror=stop,werror=stop")
+            .arg("-qmp")
+            .arg(&format!("unix:{},server=on,wait=off", qmp.display())),
+    )
+    .unwrap()
+}
+
+/// F-19 (connection lost) and F-21 (restore target) for a raw target that
+/// is a block device (a loop device 8 MiB larger than the disk, full of
+/// 0xFF): the mirror runs into it (QEMU's host_device driver, the node
+/// capped at the disk's size); the serving process dies (the supervising
+/// shear serves again), then shear and the server die together mid-mirror:
+/// a guest read of data not copied yet pauses the VM with status
+/// `io-error` (never zeros), the mirror pauses on its read error, the
+/// record says what is left; `--resume` serves again, resumes the mirror,
+/// continues the VM (its read then returns the backup's bytes) and
+/// switches the device over. The device then holds exactly the backup plus
+/// the guest's writes, its bytes past the disk untouched. Without loop
+/// devices the target is a raw file (said on stderr).
+#[test]
+fn vm_live_restore_raw_device_server_death_mid_mirror_pauses_vm_resume_f19_f21() {
+    if !require_guest() {
+        return;
+    }
+    let env = ShearEnv::new();
+    let _reap = KillUnder(env.dir.path().to_owned());
+    let mut expect = backed_up(&env);
+    let state = env.dir.path().join("state");
+    let qmp = env.dir.path().join("vm.qmp");
+    const PAST: usize = 8 * MIB;
+    let backing = env.dir.path().join("device.img");
+    std::fs::write(&backing, vec![0xffu8; SIZE + PAST]).unwrap();
+    let lo = LoopDevice::new(&backing);
+    let mut sup = env.shear(&["restore", "vm/100", "--live"]);
+    let (target, raw) = match &lo {
+        Some(l) => (l.dev.clone(), l.dev.clone()),
+        None => {
+            let dir = env.dir.path().join("live");
+            sup.args(["--format", "raw"]);
+            (dir.clone(), dir.join("scsi0.raw"))
+        }
+    };
+    let mut sup = sup
+        .arg("--target")
+        .arg(&target)
+        .arg("--qmp")
+        .arg(&qmp)
+        .arg("--state-dir")
+        .arg(&state)
+        // 1 KiB/s: the mirror copies its first piece and then waits, far
+        // from the data at 20 MiB, until the test lifts the limit.
+        .args(["--bwlimit", "1", "--reconnect-delay", "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let rx = lines_of(&mut sup);
+    wait_line(&rx, "live-restore: ready");
+    let d = disk0(&state);
+    assert_eq!(d["raw_target"], raw.to_str().unwrap(), "{d}");
+    let overlay = std::path::PathBuf::from(d["image"].as_str().unwrap());
+    if lo.is_some() {
+        assert!(
+            overlay.starts_with(state.join("live-restore")),
+            "a device's overlay lives in the state directory: {d}"
+        );
+        // Nothing was written to the device yet.
+        let dev = std::fs::read(&raw).unwrap();
+        assert!(dev.iter().all(|b| *b == 0xff), "the device was written");
+    }
+    let mut vm = vm_on(&overlay, &qmp, true);
+    let j = wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        "the mirror job",
+        || job(&mut vm),
+    )
+    .unwrap();
+    assert_eq!(j["type"], "mirror", "{j}");
+    // A guest write into a hole of the backup while the mirror runs
+    // (write-blocking: into the overlay and the device at once).
+    vm.guest_sh(
+        "dd if=/dev/zero bs=65536 count=1 2>/dev/null | tr '\\000' '\\356' | dd of=/dev/vda bs=65536 seek=128 conv=fsync 2>/dev/null",
+    )
+    .unwrap();
+    expect[8 * MIB..8 * MIB + 65536].fill(0xee);
+
+    // a: the serving process dies; the supervising shear serves again.
+    let pid = record(&state)["server_pid"].as_u64().unwrap();
+    kill9(pid);
+    wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        "the server restarted",
+        || (record(&state)["server_restarts"].as_u64() >= Some(1)).then_some(()),
+    )
+    .unwrap();
+    let pid2 = record(&state)["server_pid"].as_u64().unwrap();
+    assert!(pid2 != pid && alive(pid2));
+
+    // b: shear and the server die together, mid-mirror.
+    kill9(sup.id().into());
+    let _ = sup.wait();
+    kill9(pid2);
+    // The guest reads data the mirror has not copied (20 MiB, 0xA7): the
+    // VM pauses on the read error (rerror=stop), a clear state.
+    let bg = vm
+        .qga(
+            "guest-exec",
+            json!({"path": "/bin/sh", "arg": ["-c",
+                "dd if=/dev/vda bs=1M skip=20 count=2 2>/dev/null | sha256sum > /tmp/r.sum"]}),
+        )
+        .unwrap();
+    let bg_pid = bg["pid"].as_i64().unwrap();
+    let st = wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        "the VM to pause on the read error",
+        || {
+            let s = vm.harness_qmp("query-status", json!({})).unwrap();
+            (s["status"] == "io-error").then_some(s)
+        },
+    )
+    .unwrap();
+    assert_eq!(st["running"], false, "{st}");
+    // The mirror, allowed to go on, pauses on its read error too.
+    vm.harness_qmp("block-job-set-speed", json!({"device": JOB, "speed": 0}))
+        .unwrap();
+    let paused = wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        "the mirror to pause on the lost server",
+        || job(&mut vm).filter(|j| j["status"] == "paused"),
+    )
+    .unwrap();
+    assert_eq!(paused["io-status"], "failed", "{paused}");
+    let r = record(&state);
+    assert_eq!(r["phase"], "streaming", "{r}");
+    assert_ne!(r["disks"][0]["mirror_ready"], true, "{r}");
+    assert_ne!(r["disks"][0]["done"], true, "{r}");
+    assert!(image_info(&overlay)["backing-filename"].is_string());
+
+    // --resume: serves again, resumes the mirror, continues the VM,
+    // switches the device over, stops serving.
+    let mut res = env
+        .shear(&["restore", "vm/100", "--live", "--resume", "--target"])
+        .arg(&target)
+        .arg("--state-dir")
+        .arg(&state)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let rx = lines_of(&mut res);
+    let done = wait_complete(&rx, &mut vm);
+    let st = wait_exit(&mut res, "--resume to exit");
+    assert!(st.success(), "{st}: {done}");
+    let r = record(&state);
+    assert_eq!(r["phase"], "complete", "{r}");
+    assert!(r["server_restarts"].as_u64() >= Some(2), "{r}");
+    assert_eq!(r["disks"][0]["done"], true, "{r}");
+    assert_eq!(
+        vm.harness_qmp("query-status", json!({})).unwrap()["status"],
+        "running"
+    );
+    // The guest's read, held while the server was gone, returned the
+    // backup's bytes.
+    let sum = wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        "the guest's held read",
+        || {
+            let s = vm.qga("guest-exec-status", json!({"pid": bg_pid})).unwrap();
+            (s["exited"] == true).then_some(())?;
+            Some(vm.guest_sh("cat /tmp/r.sum").unwrap())
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        sum.split_whitespace().next(),
+        Some(sha256(&expect[20 * MIB..22 * MIB]).as_str()),
+        "the guest read other bytes than the backup's during the outage"
+    );
+    let blocks = vm.harness_qmp("query-block", json!({})).unwrap();
+    assert!(
+        blocks
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["inserted"]["node-name"] == "shear-live-raw-scsi0"),
+        "the device is not on the raw target: {blocks}"
+    );
+    let nodes = vm
+        .harness_qmp("query-named-block-nodes", json!({"flat": true}))
+        .unwrap();
+    assert!(
+        !nodes.as_array().unwrap().iter().any(|n| n["drv"] == "nbd"),
+        "the VM still reads the server: {nodes}"
+    );
+    assert!(!overlay.exists(), "the overlay is left");
+    // After the switch a guest write goes to the device alone.
+    vm.guest_sh(
+        "dd if=/dev/zero bs=4096 count=1 2>/dev/null | tr '\\000' '\\167' | dd of=/dev/vda bs=4096 seek=7680 conv=fsync 2>/dev/null",
+    )
+    .unwrap();
+    expect[30 * MIB..30 * MIB + 4096].fill(0x77);
+    vm.shutdown().unwrap();
+    drop(vm);
+
+    let got = std::fs::read(&raw).unwrap();
+    if lo.is_some() {
+        assert_eq!(got.len(), SIZE + PAST, "the device changed size");
+        assert!(
+            got[SIZE..].iter().all(|b| *b == 0xff),
+            "bytes past the disk were written"
+        );
+    }
+    let got = &got[..got.len().min(SIZE)];
+    let bad = first_difference(got, &expect);
+    assert!(bad.is_none(), "the target differs at {bad:?}");
+}
+
+/// Raw targets, what dies around the switch (F-19, F-21):
+/// - device refusals before anything is written: a device smaller than the
+///   disk, and one another process has open, are refused with their reason,
+///   leaving no record and the device unchanged;
+/// - QEMU dies after the in-sync record (shear stopped right after
+///   recording the mirror READY, by a test failpoint; a write made while in
+///   sync; then QEMU killed): starting a VM on the overlay again is refused
+///   (the raw file is newer); `--resume` with no VM finishes from the
+///   record: the raw file is the backup plus the write, the overlay gone;
+/// - a stale record: shear killed mid-mirror, the job completed and the
+///   device switched while no shear watched (a write after that to the raw
+///   file alone): `--resume` sees the switch, drops the overlay and stops
+///   the server.
+#[test]
+fn qemu_live_restore_raw_qemu_death_after_in_sync_stale_resume_device_refusals_f19_f21() {
+    if !shear_tests::require_qemu() {
+        return;
+    }
+    let env = ShearEnv::new();
+    let _reap = KillUnder(env.dir.path().to_owned());
+    let expect = backed_up(&env);
+
+    // Device refusals.
+    let small = env.dir.path().join("small.img");
+    std::fs::write(&small, vec![0xabu8; SIZE / 2]).unwrap();
+    let big = env.dir.path().join("big.img");
+    std::fs::write(&big, vec![0xcdu8; SIZE]).unwrap();
+    if let (Some(s), Some(b)) = (LoopDevice::new(&small), LoopDevice::new(&big)) {
+        let st = env.dir.path().join("state-refused");
+        let mut c = env.shear(&["restore", "vm/100", "--live", "--target"]);
+        c.arg(&s.dev).arg("--state-dir").arg(&st);
+        let out = c.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.contains(&format!(
+                "{} has {} bytes, the disk needs {SIZE}",
+                s.dev.display(),
+                SIZE / 2
+            )),
+            "{err}"
+        );
+        let held = std::fs::File::open(&b.dev).unwrap();
+        let mut c = env.shear(&["restore", "vm/100", "--live", "--target"]);
+        c.arg(&b.dev).arg("--state-dir").arg(&st);
+        let out = c.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.contains(&format!("{} is open in ", b.dev.display()))
+                && err.contains(&format!("(pid {})", std::process::id())),
+            "{err}"
+        );
+        drop(held);
+        // --format qcow2 on a device is refused too.
+        let mut c = env.shear(&[
+            "restore", "vm/100", "--live", "--format", "qcow2", "--target",
+        ]);
+        c.arg(&b.dev).arg("--state-dir").arg(&st);
+        let out = c.output().unwrap();
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("is a block device"),
+            "{out:?}"
+        );
+        assert!(!has_record(&st), "a refused restore left a record");
+        let sockets = std::fs::read_dir(st.join("live-restore"))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.path().extension().is_some_and(|x| x != "lock"))
+                    .count()
+            })
+            .unwrap_or(0);
+        assert_eq!(sockets, 0, "a refused restore left files");
+        drop((s, b));
+        assert!(std::fs::read(&small).unwrap().iter().all(|x| *x == 0xab));
+        assert!(std::fs::read(&big).unwrap().iter().all(|x| *x == 0xcd));
+    }
+
+    // QEMU dies after the in-sync record.
+    {
+        let mut expect = expect.clone();
+        let state = env.dir.path().join("state-sync");
+        let dir = env.dir.path().join("sync");
+        let qmp = env.dir.path().join("sync.qmp");
+        let overlay = dir.join("scsi0.live.qcow2");
+        let raw = dir.join("scsi0.raw");
+        let mut sup = env
+            .shear(&["restore", "vm/100", "--live", "--format", "raw", "--target"])
+            .arg(&dir)
+            .arg("--qmp")
+            .arg(&qmp)
+            .arg("--state-dir")
+            .arg(&state)
+            .env("SHEAR_TEST_LIVE_EXIT_AFTER", "in-sync")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let rx = lines_of(&mut sup);
+        wait_line(&rx, "live-restore: ready");
+        let mut vm = vm_on(&overlay, &qmp, false);
+        let st = wait_exit(&mut sup, "shear to stop at the failpoint");
+        assert_eq!(st.code(), Some(75), "the failpoint did not fire: {st}");
+        let r = record(&state);
+        assert_eq!(r["disks"][0]["mirror_ready"], true, "{r}");
+        assert_ne!(r["disks"][0]["done"], true, "{r}");
+        let server = r["server_pid"].as_u64().unwrap();
+        assert!(alive(server));
+        assert_eq!(job(&mut vm).unwrap()["status"], "ready");
+        // In sync: a write lands in the overlay and the raw file.
+        vm.qemu_io("vd0", "write -P 0xee 8M 64k").unwrap();
+        expect[8 * MIB..8 * MIB + 65536].fill(0xee);
+        vm.kill();
+        drop(vm);
+        // Starting a VM on the overlay again would lose that write's
+        // successor writes: refused, saying why.
+        let qmp2 = env.dir.path().join("sync2.qmp");
+        let mut vm2 = vm_on(&overlay, &qmp2, false);
+        let mut c = env.shear(&["restore", "vm/100", "--live", "--resume", "--target"]);
+        c.arg(&dir)
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--qmp")
+            .arg(&qmp2);
+        let out = c.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.contains(&format!("but {} is newer", raw.display())),
+            "{err}"
+        );
+        assert!(job(&mut vm2).is_none(), "a mirror was started: {err}");
+        vm2.kill();
+        drop(vm2);
+        // --resume with no VM: the record says in sync, no QEMU holds the
+        // overlay: the raw file is the disk.
+        let mut c = env.shear(&["restore", "vm/100", "--live", "--resume", "--target"]);
+        c.arg(&dir).arg("--state-dir").arg(&state);
+        let out = run_ok(c);
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("live-restore: complete"),
+            "{out:?}"
+        );
+        let r = record(&state);
+        assert_eq!(r["phase"], "complete", "{r}");
+        assert!(!overlay.exists(), "the overlay is left");
+        wait_until(
+            Duration::from_secs(15),
+            Duration::from_millis(50),
+            "the server to be gone",
+            || (!alive(server)).then_some(()),
+        )
+        .unwrap();
+        let bad = first_difference(&std::fs::read(&raw).unwrap(), &expect);
+        assert!(bad.is_none(), "raw target differs at {bad:?}");
+    }
+
+    // A stale record: the switch happened while no shear watched.
+    let mut expect = expect;
+    let state = env.dir.path().join("state-stale");
+    let dir = env.dir.path().join("stale");
+    let qmp = env.dir.path().join("stale.qmp");
+    let overlay = dir.join("scsi0.live.qcow2");
+    let raw = dir.join("scsi0.raw");
+    let mut sup = env
+        .shear(&["restore", "vm/100", "--live", "--format", "raw", "--target"])
+        .arg(&dir)
+        .arg("--qmp")
+        .arg(&qmp)
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["--bwlimit", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let rx = lines_of(&mut sup);
+    wait_line(&rx, "live-restore: ready");
+    let mut vm = vm_on(&overlay, &qmp, false);
+    wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        "the mirror job",
+        || job(&mut vm),
+    )
+    .unwrap();
+    kill9(sup.id().into());
+    let _ = sup.wait();
+    let server = record(&state)["server_pid"].as_u64().unwrap();
+    assert!(alive(server), "the server outlives shear");
+    vm.harness_qmp("block-job-set-speed", json!({"device": JOB, "speed": 0}))
+        .unwrap();
+    wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(50),
+        "the mirror in sync",
+        || job(&mut vm).filter(|j| j["status"] == "ready"),
+    )
+    .unwrap();
+    vm.harness_qmp("block-job-complete", json!({"device": JOB}))
+        .unwrap();
+    vm.wait_event("BLOCK_JOB_COMPLETED", Duration::from_secs(60))
+        .unwrap();
+    vm.qemu_io("vd0", "write -P 0x77 30M 4k").unwrap();
+    expect[30 * MIB..30 * MIB + 4096].fill(0x77);
+    // Stale: `serving` or `streaming` (shear may have died before it
+    // recorded the mirror's start), never in sync, nothing done.
+    let r = record(&state);
+    assert_ne!(r["phase"], "complete", "{r}");
+    assert_ne!(r["disks"][0]["mirror_ready"], true, "{r}");
+    assert_ne!(r["disks"][0]["done"], true, "{r}");
+    let mut c = env.shear(&["restore", "vm/100", "--live", "--resume", "--target"]);
+    c.arg(&dir).arg("--state-dir").arg(&state);
+    let out = run_ok(c);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("live-restore: complete"),
+        "{out:?}"
+    );
+    let r = record(&state);
+    assert_eq!(r["phase"], "complete", "{r}");
+    assert_eq!(r["disks"][0]["done"], true, "{r}");
+    let nodes = vm
+        .harness_qmp("query-named-block-nodes", json!({"flat": true}))
+        .unwrap();
+    let overlay_s = overlay.to_string_lossy();
+    assert!(
+        !nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["drv"] == "nbd" || n["file"].as_str() == Some(&*overlay_s)),
+        "the VM still uses the overlay or the server: {nodes}"
+    );
+    assert!(!overlay.exists(), "the overlay is left");
+    wait_until(
+        Duration::from_secs(15),
+        Duration::from_millis(50),
+        "the server to be gone",
+        || (!alive(server)).then_some(()),
+    )
+    .unwrap();
+    vm.harness_qmp("quit", Value::Null).unwrap();
+    vm.wait_exit(Duration::from_secs(30)).unwrap();
+    let bad = first_difference(&std::fs::read(&raw).unwrap(), &expect);
+    assert!(bad.is_none(), "raw target differs at {bad:?}");
+
+    // The raw target shrunk behind shear's back (F-21): QEMU refuses to
+    // open it; shear gives up with QEMU's reason within its deadline
+    // (it used to retry forever), the server still serving the VM.
+    let state = env.dir.path().join("state-shrunk");
+    let dir = env.dir.path().join("shrunk");
+    let qmp = env.dir.path().join("shrunk.qmp");
+    let err_log = env.dir.path().join("shrunk.err");
+    let mut sup = env
+        .shear(&["restore", "vm/100", "--live", "--format", "raw", "--target"])
+        .arg(&dir)
+        .arg("--qmp")
+        .arg(&qmp)
+        .arg("--state-dir")
+        .arg(&state)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&err_log).unwrap())
+        .spawn()
+        .unwrap();
+    let rx = lines_of(&mut sup);
+    wait_line(&rx, "live-restore: ready");
+    let raw = dir.join("scsi0.raw");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&raw)
+        .unwrap()
+        .set_len((SIZE / 2) as u64)
+        .unwrap();
+    let _vm = vm_on(&dir.join("scsi0.live.qcow2"), &qmp, false);
+    let st = wait_exit(&mut sup, "shear to give up");
+    let err = std::fs::read_to_string(&err_log).unwrap();
+    assert!(!st.success());
+    assert!(
+        err.contains("the live restore cannot go on")
+            && err.contains(&format!("opening {} in the VM", raw.display())),
+        "{err}"
+    );
+    let r = record(&state);
+    assert!(
+        r["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("the live restore cannot go on"),
+        "{r}"
+    );
+    assert!(
+        alive(r["server_pid"].as_u64().unwrap()),
+        "the VM still needs the server"
+    );
+    assert_eq!(std::fs::metadata(&raw).unwrap().len(), (SIZE / 2) as u64);
+    // Not supervised any more: stop the server this test made.
+    kill9(r["server_pid"].as_u64().unwrap());
 }

@@ -168,9 +168,8 @@ fn reader_cfg(engine: EngineChoice, conns: usize) -> ReaderConfig {
     ReaderConfig {
         engine,
         connections: conns,
-        chunk_size: 4 * MIB as u32,
         byte_budget: 64 * MIB,
-        ..ReaderConfig::default()
+        ..ReaderConfig::new(4 * MIB as u32)
     }
 }
 

@@ -16,8 +16,9 @@ use super::{Cli, FormatArg, RestoreArgs};
 use crate::config::Config;
 use crate::out;
 use crate::serve::live::{
-    backing_spec, decide, device_on, job_seen, nodes_of, record_path, references_socket, seen_in,
-    socket_path, Action, JobSeen, LiveDisk, LiveRecord, Phase, RECORD_VERSION,
+    after_cont, backing_spec, decide, device_on, job_seen, nodes_of, record_path,
+    references_socket, seen_in, socket_path, Action, JobSeen, LiveDisk, LiveRecord, Phase,
+    RECORD_VERSION,
 };
 
 /// `--live` and its options (flattened into `shear restore`).
@@ -26,7 +27,11 @@ pub struct LiveArgs {
     /// Live restore: serve the backup (read-only, a private unix socket),
     /// create `<disk>.qcow2` in --target backed by it, and once the VM
     /// started on those images answers on --qmp, copy the data into them
-    /// while it runs (QEMU block-stream); then stop serving.
+    /// while it runs (QEMU block-stream); then stop serving. With
+    /// `--format raw`, or a block device as --target (one disk; it must be
+    /// free and at least the disk's size, and is never created or
+    /// truncated), the VM starts on a qcow2 overlay that QEMU mirrors into
+    /// the raw target, then runs on it.
     #[arg(long)]
     pub live: bool,
     /// Finish an interrupted live restore of --target: restart the server
@@ -160,6 +165,7 @@ pub(super) fn run(cli: &Cli, a: &RestoreArgs) -> anyhow::Result<()> {
         started,
         restarted: false,
         refused: None,
+        sent_cont: false,
     };
     rt.block_on(sup.run())
 }
@@ -203,7 +209,18 @@ fn prepare(
     // Raw: the VM starts on a qcow2 overlay per disk (the backup as its
     // backing file) and QEMU mirrors it into `<disk>.raw`, then switches
     // the device over to it.
-    let raw = matches!(a.format, Some(FormatArg::Raw));
+    use std::os::unix::fs::FileTypeExt;
+    // A block device as --target (as for a plain restore: one disk): it is
+    // the raw target itself, never created, truncated or preallocated; the
+    // overlay the VM starts on lives in the state directory.
+    let device = std::fs::metadata(target).is_ok_and(|m| m.file_type().is_block_device());
+    if device && matches!(a.format, Some(FormatArg::Qcow2)) {
+        bail!(
+            "{} is a block device: it receives the disk as raw data (leave out --format qcow2)",
+            target.display()
+        );
+    }
+    let raw = device || matches!(a.format, Some(FormatArg::Raw));
     if cli.keyfile.is_some()
         && cli.passphrase_file.is_none()
         && std::env::var_os("SHEAR_KEY_PASSPHRASE").is_none()
@@ -222,27 +239,47 @@ fn prepare(
         .collect();
     let names: Vec<String> = all.iter().map(|(n, _)| n.clone()).collect();
     super::repo_cmds::check_disk_names(&id, &a.disks, &names)?;
-    std::fs::create_dir_all(target)
-        .with_context(|| format!("creating restore target {}", target.display()))?;
     let disks: Vec<LiveDisk> = all
         .into_iter()
         .filter(|(n, _)| a.disks.is_empty() || a.disks.contains(n))
         .map(|(name, size)| LiveDisk {
-            image: target.join(if raw {
-                format!("{name}.live.qcow2")
+            image: if device {
+                crate::serve::live::device_overlay_path(state_dir, target, &name)
+            } else if raw {
+                target.join(format!("{name}.live.qcow2"))
             } else {
-                format!("{name}.qcow2")
-            }),
-            raw_target: raw.then(|| target.join(format!("{name}.raw"))),
+                target.join(format!("{name}.qcow2"))
+            },
+            raw_target: if device {
+                Some(target.to_owned())
+            } else {
+                raw.then(|| target.join(format!("{name}.raw")))
+            },
             mirror_ready: false,
             name,
             size,
             done: false,
         })
         .collect();
+    if device {
+        let [d] = disks.as_slice() else {
+            bail!(
+                "{} is a block device: live-restore one disk onto it (--disk NAME; the backup has {})",
+                target.display(),
+                names.join(", ")
+            );
+        };
+        // Before anything is written: the device must be free (not open,
+        // mounted or claimed: O_EXCL) and hold the whole disk.
+        crate::repo::target::open_block_device(target, d.size)
+            .with_context(|| format!("live restore of {} onto {}", d.name, target.display()))?;
+    } else {
+        std::fs::create_dir_all(target)
+            .with_context(|| format!("creating restore target {}", target.display()))?;
+    }
     for p in disks
         .iter()
-        .flat_map(|d| std::iter::once(&d.image).chain(d.raw_target.as_ref()))
+        .flat_map(|d| std::iter::once(&d.image).chain(d.raw_target.as_ref().filter(|_| !device)))
     {
         if std::fs::symlink_metadata(p).is_ok() {
             bail!(
@@ -278,7 +315,7 @@ fn prepare(
         for d in &rec.disks {
             create_image(d, &rec)?;
             made.push(d.image.clone());
-            if let Some(t) = &d.raw_target {
+            if let Some(t) = d.raw_target.as_ref().filter(|_| !device) {
                 std::fs::OpenOptions::new()
                     .write(true)
                     .create_new(true)
@@ -329,18 +366,23 @@ fn prepare(
     .map(|w| super::boot_cmdline::sh_quote(w))
     .collect::<Vec<_>>()
     .join(" ");
-    // The definition is for later boots: the final images.
-    let written = super::vm_definition::write_beside(
-        vm_config,
-        target,
-        &rec.disks
-            .iter()
-            .map(|d| match &d.raw_target {
-                Some(t) => (d.name.clone(), t.clone(), "raw"),
-                None => (d.name.clone(), d.image.clone(), "qcow2"),
-            })
-            .collect::<Vec<_>>(),
-    )?;
+    // The definition is for later boots: the final images. A block device
+    // has no "beside" (`show --config` prints it).
+    let written = if device {
+        Vec::new()
+    } else {
+        super::vm_definition::write_beside(
+            vm_config,
+            target,
+            &rec.disks
+                .iter()
+                .map(|d| match &d.raw_target {
+                    Some(t) => (d.name.clone(), t.clone(), "raw"),
+                    None => (d.name.clone(), d.image.clone(), "qcow2"),
+                })
+                .collect::<Vec<_>>(),
+        )?
+    };
     for d in &rec.disks {
         out!(
             "live-restore: {} → {} (backed by nbd+unix:///{}?socket={})",
@@ -494,6 +536,20 @@ fn is_our_server(pid: u32, socket: &Path) -> bool {
     args.contains(&b"serve".as_slice()) && args.contains(&sock)
 }
 
+/// Test-only (honoured only when [`crate::job::options::TEST_HOOKS`]):
+/// with `SHEAR_TEST_LIVE_EXIT_AFTER=<step>` the supervising shear exits
+/// (status 75, as if killed) right after `step`: `in-sync` (a mirror's
+/// READY recorded, before the switch), so a death at that exact point can
+/// be tested.
+fn exit_if_failpoint(step: &str) {
+    if crate::job::options::TEST_HOOKS
+        && std::env::var("SHEAR_TEST_LIVE_EXIT_AFTER").is_ok_and(|v| v == step)
+    {
+        eprintln!("live-restore: exiting after step {step} (test failpoint)");
+        std::process::exit(75);
+    }
+}
+
 /// Watches the VM until every disk is copied, keeping the server up.
 struct Supervisor<'a> {
     rec: &'a mut LiveRecord,
@@ -507,11 +563,19 @@ struct Supervisor<'a> {
     restarted: bool,
     /// A state shear must not go on from (said, and the command fails).
     refused: Option<String>,
+    /// This process continued the VM (`cont`), which also clears the
+    /// io-status of every paused block job: see [`after_cont`].
+    sent_cont: bool,
 }
 
 /// How long QEMU may be unreachable, once seen, before shear gives up
 /// supervising (the server keeps serving).
 const QEMU_GONE_AFTER: Duration = Duration::from_secs(30);
+/// How long every look at a reachable VM may fail (a command QEMU
+/// refuses, such as opening a raw target that no longer fits) before shear
+/// gives up supervising with that error, instead of retrying it forever
+/// (the server keeps serving: the VM still needs it).
+const POLL_FAILING_MAX: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(300);
 /// Between two `block-job-resume`s of one job (QEMU's NBD client
 /// reconnects in the background with a growing backoff).
@@ -631,6 +695,7 @@ impl Supervisor<'_> {
         let mut last_cont: Option<Instant> = None;
         let mut last_offline: Option<Instant> = None;
         let waiting_since = Instant::now();
+        let mut failing_since: Option<Instant> = None;
         loop {
             let all_done = self.rec.disks.iter().all(|d| d.done);
             if !all_done && !self.server_up() {
@@ -685,9 +750,23 @@ impl Supervisor<'_> {
             }
             match step {
                 Ok(true) => return self.finish(),
-                Ok(false) => {}
+                Ok(false) => failing_since = None,
                 Err(e) => {
                     tracing::warn!(error = %format!("{e:#}"), "live-restore poll");
+                    let since = *failing_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > POLL_FAILING_MAX {
+                        let why = format!(
+                            "the live restore cannot go on: {e:#} (failing for {} s)",
+                            since.elapsed().as_secs()
+                        );
+                        self.save(&why)?;
+                        bail!(
+                            "{why}; the VM keeps running on the images, the server keeps serving on {}: fix the cause, then `shear restore {} --live --resume --target {}`",
+                            self.rec.socket.display(),
+                            self.rec.backup,
+                            self.rec.target.display()
+                        );
+                    }
                 }
             }
             if self.rec.vm_attached_ms.is_none() && waiting_since.elapsed() > self.vm_timeout {
@@ -757,7 +836,7 @@ impl Supervisor<'_> {
                 .into_iter()
                 .flatten()
                 .find(|j| j["device"] == job_id.as_str());
-            let job = job_v.map_or(JobSeen::None, job_seen);
+            let job = after_cont(job_v.map_or(JobSeen::None, job_seen), self.sent_cont);
             if self.rec.disks[i].raw_target.is_some() {
                 let on_raw = device_on(&blocks, &self.rec.disks[i].raw_node());
                 if seen == crate::serve::live::Seen::Absent && !on_raw {
@@ -830,6 +909,7 @@ impl Supervisor<'_> {
                 && last_cont.is_none_or(|t| t.elapsed() > RESUME_EVERY)
             {
                 *last_cont = Some(Instant::now());
+                self.sent_cont = true;
                 q.execute_value("cont", json!({})).await?;
                 eprintln!("live-restore: the VM had paused on an I/O error; continued");
             }
@@ -891,6 +971,7 @@ impl Supervisor<'_> {
                 // the disk's data if anything dies.
                 self.rec.disks[i].mirror_ready = true;
                 self.save(&format!("mirror of {} in sync", d.name))?;
+                exit_if_failpoint("in-sync");
             }
             q.execute_value("block-job-complete", json!({"device": job_id}))
                 .await
@@ -914,16 +995,29 @@ impl Supervisor<'_> {
                     return Ok(false);
                 }
                 if nodes_of(nodes, raw).is_empty() {
-                    let driver = if std::fs::metadata(raw).is_ok_and(|m| {
+                    let is_device = std::fs::metadata(raw).is_ok_and(|m| {
                         std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type())
-                    }) {
-                        "host_device"
-                    } else {
-                        "file"
-                    };
+                    });
+                    if is_device {
+                        // Again now: the device may have been taken (opened,
+                        // mounted, shrunk) since the restore was prepared.
+                        if let Err(e) = crate::repo::target::open_block_device(raw, d.size) {
+                            self.refused = Some(format!(
+                                "not mirroring {} into {}: {}",
+                                d.name,
+                                raw.display(),
+                                crate::chain(&e)
+                            ));
+                            return Ok(false);
+                        }
+                    }
+                    let driver = if is_device { "host_device" } else { "file" };
+                    // `size`: a device larger than the disk is used up to
+                    // the disk's size (a mirror needs equal sizes).
                     q.execute_value(
                         "blockdev-add",
                         json!({"driver": "raw", "node-name": raw_node, "discard": "unmap",
+                               "size": d.size,
                                "file": {"driver": driver, "filename": raw}}),
                     )
                     .await

@@ -187,7 +187,6 @@ fn read_all_here(
             source: Box::new(source),
         })?;
         let cfg = nbd_export::ReaderConfig {
-            chunk_size: writer.chunk_size(),
             engine,
             connections: dp.connections,
             rate_limit: dp.bwlimit_bytes,
@@ -196,7 +195,7 @@ fn read_all_here(
             // back through the recycler, stored or not.
             byte_budget: data_path_budget(dp.workers, writer.chunk_size()),
             budget_until_recycled: true,
-            ..nbd_export::ReaderConfig::default()
+            ..nbd_export::ReaderConfig::new(writer.chunk_size())
         };
         let mut stream =
             nbd_export::ChunkReader::start(&src, &cfg).map_err(|source| JobError::ReadFailed {

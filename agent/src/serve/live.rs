@@ -25,6 +25,17 @@
 //! | shear (the supervisor) | nothing: the job runs inside QEMU, the server in its own process group | `--resume` watches it to the end and stops the server |
 //! | QEMU | the images keep the guest's writes and still name the backup as their backing file: nothing opens them as complete by mistake (without the server they fail to open) | start the VM again on the same images, `--resume` |
 //!
+//! A raw target (a file, or a block device: QEMU's `host_device`, the
+//! node capped at the disk's size) is filled by a write-blocking
+//! `blockdev-mirror` from a qcow2 overlay the VM starts on; the device is
+//! switched over to it once in sync. What dies there:
+//!
+//! | what dies | what happens | how it finishes |
+//! |---|---|---|
+//! | the server, mid-mirror | a guest read of data not copied yet fails once `reconnect-delay` passed: the VM pauses (`rerror=stop`, status `io-error`, never zeros); the mirror pauses (`on-source-error: stop`) | the supervisor (or `--resume`) serves again, resumes the mirror, continues the VM |
+//! | QEMU, after the mirror's READY was recorded | the raw target holds every write the guest was told is done | `--resume` with no VM finishes from the record (the overlay is unlocked); a VM started on the overlay again is refused |
+//! | shear, after the switch (stale record) | nothing: the VM runs on the raw target | `--resume` sees the device on it, drops the overlay, stops the server |
+//!
 //! No state is ever only in memory: the [`LiveRecord`] (written
 //! atomically) says which backup, images, socket and server process belong
 //! to a live restore, and its phase. docs/formats.md describes it.
@@ -143,6 +154,15 @@ pub fn socket_path(state_dir: &Path, target: &Path) -> PathBuf {
     state_dir
         .join("live-restore")
         .join(format!("{}.sock", key(target)))
+}
+
+/// The qcow2 overlay a VM runs on while disk `disk` is mirrored into the
+/// block device `target`: a device has no directory beside it, so the
+/// overlay lives in the state directory, beside the record.
+pub fn device_overlay_path(state_dir: &Path, target: &Path, disk: &str) -> PathBuf {
+    state_dir
+        .join("live-restore")
+        .join(format!("{}.{disk}.live.qcow2", key(target)))
 }
 
 /// Errors reading or writing a [`LiveRecord`].
@@ -297,6 +317,19 @@ pub fn job_seen(job: &serde_json::Value) -> JobSeen {
     }
 }
 
+/// How to read shear's own job once shear continued the VM (`cont`):
+/// QEMU's `cont` also resets the io-status of every block job, so a job
+/// paused on a read error (the server's restart races QEMU's reconnect
+/// backoff: the job may fail again right after it was resumed) then looks
+/// paused by a user, and would never be resumed. After a `cont` of
+/// shear's, a paused job of shear's is taken as paused on an error.
+pub fn after_cont(job: JobSeen, sent_cont: bool) -> JobSeen {
+    match job {
+        JobSeen::PausedByUser if sent_cont => JobSeen::PausedOnError,
+        j => j,
+    }
+}
+
 /// What QEMU's `query-named-block-nodes` shows of `image`: the qcow2 node
 /// whose file is `image`, and whether it still has a backing file.
 pub fn seen_in(nodes: &serde_json::Value, image: &Path) -> Seen {
@@ -380,6 +413,16 @@ mod tests {
         assert_eq!(decide(&b, JobSeen::PausedOnError, false), Action::Wait);
         // A job someone else paused is theirs.
         assert_eq!(decide(&b, JobSeen::PausedByUser, true), Action::Wait);
+        // Unless shear's `cont` of the VM cleared the job's error.
+        assert_eq!(
+            after_cont(JobSeen::PausedByUser, true),
+            JobSeen::PausedOnError
+        );
+        assert_eq!(
+            after_cont(JobSeen::PausedByUser, false),
+            JobSeen::PausedByUser
+        );
+        assert_eq!(after_cont(JobSeen::Running, true), JobSeen::Running);
         assert_eq!(decide(&b, JobSeen::Running, true), Action::Wait);
     }
 
