@@ -588,7 +588,7 @@ fn qemu_f16_iothreads_insert_remove_cycles_under_io() {
         let mut child = spawn(c);
         // Writes through both devices while shear changes the graph.
         loop {
-            let d = if writes % 2 == 0 { "d0" } else { "d1" };
+            let d = if writes.is_multiple_of(2) { "d0" } else { "d1" };
             let off = (writes * 64) % (15 * 1024);
             vm.qemu_io(d, &format!("write -P {:#x} {off}k 64k", writes % 251))
                 .unwrap_or_else(|e| panic!("cycle {i}: a write failed: {e}"));
