@@ -483,12 +483,13 @@ fn f40_s3_credentials_without_delete_back_up_and_prune_fails_clearly() {
 }
 
 /// F-40: PUT bodies corrupted on the way (a byte flipped by the proxy in
-/// the first 2 chunk uploads): shear notices by the server's
-/// ETag (moto 5.2.5 does not check x-amz-checksum-sha256 and stores them:
-/// shear compares the returned MD5 ETag with the body), uploads them again, and the backup
-/// verifies clean and restores byte-identical.
+/// the first 2 chunk uploads). Garage checks each body against the signed
+/// SHA-256 and `x-amz-checksum-sha256` and refuses it (400 InvalidDigest,
+/// which object_store does not retry): shear uploads it again, the backup
+/// verifies clean and restores byte-identical. Every chunk upload damaged:
+/// the backup fails after 3 attempts, naming the chunk as corrupt.
 #[test]
-fn f40_s3_corrupted_uploads_are_detected_by_etag_and_retried() {
+fn f40_s3_corrupted_uploads_are_refused_by_the_server_and_uploaded_again() {
     let Some((_garage, faults)) = garage_behind_proxy() else {
         return;
     };
@@ -502,6 +503,21 @@ fn f40_s3_corrupted_uploads_are_detected_by_etag_and_retried() {
     assert!(v.is_clean(), "{v:?}");
     let dir = tempfile::tempdir().unwrap();
     assert_eq!(restore_raw(&repo, &id, "scsi0", dir.path()), data);
+
+    faults.corrupted.store(0, Ordering::Release);
+    faults.corrupt_puts.store(u64::MAX, Ordering::Release);
+    let e = backup(&repo, 2, &image(62, 4 * CHUNK as usize)).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        matches!(e, shear::repo::RepoError::Corrupt { .. })
+            && msg.contains("chunks/")
+            && msg.contains("InvalidDigest")
+            && msg.contains("3 times"),
+        "{e:?}"
+    );
+    // (Chunk uploads run in parallel: other chunks were damaged too.)
+    assert!(faults.corrupted.load(Ordering::Acquire) >= 3, "{e}");
+    assert_eq!(repo.list_backups(None).unwrap().len(), 1);
 }
 
 /// `sync --streams`: with 40 ms added to every request (a long link, by the
