@@ -1,7 +1,8 @@
 //! Immutability (issue 14 §3): append-only repositories, where the backup
 //! writer cannot delete or overwrite anything and prune/forget/GC need the
-//! admin token; S3 Object Lock against moto (the real-server part is in
-//! `s3_object_lock_*`).
+//! admin token; S3 Object Lock against moto 5.2.5 (Garage, the S3 server
+//! of the other S3 tests, has no Object Lock: no versioning, retention or
+//! legal hold); F-41 listings and `[s3]` settings against Garage.
 // Test code: unwrap is the assertion.
 #![allow(clippy::unwrap_used)]
 
@@ -200,7 +201,9 @@ fn cli_append_only_init_and_admin_token() {
 }
 
 // ---------------------------------------------------------------------------
-// S3 Object Lock against moto (scripts/setup installs it).
+// S3 Object Lock against moto (scripts/setup installs it): Garage 2.5
+// implements no Object Lock (GetObjectRetention, PutObjectRetention and
+// bucket versioning are missing), so these stay on moto.
 
 #[path = "common/s3.rs"]
 mod s3;
@@ -212,8 +215,15 @@ fn start_lock_moto() -> Option<s3::Moto> {
         ("shear-lock", "x-amz-bucket-object-lock-enabled: true\r\n"),
         ("shear-plain", ""),
     ])?;
-    s3::env_for(m.port);
+    s3::env_for(&m.creds(), m.port);
     Some(m)
+}
+
+/// Garage with bucket `shear-plain`, and the AWS environment pointing at it.
+fn start_plain_garage() -> Option<s3::Garage> {
+    let g = s3::start_garage_with_buckets(&["shear-plain"])?;
+    s3::env_for(&g.creds(), g.port);
+    Some(g)
 }
 
 fn server_ms() -> i64 {
@@ -473,7 +483,7 @@ impl Backend for FaultyListings {
 /// the listing's error) and delete nothing; healthy again, they work.
 #[test]
 fn f41_partial_s3_listings_abort_gc_and_prune() {
-    let Some(_moto) = start_lock_moto() else {
+    let Some(_garage) = start_plain_garage() else {
         return;
     };
     let loc = Path::new("s3://shear-plain/f41");
@@ -552,14 +562,18 @@ fn s3_settings_from_config_rate_limit_and_sync_streams() {
     use shear::repo::sync::{sync, SyncOptions};
     use std::os::unix::fs::PermissionsExt;
     use std::time::Instant;
-    let Some(moto) = start_lock_moto() else {
+    let Some(garage) = start_plain_garage() else {
         return;
     };
+    let key = garage.creds();
     let dir = tempfile::tempdir().unwrap();
     let creds = dir.path().join("s3.credentials");
     std::fs::write(
         &creds,
-        "[default]\naws_access_key_id = shear-test\naws_secret_access_key = shear-test-secret\n",
+        format!(
+            "[default]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            key.key_id, key.secret
+        ),
     )
     .unwrap();
     std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -572,8 +586,8 @@ fn s3_settings_from_config_rate_limit_and_sync_streams() {
         std::env::remove_var(v);
     }
     let settings = S3Settings {
-        endpoint: Some(format!("http://127.0.0.1:{}", moto.port)),
-        region: Some("us-east-1".into()),
+        endpoint: Some(format!("http://127.0.0.1:{}", garage.port)),
+        region: Some(key.region.clone()),
         addressing_style: Some("path".into()),
         credentials_file: Some(creds.clone()),
         ..S3Settings::default()

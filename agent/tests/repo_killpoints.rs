@@ -23,8 +23,8 @@
 //! with a per-point tally at the end. `SHEAR_KILL_CAMPAIGN_SEED` changes
 //! the seed.
 //!
-//! The same campaign against an S3 repository (issue 14; moto_server and
-//! the fault proxy of `common/s3.rs`): backup, prune, GC and sync children
+//! The same campaign against an S3 repository (issue 14; a Garage node and
+//! the fault proxy of crate `shear-test-s3`): backup, prune, GC and sync children
 //! killed at the S3 backend's `put`/`put-done`/`delete` points, ten chosen
 //! kills in the suite, `SHEAR_S3_KILL_CAMPAIGN_KILLS=N` more at random hits
 //! (`scripts/fuzz --long`: 60). See `f31_s3_…` below.
@@ -516,7 +516,7 @@ const S3_MODES: [&str; 4] = ["backup", "prune", "gc", "sync"];
 type Refs = BTreeMap<BackupId, BTreeSet<String>>;
 
 struct S3Campaign {
-    _moto: s3::Moto,
+    _garage: s3::Garage,
     faults: Arc<s3::Faults>,
     loc: std::path::PathBuf,
     /// VM 200's backups, synced into the S3 repository.
@@ -540,11 +540,11 @@ struct S3Campaign {
 
 impl S3Campaign {
     fn new() -> Option<Self> {
-        let moto = s3::start_moto()?;
+        let garage = s3::start_garage()?;
         let faults = Arc::new(s3::Faults::default());
-        let proxy = s3::start_proxy(moto.port, Arc::clone(&faults));
+        let proxy = s3::start_proxy(garage.port, Arc::clone(&faults));
         // The children inherit this process's environment.
-        s3::env_for(proxy);
+        s3::env_for(&garage.creds(), proxy);
         std::env::set_var("SHEAR_S3_LEASE_SECS", S3_LEASE_SECS.to_string());
         let loc = s3::s3_repo("kill-campaign");
         let repo = Repository::init(
@@ -564,7 +564,7 @@ impl S3Campaign {
         let s = init_repo(src.path(), None);
         let first = backup_vm(&s, "200", 1);
         Some(S3Campaign {
-            _moto: moto,
+            _garage: garage,
             faults,
             loc,
             src,
@@ -825,7 +825,7 @@ impl S3Campaign {
 
 /// F-31 on an S3 repository (issue 14): backup, prune, GC and sync
 /// processes SIGKILLed at their PUTs and DELETEs (failpoints `put`,
-/// `put-done`, `delete` of repo/s3.rs) against a real S3 server (moto).
+/// `put-done`, `delete` of repo/s3.rs) against a real S3 server (Garage).
 /// After each kill: `verify --all` clean, nothing incomplete listed (a
 /// killed backup is absent or restores byte-identical; a killed sync lists
 /// only complete copies), nothing earlier vanished beyond what prune

@@ -1,7 +1,9 @@
-//! S3 repositories against a real S3 server (moto_server, installed by
-//! `scripts/setup` into /opt/shear-test/moto), through a small
-//! fault-injecting HTTP proxy: 503 answers, a dead server mid-backup,
-//! request counts for dedup.
+//! S3 repositories against a real S3 server (a single Garage node, built by
+//! `scripts/setup` into /opt/shear-test/garage; crate `shear-test-s3`),
+//! through a small fault-injecting HTTP proxy: 503 answers, a server
+//! SIGKILLed mid-backup, listings of one key per page, a skewed server
+//! clock, denied DELETEs, damaged uploads, cut downloads, request counts
+//! for dedup.
 // Test code: unwrap is the assertion.
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
@@ -16,10 +18,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{image, restore_raw, t, CHUNK};
-use s3::{env_for, s3_repo, start_moto, start_proxy, Faults};
+use s3::{env_for, s3_repo, start_garage, start_proxy, Faults, Garage};
 use shear::repo::{
     BackupMeta, CommitInfo, DiskSpec, InitOptions, KeepOptions, Repository, VerifyTarget,
 };
+
+/// Garage with bucket `shear`, the fault proxy in front of it, and this
+/// process's AWS environment pointing at the proxy.
+fn garage_behind_proxy() -> Option<(Garage, Arc<Faults>)> {
+    let garage = start_garage()?;
+    let faults = Arc::new(Faults::default());
+    let proxy = start_proxy(garage.port, Arc::clone(&faults));
+    env_for(&garage.creds(), proxy);
+    Some((garage, faults))
+}
 
 fn opts() -> InitOptions {
     InitOptions {
@@ -45,10 +57,13 @@ fn backup(repo: &Repository, time: i64, data: &[u8]) -> shear::repo::Result<shea
 /// uploads only its index and manifest), prune and GC on S3.
 #[test]
 fn s3_repository_round_trip_dedup_prune_gc() {
-    let Some(moto) = start_moto() else { return };
-    let faults = Arc::new(Faults::default());
-    let proxy = start_proxy(moto.port, Arc::clone(&faults));
-    env_for(proxy);
+    let Some((_garage, faults)) = garage_behind_proxy() else {
+        return;
+    };
+    // Every listing one key per page: the server's pagination is followed
+    // to the end (F-41: a short listing would make GC delete referenced
+    // chunks).
+    std::env::set_var("SHEAR_S3_LIST_PAGE_KEYS", "1");
     let loc = s3_repo("round-trip");
     let repo = Repository::init(&loc, None, &opts()).unwrap();
     assert_eq!(repo.location(), "s3://shear/round-trip");
@@ -109,16 +124,22 @@ fn s3_repository_round_trip_dedup_prune_gc() {
     assert!(v.is_clean(), "{v:?}");
     assert_eq!(repo.list_backups(None).unwrap().len(), 1);
     assert_eq!(restore_raw(&repo, &c, "scsi0", dir.path()), other);
+    let l0 = faults.lists.load(Ordering::Acquire);
+    let chunks = repo.backend().list_objects("chunks").unwrap().len() as u64;
+    let pages = faults.lists.load(Ordering::Acquire) - l0;
+    assert!(
+        chunks > 10 && pages >= chunks,
+        "{chunks} chunk objects came in {pages} listing pages: not one key per page"
+    );
 }
 
 /// 503 answers are retried with backoff: the backup succeeds and restores
 /// byte-identical.
 #[test]
 fn s3_server_503_is_retried() {
-    let Some(moto) = start_moto() else { return };
-    let faults = Arc::new(Faults::default());
-    let proxy = start_proxy(moto.port, Arc::clone(&faults));
-    env_for(proxy);
+    let Some((_garage, faults)) = garage_behind_proxy() else {
+        return;
+    };
     let loc = s3_repo("retry");
     let repo = Repository::init(&loc, None, &opts()).unwrap();
     faults.every.store(3, Ordering::Release);
@@ -132,18 +153,18 @@ fn s3_server_503_is_retried() {
     eprintln!("{injected} requests answered 503 and retried");
 }
 
-/// A server that dies mid-backup (every request 503, retries exhausted):
-/// the backup fails, nothing incomplete is listed, the earlier backup still
-/// verifies and restores.
+/// A server SIGKILLed mid-backup (F-31 on the server side): the backup
+/// fails with a storage error, nothing incomplete is listed, the earlier
+/// backup still verifies and restores, and once the server is back the
+/// same backup run again commits and restores byte-identical.
 #[test]
-fn s3_server_dead_mid_backup_leaves_no_backup_f31() {
-    let Some(moto) = start_moto() else { return };
-    let faults = Arc::new(Faults::default());
-    let proxy = start_proxy(moto.port, Arc::clone(&faults));
-    env_for(proxy);
+fn s3_server_killed_mid_backup_lists_nothing_and_retry_works_f31() {
+    let Some((mut garage, _faults)) = garage_behind_proxy() else {
+        return;
+    };
     std::env::set_var("SHEAR_S3_RETRIES", "2");
     std::env::set_var("SHEAR_S3_RETRY_TIMEOUT", "3");
-    let loc = s3_repo("dead");
+    let loc = s3_repo("killed");
     let repo = Repository::init(&loc, None, &opts()).unwrap();
     let first = image(21, 16 * CHUNK as usize);
     let a = backup(&repo, 1, &first).unwrap();
@@ -158,7 +179,7 @@ fn s3_server_dead_mid_backup_leaves_no_backup_f31() {
     let mut failed = None;
     for (i, c) in second.chunks(CHUNK as usize).enumerate() {
         if i == 8 {
-            faults.dead.store(true, Ordering::Release);
+            garage.kill();
         }
         if let Err(e) = d.put_chunk(i as u64, c) {
             failed = Some(e);
@@ -172,7 +193,9 @@ fn s3_server_dead_mid_backup_leaves_no_backup_f31() {
     );
     drop(d);
     drop(s); // its cleanup fails too: the server is still dead
-    faults.dead.store(false, Ordering::Release);
+    garage
+        .restart()
+        .unwrap_or_else(|e| panic!("garage did not restart: {e}"));
 
     let repo = Repository::open(&loc, None).unwrap();
     let list = repo.list_backups(None).unwrap();
@@ -184,6 +207,13 @@ fn s3_server_dead_mid_backup_leaves_no_backup_f31() {
     assert!(v.is_clean(), "{v:?}");
     let dir = tempfile::tempdir().unwrap();
     assert_eq!(restore_raw(&repo, &a, "scsi0", dir.path()), first);
+
+    // The retry: the same data again, committed and byte-identical.
+    let b = backup(&repo, 3, &second).unwrap();
+    assert_eq!(repo.list_backups(None).unwrap().len(), 2);
+    assert_eq!(restore_raw(&repo, &b, "scsi0", dir.path()), second);
+    let v = repo.verify(&VerifyTarget::All, 2).unwrap();
+    assert!(v.is_clean(), "{v:?}");
 }
 
 /// F-36 on an object store: GC runs while a backup that deduplicated
@@ -193,10 +223,9 @@ fn s3_server_dead_mid_backup_leaves_no_backup_f31() {
 /// commit.
 #[test]
 fn s3_gc_never_deletes_chunks_of_running_backup_f36_f38() {
-    let Some(moto) = start_moto() else { return };
-    let faults = Arc::new(Faults::default());
-    let proxy = start_proxy(moto.port, Arc::clone(&faults));
-    env_for(proxy);
+    let Some((_garage, faults)) = garage_behind_proxy() else {
+        return;
+    };
     let loc = s3_repo("gc-race");
     let repo = Repository::init(&loc, None, &opts()).unwrap();
     let data = image(31, 24 * CHUNK as usize);
@@ -254,6 +283,63 @@ fn s3_gc_never_deletes_chunks_of_running_backup_f36_f38() {
     assert_eq!(repo.list_backups(None).unwrap().len(), 1);
 }
 
+/// F-37 on an object store: the server's clock two days behind, then two
+/// days ahead of this host's (the proxy shifts every time the server
+/// reports: `Last-Modified`, `Date`, listings). shear compares server times
+/// only with server times: GC still defers to a running backup's marker
+/// (which this host's clock would call two days old, long dead), keeps
+/// unreferenced chunks younger than the grace period (two days old, or
+/// from the future, by this host's clock), and deletes them once past it.
+#[test]
+fn f37_s3_server_clock_skew_changes_no_gc_decision() {
+    let Some((_garage, faults)) = garage_behind_proxy() else {
+        return;
+    };
+    std::env::set_var("SHEAR_S3_GC_GRACE_SECS", "3600");
+    let loc = s3_repo("skew");
+    let repo = Repository::init(&loc, None, &opts()).unwrap();
+    for (n, skew) in [(0i64, -2 * 86_400i64), (10, 2 * 86_400)] {
+        faults.skew_secs.store(skew, Ordering::Release);
+        let data = image(81 + n.unsigned_abs(), 12 * CHUNK as usize);
+        let a = backup(&repo, n + 1, &data).unwrap();
+        repo.forget(&a).unwrap(); // its chunks: unreferenced, seconds old
+                                  // A backup running that deduplicates against them.
+        let mut meta = BackupMeta::new("100", "vm-100");
+        meta.time = Some(t(n + 2));
+        let s = repo.begin_backup(&meta).unwrap();
+        let d = s
+            .add_disk(&DiskSpec::new("scsi0", data.len() as u64))
+            .unwrap();
+        for (i, c) in data.chunks(CHUNK as usize).enumerate() {
+            d.put_chunk(i as u64, c).unwrap();
+        }
+        let g = repo.gc(&shear::repo::gc::GcOptions::default()).unwrap();
+        assert!(
+            g.deferred.is_some(),
+            "server clock {skew:+} s: GC did not see the running backup: {g:?}"
+        );
+        assert_eq!(g.chunks_removed, 0, "{g:?}");
+        d.finish().unwrap();
+        let b = s.commit(&CommitInfo::default()).unwrap();
+        repo.forget(&b).unwrap();
+        let g = repo.gc(&shear::repo::gc::GcOptions::default()).unwrap();
+        assert!(g.deferred.is_none(), "{g:?}");
+        assert_eq!(
+            g.chunks_removed, 0,
+            "server clock {skew:+} s: chunks younger than the grace period were deleted: {g:?}"
+        );
+        assert!(g.chunks_kept > 4, "{g:?}");
+    }
+    // Past the grace period (now 0 s; server times have 1 s resolution).
+    std::env::set_var("SHEAR_S3_GC_GRACE_SECS", "0");
+    std::thread::sleep(Duration::from_millis(1100));
+    let g = repo.gc(&shear::repo::gc::GcOptions::default()).unwrap();
+    assert!(g.chunks_removed > 8, "{g:?}");
+    assert!(repo.list_backups(None).unwrap().is_empty());
+    let v = repo.verify(&VerifyTarget::All, 2).unwrap();
+    assert!(v.is_clean(), "{v:?}");
+}
+
 /// `--repo` with a URL scheme never becomes a local directory named
 /// `s3:` or `gs:` (it did before: the path was taken literally).
 #[test]
@@ -293,10 +379,9 @@ fn repo_url_is_not_a_local_directory() {
 /// only what did not arrive.
 #[test]
 fn s3_sync_local_to_s3_and_back_resumes() {
-    let Some(moto) = start_moto() else { return };
-    let faults = Arc::new(Faults::default());
-    let proxy = start_proxy(moto.port, Arc::clone(&faults));
-    env_for(proxy);
+    let Some((_garage, faults)) = garage_behind_proxy() else {
+        return;
+    };
     std::env::set_var("SHEAR_S3_RETRIES", "1");
     std::env::set_var("SHEAR_S3_RETRY_TIMEOUT", "2");
     let dir = tempfile::tempdir().unwrap();
@@ -370,10 +455,9 @@ fn s3_sync_local_to_s3_and_back_resumes() {
 /// fails saying access was denied, and removes nothing.
 #[test]
 fn f40_s3_credentials_without_delete_back_up_and_prune_fails_clearly() {
-    let Some(moto) = start_moto() else { return };
-    let faults = Arc::new(Faults::default());
-    let proxy = start_proxy(moto.port, Arc::clone(&faults));
-    env_for(proxy);
+    let Some((_garage, faults)) = garage_behind_proxy() else {
+        return;
+    };
     let loc = s3_repo("no-delete");
     let repo = Repository::init(&loc, None, &opts()).unwrap();
     faults.deny_deletes.store(true, Ordering::Release);
@@ -399,16 +483,16 @@ fn f40_s3_credentials_without_delete_back_up_and_prune_fails_clearly() {
 }
 
 /// F-40: PUT bodies corrupted on the way (a byte flipped by the proxy in
-/// the first 2 chunk uploads): shear notices by the server's
-/// ETag (moto 5.2.5 does not check x-amz-checksum-sha256 and stores them:
-/// shear compares the returned MD5 ETag with the body), uploads them again, and the backup
-/// verifies clean and restores byte-identical.
+/// the first 2 chunk uploads). Garage checks each body against the signed
+/// SHA-256 and `x-amz-checksum-sha256` and refuses it (400 InvalidDigest,
+/// which object_store does not retry): shear uploads it again, the backup
+/// verifies clean and restores byte-identical. Every chunk upload damaged:
+/// the backup fails after 3 attempts, naming the chunk as corrupt.
 #[test]
-fn f40_s3_corrupted_uploads_are_detected_by_etag_and_retried() {
-    let Some(moto) = start_moto() else { return };
-    let faults = Arc::new(Faults::default());
-    let proxy = start_proxy(moto.port, Arc::clone(&faults));
-    env_for(proxy);
+fn f40_s3_corrupted_uploads_are_refused_by_the_server_and_uploaded_again() {
+    let Some((_garage, faults)) = garage_behind_proxy() else {
+        return;
+    };
     let loc = s3_repo("corrupt-put");
     let repo = Repository::init(&loc, None, &opts()).unwrap();
     faults.corrupt_puts.store(2, Ordering::Release);
@@ -419,6 +503,21 @@ fn f40_s3_corrupted_uploads_are_detected_by_etag_and_retried() {
     assert!(v.is_clean(), "{v:?}");
     let dir = tempfile::tempdir().unwrap();
     assert_eq!(restore_raw(&repo, &id, "scsi0", dir.path()), data);
+
+    faults.corrupted.store(0, Ordering::Release);
+    faults.corrupt_puts.store(u64::MAX, Ordering::Release);
+    let e = backup(&repo, 2, &image(62, 4 * CHUNK as usize)).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        matches!(e, shear::repo::RepoError::Corrupt { .. })
+            && msg.contains("chunks/")
+            && msg.contains("InvalidDigest")
+            && msg.contains("3 times"),
+        "{e:?}"
+    );
+    // (Chunk uploads run in parallel: other chunks were damaged too.)
+    assert!(faults.corrupted.load(Ordering::Acquire) >= 3, "{e}");
+    assert_eq!(repo.list_backups(None).unwrap().len(), 1);
 }
 
 /// `sync --streams`: with 40 ms added to every request (a long link, by the
@@ -428,10 +527,9 @@ fn f40_s3_corrupted_uploads_are_detected_by_etag_and_retried() {
 /// a timed assertion here (times are printed only).
 #[test]
 fn s3_sync_streams_keep_requests_in_flight() {
-    let Some(moto) = start_moto() else { return };
-    let faults = Arc::new(Faults::default());
-    let proxy = start_proxy(moto.port, Arc::clone(&faults));
-    env_for(proxy);
+    let Some((_garage, faults)) = garage_behind_proxy() else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let src = common::init_repo(&dir.path().join("src"), None);
     let data = image(91, 48 * CHUNK as usize);
@@ -481,10 +579,9 @@ fn s3_sync_streams_keep_requests_in_flight() {
 /// naming the chunk object, not with a digest error or a short restore.
 #[test]
 fn f40_s3_truncated_get_body_is_retried_and_persistent_cut_names_the_object() {
-    let Some(moto) = start_moto() else { return };
-    let faults = Arc::new(Faults::default());
-    let proxy = start_proxy(moto.port, Arc::clone(&faults));
-    env_for(proxy);
+    let Some((_garage, faults)) = garage_behind_proxy() else {
+        return;
+    };
     let loc = s3_repo("truncated-get");
     let repo = Repository::init(&loc, None, &opts()).unwrap();
     let data = image(71, 16 * CHUNK as usize);

@@ -1,4 +1,4 @@
-//! Issue 14: the real guest backed up to an S3 repository (moto_server on
+//! Issue 14: the real guest backed up to an S3 repository (a Garage node on
 //! loopback, `tests/src/s3.rs`), full then incremental, each restored from
 //! S3 byte-identical to the ground truth taken while shear held the guest
 //! (the `SHEAR_TEST_FROZEN_HOOK` oracle of backup_e2e.rs), and
@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use serde_json::Value;
-use shear_tests::s3::S3Server;
+use shear_tests::s3::Creds;
 use shear_tests::shear::{
     assert_released_and_clean, report_of, run_ok, start_writer, stop_writer, take_truth_when_held,
     wait_truth_jobs, HeldHook, ShearEnv as Env,
@@ -20,24 +20,27 @@ use shear_tests::{e2fsck_clean, require_guest, shear_bin, DiskSpec, TestVm, VmCo
 const MIB: u64 = 1 << 20;
 const REPO: &str = "s3://shear/vm-test";
 
+/// The server's key and port.
+type S3 = (Creds, u16);
+
 /// `shear --repo s3://… ARGS` with the test's run dir and the server's
 /// environment.
-fn shear(env: &Env, port: u16, args: &[&str]) -> Command {
+fn shear(env: &Env, s3: &S3, args: &[&str]) -> Command {
     let mut c = Command::new(shear_bin());
     c.args(["--repo", REPO]).args(args);
     c.env("SHEAR_RUN_DIR", env.run_dir());
     c.env("SHEAR_CONFIG", env.dir.path().join("no-config.toml"));
     c.env_remove("SHEAR_TEST_FROZEN_HOOK");
-    for (k, v) in S3Server::env(port, &env.dir.path().join("s3-cache")) {
+    for (k, v) in shear_tests::s3::env(&s3.0, s3.1, &env.dir.path().join("s3-cache")) {
         c.env(k, v);
     }
     c
 }
 
 /// A backup to S3 with the truth hook: (report, truth image of d0).
-fn backup_checked(env: &Env, vm: &mut TestVm, port: u16, truth_name: &str) -> (Value, PathBuf) {
+fn backup_checked(env: &Env, vm: &mut TestVm, s3: &S3, truth_name: &str) -> (Value, PathBuf) {
     let hook = HeldHook::new(env);
-    let mut cmd = shear(env, port, &["backup", "100", "--json"]);
+    let mut cmd = shear(env, s3, &["backup", "100", "--json"]);
     cmd.arg("--qmp").arg(vm.qmp_socket());
     cmd.arg("--qga").arg(vm.qga_socket());
     cmd.arg("--fleecing-dir").arg(env.fleece_dir());
@@ -63,12 +66,12 @@ fn disk0(report: &Value) -> &Value {
     &report["disks"][0]
 }
 
-fn restore_and_compare(env: &Env, port: u16, id: &str, truth: &Path, dir: &str) {
+fn restore_and_compare(env: &Env, s3: &S3, id: &str, truth: &Path, dir: &str) {
     let target = env.dir.path().join(dir);
     std::fs::create_dir_all(&target).unwrap();
     run_ok(shear(
         env,
-        port,
+        s3,
         &[
             "restore",
             id,
@@ -98,20 +101,24 @@ fn vm_s3_full_and_incremental_backup_restore_byte_identical_verify_clean() {
     if !require_guest() {
         return;
     }
-    let Some(s3) = S3Server::start() else { return };
+    let Some(garage) = shear_tests::s3::start_garage() else {
+        return;
+    };
+    let s3 = (garage.creds(), garage.port);
+    let s3 = &s3;
     let env = Env::new();
-    run_ok(shear(&env, s3.port, &["init"]));
+    run_ok(shear(&env, s3, &["init"]));
     let mut vm = TestVm::start(
         VmConfig::guest().disk(DiskSpec::qcow2("d0", 64 * MIB).file("/seed.txt", b"s3")),
     )
     .unwrap();
     start_writer(&vm, &["/mnt/vda"]);
 
-    let (full, truth_full) = backup_checked(&env, &mut vm, s3.port, "truth-full.raw");
+    let (full, truth_full) = backup_checked(&env, &mut vm, s3, "truth-full.raw");
     assert_eq!(disk0(&full)["kind"], "full", "{full}");
     vm.guest_sh("dd if=/dev/urandom of=/mnt/vda/more bs=1M count=4 conv=fsync 2>/dev/null")
         .unwrap();
-    let (incr, truth_incr) = backup_checked(&env, &mut vm, s3.port, "truth-incr.raw");
+    let (incr, truth_incr) = backup_checked(&env, &mut vm, s3, "truth-incr.raw");
     assert_eq!(disk0(&incr)["kind"], "incremental", "{incr}");
     let (full_read, incr_read) = (
         disk0(&full)["bytes_read"].as_u64().unwrap(),
@@ -131,11 +138,11 @@ fn vm_s3_full_and_incremental_backup_restore_byte_identical_verify_clean() {
         .iter()
         .map(|r| r["backup_id"].as_str().unwrap().to_string())
         .collect();
-    restore_and_compare(&env, s3.port, &ids[0], &truth_full, "restore-full");
-    restore_and_compare(&env, s3.port, &ids[1], &truth_incr, "restore-incr");
-    let v = run_ok(shear(&env, s3.port, &["verify", "--all", "--json"]));
+    restore_and_compare(&env, s3, &ids[0], &truth_full, "restore-full");
+    restore_and_compare(&env, s3, &ids[1], &truth_incr, "restore-incr");
+    let v = run_ok(shear(&env, s3, &["verify", "--all", "--json"]));
     eprintln!("verify --all: {}", String::from_utf8_lossy(&v.stdout));
-    let out = run_ok(shear(&env, s3.port, &["list", "100", "--json"]));
+    let out = run_ok(shear(&env, s3, &["list", "100", "--json"]));
     let list: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(list.as_array().map(Vec::len), Some(2), "{list}");
     eprintln!("full read {full_read} B, incremental read {incr_read} B; both restored from S3");

@@ -13,13 +13,18 @@
 //! `SHEAR_S3_ENDPOINT`, `SHEAR_S3_REGION`, `SHEAR_S3_VIRTUAL_HOSTED=1`.
 //! With a custom endpoint, requests are path-style, and `http://` is allowed
 //! when the endpoint says `http://`.
+//!
+//! Listings follow the server's continuation tokens page by page
+//! (`SHEAR_S3_LIST_PAGE_KEYS=N` asks for N keys per page; the tests list
+//! one key per page against a real server); a token the server repeats is
+//! an error, never a loop or a short listing.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey, Checksum};
+use object_store::list::{PaginatedListOptions, PaginatedListStore};
 use object_store::path::Path as OPath;
 use object_store::{BackoffConfig, ClientOptions, ObjectStore, PutPayload, RetryConfig};
 use tokio::sync::Semaphore;
@@ -104,6 +109,8 @@ pub struct S3Backend {
     bw: Option<Arc<TokenBucket>>,
     /// The repository's Object Lock setting (from its config).
     lock: std::sync::Mutex<Option<ObjectLock>>,
+    /// Keys per listing page to ask for (`None`: the server's default).
+    page_keys: Option<usize>,
 }
 
 impl std::fmt::Debug for S3Backend {
@@ -153,6 +160,17 @@ fn etag_mismatch(etag: Option<&str>, data: &[u8]) -> Option<String> {
     }
     let want = hex::encode(md5::Md5::digest(data));
     (!e.eq_ignore_ascii_case(&want)).then(|| format!("server ETag {e}, body MD5 {want}"))
+}
+
+/// F-40: the S3 error code of a PUT the server refused because the body
+/// it received does not match the checksum the request carries (damaged on
+/// the way): `BadDigest` (AWS, Content-MD5 or x-amz-checksum-*),
+/// `XAmzContentSHA256Mismatch` (AWS, the signed SHA-256), `InvalidDigest`
+/// (Garage, either). `None`: any other answer.
+fn rejected_as_damaged(answer: &str) -> Option<&'static str> {
+    ["BadDigest", "XAmzContentSHA256Mismatch", "InvalidDigest"]
+        .into_iter()
+        .find(|code| answer.contains(&format!("<Code>{code}</Code>")))
 }
 
 impl S3Backend {
@@ -274,6 +292,9 @@ impl S3Backend {
             lock: std::sync::Mutex::new(None),
             rps,
             bw,
+            page_keys: env("SHEAR_S3_LIST_PAGE_KEYS")
+                .and_then(|v| v.parse::<usize>().ok())
+                .filter(|n| *n > 0),
         })
     }
 
@@ -353,10 +374,19 @@ impl S3Backend {
                 headers.clone(),
                 data.to_vec(),
             )?;
-            if !r.status.is_success() {
-                return Err(Self::reply_err("put (object lock)", key, &r));
-            }
             attempt += 1;
+            if !r.status.is_success() {
+                let damaged = (r.status == reqwest::StatusCode::BAD_REQUEST)
+                    .then(|| rejected_as_damaged(&String::from_utf8_lossy(&r.body)))
+                    .flatten();
+                match damaged {
+                    Some(code) if attempt < 3 => {
+                        tracing::warn!("upload of {key} arrived damaged ({code}): again");
+                        continue;
+                    }
+                    _ => return Err(Self::reply_err("put (object lock)", key, &r)),
+                }
+            }
             let etag = r.headers.get("etag").and_then(|v| v.to_str().ok());
             match etag_mismatch(etag, data) {
                 None => return Ok(()),
@@ -434,10 +464,27 @@ impl S3Backend {
             self.throttle_bytes(data.len());
             let (p, s) = (p.clone(), Arc::clone(&self.store));
             let payload = PutPayload::from(data.to_vec());
-            let r = self
-                .run(async move { s.put(&p, payload).await })?
-                .map_err(|e| s3_err("put", key, e))?;
+            let r = self.run(async move { s.put(&p, payload).await })?;
             attempt += 1;
+            let r = match r {
+                Ok(r) => r,
+                // F-40: a server that checks the body against the signed
+                // SHA-256 (Garage, AWS) refuses a damaged upload with a
+                // 400 that is not retried for us: upload it again.
+                Err(e) => match rejected_as_damaged(&crate::chain(&e)) {
+                    Some(code) if attempt >= 3 => {
+                        return Err(RepoError::corrupt(
+                            key,
+                            format!("the server refused it as damaged ({code}) {attempt} times"),
+                        ))
+                    }
+                    Some(code) => {
+                        tracing::warn!("upload of {key} arrived damaged ({code}): again");
+                        continue;
+                    }
+                    None => return Err(s3_err("put", key, e)),
+                },
+            };
             match etag_mismatch(r.e_tag.as_deref(), data) {
                 None => return Ok(()),
                 Some(why) if attempt >= 3 => {
@@ -502,6 +549,55 @@ impl S3Backend {
                 std::io::Error::new(std::io::ErrorKind::UnexpectedEof, crate::chain(&e)),
             )),
         }
+    }
+
+    /// Lists under `prefix` (as a directory: `prefix/`), every page, with
+    /// `/` as the delimiter when `delimiter`.
+    fn list_pages(&self, prefix: &str, delimiter: bool) -> Result<object_store::ListResult> {
+        let mut full = self.path(prefix)?.as_ref().to_owned();
+        if !full.is_empty() {
+            full.push('/');
+        }
+        let mut objects = Vec::new();
+        let mut common = std::collections::BTreeSet::new();
+        let mut token: Option<String> = None;
+        let mut seen = std::collections::HashSet::new();
+        loop {
+            let opts = PaginatedListOptions {
+                delimiter: delimiter.then_some(std::borrow::Cow::Borrowed("/")),
+                max_keys: self.page_keys,
+                page_token: token.take(),
+                ..PaginatedListOptions::default()
+            };
+            let (s, pre) = (Arc::clone(&self.store), full.clone());
+            let page = self
+                .run(async move {
+                    let pre = (!pre.is_empty()).then_some(pre);
+                    s.list_paginated(pre.as_deref(), opts).await
+                })?
+                .map_err(|e| s3_err("list", prefix, e))?;
+            objects.extend(page.result.objects);
+            common.extend(page.result.common_prefixes);
+            match page.page_token.filter(|t| !t.is_empty()) {
+                None => break,
+                Some(t) if !seen.insert(t.clone()) => {
+                    return Err(RepoError::io(
+                        "list",
+                        prefix,
+                        std::io::Error::other(format!(
+                            "the server repeated the continuation token {t:?} after {} \
+                             objects: the listing would never end",
+                            objects.len()
+                        )),
+                    ))
+                }
+                Some(t) => token = Some(t),
+            }
+        }
+        Ok(object_store::ListResult {
+            common_prefixes: common.into_iter().collect(),
+            objects,
+        })
     }
 
     fn head_meta(&self, key: &str) -> Result<Option<object_store::ObjectMeta>> {
@@ -606,11 +702,7 @@ impl Backend for S3Backend {
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<ListEntry>> {
-        let p = self.path(prefix)?;
-        let s = Arc::clone(&self.store);
-        let r = self
-            .run(async move { s.list_with_delimiter(Some(&p)).await })?
-            .map_err(|e| s3_err("list", prefix, e))?;
+        let r = self.list_pages(prefix, true)?;
         let mut out = Vec::new();
         for d in r.common_prefixes {
             if let Some(n) = d.filename() {
@@ -676,13 +768,9 @@ impl Backend for S3Backend {
     }
 
     fn list_objects(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
-        let p = self.path(prefix)?;
-        let s = Arc::clone(&self.store);
-        let r: Vec<object_store::Result<object_store::ObjectMeta>> =
-            self.run(async move { s.list(Some(&p)).collect::<Vec<_>>().await })?;
-        let mut out = Vec::with_capacity(r.len());
-        for m in r {
-            let m = m.map_err(|e| s3_err("list", prefix, e))?;
+        let r = self.list_pages(prefix, false)?;
+        let mut out = Vec::with_capacity(r.objects.len());
+        for m in r.objects {
             out.push(ObjectInfo {
                 key: self.rel(&m.location),
                 size: m.size,
@@ -775,6 +863,41 @@ impl Backend for S3Backend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn damaged_upload_codes_are_recognised_and_nothing_else() {
+        let garage = "Server returned non-2xx status code: 400 Bad Request: <?xml version=\"1.0\" \
+             encoding=\"UTF-8\"?><Error><Code>InvalidDigest</Code><Message>Failed to validate \
+             checksum for algorithm Sha256</Message></Error>";
+        assert_eq!(rejected_as_damaged(garage), Some("InvalidDigest"));
+        assert_eq!(
+            rejected_as_damaged("<Error><Code>BadDigest</Code></Error>"),
+            Some("BadDigest")
+        );
+        assert_eq!(
+            rejected_as_damaged("<Code>XAmzContentSHA256Mismatch</Code>"),
+            Some("XAmzContentSHA256Mismatch")
+        );
+        for other in [
+            "<Error><Code>AccessDenied</Code></Error>",
+            "<Error><Code>SignatureDoesNotMatch</Code><Message>BadDigest</Message></Error>",
+            "connection reset",
+        ] {
+            assert_eq!(rejected_as_damaged(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn etag_mismatch_judges_plain_md5_etags_only() {
+        let body = b"chunk bytes";
+        use md5::Digest as _;
+        let md5 = hex::encode(md5::Md5::digest(body));
+        assert_eq!(etag_mismatch(Some(&format!("\"{md5}\"")), body), None);
+        assert!(etag_mismatch(Some("\"00000000000000000000000000000000\""), body).is_some());
+        // Multipart-style and absent ETags are not judged.
+        assert_eq!(etag_mismatch(Some("\"abc-2\""), body), None);
+        assert_eq!(etag_mismatch(None, body), None);
+    }
 
     #[test]
     fn parses_s3_urls() {

@@ -2,24 +2,29 @@
 //! same data set and in the same run,
 //!
 //! - `shear backup` of the paused VM's data disk into a fresh local
-//!   repository and into a fresh S3 repository on loopback (moto_server,
-//!   `shear_tests::s3`; Garage is not built here, see tests/src/s3.rs);
+//!   repository and into a fresh S3 repository on loopback (a single
+//!   Garage node, `shear_tests::s3`, data on this machine's disk);
 //! - `shear sync` of that backup from the local repository into fresh S3
 //!   repositories with 1, 4 and 16 streams, through a proxy that adds
 //!   0 ms and 40 ms to every request (a long link on loopback).
 //!
-//! moto keeps objects in its Python process's memory: size the data set
-//! (`--size`) to the machine's RAM.
+//! Garage keeps its objects in a temporary directory (under `$TMPDIR`):
+//! size the data set (`--size`) to that disk.
 
 use super::*;
-use shear_tests::s3::{DelayProxy, S3Server};
+use shear_tests::s3::{Creds, Faults, Garage};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// The server, as the report names it.
+const SERVER: &str = "Garage 2.5 on loopback";
 
 /// Added latency per request for the "long link" figures, ms.
 const LINK_MS: u64 = 40;
 
-fn s3_env(b: &Bench, port: u16) -> Vec<(&'static str, OsString)> {
+fn s3_env(b: &Bench, creds: &Creds, port: u16) -> Vec<(&'static str, OsString)> {
     let mut env = b.shear_env();
-    for (k, v) in S3Server::env(port, &b.run.join("s3-cache")) {
+    for (k, v) in shear_tests::s3::env(creds, port, &b.run.join("s3-cache")) {
         let k: &'static str = match k.as_str() {
             "AWS_ACCESS_KEY_ID" => "AWS_ACCESS_KEY_ID",
             "AWS_SECRET_ACCESS_KEY" => "AWS_SECRET_ACCESS_KEY",
@@ -72,9 +77,9 @@ fn sync_key(streams: usize, delay: u64) -> (&'static str, String) {
 }
 
 pub(super) fn s3_phase(b: &Bench, r: &mut Results) -> Res<()> {
-    if shear_tests::s3::moto_binary().is_none() {
+    if shear_tests::s3::garage_binary().is_none() {
         return Err(
-            "moto_server missing (scripts/setup installs it into /opt/shear-test/moto)".into(),
+            "garage missing (scripts/setup installs it into /opt/shear-test/garage)".into(),
         );
     }
     let plan = Plan::for_size(b.size);
@@ -82,12 +87,16 @@ pub(super) fn s3_phase(b: &Bench, r: &mut Results) -> Res<()> {
     r.dataset = ds.info.clone();
     let disk = b.run.join("disk.qcow2");
     std::fs::copy(&ds.image, &disk).ctx("copying the data set")?;
-    let server = S3Server::start().ok_or("moto_server did not start")?;
-    let (proxy, proxy_port) = DelayProxy::start(server.port, 0);
-    let direct = s3_env(b, server.port);
+    let server = Garage::start(&["shear"])?;
+    let creds = server.creds();
+    let proxy = Arc::new(Faults::default());
+    let proxy_port = shear_tests::s3::start_proxy(server.port, Arc::clone(&proxy));
+    let direct = s3_env(b, &creds, server.port);
     let local = b.run.join("repo-s3-local");
     {
-        say("s3: backing up the data set (paused VM) to a local directory and to S3 (moto on loopback)");
+        say(&format!(
+            "s3: backing up the data set (paused VM) to a local directory and to S3 ({SERVER})"
+        ));
         let vm = TestVm::start(VmConfig::paused().disk(DiskSpec::qcow2(DISK, b.size).image(&disk)))
             .ctx("starting the paused VM")?;
         let args = b.backup_args(&vm);
@@ -108,17 +117,15 @@ pub(super) fn s3_phase(b: &Bench, r: &mut Results) -> Res<()> {
             let rep = backup_report(&out)?;
             s.read = sum_disks(&rep, "bytes_read");
             s.out = sum_disks(&rep, "bytes_stored");
-            r.series("s3_backup", "shear backup → S3 (moto on loopback)")
+            r.series("s3_backup", "shear backup → S3 (Garage on loopback)")
                 .samples
                 .push(s);
         }
     }
-    let via_proxy = s3_env(b, proxy_port);
+    let via_proxy = s3_env(b, &creds, proxy_port);
     let mut n = 0;
     for delay in [0, LINK_MS] {
-        proxy
-            .delay_ms
-            .store(delay, std::sync::atomic::Ordering::Release);
+        proxy.delay_ms.store(delay, Ordering::Release);
         for streams in [1usize, 4, 16] {
             for round in 1..=b.opts.runs {
                 n += 1;
@@ -128,9 +135,7 @@ pub(super) fn s3_phase(b: &Bench, r: &mut Results) -> Res<()> {
                 ));
                 let to = PathBuf::from(format!("s3://shear/bench-sync-{n}"));
                 run_env(b, &via_proxy, &[&"--repo", &to, &"init"])?;
-                proxy
-                    .max_inflight
-                    .store(0, std::sync::atomic::Ordering::Release);
+                proxy.max_inflight.store(0, Ordering::Release);
                 let argv: Vec<OsString> = vec![
                     b.shear.clone().into_os_string(),
                     "sync".into(),
@@ -147,7 +152,7 @@ pub(super) fn s3_phase(b: &Bench, r: &mut Results) -> Res<()> {
                 s.out = rep["bytes_copied"].as_u64().unwrap_or(0);
                 s.extra = json!({
                     "report": rep,
-                    "max_requests_in_flight": proxy.max_inflight.load(std::sync::atomic::Ordering::Acquire),
+                    "max_requests_in_flight": proxy.max_inflight.load(Ordering::Acquire),
                 });
                 let (key, label) = sync_key(streams, delay);
                 r.series(key, &label).samples.push(s);
@@ -164,7 +169,7 @@ pub(super) fn s3_phase(b: &Bench, r: &mut Results) -> Res<()> {
             .map_or(0, |x| x.read);
         r.notes.push(format!(
             "S3 (issue 14): backup of the {} GiB data set ({:.0} MiB read) to a local directory {l:.2} s, \
-             to S3 on loopback (moto) {s:.2} s: S3 at {:.2}× the local time",
+             to S3 ({SERVER}) {s:.2} s: S3 at {:.2}× the local time",
             b.opts.size_gib,
             mib(bytes),
             s / l.max(1e-9)
@@ -187,10 +192,9 @@ pub(super) fn s3_phase(b: &Bench, r: &mut Results) -> Res<()> {
             }
         }
         r.notes.push(format!(
-            "S3 sync local → S3 through a proxy adding {delay} ms per request: {}",
+            "S3 sync local → S3 ({SERVER}) through a proxy adding {delay} ms per request: {}",
             parts.join(", ")
         ));
     }
-    let _ = proxy.requests.load(std::sync::atomic::Ordering::Acquire);
     Ok(())
 }
