@@ -23,6 +23,7 @@ pub mod disk;
 pub mod libvirt;
 pub mod prereq;
 pub mod s3;
+pub mod scaling;
 pub mod shear;
 pub mod sinks;
 pub mod vm;
