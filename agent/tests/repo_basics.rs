@@ -463,3 +463,77 @@ fn reader_api_reads_chunks_and_image_digest_is_stable() {
     drop(r);
     let _ = Arc::new(Repository::open(dir.path(), None).unwrap());
 }
+
+/// Issue 17: a pipeline with a stage meter charges each stage's CPU to it
+/// with bytes that add up: every chunk hashed, each new chunk compressed
+/// and verified once, encrypted only in an encrypted repository, and
+/// exactly the stored bytes written.
+#[test]
+fn pipeline_stage_meter_counts_every_stage_plain_and_encrypted() {
+    use shear::repo::format::{BLOB_HEADER_LEN, TAG_LEN};
+    use shear::repo::stages::{StageFigure, StageMeter};
+    let c = CHUNK as usize;
+    // Distinct chunks: 6 text-like (each its own pattern), 2 random, 2 zero.
+    let mut img = Vec::new();
+    for n in 0..6u8 {
+        img.extend((0..c).map(|i| n.wrapping_mul(31).wrapping_add((i % 89) as u8)));
+    }
+    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+    img.extend((0..2 * c).map(|_| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x >> 32) as u8
+    }));
+    img.extend(vec![0u8; 2 * c]);
+    let data_chunks = 8u64;
+    for encrypted in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let key = encrypted.then(shear::repo::Key::generate);
+        let repo = init_repo(dir.path(), key);
+        let mut meta = BackupMeta::new("100", "vm");
+        meta.time = Some(t(0));
+        let sess = repo.begin_backup(&meta).unwrap();
+        let d = sess
+            .add_disk(&DiskSpec::new("d0", img.len() as u64))
+            .unwrap();
+        let meter = StageMeter::new();
+        let p = ChunkPipeline::with_meter(
+            2,
+            2,
+            &(Arc::new(drop) as shear::repo::BufferRecycler),
+            None,
+            Some(&meter),
+        );
+        for (i, ch) in img.chunks(c).enumerate() {
+            p.submit(&d, i as u64, ch.to_vec()).unwrap();
+        }
+        p.finish().unwrap();
+        let entry = d.finish().unwrap();
+        sess.commit(&CommitInfo::default()).unwrap();
+        let f = meter.figures();
+        eprintln!("encrypted {encrypted}: {f:?}");
+        assert_eq!(entry.new_chunks, data_chunks, "{entry:?}");
+        assert_eq!(f.hash.bytes, img.len() as u64, "every chunk is hashed");
+        assert_eq!(f.compress.bytes, entry.new_data_bytes);
+        assert_eq!(f.verify.bytes, entry.new_data_bytes);
+        assert_eq!(f.write.bytes, entry.stored_bytes);
+        for (name, s) in [
+            ("hash", f.hash),
+            ("compress", f.compress),
+            ("verify", f.verify),
+            ("write", f.write),
+        ] {
+            assert!(s.cpu_s > 0.0, "{name}: {f:?}");
+        }
+        assert_eq!(f.read, StageFigure::default(), "the pipeline reads nothing");
+        if encrypted {
+            // The payloads: stored blobs less their headers and tags.
+            let overhead = data_chunks * (BLOB_HEADER_LEN + TAG_LEN) as u64;
+            assert_eq!(f.encrypt.bytes, entry.stored_bytes - overhead);
+            assert!(f.encrypt.cpu_s > 0.0, "{f:?}");
+        } else {
+            assert_eq!(f.encrypt, StageFigure::default());
+        }
+    }
+}

@@ -110,6 +110,8 @@ pub use engine::{EngineChoice, EngineKind};
 pub use error::{Error, ErrorKind, Result};
 pub use handshake::{BlockSizes, ExportFlags, ExportInfo, MetaContext};
 pub use plan::{ChunkPlan, Extent, Run, RunKind};
-pub use reader::{Chunk, ChunkKind, ChunkReader, ChunkStream, ReadStats, ReaderConfig, Recycler};
+pub use reader::{
+    Chunk, ChunkKind, ChunkReader, ChunkStream, ReadStats, ReaderConfig, Recycler, ThreadHook,
+};
 pub use transport::{Endpoint, ExportSource, Stream};
 pub use violation::Violation;

@@ -102,6 +102,22 @@ pub struct ReaderConfig {
     /// chunks they fill), one request at a time: the rate is smooth at the
     /// granularity of one read request.
     pub rate_limit: u64,
+    /// Called on each reader thread just before it ends (after its
+    /// sockets are closed), whatever the outcome: the caller can read the
+    /// thread's own CPU clock there (shear's per-stage CPU figures). Every
+    /// call has returned by the time the stream reports its end or is
+    /// dropped.
+    pub thread_end: Option<ThreadHook>,
+}
+
+/// A function a reader thread calls (see [`ReaderConfig::thread_end`]).
+#[derive(Clone)]
+pub struct ThreadHook(pub Arc<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for ThreadHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ThreadHook")
+    }
 }
 
 impl ReaderConfig {
@@ -120,6 +136,7 @@ impl ReaderConfig {
             idle_timeout: tuning::IDLE_TIMEOUT,
             budget_until_recycled: false,
             rate_limit: 0,
+            thread_end: None,
         }
     }
 }
@@ -499,9 +516,17 @@ fn start_with(
             .collect();
         let shared2 = Arc::clone(&shared);
         let tx2 = tx.clone();
+        let end = cfg.thread_end.clone();
         let h = std::thread::Builder::new()
             .name(format!("nbd-read-{g}"))
-            .spawn(move || run_thread(io, workers, &shared2, &tx2))
+            .spawn(move || {
+                run_thread(io, workers, &shared2, &tx2);
+                // Before `tx2` is dropped: the consumer sees the end only
+                // after every hook has run.
+                if let Some(ThreadHook(f)) = end {
+                    f();
+                }
+            })
             .map_err(|source| Error::Io {
                 step: "spawning a reader thread",
                 source,

@@ -827,3 +827,40 @@ fn client_map_pipelines_large_block_status_requests() {
         c.disconnect().unwrap();
     }
 }
+
+/// `thread_end` runs once on every reader thread (one per connection with
+/// the sync engine, one ring for all with io_uring), on that thread, and
+/// every call has returned when the stream reports its end.
+#[test]
+fn thread_end_hook_runs_once_per_reader_thread_before_the_end() {
+    use std::sync::{Arc, Mutex};
+    let image = mixed_image();
+    for engine in engines() {
+        let srv = FakeServer::start(image.clone(), Behavior::default());
+        let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+        let seen2 = Arc::clone(&seen);
+        let c = ReaderConfig {
+            connections: 3,
+            thread_end: Some(nbd_export::ThreadHook(Arc::new(move || {
+                let name = std::thread::current().name().unwrap_or("").to_string();
+                seen2.lock().unwrap().push(name);
+            }))),
+            ..cfg(engine)
+        };
+        let mut s = ChunkReader::start(&srv.source(), &c).unwrap();
+        let threads = match s.engine() {
+            nbd_export::EngineKind::Sync => 3,
+            nbd_export::EngineKind::Uring => 1,
+        };
+        for item in &mut s {
+            item.unwrap();
+        }
+        // The stream has ended (and not been dropped): every hook ran.
+        let mut names = seen.lock().unwrap().clone();
+        names.sort();
+        let want: Vec<String> = (0..threads).map(|g| format!("nbd-read-{g}")).collect();
+        assert_eq!(names, want, "{engine:?}");
+        drop(s);
+        assert_eq!(seen.lock().unwrap().len(), threads, "{engine:?}");
+    }
+}

@@ -18,6 +18,9 @@
 //!    the guest before each, into the last full backup's repository;
 //! 9. a 1 TiB sparse qcow2 on a paused VM: full, incrementals with 8 × 1 MiB
 //!    written, and the dirty-range mapping alone over NBD;
+//! 10. the scaling model (issue 17, `bench_phases/scaling.rs`): CPU per
+//!     stage from shear's own `--json` figures, the predicted throughput on
+//!     1-32 cores, checked against `--workers 1` and `--workers 2` here;
 //!
 //! plus peak RSS of a backup of a larger (mostly sparse) disk, and `perf`
 //! profiles of one backup (all CPUs) and of both restores. The anchors read an export the
@@ -30,6 +33,8 @@
 
 #[path = "bench_phases/s3.rs"]
 mod s3_phase;
+#[path = "bench_phases/scaling.rs"]
+mod scaling_phase;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -120,7 +125,9 @@ const USAGE: &str =
                     libvirt (issue 18: shear --libvirt full and incremental vs
                     virtnbdbackup on the same domain),
                     s3 (issue 14: backup to S3 on loopback vs a local directory;
-                    sync with 1/4/16 streams, +0 and +40 ms per request)";
+                    sync with 1/4/16 streams, +0 and +40 ms per request),
+                    scaling (issue 17: CPU per stage from shear's own figures, the
+                    predicted throughput on 1-32 cores, checked with --workers 1/2)";
 
 impl Opts {
     fn parse(mut args: impl Iterator<Item = String>) -> Res<Opts> {
@@ -164,6 +171,7 @@ impl Opts {
                             "boot",
                             "libvirt",
                             "s3",
+                            "scaling",
                         ]
                         .contains(&p)
                         {
@@ -1150,6 +1158,10 @@ struct Results {
     snapshot: Vec<(&'static str, Vec<f64>)>,
     profiles: Vec<Profile>,
     notes: Vec<String>,
+    /// Whole `## ` sections a phase rendered itself (before the method).
+    sections: Vec<String>,
+    /// A phase's own figures for the JSON report, by key.
+    extra: BTreeMap<&'static str, Value>,
     elapsed_s: f64,
 }
 
@@ -1320,6 +1332,9 @@ fn run() -> Res<()> {
         if only("s3") {
             s3_phase::s3_phase(&b, &mut r)?;
         }
+        if only("scaling") {
+            scaling_phase::scaling_only(&b, &mut r)?;
+        }
     } else {
         let plan = Plan::for_size(b.size);
         let ds = prepare_dataset(&b.work, &plan)?;
@@ -1348,6 +1363,7 @@ fn run() -> Res<()> {
             profile_phase(&b, &vm, &mut r)?;
         }
         freeze_phase(&b, &vm, &mut r)?;
+        scaling_phase::scaling_phase(&b, &mut vm, &mut r)?;
         guest_write_phase(&b, &mut vm, &mut r)?;
         guest_cpu_phase(&b, &mut vm, &mut r)?;
         // Shuts the VM down (its last figure is the offline rollback).
@@ -3481,6 +3497,9 @@ fn render(b: &Bench, r: &Results) -> (String, Value) {
             let _ = writeln!(md, "| {label} | {} |", summary(xs).show(3));
         }
     }
+    for sec in &r.sections {
+        let _ = writeln!(md, "\n{}", sec.trim_end());
+    }
     let _ = writeln!(md, "\n## Method\n");
     let mut method = vec![
         "One guest VM (tiny Linux guest, TCG, 128 MiB, qemu-ga) with the data disk; every pipeline reads the disk \
@@ -3551,6 +3570,7 @@ fn render(b: &Bench, r: &Results) -> (String, Value) {
             "title": p.title, "by_thread": p.by_comm, "by_symbol": p.by_symbol,
         })).collect::<Vec<_>>(),
         "notes": r.notes,
+        "phases": r.extra.iter().map(|(k, v)| (k.to_string(), v.clone())).collect::<serde_json::Map<_, _>>(),
         "elapsed_s": r.elapsed_s,
     });
     (md, js)

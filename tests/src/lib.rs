@@ -24,6 +24,7 @@ pub mod libvirt;
 pub mod loopdev;
 pub mod prereq;
 pub mod s3;
+pub mod scaling;
 pub mod shear;
 pub mod sinks;
 pub mod vm;

@@ -110,12 +110,38 @@ fn has_tools(tools: &[&str]) -> bool {
     tools.iter().all(|t| require_tool(t))
 }
 
+/// Issue 17: `disks[].stages` of a backup that stored new data: CPU
+/// measured for every stage that ran, none for encryption (the repository
+/// is not encrypted), and bytes that agree with the disk's report.
+fn assert_stage_figures(disk: &Value) {
+    let st = &disk["stages"];
+    let cpu = |s: &str| st[s]["cpu_s"].as_f64().unwrap_or(-1.0);
+    let bytes = |s: &str| st[s]["bytes"].as_u64().unwrap_or(u64::MAX);
+    let read = disk["bytes_read"].as_u64().unwrap();
+    let stored = disk["bytes_stored"].as_u64().unwrap();
+    assert!(stored > 0, "the test needs new data: {disk}");
+    assert_eq!(bytes("read"), read, "{disk}");
+    // Whole chunks are hashed; the parts of a chunk that are holes are not
+    // read.
+    assert!(bytes("hash") >= read, "{disk}");
+    assert!(
+        bytes("compress") > 0 && bytes("compress") <= bytes("hash"),
+        "{disk}"
+    );
+    assert_eq!(bytes("verify"), bytes("compress"), "{disk}");
+    assert_eq!(bytes("write"), stored, "{disk}");
+    for s in ["read", "hash", "compress", "verify", "write"] {
+        assert!(cpu(s) > 0.0 && cpu(s) < 60.0, "{s}: {disk}");
+    }
+    assert_eq!((cpu("encrypt"), bytes("encrypt")), (0.0, 0), "{disk}");
+}
+
 /// A qcow2 image with data, exported by qemu-nbd: a full backup restores
 /// byte-identical. Then a persistent bitmap records new writes; a second
 /// backup with `--bitmap` reads only the dirty chunks, reuses the rest,
 /// and restores byte-identical too; the first still restores as it was.
 /// A `--bitmap` backup with no previous backup of the disk reads in full
-/// and says why.
+/// and says why. Both reports carry sane per-stage CPU figures (issue 17).
 #[test]
 fn qemu_nbd_full_then_bitmap_incremental_restore_identical() {
     if !has_tools(&["qemu-nbd", "qemu-img", "qemu-io"]) {
@@ -164,6 +190,7 @@ fn qemu_nbd_full_then_bitmap_incremental_restore_identical() {
         assert_eq!(disk["virtual_size"], 64 * MIB);
         // Holes were skipped (base:allocation): 4 MiB written of 64.
         assert!(disk["bytes_read"].as_u64().unwrap() <= 8 * MIB, "{r}");
+        assert_stage_figures(disk);
         r["backup_id"].as_str().unwrap().to_string()
     };
     assert_same(
@@ -198,6 +225,7 @@ fn qemu_nbd_full_then_bitmap_incremental_restore_identical() {
         // One dirty 512 KiB range: at most one chunk read (4 MiB).
         assert!(disk["bytes_read"].as_u64().unwrap() <= 4 * MIB, "{r}");
         assert!(disk["bytes_read"].as_u64().unwrap() >= 512 * 1024, "{r}");
+        assert_stage_figures(disk);
         r["backup_id"].as_str().unwrap().to_string()
     };
     assert_ne!(id1, id2);

@@ -20,6 +20,7 @@ use super::release::{FleeceWatch, Trimmer};
 use super::report::DiskReport;
 use super::JobError;
 use crate::repo;
+use crate::repo::stages::{thread_cpu_ns, Stage, StageMeter};
 
 /// The backup's one bound on chunk memory across all its stages (read in
 /// flight, queued, hashed, compressed, waiting in the pool), with the
@@ -180,6 +181,11 @@ fn read_all_here(
         }
         // The bandwidth limit is applied by the reader to the read requests
         // it sends (the bytes actually read, smoothly), not per chunk.
+        // Per-stage CPU of this disk (repo::stages): the reader threads
+        // charge their whole lifetime to read as they end, this thread its
+        // hand-over loop; the pipeline's threads charge the other stages.
+        let meter = StageMeter::new();
+        let handover_t0 = thread_cpu_ns();
         let engine = io_engine().map_err(|source| JobError::ReadFailed {
             disk: disk.name.clone(),
             offset: None,
@@ -195,6 +201,10 @@ fn read_all_here(
             // back through the recycler, stored or not.
             byte_budget: data_path_budget(dp.workers, writer.chunk_size()),
             budget_until_recycled: true,
+            thread_end: Some(nbd_export::ThreadHook({
+                let meter = Arc::clone(&meter);
+                Arc::new(move || meter.add(Stage::Read, thread_cpu_ns(), 0))
+            })),
             ..nbd_export::ReaderConfig::new(writer.chunk_size())
         };
         let mut stream =
@@ -233,11 +243,12 @@ fn read_all_here(
                     h.release(off, cs.min(size.saturating_sub(off)));
                 }) as repo::StoredHook
             });
-        let pipeline = repo::ChunkPipeline::with_hooks(
+        let pipeline = repo::ChunkPipeline::with_meter(
             dp.workers,
             dp.workers * 2,
             &(Arc::new(move |buf| recycler.recycle(buf)) as repo::BufferRecycler),
             stored,
+            Some(&meter),
         );
         observer.event(&JobEvent::DiskStarted {
             disk: &disk.name,
@@ -315,10 +326,17 @@ fn read_all_here(
         if !missing.is_empty() {
             reread = read_missing(&src, &writer, &pipeline, &missing, disk)?;
         }
+        meter.add(
+            Stage::Read,
+            thread_cpu_ns().saturating_sub(handover_t0),
+            stats.bytes_read + reread,
+        );
         pipeline
             .finish()
             .map_err(JobError::repo(format!("storing {}", disk.name)))?;
         step("read: pipeline finished");
+        let stages = meter.figures();
+        tracing::debug!(target: "shear::timing", disk = %disk.name, ?stages, "CPU per stage");
         let released = trimmer.map(Trimmer::finish);
         let fleece_peak_bytes = watch.peak(disk_no);
         if let Some(b) = fleece_peak_bytes {
@@ -343,6 +361,7 @@ fn read_all_here(
             image_digest: entry.image_digest,
             fleece_peak_bytes,
             bytes_released: released.map(|s| s.bytes),
+            stages,
         });
     }
     Ok(reports)

@@ -43,6 +43,9 @@ pub struct DiskReport {
     /// shear does not own the export, as with `--nbd`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bytes_released: Option<u64>,
+    /// CPU seconds and bytes per data-path stage (read, hash, compress,
+    /// verify, encrypt, write; `repo::stages`), summed over the threads.
+    pub stages: crate::repo::stages::StageFigures,
 }
 
 /// What `shear backup --json` prints.

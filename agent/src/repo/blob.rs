@@ -14,6 +14,7 @@ use super::format::{
     BlobHeader, Compression, Digest, Encryption, ObjectType, BLOB_HEADER_LEN, MAX_CHUNK_SIZE,
     TAG_LEN,
 };
+use super::stages::{charge, Stage};
 
 /// Digest of chunk plaintext: BLAKE3, keyed when the repository is encrypted.
 pub fn chunk_digest(key: Option<&Key>, data: &[u8]) -> Digest {
@@ -144,18 +145,20 @@ pub(crate) fn encode_with_hook(
 ) -> Result<Vec<u8>> {
     let raw_size = u32::try_from(plain.len())
         .map_err(|_| RepoError::invalid("object size", format!("{} bytes", plain.len())))?;
-    let (compression, mut payload) = match level {
-        Some(_) if looks_incompressible(plain) => (Compression::None, plain.to_vec()),
-        Some(l) => {
-            let c = zstd_compress(plain, l)?;
-            if c.len() < plain.len() {
-                (Compression::Zstd, c)
-            } else {
-                (Compression::None, plain.to_vec())
+    let (compression, mut payload) = charge(Stage::Compress, plain.len() as u64, || {
+        Ok::<_, RepoError>(match level {
+            Some(_) if looks_incompressible(plain) => (Compression::None, plain.to_vec()),
+            Some(l) => {
+                let c = zstd_compress(plain, l)?;
+                if c.len() < plain.len() {
+                    (Compression::Zstd, c)
+                } else {
+                    (Compression::None, plain.to_vec())
+                }
             }
-        }
-        None => (Compression::None, plain.to_vec()),
-    };
+            None => (Compression::None, plain.to_vec()),
+        })
+    })?;
     hook(&mut payload);
     let encryption = if key.is_some() {
         Encryption::Aes256Gcm
@@ -177,13 +180,17 @@ pub(crate) fn encode_with_hook(
         let enc = header.encode();
         let mut aad = BlobHeader::aad_prefix(&enc).to_vec();
         aad.extend_from_slice(aad_ctx);
-        header.nonce = k.seal(&aad, &mut payload)?;
+        let n = payload.len() as u64;
+        header.nonce = charge(Stage::Encrypt, n, || k.seal(&aad, &mut payload))?;
     }
-    header.crc32 = blob_crc(&header.encode(), &payload);
-    let mut out = Vec::with_capacity(BLOB_HEADER_LEN + payload.len());
-    out.extend_from_slice(&header.encode());
-    out.extend_from_slice(&payload);
-    Ok(out)
+    // Framing is part of encoding: charged to compress, with no bytes.
+    Ok(charge(Stage::Compress, 0, || {
+        header.crc32 = blob_crc(&header.encode(), &payload);
+        let mut out = Vec::with_capacity(BLOB_HEADER_LEN + payload.len());
+        out.extend_from_slice(&header.encode());
+        out.extend_from_slice(&payload);
+        out
+    }))
 }
 
 /// Decodes a blob, checking it is of `expected_type`, that the plaintext is
@@ -340,36 +347,38 @@ pub(crate) fn encode_chunk_verified_with_hook(
         max_raw: MAX_CHUNK_SIZE,
         exact_raw: Some(data.len()),
     };
-    VERIFY_BUFS.with(|bufs| {
-        let (out, scratch) = &mut *bufs.borrow_mut();
-        let checked = decode_into(
-            &blob,
-            ObjectType::Chunk,
-            key,
-            digest,
-            limits,
-            &what,
-            out,
-            scratch,
-        )
-        .map_err(|e| RepoError::PreStoreVerification {
-            digest: what.clone(),
-            reason: e.to_string(),
+    charge(Stage::Verify, data.len() as u64, || {
+        VERIFY_BUFS.with(|bufs| {
+            let (out, scratch) = &mut *bufs.borrow_mut();
+            let checked = decode_into(
+                &blob,
+                ObjectType::Chunk,
+                key,
+                digest,
+                limits,
+                &what,
+                out,
+                scratch,
+            )
+            .map_err(|e| RepoError::PreStoreVerification {
+                digest: what.clone(),
+                reason: e.to_string(),
+            })
+            .and_then(|()| {
+                if chunk_digest(key, out) == *digest {
+                    Ok(())
+                } else {
+                    Err(RepoError::PreStoreVerification {
+                        digest: what.clone(),
+                        reason: "decoded data hashes differently".into(),
+                    })
+                }
+            });
+            // Plaintext does not linger in the reused buffers.
+            out.clear();
+            scratch.clear();
+            checked
         })
-        .and_then(|()| {
-            if chunk_digest(key, out) == *digest {
-                Ok(())
-            } else {
-                Err(RepoError::PreStoreVerification {
-                    digest: what.clone(),
-                    reason: "decoded data hashes differently".into(),
-                })
-            }
-        });
-        // Plaintext does not linger in the reused buffers.
-        out.clear();
-        scratch.clear();
-        checked
     })?;
     Ok(blob)
 }

@@ -139,6 +139,7 @@ pub mod s3;
 pub mod s3_settings;
 pub(crate) mod s3_signed;
 pub mod shared;
+pub mod stages;
 pub mod sync;
 pub mod target;
 pub mod verify;

@@ -39,6 +39,7 @@ use super::manifest::{
     MANIFEST_FORMAT, MANIFEST_VERSION,
 };
 use super::names::{format_time, validate_name, BackupId, VmId};
+use super::stages::{charge, Stage, StageMeter};
 use super::{Repository, MANIFEST_NAME, VM_BACKUPS_KEY};
 
 /// What the backup job knows when it starts.
@@ -627,7 +628,9 @@ impl DiskWriter {
 
     fn prepare_chunk_at(&self, i: usize, data: &[u8]) -> Result<PreparedChunk> {
         let len = data.len() as u64;
-        if format::is_zero(data) {
+        // The zero check and the digest are the hash stage (its bytes are
+        // counted here, once per chunk).
+        if charge(Stage::Hash, len, || format::is_zero(data)) {
             return Ok(PreparedChunk {
                 i,
                 len,
@@ -636,8 +639,10 @@ impl DiskWriter {
         }
         let repo = &self.shared.repo;
         let key = repo.key_for_data()?;
-        let digest = blob::chunk_digest(key, data);
-        let kind = if self.shared.chunk_present(&digest)? {
+        let digest = charge(Stage::Hash, 0, || blob::chunk_digest(key, data));
+        // The lookup asks the store: charged to write, with no bytes.
+        let present = charge(Stage::Write, 0, || self.shared.chunk_present(&digest))?;
+        let kind = if present {
             Prepared::Present(digest)
         } else {
             let encoded = blob::encode_chunk_verified(data, &digest, key, self.shared.level)?;
@@ -658,11 +663,13 @@ impl DiskWriter {
             Prepared::Present(digest) => (digest, ChunkOutcome::Deduplicated),
             Prepared::Store(digest, encoded) => {
                 self.shared.check_open()?;
-                self.shared
-                    .repo
-                    .inner
-                    .backend
-                    .put(&Repository::chunk_key(&digest), &encoded)?;
+                charge(Stage::Write, encoded.len() as u64, || {
+                    self.shared
+                        .repo
+                        .inner
+                        .backend
+                        .put(&Repository::chunk_key(&digest), &encoded)
+                })?;
                 lock(&self.shared.known).insert(digest);
                 (digest, ChunkOutcome::Stored(encoded.len() as u64))
             }
@@ -901,6 +908,19 @@ impl ChunkPipeline {
         recycle: &BufferRecycler,
         stored: Option<StoredHook>,
     ) -> Self {
+        Self::with_meter(threads, queue, recycle, stored, None)
+    }
+
+    /// Like [`ChunkPipeline::with_hooks`], charging the CPU time of every
+    /// stage its threads run (hash, compress, verify, encrypt, write) to
+    /// `meter` (see [`super::stages`]).
+    pub fn with_meter(
+        threads: usize,
+        queue: usize,
+        recycle: &BufferRecycler,
+        stored: Option<StoredHook>,
+        meter: Option<&Arc<StageMeter>>,
+    ) -> Self {
         let (tx, rx) = sync_channel::<Job>(queue.max(1));
         let rx = Arc::new(Mutex::new(rx));
         let (store_tx, store_rx) = sync_channel::<StoreJob>(STORE_QUEUE);
@@ -917,17 +937,21 @@ impl ChunkPipeline {
                 let failure = failure.clone();
                 let recycle = Arc::clone(recycle);
                 let stored = stored.clone();
+                let meter = meter.cloned();
                 std::thread::Builder::new()
                     .name(format!("shear-store-{n}"))
-                    .spawn(move || loop {
-                        let job = lock(&rx).recv();
-                        let Ok((disk, index, prepared, data)) = job else {
-                            return;
-                        };
-                        if !failure.is_set() {
-                            complete(&disk, index, prepared, stored.as_ref(), &failure);
+                    .spawn(move || {
+                        super::stages::attach(meter);
+                        loop {
+                            let job = lock(&rx).recv();
+                            let Ok((disk, index, prepared, data)) = job else {
+                                return;
+                            };
+                            if !failure.is_set() {
+                                complete(&disk, index, prepared, stored.as_ref(), &failure);
+                            }
+                            recycle(data);
                         }
-                        recycle(data);
                     })
             })
             .filter_map(std::result::Result::ok)
@@ -941,42 +965,12 @@ impl ChunkPipeline {
                 let recycle = Arc::clone(recycle);
                 let stored = stored.clone();
                 let store_tx = store_tx.clone();
+                let meter = meter.cloned();
                 std::thread::Builder::new()
                     .name(format!("shear-chunk-{n}"))
-                    .spawn(move || loop {
-                        let job = lock(&rx).recv();
-                        let Ok(Job::Chunk(disk, index, data)) = job else {
-                            return;
-                        };
-                        if failure.is_set() {
-                            // Drain without work after a failure; the
-                            // buffer still goes back (a reader paying
-                            // buffers until they return would wait).
-                            recycle(data);
-                            continue;
-                        }
-                        let prepared = match disk.prepare_chunk(index, &data) {
-                            Ok(p) => p,
-                            Err(e) => {
-                                failure.set(e);
-                                recycle(data);
-                                continue;
-                            }
-                        };
-                        match &store_tx {
-                            Some(to_store) if prepared.needs_store() => {
-                                if let Err(back) = to_store.send((disk, index, prepared, data)) {
-                                    failure.set(RepoError::SessionClosed {
-                                        reason: "pipeline store threads exited".into(),
-                                    });
-                                    recycle(back.0 .3);
-                                }
-                            }
-                            _ => {
-                                complete(&disk, index, prepared, stored.as_ref(), &failure);
-                                recycle(data);
-                            }
-                        }
+                    .spawn(move || {
+                        super::stages::attach(meter);
+                        worker_loop(&rx, &failure, &recycle, stored.as_ref(), store_tx.as_ref());
                     })
             })
             .filter_map(std::result::Result::ok)
@@ -1048,6 +1042,51 @@ impl ChunkPipeline {
             panicked |= w.join().is_err();
         }
         panicked
+    }
+}
+
+/// A CPU worker of a [`ChunkPipeline`]: prepares chunks until the queue
+/// closes, handing those that must be stored to the store threads.
+fn worker_loop(
+    rx: &Mutex<Receiver<Job>>,
+    failure: &Failure,
+    recycle: &BufferRecycler,
+    stored: Option<&StoredHook>,
+    store_tx: Option<&SyncSender<StoreJob>>,
+) {
+    loop {
+        let job = lock(rx).recv();
+        let Ok(Job::Chunk(disk, index, data)) = job else {
+            return;
+        };
+        if failure.is_set() {
+            // Drain without work after a failure; the buffer still goes
+            // back (a reader paying buffers until they return would wait).
+            recycle(data);
+            continue;
+        }
+        let prepared = match disk.prepare_chunk(index, &data) {
+            Ok(p) => p,
+            Err(e) => {
+                failure.set(e);
+                recycle(data);
+                continue;
+            }
+        };
+        match store_tx {
+            Some(to_store) if prepared.needs_store() => {
+                if let Err(back) = to_store.send((disk, index, prepared, data)) {
+                    failure.set(RepoError::SessionClosed {
+                        reason: "pipeline store threads exited".into(),
+                    });
+                    recycle(back.0 .3);
+                }
+            }
+            _ => {
+                complete(&disk, index, prepared, stored, failure);
+                recycle(data);
+            }
+        }
     }
 }
 
