@@ -249,8 +249,7 @@ fn vm_live_restore_rto_writes_server_death_resume_f19() {
     assert_ne!(pid, pid2);
     assert!(alive(pid2));
     // One supervisor at a time: a second one is refused, changing nothing.
-    let mut second = env.shear(&["restore", "vm/100", "--live", "--resume", "--target"]);
-    second.arg(&target).arg("--state-dir").arg(&state);
+    let mut second = resume_cmd(&env, &target, &state);
     let out = second.output().unwrap();
     assert!(!out.status.success());
     assert!(
@@ -279,11 +278,7 @@ fn vm_live_restore_rto_writes_server_death_resume_f19() {
     assert!(image_info(&image)["backing-filename"].is_string());
 
     // --resume: restarts the server, resumes the job, waits for the end.
-    let mut res = env
-        .shear(&["restore", "vm/100", "--live", "--resume", "--target"])
-        .arg(&target)
-        .arg("--state-dir")
-        .arg(&state)
+    let mut res = resume_cmd(&env, &target, &state)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -349,8 +344,7 @@ fn vm_live_restore_rto_writes_server_death_resume_f19() {
     let first_bad = got.iter().zip(&expect).position(|(a, b)| a != b);
     assert!(first_bad.is_none(), "image differs at {first_bad:?}");
     // Resuming a finished restore says so and changes nothing.
-    let mut again = env.shear(&["restore", "vm/100", "--live", "--resume", "--target"]);
-    again.arg(&target).arg("--state-dir").arg(&state);
+    let again = resume_cmd(&env, &target, &state);
     let out = run_ok(again);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("already complete"),
@@ -400,12 +394,8 @@ fn qemu_live_restore_resume_after_vm_gone_finishes_from_image_headers() {
     vm.harness_qmp("quit", Value::Null).unwrap();
     vm.wait_exit(Duration::from_secs(30)).unwrap();
 
-    let mut res = env.shear(&["restore", "vm/100", "--live", "--resume", "--target"]);
-    res.arg(&target)
-        .arg("--state-dir")
-        .arg(&state)
-        .arg("--qmp")
-        .arg(env.dir.path().join("gone.qmp"));
+    let mut res = resume_cmd(&env, &target, &state);
+    res.arg("--qmp").arg(env.dir.path().join("gone.qmp"));
     let out = run_ok(res);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("live-restore: complete"),
@@ -595,6 +585,13 @@ fn has_record(state: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// `shear restore vm/100 --live --resume --target TARGET --state-dir STATE`.
+fn resume_cmd(env: &ShearEnv, target: &Path, state: &Path) -> Command {
+    let mut c = env.shear(&["restore", "vm/100", "--live", "--resume", "--target"]);
+    c.arg(target).arg("--state-dir").arg(state);
+    c
+}
+
 fn wait_exit(child: &mut Child, what: &str) -> std::process::ExitStatus {
     wait_until(
         Duration::from_secs(60),
@@ -773,11 +770,7 @@ fn vm_live_restore_raw_device_server_death_mid_mirror_pauses_vm_resume_f19_f21()
 
     // --resume: serves again, resumes the mirror, continues the VM,
     // switches the device over, stops serving.
-    let mut res = env
-        .shear(&["restore", "vm/100", "--live", "--resume", "--target"])
-        .arg(&target)
-        .arg("--state-dir")
-        .arg(&state)
+    let mut res = resume_cmd(&env, &target, &state)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -969,12 +962,8 @@ fn qemu_live_restore_raw_qemu_death_after_in_sync_stale_resume_device_refusals_f
         // successor writes: refused, saying why.
         let qmp2 = env.dir.path().join("sync2.qmp");
         let mut vm2 = vm_on(&overlay, &qmp2, false);
-        let mut c = env.shear(&["restore", "vm/100", "--live", "--resume", "--target"]);
-        c.arg(&dir)
-            .arg("--state-dir")
-            .arg(&state)
-            .arg("--qmp")
-            .arg(&qmp2);
+        let mut c = resume_cmd(&env, &dir, &state);
+        c.arg("--qmp").arg(&qmp2);
         let out = c.output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success());
@@ -987,8 +976,7 @@ fn qemu_live_restore_raw_qemu_death_after_in_sync_stale_resume_device_refusals_f
         drop(vm2);
         // --resume with no VM: the record says in sync, no QEMU holds the
         // overlay: the raw file is the disk.
-        let mut c = env.shear(&["restore", "vm/100", "--live", "--resume", "--target"]);
-        c.arg(&dir).arg("--state-dir").arg(&state);
+        let c = resume_cmd(&env, &dir, &state);
         let out = run_ok(c);
         assert!(
             String::from_utf8_lossy(&out.stdout).contains("live-restore: complete"),
@@ -1062,8 +1050,7 @@ fn qemu_live_restore_raw_qemu_death_after_in_sync_stale_resume_device_refusals_f
     assert_ne!(r["phase"], "complete", "{r}");
     assert_ne!(r["disks"][0]["mirror_ready"], true, "{r}");
     assert_ne!(r["disks"][0]["done"], true, "{r}");
-    let mut c = env.shear(&["restore", "vm/100", "--live", "--resume", "--target"]);
-    c.arg(&dir).arg("--state-dir").arg(&state);
+    let c = resume_cmd(&env, &dir, &state);
     let out = run_ok(c);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("live-restore: complete"),
