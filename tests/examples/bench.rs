@@ -1793,16 +1793,7 @@ fn boot_phase(b: &Bench, r: &mut Results) -> Res<()> {
 /// for the read-phase length, then guest writes and a CPU-bound guest job
 /// idle vs during backups.
 fn only_guest(b: &Bench, r: &mut Results) -> Res<()> {
-    let plan = Plan::for_size(b.size);
-    let ds = prepare_dataset(&b.work, &plan)?;
-    r.dataset = ds.info.clone();
-    let disk = b.run.join("disk.qcow2");
-    std::fs::copy(&ds.image, &disk).ctx("copying the data set")?;
-    say("booting the guest (TCG) with the data disk");
-    let mut vm = TestVm::start(VmConfig::guest().disk(DiskSpec::qcow2(DISK, b.size).image(&disk)))
-        .ctx("starting the VM")?;
-    vm.guest_sh("grep -q ' /mnt/vda ext4' /proc/mounts")
-        .ctx("the data disk is not mounted in the guest")?;
+    let mut vm = data_set_vm(b, r)?;
     let repo = b.run.join("repo-main");
     for round in 1..=b.opts.runs.min(2) {
         say(&format!("full backup {round} (read-phase length)"));
@@ -1818,17 +1809,24 @@ fn only_guest(b: &Bench, r: &mut Results) -> Res<()> {
     Ok(())
 }
 
-fn only_incremental(b: &Bench, r: &mut Results) -> Res<()> {
+/// For an `--only` phase: the data set (prepared or reused), a copy of it
+/// as the guest's data disk, and the guest booted with it mounted.
+pub(crate) fn data_set_vm(b: &Bench, r: &mut Results) -> Res<TestVm> {
     let plan = Plan::for_size(b.size);
     let ds = prepare_dataset(&b.work, &plan)?;
     r.dataset = ds.info.clone();
     let disk = b.run.join("disk.qcow2");
     std::fs::copy(&ds.image, &disk).ctx("copying the data set")?;
     say("booting the guest (TCG) with the data disk");
-    let mut vm = TestVm::start(VmConfig::guest().disk(DiskSpec::qcow2(DISK, b.size).image(&disk)))
+    let vm = TestVm::start(VmConfig::guest().disk(DiskSpec::qcow2(DISK, b.size).image(&disk)))
         .ctx("starting the VM")?;
     vm.guest_sh("grep -q ' /mnt/vda ext4' /proc/mounts")
         .ctx("the data disk is not mounted in the guest")?;
+    Ok(vm)
+}
+
+fn only_incremental(b: &Bench, r: &mut Results) -> Res<()> {
+    let mut vm = data_set_vm(b, r)?;
     let repo = b.run.join("repo-main");
     for round in 1..=b.opts.runs {
         say(&format!("round {round}/{}: shear backup", b.opts.runs));

@@ -30,16 +30,7 @@ fn runs_on(stage: &str) -> &'static str {
 
 /// `--only scaling`: the data set and guest as in a full run, then the phase.
 pub(super) fn scaling_only(b: &Bench, r: &mut Results) -> Res<()> {
-    let plan = Plan::for_size(b.size);
-    let ds = prepare_dataset(&b.work, &plan)?;
-    r.dataset = ds.info.clone();
-    let disk = b.run.join("disk.qcow2");
-    std::fs::copy(&ds.image, &disk).ctx("copying the data set")?;
-    say("booting the guest (TCG) with the data disk");
-    let mut vm = TestVm::start(VmConfig::guest().disk(DiskSpec::qcow2(DISK, b.size).image(&disk)))
-        .ctx("starting the VM")?;
-    vm.guest_sh("grep -q ' /mnt/vda ext4' /proc/mounts")
-        .ctx("the data disk is not mounted in the guest")?;
+    let mut vm = data_set_vm(b, r)?;
     scaling_phase(b, &mut vm, r)?;
     vm.shutdown().ctx("shutting the VM down")?;
     Ok(())
