@@ -62,6 +62,10 @@ use jiff::{Timestamp, Zoned};
 
 mod engine;
 
+/// Proleptic Gregorian day arithmetic (H. Hinnant's algorithms), also for
+/// callers that only need dates (the S3 test proxy's clock skew).
+pub use engine::{civil_from_days, days_from_civil};
+
 use engine::USEC_PER_SEC;
 
 const MIN_YEAR: i64 = 1970;
