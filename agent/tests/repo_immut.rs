@@ -543,6 +543,7 @@ fn f41_partial_s3_listings_abort_gc_and_prune() {
         assert_eq!(objects(), before, "mode {mode} deleted something");
     }
     faulty.mode.store(HEALTHY, Ordering::Release);
+    s3::wait_past_gc_start_resolution();
     let g = repo.gc(&GcOptions::default()).unwrap();
     assert!(g.chunks_removed > 0, "{g:?}");
     assert_eq!(g.backups_marked, 3, "{g:?}");

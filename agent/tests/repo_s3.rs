@@ -117,6 +117,7 @@ fn s3_repository_round_trip_dedup_prune_gc() {
         .prune(&shear::repo::VmId::new("100").unwrap(), &keep, false)
         .unwrap();
     assert_eq!(pr.iter().filter(|e| e.removed).count(), 2);
+    s3::wait_past_gc_start_resolution();
     let g = repo.gc(&shear::repo::gc::GcOptions::default()).unwrap();
     assert!(g.deferred.is_none(), "{g:?}");
     assert!(g.chunks_removed > 0, "{g:?}");
@@ -332,7 +333,7 @@ fn f37_s3_server_clock_skew_changes_no_gc_decision() {
     }
     // Past the grace period (now 0 s; server times have 1 s resolution).
     std::env::set_var("SHEAR_S3_GC_GRACE_SECS", "0");
-    std::thread::sleep(Duration::from_millis(1100));
+    s3::wait_past_gc_start_resolution();
     let g = repo.gc(&shear::repo::gc::GcOptions::default()).unwrap();
     assert!(g.chunks_removed > 8, "{g:?}");
     assert!(repo.list_backups(None).unwrap().is_empty());

@@ -49,6 +49,15 @@ pub fn env_for(creds: &Creds, port: u16) {
     std::env::set_var("SHEAR_CACHE_DIR", cache);
 }
 
+/// Waits until every object written so far is older than a GC that starts
+/// now. With the grace period at 0 s, GC deletes an unreferenced chunk only
+/// if it is older than GC's start, which is the GC marker's Last-Modified
+/// from a HEAD: an HTTP date, truncated to the second. A chunk written in
+/// the same second looks younger and is (correctly) kept.
+pub fn wait_past_gc_start_resolution() {
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+}
+
 pub fn s3_repo(name: &str) -> PathBuf {
     PathBuf::from(format!("s3://shear/{name}"))
 }
