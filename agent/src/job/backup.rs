@@ -643,16 +643,7 @@ impl BackupRun {
             base,
             ..repo::BackupMeta::new(&self.opts.vmid, &self.vm_name)
         };
-        let session = match self.repo.begin_backup(&meta) {
-            // Backup ids have one-second resolution: a second backup of the
-            // same VM within a second waits for the next one.
-            Err(e) if e.kind() == repo::ErrorKind::AlreadyExists => {
-                tokio::time::sleep(Duration::from_millis(1100)).await;
-                self.repo.begin_backup(&meta)
-            }
-            r => r,
-        }
-        .map_err(JobError::repo("starting the backup"))?;
+        let session = datapath::begin_session(&self.repo, &meta).await?;
         let jobs: Vec<DiskJob> = self
             .disks
             .iter()
@@ -660,12 +651,12 @@ impl BackupRun {
             .enumerate()
             .map(|(i, (disk, export))| self.disk_job(i, disk, export))
             .collect();
-        let dp = DataPathConfig {
-            workers: self.opts.workers.max(1),
-            connections: self.opts.connections.max(1),
-            bwlimit_bytes: self.opts.bwlimit_kib.saturating_mul(1024),
-            priority: self.opts.priority,
-        };
+        let dp = DataPathConfig::new(
+            self.opts.workers,
+            self.opts.connections,
+            self.opts.bwlimit_kib,
+            self.opts.priority,
+        );
         let read = datapath::read_all_blocking(
             session,
             jobs,

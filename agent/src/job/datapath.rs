@@ -117,6 +117,41 @@ fn read_all(
     .map_err(|e| JobError::io("starting the data-path thread", e))?
 }
 
+impl DataPathConfig {
+    /// From a job's options (workers and connections at least 1; the
+    /// bandwidth limit in KiB/s, 0 for none).
+    pub(crate) fn new(
+        workers: usize,
+        connections: usize,
+        bwlimit_kib: u64,
+        priority: DataPriority,
+    ) -> DataPathConfig {
+        DataPathConfig {
+            workers: workers.max(1),
+            connections: connections.max(1),
+            bwlimit_bytes: bwlimit_kib.saturating_mul(1024),
+            priority,
+        }
+    }
+}
+
+/// Starts the repository session of a backup. Backup ids have one-second
+/// resolution: a second backup of the same VM within a second waits for
+/// the next one.
+pub(crate) async fn begin_session(
+    repo: &repo::Repository,
+    meta: &repo::BackupMeta,
+) -> Result<repo::BackupSession, JobError> {
+    match repo.begin_backup(meta) {
+        Err(e) if e.kind() == repo::ErrorKind::AlreadyExists => {
+            tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+            repo.begin_backup(meta)
+        }
+        r => r,
+    }
+    .map_err(JobError::repo("starting the backup"))
+}
+
 /// [`read_all`] from async code, on a blocking thread. If the read fails
 /// the session is aborted (nothing of this backup is listed) before the
 /// error is returned; on success the session comes back for the commit.

@@ -20,7 +20,7 @@
 //! before the repository session begins: bad input stores nothing.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::backup::ms;
 use super::cancel::Cancel;
@@ -412,20 +412,13 @@ pub async fn run_nbd_backup(
         base,
         ..repo::BackupMeta::new(&opts.vmid, "")
     };
-    let session = match repo.begin_backup(&meta) {
-        Err(e) if e.kind() == repo::ErrorKind::AlreadyExists => {
-            tokio::time::sleep(Duration::from_millis(1100)).await;
-            repo.begin_backup(&meta)
-        }
-        r => r,
-    }
-    .map_err(JobError::repo("starting the backup"))?;
-    let dp = DataPathConfig {
-        workers: opts.workers.max(1),
-        connections: opts.connections.max(1),
-        bwlimit_bytes: opts.bwlimit_kib.saturating_mul(1024),
-        priority: opts.priority,
-    };
+    let session = datapath::begin_session(&repo, &meta).await?;
+    let dp = DataPathConfig::new(
+        opts.workers,
+        opts.connections,
+        opts.bwlimit_kib,
+        opts.priority,
+    );
     let vm_config = serde_json::json!({
         "source": "nbd",
         "disks": jobs.iter().map(|j| serde_json::json!({

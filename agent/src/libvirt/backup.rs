@@ -35,7 +35,7 @@ use super::LibvirtError;
 use crate::hookscript::HookPhase;
 use crate::job::backup::ms;
 use crate::job::cancel::Cancel;
-use crate::job::datapath::{DataPathConfig, DiskJob};
+use crate::job::datapath::{begin_session, DataPathConfig, DiskJob};
 use crate::job::events::{JobEvent, Observer, Phase};
 use crate::job::fleece::{self, FleecePolicy};
 use crate::job::graph::VmDisk;
@@ -959,20 +959,13 @@ pub async fn run_libvirt_backup(
             base,
             ..repo::BackupMeta::new(&dom, &info.name)
         };
-        let session = match repo.begin_backup(&meta) {
-            Err(e) if e.kind() == repo::ErrorKind::AlreadyExists => {
-                tokio::time::sleep(Duration::from_millis(1100)).await;
-                repo.begin_backup(&meta)
-            }
-            r => r,
-        }
-        .map_err(JobError::repo("starting the backup"))?;
-        let dp = DataPathConfig {
-            workers: opts.workers.max(1),
-            connections: opts.connections.max(1),
-            bwlimit_bytes: opts.bwlimit_kib.saturating_mul(1024),
-            priority: opts.priority,
-        };
+        let session = begin_session(&repo, &meta).await?;
+        let dp = DataPathConfig::new(
+            opts.workers,
+            opts.connections,
+            opts.bwlimit_kib,
+            opts.priority,
+        );
         let vm_config = serde_json::json!({
             "source": "libvirt",
             "connect": opts.uri,

@@ -537,34 +537,33 @@ mod tests {
             crc32: 0,
             nonce: [0; 12],
         };
-        h.crc32 = blob_crc(&h.encode(), &frame);
-        let mut blob = h.encode().to_vec();
-        blob.extend_from_slice(&frame);
-        decode(
-            &blob,
-            ObjectType::Chunk,
-            None,
-            b"",
-            MAX_CHUNK_SIZE,
-            None,
-            "b",
-        )
-        .unwrap_err();
+        // A well-formed blob around the bomb: only the sizes lie.
+        let bomb = |h: &mut BlobHeader| {
+            h.crc32 = blob_crc(&h.encode(), &frame);
+            let mut blob = h.encode().to_vec();
+            blob.extend_from_slice(&frame);
+            decode(
+                &blob,
+                ObjectType::Chunk,
+                None,
+                b"",
+                MAX_CHUNK_SIZE,
+                None,
+                "b",
+            )
+        };
+        let e = bomb(&mut h).unwrap_err();
+        assert!(
+            matches!(&e, RepoError::Corrupt { reason, .. } if reason.contains("too small")),
+            "{e:?}"
+        );
         // Declaring the true size is over the chunk limit: refused up front.
         h.raw_size = 64 << 20;
-        h.crc32 = blob_crc(&h.encode(), &frame);
-        let mut blob = h.encode().to_vec();
-        blob.extend_from_slice(&frame);
-        decode(
-            &blob,
-            ObjectType::Chunk,
-            None,
-            b"",
-            MAX_CHUNK_SIZE,
-            None,
-            "b",
-        )
-        .unwrap_err();
+        let e = bomb(&mut h).unwrap_err();
+        assert!(
+            matches!(&e, RepoError::Corrupt { reason, .. } if reason.contains("limit")),
+            "{e:?}"
+        );
     }
 
     #[test]
