@@ -241,6 +241,21 @@ impl SharedDisk {
         Ok(())
     }
 
+    /// The decoded chunk holding all `len` bytes at `offset`, with the
+    /// start of the range in it: what a server sends without copying.
+    /// `None` when the range crosses a chunk boundary or is in a zero chunk.
+    pub fn chunk_slice(&self, offset: u64, len: usize) -> Result<Option<(Arc<Vec<u8>>, usize)>> {
+        self.check_range(offset, len as u64)?;
+        let cs = u64::from(self.index.chunk_size);
+        let i = offset / cs;
+        let within = super::format::to_usize(offset % cs);
+        let clen = chunk_len(self.index.virtual_size, self.index.chunk_size, i);
+        if len == 0 || within + len > clen || self.is_zero(i) {
+            return Ok(None);
+        }
+        Ok(Some((self.chunk(i)?, within)))
+    }
+
     /// Extents of `len` bytes at `offset`: runs of data chunks and of zero
     /// chunks, merged, clipped to the range.
     pub fn extents(&self, offset: u64, len: u64) -> Result<Vec<DiskExtent>> {

@@ -13,7 +13,7 @@ pub mod vhost_user;
 use std::io;
 use std::sync::Arc;
 
-use nbd_export::server::{BlockSource, SourceExtent};
+use nbd_export::server::{BlockSource, SharedBytes, SourceExtent};
 
 use crate::repo::{RepoError, SharedDisk};
 
@@ -38,6 +38,14 @@ impl BlockSource for BackupSource {
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.0.read_at(offset, buf).map_err(|e| repo_io(&e))
+    }
+
+    fn read_shared(&self, offset: u64, len: usize) -> io::Result<Option<SharedBytes>> {
+        Ok(self
+            .0
+            .chunk_slice(offset, len)
+            .map_err(|e| repo_io(&e))?
+            .and_then(|(chunk, start)| SharedBytes::new(chunk, start, len)))
     }
 
     fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<SourceExtent>> {

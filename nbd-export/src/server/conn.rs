@@ -392,7 +392,6 @@ fn read_reply(neg: &Negotiated, writer: &Mutex<Box<dyn Stream>>, job: &Job<'_>) 
     let src = &neg.export.source;
     let len = u64::from(job.length);
     let df = job.flags & wire::NBD_CMD_FLAG_DF != 0;
-    let mut buf = vec![0u8; job.length as usize];
     // The extents decide which parts are read and which go out as holes.
     let mut parts: Vec<(u64, u64, bool)> = Vec::new(); // (rel offset, len, hole)
     let mut pos = 0u64;
@@ -414,6 +413,28 @@ fn read_reply(neg: &Negotiated, writer: &Mutex<Box<dyn Stream>>, job: &Job<'_>) 
             pos += n;
         }
     }
+    // All data: straight from memory the source holds, if it does.
+    if let [(0, _, false)] = parts[..] {
+        let shared = match src.read_shared(job.offset, job.length as usize) {
+            Ok(s) => s.filter(|b| b.as_slice().len() == job.length as usize),
+            Err(e) => return reply_read_error(neg, writer, job, errno_of(&e), &e.to_string(), 0),
+        };
+        if let Some(bytes) = shared {
+            let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+            if neg.structured {
+                w.write_all(&data_chunk_header(
+                    wire::NBD_REPLY_FLAG_DONE,
+                    job.cookie,
+                    job.offset,
+                    job.length,
+                ))?;
+            } else {
+                reply_ok_simple(&mut *w, job.cookie)?;
+            }
+            return w.write_all(bytes.as_slice());
+        }
+    }
+    let mut buf = vec![0u8; job.length as usize];
     for &(rel, n, hole) in &parts {
         if hole {
             continue;
@@ -429,16 +450,12 @@ fn read_reply(neg: &Negotiated, writer: &Mutex<Box<dyn Stream>>, job: &Job<'_>) 
         return w.write_all(&buf);
     }
     if df || parts.len() == 1 && !parts[0].2 {
-        let mut v = ChunkHeader::new(
+        w.write_all(&data_chunk_header(
             wire::NBD_REPLY_FLAG_DONE,
-            wire::NBD_REPLY_TYPE_OFFSET_DATA,
             job.cookie,
-            job.length.saturating_add(8),
-        )
-        .as_bytes()
-        .to_vec();
-        v.extend_from_slice(&job.offset.to_be_bytes());
-        w.write_all(&v)?;
+            job.offset,
+            job.length,
+        ))?;
         return w.write_all(&buf);
     }
     let last = parts.len() - 1;
@@ -459,20 +476,31 @@ fn read_reply(neg: &Negotiated, writer: &Mutex<Box<dyn Stream>>, job: &Job<'_>) 
             );
             w.write_all(&v)?;
         } else {
-            let mut v = ChunkHeader::new(
+            w.write_all(&data_chunk_header(
                 flags,
-                wire::NBD_REPLY_TYPE_OFFSET_DATA,
                 job.cookie,
-                n as u32 + 8,
-            )
-            .as_bytes()
-            .to_vec();
-            v.extend_from_slice(&(job.offset + rel).to_be_bytes());
-            w.write_all(&v)?;
+                job.offset + rel,
+                n as u32,
+            ))?;
             w.write_all(&buf[rel as usize..(rel + n) as usize])?;
         }
     }
     Ok(())
+}
+
+/// The header of an `NBD_REPLY_TYPE_OFFSET_DATA` chunk of `len` data
+/// bytes at `offset` (the data follows it).
+fn data_chunk_header(flags: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+    let mut v = ChunkHeader::new(
+        flags,
+        wire::NBD_REPLY_TYPE_OFFSET_DATA,
+        cookie,
+        len.saturating_add(8),
+    )
+    .as_bytes()
+    .to_vec();
+    v.extend_from_slice(&offset.to_be_bytes());
+    v
 }
 
 fn reply_read_error(

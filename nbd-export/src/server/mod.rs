@@ -65,6 +65,14 @@ pub trait BlockSource: Send + Sync + 'static {
     /// bytes (the range is within [`Self::size`]), in order, contiguous.
     fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<SourceExtent>>;
 
+    /// The `len` bytes at `offset` (within the size) as a view of memory
+    /// the source already holds, when it does (e.g. a decoded chunk in a
+    /// cache): the reply is written from it with no copy. `None`: the
+    /// server calls [`Self::read_at`] instead.
+    fn read_shared(&self, _offset: u64, _len: usize) -> io::Result<Option<SharedBytes>> {
+        Ok(None)
+    }
+
     /// Preferred I/O size (a power of two ≥ 512).
     fn preferred_block_size(&self) -> u32 {
         4096
@@ -88,6 +96,26 @@ pub trait BlockSource: Send + Sync + 'static {
     /// Zeroes a range (`trim`: may deallocate; reads return zeroes after).
     fn write_zeroes(&self, _offset: u64, _len: u64, _trim: bool) -> io::Result<()> {
         Err(io::Error::from(io::ErrorKind::PermissionDenied))
+    }
+}
+
+/// A range of a shared, immutable buffer ([`BlockSource::read_shared`]).
+#[derive(Debug, Clone)]
+pub struct SharedBytes {
+    data: Arc<Vec<u8>>,
+    start: usize,
+    len: usize,
+}
+
+impl SharedBytes {
+    /// `data[start..start + len]`; `None` if that is out of bounds.
+    pub fn new(data: Arc<Vec<u8>>, start: usize, len: usize) -> Option<SharedBytes> {
+        (start.checked_add(len)? <= data.len()).then_some(SharedBytes { data, start, len })
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.data[self.start..self.start + self.len]
     }
 }
 

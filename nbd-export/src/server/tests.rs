@@ -91,13 +91,17 @@ impl Drop for Running {
 }
 
 fn start(writable: bool, config: ServerConfig) -> Running {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("nbd.sock");
     let src = Arc::new(Mem {
         data: Mutex::new(pattern()),
         holes: vec![(1 << 20, 2 << 20)],
         writable,
     });
+    start_source(src, config)
+}
+
+fn start_source(src: Arc<dyn BlockSource>, config: ServerConfig) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nbd.sock");
     let server = Server::new(
         vec![Export {
             name: "disk0".into(),
@@ -213,6 +217,120 @@ impl Raw {
             u64::from_be_bytes(h[8..16].try_into().unwrap()),
         )
     }
+}
+
+/// The pattern in 64 KiB chunks held in memory, lent out through
+/// `read_shared` (as `shear serve` lends its decoded chunks); one chunk
+/// fails to "decode".
+struct Chunked {
+    chunks: Vec<Arc<Vec<u8>>>,
+    bad_chunk: usize,
+    shared: std::sync::atomic::AtomicU64,
+    copied: std::sync::atomic::AtomicU64,
+}
+
+const CHUNKED: usize = 64 << 10;
+
+impl Chunked {
+    fn new() -> Chunked {
+        Chunked {
+            chunks: pattern()
+                .chunks(CHUNKED)
+                .map(|c| Arc::new(c.to_vec()))
+                .collect(),
+            bad_chunk: 40,
+            shared: Default::default(),
+            copied: Default::default(),
+        }
+    }
+    fn chunk(&self, i: usize) -> io::Result<&Arc<Vec<u8>>> {
+        if i == self.bad_chunk {
+            return Err(io::Error::other("chunk 40 does not decode"));
+        }
+        Ok(&self.chunks[i])
+    }
+}
+
+impl BlockSource for Chunked {
+    fn size(&self) -> u64 {
+        SIZE as u64
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.copied
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        for (k, b) in buf.iter_mut().enumerate() {
+            let pos = offset as usize + k;
+            *b = self.chunk(pos / CHUNKED)?[pos % CHUNKED];
+        }
+        Ok(())
+    }
+    fn read_shared(&self, offset: u64, len: usize) -> io::Result<Option<SharedBytes>> {
+        let (i, within) = (offset as usize / CHUNKED, offset as usize % CHUNKED);
+        if within + len > CHUNKED {
+            return Ok(None);
+        }
+        self.shared
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(SharedBytes::new(Arc::clone(self.chunk(i)?), within, len))
+    }
+    fn extents(&self, _offset: u64, len: u64) -> io::Result<Vec<SourceExtent>> {
+        Ok(vec![SourceExtent {
+            length: len,
+            hole: false,
+        }])
+    }
+}
+
+/// Reads inside one chunk go out from the source's own memory (no copy),
+/// in simple and structured replies; reads across chunks are copied; both
+/// give the same bytes; a chunk that fails gives EIO on both paths and the
+/// connection goes on.
+#[test]
+fn shared_reads_go_out_uncopied_and_match_copied_ones() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let src = Arc::new(Chunked::new());
+    let r = start_source(
+        Arc::clone(&src) as Arc<dyn BlockSource>,
+        ServerConfig::default(),
+    );
+    let want = pattern();
+    let mut own = client(&r);
+    // Structured: inside chunks, across chunks.
+    assert_eq!(own.read(0, CHUNKED).unwrap(), want[..CHUNKED]);
+    assert_eq!(own.read(100, 4000).unwrap(), want[100..4100]);
+    let (s0, c0) = (src.shared.load(Relaxed), src.copied.load(Relaxed));
+    assert!(s0 >= 2, "{s0} shared reads");
+    assert_eq!(
+        own.read(CHUNKED as u64 - 10, 20).unwrap(),
+        want[CHUNKED - 10..CHUNKED + 10]
+    );
+    assert_eq!(
+        src.copied.load(Relaxed),
+        c0 + 1,
+        "a read across chunks is copied"
+    );
+    // The failing chunk: EIO whether lent or copied.
+    let bad = (40 * CHUNKED) as u64;
+    own.read(bad + 8, 512).unwrap_err();
+    own.read(bad - 8, 512).unwrap_err();
+    assert_eq!(
+        own.read(bad - 512, 512).unwrap(),
+        want[bad as usize - 512..bad as usize]
+    );
+    // Simple replies.
+    let mut raw = Raw::connect(&r);
+    raw.go(false);
+    raw.request(wire::NBD_CMD_READ, 3, 3 * CHUNKED as u64 + 5, 1000);
+    assert_eq!(raw.simple(), (0, 3));
+    let mut d = vec![0u8; 1000];
+    raw.0.read_exact(&mut d).unwrap();
+    assert_eq!(d, want[3 * CHUNKED + 5..3 * CHUNKED + 1005]);
+    raw.request(wire::NBD_CMD_READ, 4, bad, 16);
+    assert_eq!(raw.simple(), (wire::NBD_EIO, 4));
+    raw.request(wire::NBD_CMD_READ, 5, 0, 16);
+    assert_eq!(raw.simple(), (0, 5));
+    raw.0.read_exact(&mut d[..16]).unwrap();
+    assert_eq!(d[..16], want[..16]);
 }
 
 #[test]
