@@ -84,8 +84,11 @@ pub(super) fn run(cli: &Cli, a: &RestoreArgs) -> anyhow::Result<()> {
         .clone()
         .or_else(|| cfg.state_dir.clone())
         .unwrap_or_else(|| PathBuf::from(crate::daemon::config::DEFAULT_STATE_DIR));
-    let target = std::path::absolute(&a.target)
-        .with_context(|| format!("resolving {}", a.target.display()))?;
+    let Some(target) = a.target.as_deref() else {
+        bail!("--live restores into --target (a directory, or a block device for one disk); --target-device is for a plain restore");
+    };
+    let target =
+        std::path::absolute(target).with_context(|| format!("resolving {}", target.display()))?;
     let rec_path = record_path(&state_dir, &target);
     let _lock = lock(&rec_path)?;
     let existing = LiveRecord::load(&rec_path)?;
