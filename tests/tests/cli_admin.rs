@@ -421,25 +421,6 @@ fn restore_target_devices_one_per_disk_refusals_write_nothing() {
     assert!(stderr(&out).contains("--force"), "{}", stderr(&out));
     untouched();
 
-    // Live restore takes --target (one device per disk is not there yet):
-    // refused clearly, nothing written, no state left.
-    let state = env.dir.path().join("live-state");
-    let out = env
-        .shear(&["restore", &id, "--live", "--target-device"])
-        .arg(map("scsi0", &d0))
-        .arg("--state-dir")
-        .arg(&state)
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("--target-device is for a plain restore"),
-        "{}",
-        stderr(&out)
-    );
-    assert!(!state.exists(), "a refused live restore left state");
-    untouched();
-
     // The second device in use (held open by this process): refused, and
     // the first one, which comes first in the mapping, is not written.
     {

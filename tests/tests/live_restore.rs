@@ -908,6 +908,30 @@ fn qemu_live_restore_raw_qemu_death_after_in_sync_stale_resume_device_refusals_f
             String::from_utf8_lossy(&out.stderr).contains("is a block device"),
             "{out:?}"
         );
+        // One device per disk (`--target-device DISK=DEV`, issue 13):
+        // refused before anything is written for a disk the backup lacks
+        // and for a device in use.
+        let mut c = env.shear(&["restore", "vm/100", "--live", "--target-device"]);
+        c.arg(format!("virtio9={}", b.dev.display()))
+            .arg("--state-dir")
+            .arg(&st);
+        let out = c.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(err.contains("no disk virtio9"), "{err}");
+        let held = std::fs::File::open(&b.dev).unwrap();
+        let mut c = env.shear(&["restore", "vm/100", "--live", "--target-device"]);
+        c.arg(format!("scsi0={}", b.dev.display()))
+            .arg("--state-dir")
+            .arg(&st);
+        let out = c.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.contains(&format!("{} is open in ", b.dev.display())),
+            "{err}"
+        );
+        drop(held);
         assert!(!has_record(&st), "a refused restore left a record");
         let sockets = std::fs::read_dir(st.join("live-restore"))
             .map(|d| {
@@ -917,9 +941,66 @@ fn qemu_live_restore_raw_qemu_death_after_in_sync_stale_resume_device_refusals_f
             })
             .unwrap_or(0);
         assert_eq!(sockets, 0, "a refused restore left files");
-        drop((s, b));
         assert!(std::fs::read(&small).unwrap().iter().all(|x| *x == 0xab));
         assert!(std::fs::read(&big).unwrap().iter().all(|x| *x == 0xcd));
+
+        // `--target-device scsi0=DEV` to the end: the overlay in the state
+        // directory, the mirror into the device, the record keyed by the
+        // device (`--resume --target DEV` finds it; another mapping is
+        // refused).
+        let st = env.dir.path().join("state-map");
+        let qmp = env.dir.path().join("map.qmp");
+        let mut sup = env
+            .shear(&["restore", "vm/100", "--live", "--target-device"])
+            .arg(format!("scsi0={}", b.dev.display()))
+            .arg("--qmp")
+            .arg(&qmp)
+            .arg("--state-dir")
+            .arg(&st)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let rx = lines_of(&mut sup);
+        wait_line(&rx, "live-restore: ready");
+        let d = disk0(&st);
+        assert_eq!(d["raw_target"], b.dev.to_str().unwrap(), "{d}");
+        let overlay = std::path::PathBuf::from(d["image"].as_str().unwrap());
+        assert!(overlay.starts_with(st.join("live-restore")), "{d}");
+        let mut vm = vm_on(&overlay, &qmp, false);
+        wait_complete(&rx, &mut vm);
+        assert!(wait_exit(&mut sup, "shear to end").success());
+        vm.kill();
+        drop(vm);
+        let mut c = env.shear(&["restore", "vm/100", "--live", "--resume", "--target-device"]);
+        c.arg(format!("virtio9={}", b.dev.display()))
+            .arg("--state-dir")
+            .arg(&st);
+        let out = c.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(&format!("maps scsi0={}", b.dev.display())),
+            "{out:?}"
+        );
+        let mut c = env.shear(&["restore", "vm/100", "--live", "--resume", "--target-device"]);
+        c.arg(format!("scsi0={}", s.dev.display()))
+            .arg("--state-dir")
+            .arg(&st);
+        let out = c.output().unwrap();
+        assert!(
+            !out.status.success()
+                && String::from_utf8_lossy(&out.stderr).contains("no live restore"),
+            "{out:?}"
+        );
+        let out = run_ok(resume_cmd(&env, &b.dev, &st));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("already complete"),
+            "{out:?}"
+        );
+        drop((s, b));
+        let got = std::fs::read(&big).unwrap();
+        let bad = first_difference(&got, &expect);
+        assert!(bad.is_none(), "the device differs at {bad:?}");
     }
 
     // QEMU dies after the in-sync record.

@@ -426,9 +426,10 @@ pub struct RestoreArgs {
     /// one-disk restore).
     #[arg(long, required_unless_present = "target_devices")]
     pub target: Option<PathBuf>,
-    /// Restore disk DISK onto block device DEV (raw; needs --force);
-    /// repeat for each disk (LVM volumes, zvols). Every device is checked
-    /// (not in use, large enough) and opened before any is written.
+    /// Restore disk DISK onto block device DEV (raw; a plain restore
+    /// needs --force); repeat for each disk (LVM volumes, zvols). Every
+    /// device is checked (not in use, large enough) before any is
+    /// written. With --live the record is keyed by the first device.
     #[arg(long = "target-device", value_name = "DISK=DEV", conflicts_with_all = ["target", "disks", "libvirt"])]
     pub target_devices: Vec<String>,
     /// Image format (default raw; with --live qcow2, or raw: mirrored

@@ -726,7 +726,7 @@ pub(super) fn check_disk_names(
 }
 
 /// `--target-device DISK=DEV` values as (disk, device) pairs.
-fn device_map(values: &[String]) -> anyhow::Result<Vec<(String, std::path::PathBuf)>> {
+pub(super) fn device_map(values: &[String]) -> anyhow::Result<Vec<(String, std::path::PathBuf)>> {
     values
         .iter()
         .map(|v| match v.split_once('=') {

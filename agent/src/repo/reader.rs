@@ -277,48 +277,16 @@ impl BackupReader {
         map: &[(String, PathBuf)],
         opts: &RestoreOptions,
     ) -> Result<Vec<RestoreReport>> {
-        use std::os::unix::fs::{FileTypeExt, MetadataExt};
         if opts.format != ImageFormat::Raw {
             return Err(RepoError::invalid(
                 "restore format",
                 "a block device is written raw (--format raw)",
             ));
         }
-        if map.is_empty() {
-            return Err(RepoError::invalid(
-                "restore target",
-                "no disk mapped to a device",
-            ));
-        }
-        let mut devices: Vec<(u64, &Path)> = Vec::new();
-        for (i, (disk, dev)) in map.iter().enumerate() {
-            if map[..i].iter().any(|(d, _)| d == disk) {
-                return Err(RepoError::invalid(
-                    "restore target",
-                    format!("disk {disk} is mapped to more than one device"),
-                ));
-            }
+        for (disk, _) in map {
             self.manifest.disk(disk)?;
-            let meta =
-                fs::metadata(dev).map_err(|e| RepoError::io("stat restore target", dev, e))?;
-            if !meta.file_type().is_block_device() {
-                return Err(RepoError::invalid(
-                    "restore target",
-                    format!("{} (for disk {disk}) is not a block device", dev.display()),
-                ));
-            }
-            if let Some((_, first)) = devices.iter().find(|(r, _)| *r == meta.rdev()) {
-                return Err(RepoError::invalid(
-                    "restore target",
-                    format!(
-                        "{} and {} are the same device: one device per disk",
-                        first.display(),
-                        dev.display()
-                    ),
-                ));
-            }
-            devices.push((meta.rdev(), dev));
         }
+        super::target::check_device_map(map)?;
         if !opts.force {
             return Err(RepoError::AlreadyExists {
                 what: format!(
