@@ -336,8 +336,16 @@ pub fn verify_boot(cli: &Cli, backup: &str, a: &BootArgs, json: bool) -> anyhow:
 /// One line summarising a restore test (for `verify --boot` and `show`).
 pub fn restore_test_line(id: &str, r: &RestoreTest) -> String {
     let mut s = format!(
-        "restore test of {id}: {} at {} (boot {}, {}, ",
-        r.state, r.time, r.boot, r.accel
+        "restore test of {id}: {} at {} (boot {}, {}{}, ",
+        r.state,
+        r.time,
+        r.boot,
+        r.accel,
+        if r.accel_fallback.is_some() {
+            " after KVM made no progress"
+        } else {
+            ""
+        }
     );
     match r.ping_ms {
         Some(p) => s.push_str(&format!("guest agent answered after {p} ms")),

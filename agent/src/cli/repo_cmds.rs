@@ -911,3 +911,19 @@ fn restore(cli: &Cli, a: &RestoreArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod device_map_tests {
+    use super::device_map;
+
+    #[test]
+    fn target_device_values_are_disk_equals_device() {
+        let m = device_map(&["scsi0=/dev/vg0/a".into(), "virtio1=/dev/zd0".into()]).unwrap();
+        assert_eq!(m[0].0, "scsi0");
+        assert_eq!(m[1].1, std::path::Path::new("/dev/zd0"));
+        for bad in ["scsi0", "=/dev/x", "scsi0="] {
+            let e = device_map(&[bad.into()]).unwrap_err().to_string();
+            assert!(e.contains("expected DISK=DEVICE"), "{bad}: {e}");
+        }
+    }
+}
