@@ -21,6 +21,7 @@ fn record(stdout: &str) -> RestoreTest {
         ping_ms: Some(4321),
         total_ms: 5000,
         accel: "tcg".into(),
+        accel_fallback: Some("KVM guest showed no progress within 30 s".into()),
         boot: "kernel".into(),
         filesystems: vec![SeenFilesystem {
             name: "vda".into(),

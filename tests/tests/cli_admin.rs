@@ -311,3 +311,153 @@ fn qemu_bwlimit_limits_bytes_actually_read_not_above_nor_a_fraction() {
         "achieved {rate:.0} KiB/s, asked {limit_kib} KiB/s"
     );
 }
+
+/// A two-disk backup made through the repository API (no QEMU), as
+/// (disk, data) pairs: per 64 KiB, a pattern or zeros.
+fn two_disk_backup(env: &ShearEnv) -> (String, Vec<(&'static str, Vec<u8>)>) {
+    use shear::repo::{BackupMeta, CommitInfo, DiskSpec, Repository};
+    let data = |seed: u8, len: u64| -> Vec<u8> {
+        (0..len)
+            .map(|i| {
+                if (i >> 16) % 3 == 2 {
+                    0
+                } else {
+                    seed.wrapping_add((i % 251) as u8)
+                }
+            })
+            .collect()
+    };
+    let disks = vec![("scsi0", data(7, 3 * MIB)), ("scsi1", data(101, 2 * MIB))];
+    let repo = Repository::open(&env.repo(), None).unwrap();
+    let s = repo
+        .begin_backup(&BackupMeta::new("100", "vm-100"))
+        .unwrap();
+    for (name, bytes) in &disks {
+        let d = s
+            .add_disk(&DiskSpec::new(name, bytes.len() as u64))
+            .unwrap();
+        let cs = d.chunk_size() as usize;
+        for (i, c) in bytes.chunks(cs).enumerate() {
+            d.put_chunk(i as u64, c).unwrap();
+        }
+        d.finish().unwrap();
+    }
+    let id = s.commit(&CommitInfo::default()).unwrap();
+    (id.to_string(), disks)
+}
+
+/// `restore --target-device DISK=DEV` (issue 13: multi-disk VMs onto LVM
+/// volumes/zvols): each disk onto its own device, byte-identical, nothing
+/// past the disk touched; a mapping naming a disk the backup lacks, the
+/// same device twice, or a device in use is refused before anything is
+/// written to any device.
+#[test]
+fn restore_target_devices_one_per_disk_refusals_write_nothing() {
+    let env = ShearEnv::new();
+    let (id, disks) = two_disk_backup(&env);
+    let backing: Vec<std::path::PathBuf> = (0..2)
+        .map(|i| env.dir.path().join(format!("dev{i}.img")))
+        .collect();
+    let fill = || vec![0xffu8; usize::try_from(4 * MIB).unwrap()];
+    for b in &backing {
+        std::fs::write(b, fill()).unwrap();
+    }
+    let Some(lo0) = LoopDevice::new(&backing[0]) else {
+        return;
+    };
+    let Some(lo1) = LoopDevice::new(&backing[1]) else {
+        return;
+    };
+    let d0 = lo0.dev.to_str().unwrap().to_string();
+    let d1 = lo1.dev.to_str().unwrap().to_string();
+    let untouched = || {
+        for b in &backing {
+            assert!(
+                std::fs::read(b).unwrap() == fill(),
+                "{} was written by a refused restore",
+                b.display()
+            );
+        }
+    };
+    let map = |disk: &str, dev: &str| format!("{disk}={dev}");
+
+    // A disk the backup does not have: refused, naming the real ones.
+    let out = env
+        .shear(&["restore", &id, "--force", "--target-device"])
+        .arg(map("scsi0", &d0))
+        .arg("--target-device")
+        .arg(map("virtio7", &d1))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no disk virtio7") && stderr(&out).contains("scsi0, scsi1"),
+        "{}",
+        stderr(&out)
+    );
+    untouched();
+
+    // The same device for both disks.
+    let out = env
+        .shear(&["restore", &id, "--force", "--target-device"])
+        .arg(map("scsi0", &d0))
+        .arg("--target-device")
+        .arg(map("scsi1", &d0))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("same device"), "{}", stderr(&out));
+    untouched();
+
+    // Without --force: refused (a device is always overwritten).
+    let out = env
+        .shear(&["restore", &id, "--target-device"])
+        .arg(map("scsi0", &d0))
+        .arg("--target-device")
+        .arg(map("scsi1", &d1))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "overwrote devices without --force");
+    assert!(stderr(&out).contains("--force"), "{}", stderr(&out));
+    untouched();
+
+    // The second device in use (held open by this process): refused, and
+    // the first one, which comes first in the mapping, is not written.
+    {
+        let _held = std::fs::File::open(&lo1.dev).unwrap();
+        let out = env
+            .shear(&["restore", &id, "--force", "--target-device"])
+            .arg(map("scsi0", &d0))
+            .arg("--target-device")
+            .arg(map("scsi1", &d1))
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "restored onto a device in use");
+        assert!(
+            stderr(&out).contains(&format!("{d1} is open in")),
+            "{}",
+            stderr(&out)
+        );
+        untouched();
+    }
+
+    // Both: each disk on its device, byte-identical, the rest untouched.
+    let mut c = env.shear(&["restore", &id, "--force", "--json", "--target-device"]);
+    c.arg(map("scsi1", &d1))
+        .arg("--target-device")
+        .arg(map("scsi0", &d0));
+    let out = run_ok(c);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["disks"][0]["disk"], "scsi1", "{v}");
+    assert_eq!(v["disks"][0]["path"], json!(d1), "{v}");
+    assert_eq!(v["disks"][1]["path"], json!(d0), "{v}");
+    for ((_, want), b) in disks.iter().zip(&backing) {
+        let got = std::fs::read(b).unwrap();
+        assert!(got[..want.len()] == want[..], "{} differs", b.display());
+        assert!(
+            got[want.len()..].iter().all(|x| *x == 0xff),
+            "bytes past the disk's size were touched on {}",
+            b.display()
+        );
+    }
+}

@@ -908,6 +908,30 @@ fn qemu_live_restore_raw_qemu_death_after_in_sync_stale_resume_device_refusals_f
             String::from_utf8_lossy(&out.stderr).contains("is a block device"),
             "{out:?}"
         );
+        // One device per disk (`--target-device DISK=DEV`, issue 13):
+        // refused before anything is written for a disk the backup lacks
+        // and for a device in use.
+        let mut c = env.shear(&["restore", "vm/100", "--live", "--target-device"]);
+        c.arg(format!("virtio9={}", b.dev.display()))
+            .arg("--state-dir")
+            .arg(&st);
+        let out = c.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(err.contains("no disk virtio9"), "{err}");
+        let held = std::fs::File::open(&b.dev).unwrap();
+        let mut c = env.shear(&["restore", "vm/100", "--live", "--target-device"]);
+        c.arg(format!("scsi0={}", b.dev.display()))
+            .arg("--state-dir")
+            .arg(&st);
+        let out = c.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.contains(&format!("{} is open in ", b.dev.display())),
+            "{err}"
+        );
+        drop(held);
         assert!(!has_record(&st), "a refused restore left a record");
         let sockets = std::fs::read_dir(st.join("live-restore"))
             .map(|d| {
@@ -917,9 +941,66 @@ fn qemu_live_restore_raw_qemu_death_after_in_sync_stale_resume_device_refusals_f
             })
             .unwrap_or(0);
         assert_eq!(sockets, 0, "a refused restore left files");
-        drop((s, b));
         assert!(std::fs::read(&small).unwrap().iter().all(|x| *x == 0xab));
         assert!(std::fs::read(&big).unwrap().iter().all(|x| *x == 0xcd));
+
+        // `--target-device scsi0=DEV` to the end: the overlay in the state
+        // directory, the mirror into the device, the record keyed by the
+        // device (`--resume --target DEV` finds it; another mapping is
+        // refused).
+        let st = env.dir.path().join("state-map");
+        let qmp = env.dir.path().join("map.qmp");
+        let mut sup = env
+            .shear(&["restore", "vm/100", "--live", "--target-device"])
+            .arg(format!("scsi0={}", b.dev.display()))
+            .arg("--qmp")
+            .arg(&qmp)
+            .arg("--state-dir")
+            .arg(&st)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let rx = lines_of(&mut sup);
+        wait_line(&rx, "live-restore: ready");
+        let d = disk0(&st);
+        assert_eq!(d["raw_target"], b.dev.to_str().unwrap(), "{d}");
+        let overlay = std::path::PathBuf::from(d["image"].as_str().unwrap());
+        assert!(overlay.starts_with(st.join("live-restore")), "{d}");
+        let mut vm = vm_on(&overlay, &qmp, false);
+        wait_complete(&rx, &mut vm);
+        assert!(wait_exit(&mut sup, "shear to end").success());
+        vm.kill();
+        drop(vm);
+        let mut c = env.shear(&["restore", "vm/100", "--live", "--resume", "--target-device"]);
+        c.arg(format!("virtio9={}", b.dev.display()))
+            .arg("--state-dir")
+            .arg(&st);
+        let out = c.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(&format!("maps scsi0={}", b.dev.display())),
+            "{out:?}"
+        );
+        let mut c = env.shear(&["restore", "vm/100", "--live", "--resume", "--target-device"]);
+        c.arg(format!("scsi0={}", s.dev.display()))
+            .arg("--state-dir")
+            .arg(&st);
+        let out = c.output().unwrap();
+        assert!(
+            !out.status.success()
+                && String::from_utf8_lossy(&out.stderr).contains("no live restore"),
+            "{out:?}"
+        );
+        let out = run_ok(resume_cmd(&env, &b.dev, &st));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("already complete"),
+            "{out:?}"
+        );
+        drop((s, b));
+        let got = std::fs::read(&big).unwrap();
+        let bad = first_difference(&got, &expect);
+        assert!(bad.is_none(), "the device differs at {bad:?}");
     }
 
     // QEMU dies after the in-sync record.
@@ -1135,4 +1216,137 @@ fn qemu_live_restore_raw_qemu_death_after_in_sync_stale_resume_device_refusals_f
     assert_eq!(std::fs::metadata(&raw).unwrap().len(), (SIZE / 2) as u64);
     // Not supervised any more: stop the server this test made.
     kill9(r["server_pid"].as_u64().unwrap());
+}
+
+/// Issue 13: a live restore of a two-disk backup (made through the
+/// repository API) onto two block devices, `--target-device` per disk:
+/// both overlays in the state directory, both mirrored into their own
+/// device and switched over, each device byte-identical to its disk with
+/// the bytes past it untouched; the same device twice is refused before
+/// anything is written. A paused QEMU stands in for the VM (the mirror
+/// does not need a guest).
+#[test]
+fn qemu_live_restore_two_disks_onto_two_devices() {
+    use shear::repo::{BackupMeta, CommitInfo, DiskSpec as RepoDisk, Repository};
+    if !shear_tests::require_qemu() {
+        return;
+    }
+    let env = ShearEnv::new();
+    let _reap = KillUnder(env.dir.path().to_owned());
+    let data = |seed: u8, len: usize| -> Vec<u8> {
+        (0..len)
+            .map(|i| {
+                if (i >> 16) % 3 == 2 {
+                    0
+                } else {
+                    seed.wrapping_add(u8::try_from(i % 251).unwrap_or(0))
+                }
+            })
+            .collect()
+    };
+    let disks = [("scsi0", data(7, 3 * MIB)), ("scsi1", data(101, 2 * MIB))];
+    let repo = Repository::open(&env.repo(), None).unwrap();
+    let s = repo
+        .begin_backup(&BackupMeta::new("100", "vm-100"))
+        .unwrap();
+    for (name, bytes) in &disks {
+        let d = s
+            .add_disk(&RepoDisk::new(name, bytes.len() as u64))
+            .unwrap();
+        let cs = d.chunk_size() as usize;
+        for (i, c) in bytes.chunks(cs).enumerate() {
+            d.put_chunk(i as u64, c).unwrap();
+        }
+        d.finish().unwrap();
+    }
+    s.commit(&CommitInfo::default()).unwrap();
+    drop(repo);
+
+    let backing: Vec<std::path::PathBuf> = (0..2)
+        .map(|i| env.dir.path().join(format!("dev{i}.img")))
+        .collect();
+    for b in &backing {
+        std::fs::write(b, vec![0xffu8; 4 * MIB]).unwrap();
+    }
+    let Some(lo0) = LoopDevice::new(&backing[0]) else {
+        return;
+    };
+    let Some(lo1) = LoopDevice::new(&backing[1]) else {
+        return;
+    };
+    let state = env.dir.path().join("state");
+    let map = |disk: &str, dev: &Path| format!("{disk}={}", dev.display());
+
+    let mut c = env.shear(&["restore", "vm/100", "--live", "--target-device"]);
+    c.arg(map("scsi0", &lo0.dev))
+        .arg("--target-device")
+        .arg(map("scsi1", &lo0.dev))
+        .arg("--state-dir")
+        .arg(&state);
+    let out = c.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("same device"),
+        "{err}"
+    );
+    assert!(!has_record(&state), "a refused restore left a record");
+
+    let qmp = env.dir.path().join("vm.qmp");
+    let mut sup = env
+        .shear(&["restore", "vm/100", "--live", "--target-device"])
+        .arg(map("scsi0", &lo0.dev))
+        .arg("--target-device")
+        .arg(map("scsi1", &lo1.dev))
+        .arg("--qmp")
+        .arg(&qmp)
+        .arg("--state-dir")
+        .arg(&state)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let rx = lines_of(&mut sup);
+    wait_line(&rx, "live-restore: ready");
+    let rec = record(&state);
+    let mut cfg = VmConfig::paused();
+    for (i, lo) in [&lo0, &lo1].into_iter().enumerate() {
+        let d = &rec["disks"][i];
+        assert_eq!(d["raw_target"], lo.dev.to_str().unwrap(), "{rec}");
+        let overlay = d["image"].as_str().unwrap();
+        assert!(
+            Path::new(overlay).starts_with(state.join("live-restore")),
+            "{rec}"
+        );
+        cfg = cfg
+            .arg("-blockdev")
+            .arg(
+                &json!({"driver": "qcow2", "node-name": format!("rst{i}"),
+                        "file": {"driver": "file", "filename": overlay}})
+                .to_string(),
+            )
+            .arg("-device")
+            .arg(&format!(
+                "virtio-blk-pci,id=vd{i},drive=rst{i},rerror=stop,werror=stop"
+            ));
+    }
+    let mut vm = TestVm::start(
+        cfg.arg("-qmp")
+            .arg(&format!("unix:{},server=on,wait=off", qmp.display())),
+    )
+    .unwrap();
+    wait_complete(&rx, &mut vm);
+    assert!(wait_exit(&mut sup, "shear to end").success());
+    assert_eq!(record(&state)["phase"], "complete");
+    vm.kill();
+    drop(vm);
+    drop((lo0, lo1));
+    for ((name, want), b) in disks.iter().zip(&backing) {
+        let got = std::fs::read(b).unwrap();
+        let bad = first_difference(&got[..want.len()], want);
+        assert!(bad.is_none(), "{name}: the device differs at {bad:?}");
+        assert!(
+            got[want.len()..].iter().all(|x| *x == 0xff),
+            "{name}: bytes past the disk were touched"
+        );
+    }
 }

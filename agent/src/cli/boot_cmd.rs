@@ -25,9 +25,16 @@ use crate::restorevm::{printable, recorded_kernel_boot, Boot, RestoreVm, VmSpec}
 /// VM options shared by `verify --boot` and `files`.
 #[derive(Debug, Clone, Args)]
 pub struct VmArgs {
-    /// Accelerator: `auto` (kvm, else tcg), `kvm` or `tcg`.
+    /// Accelerator: `auto` (kvm, else tcg; a KVM guest that shows no
+    /// progress within --kvm-stall seconds is restarted under tcg), `kvm`
+    /// (fails if KVM cannot run the guest) or `tcg`.
     #[arg(long, global = true, env = "SHEAR_ACCEL", default_value = "auto")]
     pub accel: String,
+    /// With `--accel auto`: seconds a KVM guest may show no sign of booting
+    /// (no serial console output, its virtio-serial device not started)
+    /// before it is killed and restarted under TCG; 0 never falls back.
+    #[arg(long, global = true, default_value_t = 30)]
+    pub kvm_stall: u64,
     /// Guest memory, MiB.
     #[arg(long, global = true, default_value_t = 512)]
     pub memory: u32,
@@ -54,6 +61,11 @@ impl VmArgs {
             "kvm" | "tcg" => vec![self.accel.clone()],
             other => bail!("--accel {other}: use auto, kvm or tcg"),
         })
+    }
+
+    /// The KVM progress deadline of `--accel auto`.
+    fn kvm_stall(&self) -> Option<Duration> {
+        (self.kvm_stall > 0).then(|| Duration::from_secs(self.kvm_stall))
     }
 }
 
@@ -162,6 +174,7 @@ fn now_str() -> String {
 #[derive(Default)]
 struct Outcome {
     accel: Option<&'static str>,
+    accel_fallback: Option<String>,
     ping_ms: Option<u64>,
     filesystems: Vec<SeenFilesystem>,
     probe: Option<ProbeResult>,
@@ -256,17 +269,16 @@ pub fn verify_boot(cli: &Cli, backup: &str, a: &BootArgs, json: bool) -> anyhow:
         .enable_all()
         .build()?;
     let mut o = Outcome::default();
-    let result = {
-        let mut vm = RestoreVm::start(&reader, &spec)?;
-        let r = rt.block_on(until_signal(boot_test(&mut vm, a, &mut o)));
+    // The outer error (QEMU could not start, a signal) is not a result of
+    // the backup: nothing is recorded.
+    let result = rt.block_on(until_signal(async {
+        let (mut vm, fallback) =
+            crate::restorevm::accel::start(&reader, &spec, a.vm.kvm_stall()).await?;
+        o.accel_fallback = fallback;
+        let r = boot_test(&mut vm, a, &mut o).await;
         drop(vm);
-        r
-    };
-    let result = match result {
-        // Not a result of the backup: nothing is recorded.
-        Err(e) if e.downcast_ref::<Interrupted>().is_some() => return Err(e),
-        r => r,
-    };
+        Ok(r)
+    }))?;
     let record = RestoreTest {
         format: "shear-restore-test".into(),
         version: RESTORE_TEST_VERSION,
@@ -282,6 +294,7 @@ pub fn verify_boot(cli: &Cli, backup: &str, a: &BootArgs, json: bool) -> anyhow:
         ping_ms: o.ping_ms,
         total_ms: u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
         accel: o.accel.map_or_else(|| spec.accel.join(":"), str::to_owned),
+        accel_fallback: o.accel_fallback,
         boot: boot.kind().into(),
         filesystems: o.filesystems,
         probe: o.probe,
@@ -323,8 +336,16 @@ pub fn verify_boot(cli: &Cli, backup: &str, a: &BootArgs, json: bool) -> anyhow:
 /// One line summarising a restore test (for `verify --boot` and `show`).
 pub fn restore_test_line(id: &str, r: &RestoreTest) -> String {
     let mut s = format!(
-        "restore test of {id}: {} at {} (boot {}, {}, ",
-        r.state, r.time, r.boot, r.accel
+        "restore test of {id}: {} at {} (boot {}, {}{}, ",
+        r.state,
+        r.time,
+        r.boot,
+        r.accel,
+        if r.accel_fallback.is_some() {
+            " after KVM made no progress"
+        } else {
+            ""
+        }
     );
     match r.ping_ms {
         Some(p) => s.push_str(&format!("guest agent answered after {p} ms")),
@@ -704,16 +725,17 @@ pub fn files(cli: &Cli, a: &FilesArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let mut vm = RestoreVm::start(&reader, &spec)?;
     let r = rt.block_on(until_signal(async {
+        let (mut vm, _) = crate::restorevm::accel::start(&reader, &spec, a.vm.kvm_stall()).await?;
         let deadline = vm.started + Duration::from_secs(a.vm.timeout);
         let mut ga = vm
             .wait_agent(deadline)
             .await
             .context("the restore VM did not start")?;
-        files_op(&mut ga, a).await
+        let r = files_op(&mut ga, a).await;
+        drop(vm);
+        r
     }));
-    drop(vm);
     r.map(|()| ExitCode::SUCCESS)
 }
 

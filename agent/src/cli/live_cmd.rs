@@ -31,7 +31,9 @@ pub struct LiveArgs {
     /// `--format raw`, or a block device as --target (one disk; it must be
     /// free and at least the disk's size, and is never created or
     /// truncated), the VM starts on a qcow2 overlay that QEMU mirrors into
-    /// the raw target, then runs on it.
+    /// the raw target, then runs on it. `--target-device DISK=DEV` (one
+    /// device per disk) instead of --target: the same for each disk; the
+    /// record is keyed by the first device (`--resume --target DEV`).
     #[arg(long)]
     pub live: bool,
     /// Finish an interrupted live restore of --target: restart the server
@@ -84,8 +86,25 @@ pub(super) fn run(cli: &Cli, a: &RestoreArgs) -> anyhow::Result<()> {
         .clone()
         .or_else(|| cfg.state_dir.clone())
         .unwrap_or_else(|| PathBuf::from(crate::daemon::config::DEFAULT_STATE_DIR));
-    let target = std::path::absolute(&a.target)
-        .with_context(|| format!("resolving {}", a.target.display()))?;
+    // One device per disk (`--target-device`): the record is keyed by the
+    // first device (`--resume --target FIRST_DEVICE` finds it too).
+    let map: Vec<(String, PathBuf)> = super::repo_cmds::device_map(&a.target_devices)?
+        .into_iter()
+        .map(|(d, p)| {
+            std::path::absolute(&p)
+                .map(|p| (d, p))
+                .with_context(|| format!("resolving {}", p.display()))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let Some(target) = a
+        .target
+        .as_deref()
+        .or(map.first().map(|(_, p)| p.as_path()))
+    else {
+        bail!("--live needs --target or --target-device");
+    };
+    let target =
+        std::path::absolute(target).with_context(|| format!("resolving {}", target.display()))?;
     let rec_path = record_path(&state_dir, &target);
     let _lock = lock(&rec_path)?;
     let existing = LiveRecord::load(&rec_path)?;
@@ -106,6 +125,29 @@ pub(super) fn run(cli: &Cli, a: &RestoreArgs) -> anyhow::Result<()> {
                 rec.backup,
                 a.backup
             );
+        }
+        if !map.is_empty() {
+            let recorded: Vec<(String, PathBuf)> = rec
+                .disks
+                .iter()
+                .filter_map(|d| d.raw_target.clone().map(|t| (d.name.clone(), t)))
+                .collect();
+            let mut given = map.clone();
+            given.sort();
+            let mut want = recorded.clone();
+            want.sort();
+            if given != want || recorded.len() != rec.disks.len() {
+                bail!(
+                    "the live restore recorded for {} maps {}: give the same --target-device list (or --target {})",
+                    target.display(),
+                    recorded
+                        .iter()
+                        .map(|(d, t)| format!("{d}={}", t.display()))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    target.display()
+                );
+            }
         }
         if rec.phase == Phase::Complete {
             out!(
@@ -140,7 +182,7 @@ pub(super) fn run(cli: &Cli, a: &RestoreArgs) -> anyhow::Result<()> {
                 );
             }
         }
-        let (rec, child) = prepare(cli, a, &state_dir, &target, &rec_path)?;
+        let (rec, child) = prepare(cli, a, &state_dir, &target, &map, &rec_path)?;
         server = Some(child);
         rec
     };
@@ -204,6 +246,7 @@ fn prepare(
     a: &RestoreArgs,
     state_dir: &Path,
     target: &Path,
+    map: &[(String, PathBuf)],
     rec_path: &Path,
 ) -> anyhow::Result<(LiveRecord, Child)> {
     // Raw: the VM starts on a qcow2 overlay per disk (the backup as its
@@ -213,7 +256,11 @@ fn prepare(
     // A block device as --target (as for a plain restore: one disk): it is
     // the raw target itself, never created, truncated or preallocated; the
     // overlay the VM starts on lives in the state directory.
-    let device = std::fs::metadata(target).is_ok_and(|m| m.file_type().is_block_device());
+    // With `--target-device`, every disk restored goes onto its own device.
+    let mapped = !map.is_empty();
+    let device_target =
+        !mapped && std::fs::metadata(target).is_ok_and(|m| m.file_type().is_block_device());
+    let device = device_target || mapped;
     if device && matches!(a.format, Some(FormatArg::Qcow2)) {
         bail!(
             "{} is a block device: it receives the disk as raw data (leave out --format qcow2)",
@@ -239,9 +286,18 @@ fn prepare(
         .collect();
     let names: Vec<String> = all.iter().map(|(n, _)| n.clone()).collect();
     super::repo_cmds::check_disk_names(&id, &a.disks, &names)?;
+    let wanted: Vec<String> = if mapped {
+        map.iter().map(|(d, _)| d.clone()).collect()
+    } else {
+        a.disks.clone()
+    };
+    if mapped {
+        super::repo_cmds::check_disk_names(&id, &wanted, &names)?;
+        crate::repo::target::check_device_map(map)?;
+    }
     let disks: Vec<LiveDisk> = all
         .into_iter()
-        .filter(|(n, _)| a.disks.is_empty() || a.disks.contains(n))
+        .filter(|(n, _)| wanted.is_empty() || wanted.contains(n))
         .map(|(name, size)| LiveDisk {
             image: if device {
                 crate::serve::live::device_overlay_path(state_dir, target, &name)
@@ -250,7 +306,9 @@ fn prepare(
             } else {
                 target.join(format!("{name}.qcow2"))
             },
-            raw_target: if device {
+            raw_target: if mapped {
+                map.iter().find(|(d, _)| *d == name).map(|(_, p)| p.clone())
+            } else if device {
                 Some(target.to_owned())
             } else {
                 raw.then(|| target.join(format!("{name}.raw")))
@@ -261,7 +319,15 @@ fn prepare(
             done: false,
         })
         .collect();
-    if device {
+    if mapped {
+        // Before anything is written: every device free and large enough.
+        for d in &disks {
+            if let Some(t) = &d.raw_target {
+                crate::repo::target::open_block_device(t, d.size)
+                    .with_context(|| format!("live restore of {} onto {}", d.name, t.display()))?;
+            }
+        }
+    } else if device {
         let [d] = disks.as_slice() else {
             bail!(
                 "{} is a block device: live-restore one disk onto it (--disk NAME; the backup has {})",

@@ -422,9 +422,16 @@ pub struct RestoreArgs {
     /// Disk(s) to restore (default: all).
     #[arg(long = "disk")]
     pub disks: Vec<String>,
-    /// Directory to write `<disk>.<format>` into.
-    #[arg(long)]
-    pub target: PathBuf,
+    /// Directory to write `<disk>.<format>` into (or a block device for a
+    /// one-disk restore).
+    #[arg(long, required_unless_present = "target_devices")]
+    pub target: Option<PathBuf>,
+    /// Restore disk DISK onto block device DEV (raw; a plain restore
+    /// needs --force); repeat for each disk (LVM volumes, zvols). Every
+    /// device is checked (not in use, large enough) before any is
+    /// written. With --live the record is keyed by the first device.
+    #[arg(long = "target-device", value_name = "DISK=DEV", conflicts_with_all = ["target", "disks", "libvirt"])]
+    pub target_devices: Vec<String>,
     /// Image format (default raw; with --live qcow2, or raw: mirrored
     /// from a qcow2 overlay while the VM runs).
     #[arg(long, value_enum)]

@@ -725,6 +725,19 @@ pub(super) fn check_disk_names(
     Ok(())
 }
 
+/// `--target-device DISK=DEV` values as (disk, device) pairs.
+pub(super) fn device_map(values: &[String]) -> anyhow::Result<Vec<(String, std::path::PathBuf)>> {
+    values
+        .iter()
+        .map(|v| match v.split_once('=') {
+            Some((d, p)) if !d.is_empty() && !p.is_empty() => Ok((d.to_owned(), p.into())),
+            _ => bail!(
+                "--target-device {v:?}: expected DISK=DEVICE, e.g. scsi0=/dev/vg0/vm-100-disk-0"
+            ),
+        })
+        .collect()
+}
+
 fn restore(cli: &Cli, a: &RestoreArgs) -> anyhow::Result<()> {
     use std::os::unix::fs::FileTypeExt;
     if a.live.live {
@@ -741,7 +754,7 @@ fn restore(cli: &Cli, a: &RestoreArgs) -> anyhow::Result<()> {
         .collect();
     check_disk_names(&id, &a.disks, &names)?;
     let disks: Vec<String> = if a.disks.is_empty() {
-        names
+        names.clone()
     } else {
         a.disks.clone()
     };
@@ -753,8 +766,16 @@ fn restore(cli: &Cli, a: &RestoreArgs) -> anyhow::Result<()> {
         force: a.force,
         ..RestoreOptions::default()
     };
-    let target: &Path = &a.target;
+    let map = device_map(&a.target_devices)?;
+    let target: &Path = a.target.as_deref().unwrap_or(Path::new(""));
     let device = std::fs::metadata(target).is_ok_and(|m| m.file_type().is_block_device());
+    let disks: Vec<String> = if map.is_empty() {
+        disks
+    } else {
+        let wanted: Vec<String> = map.iter().map(|(d, _)| d.clone()).collect();
+        check_disk_names(&id, &wanted, &names)?;
+        Vec::new()
+    };
     if device && disks.len() != 1 {
         bail!(
             "{} is a block device: restore one disk onto it (--disk NAME; the backup has {})",
@@ -762,11 +783,31 @@ fn restore(cli: &Cli, a: &RestoreArgs) -> anyhow::Result<()> {
             disks.join(", ")
         );
     }
-    if !device {
+    if !device && map.is_empty() {
         std::fs::create_dir_all(target)
             .with_context(|| format!("creating restore target {}", target.display()))?;
     }
-    let mut reports = Vec::new();
+    let mut reports = if map.is_empty() {
+        Vec::new()
+    } else {
+        reader
+            .restore_disks_to_devices(&map, &opts)
+            .with_context(|| format!("restore of {id} onto block devices failed"))?
+    };
+    if !a.json {
+        for r in &reports {
+            let secs = r.elapsed.as_secs_f64().max(1e-9);
+            out!(
+                "restored {} → {} ({} virtual, {} data, {:.0} MiB/s), image digest {} verified",
+                r.disk,
+                r.path.display(),
+                mib(r.virtual_size),
+                mib(r.data_bytes),
+                r.virtual_size as f64 / (1 << 20) as f64 / secs,
+                r.image_digest
+            );
+        }
+    }
     for d in &disks {
         let r = if device {
             reader.restore_disk_to_device(d, target, &opts)
@@ -869,4 +910,20 @@ fn restore(cli: &Cli, a: &RestoreArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod device_map_tests {
+    use super::device_map;
+
+    #[test]
+    fn target_device_values_are_disk_equals_device() {
+        let m = device_map(&["scsi0=/dev/vg0/a".into(), "virtio1=/dev/zd0".into()]).unwrap();
+        assert_eq!(m[0].0, "scsi0");
+        assert_eq!(m[1].1, std::path::Path::new("/dev/zd0"));
+        for bad in ["scsi0", "=/dev/x", "scsi0="] {
+            let e = device_map(&[bad.into()]).unwrap_err().to_string();
+            assert!(e.contains("expected DISK=DEVICE"), "{bad}: {e}");
+        }
+    }
 }

@@ -262,6 +262,66 @@ impl BackupReader {
     }
 }
 
+impl BackupReader {
+    /// Restores several disks onto block devices, one device per disk
+    /// (`(disk, device)` pairs; raw, `opts.force` required). Before
+    /// anything is written every pair is checked: a disk of the backup,
+    /// named once; a block device, no device twice (by device number, so
+    /// two paths of one device are caught); each device not in use and
+    /// large enough, and opened exclusively ([`super::target`]) — so one
+    /// refused device leaves all the others untouched. A failure while
+    /// writing leaves the devices written so far restored and the current
+    /// one partly written.
+    pub fn restore_disks_to_devices(
+        &self,
+        map: &[(String, PathBuf)],
+        opts: &RestoreOptions,
+    ) -> Result<Vec<RestoreReport>> {
+        if opts.format != ImageFormat::Raw {
+            return Err(RepoError::invalid(
+                "restore format",
+                "a block device is written raw (--format raw)",
+            ));
+        }
+        for (disk, _) in map {
+            self.manifest.disk(disk)?;
+        }
+        super::target::check_device_map(map)?;
+        if !opts.force {
+            return Err(RepoError::AlreadyExists {
+                what: format!(
+                    "block device(s) {} (use --force to overwrite them)",
+                    map.iter()
+                        .map(|(_, d)| d.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            });
+        }
+        let mut opened = Vec::with_capacity(map.len());
+        for (disk, dev) in map {
+            let d = self.open_disk(disk)?;
+            let file = super::target::open_block_device(dev, d.entry.virtual_size)?;
+            opened.push((d, file, dev));
+        }
+        let mut reports = Vec::with_capacity(map.len());
+        for (d, file, dev) in &opened {
+            let started = Instant::now();
+            let (data_bytes, zero_chunks, digest) = d.write_image(file, dev, opts, true)?;
+            reports.push(RestoreReport {
+                disk: d.entry.name.clone(),
+                path: dev.to_path_buf(),
+                virtual_size: d.entry.virtual_size,
+                data_bytes,
+                zero_chunks,
+                image_digest: hex::encode(digest),
+                elapsed: started.elapsed(),
+            });
+        }
+        Ok(reports)
+    }
+}
+
 impl DiskReader<'_> {
     /// Manifest entry of the disk.
     pub fn entry(&self) -> &DiskEntry {

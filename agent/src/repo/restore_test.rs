@@ -70,6 +70,9 @@ pub struct RestoreTest {
     pub total_ms: u64,
     /// Accelerator used (`kvm`, `tcg`).
     pub accel: String,
+    /// Why `--accel auto` abandoned KVM for TCG (`None`: it did not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel_fallback: Option<String>,
     /// How the VM booted: `kernel` (kernel+initrd) or `disk` (firmware).
     pub boot: String,
     /// Filesystems the guest reported.
@@ -148,5 +151,18 @@ mod tests {
         // A cut inside a multi-byte character stays valid text.
         let (t, cut) = bounded_text("é".as_bytes(), 1);
         assert!(cut && t == "\u{fffd}");
+    }
+
+    #[test]
+    fn a_record_from_before_accel_fallback_still_reads() {
+        let old = r#"{"format":"shear-restore-test","version":1,"state":"ok","reason":"",
+            "time":"2026-11-30T12:00:00Z","ping_ms":1,"total_ms":2,"accel":"tcg",
+            "boot":"kernel","filesystems":[],"probe":null,"tool_version":"shear 0"}"#;
+        let r: RestoreTest = serde_json::from_str(old).unwrap();
+        assert_eq!(r.accel_fallback, None);
+        // And none is written when there was no fallback.
+        assert!(!serde_json::to_string(&r)
+            .unwrap()
+            .contains("accel_fallback"));
     }
 }

@@ -96,6 +96,46 @@ pub fn refuse_if_held(path: &Path, meta: &fs::Metadata) -> Result<()> {
     ))
 }
 
+/// Checks a disk → block device mapping before anything is opened or
+/// written: each disk named once, each path a block device, no device
+/// twice (by device number: two paths of one device are caught).
+pub fn check_device_map(map: &[(String, std::path::PathBuf)]) -> Result<()> {
+    if map.is_empty() {
+        return Err(RepoError::invalid(
+            "restore target",
+            "no disk mapped to a device",
+        ));
+    }
+    let mut devices: Vec<(u64, &Path)> = Vec::new();
+    for (i, (disk, dev)) in map.iter().enumerate() {
+        if map[..i].iter().any(|(d, _)| d == disk) {
+            return Err(RepoError::invalid(
+                "restore target",
+                format!("disk {disk} is mapped to more than one device"),
+            ));
+        }
+        let meta = fs::metadata(dev).map_err(|e| RepoError::io("stat restore target", dev, e))?;
+        if !meta.file_type().is_block_device() {
+            return Err(RepoError::invalid(
+                "restore target",
+                format!("{} (for disk {disk}) is not a block device", dev.display()),
+            ));
+        }
+        if let Some((_, first)) = devices.iter().find(|(r, _)| *r == meta.rdev()) {
+            return Err(RepoError::invalid(
+                "restore target",
+                format!(
+                    "{} and {} are the same device: one device per disk",
+                    first.display(),
+                    dev.display()
+                ),
+            ));
+        }
+        devices.push((meta.rdev(), dev));
+    }
+    Ok(())
+}
+
 /// Opens block device `path` for a restore of `virtual_size` bytes:
 /// exclusively (`O_EXCL` fails on a mounted or kernel-claimed device),
 /// after checking that no process has it open and that it is large enough.

@@ -14,6 +14,7 @@
 //! not the process), so no restore VM outlives its shear. Only the private
 //! directory is then left behind.
 
+pub mod accel;
 pub mod extract;
 
 use std::os::unix::fs::DirBuilderExt;
@@ -301,6 +302,11 @@ impl RestoreVm {
             .await
             .ok()?;
         Some(if v["enabled"] == true { "kvm" } else { "tcg" })
+    }
+
+    /// Whether QEMU has exited.
+    fn exited(&self) -> bool {
+        self.child.as_ref().is_some_and(|c| c.exited().is_some())
     }
 
     /// The guest agent's socket.
