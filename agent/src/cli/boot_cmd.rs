@@ -31,8 +31,9 @@ pub struct VmArgs {
     #[arg(long, global = true, env = "SHEAR_ACCEL", default_value = "auto")]
     pub accel: String,
     /// With `--accel auto`: seconds a KVM guest may show no sign of booting
-    /// (no serial console output, its virtio-serial device not started)
-    /// before it is killed and restarted under TCG; 0 never falls back.
+    /// (no serial console output, its virtio-serial device not started, no
+    /// disk reads in the last 10 s) before it is killed and restarted
+    /// under TCG; 0 never falls back.
     #[arg(long, global = true, default_value_t = 30)]
     pub kvm_stall: u64,
     /// Guest memory, MiB.

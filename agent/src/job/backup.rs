@@ -340,12 +340,33 @@ impl BackupRun {
         });
         graph::log_ahead(&mut self.record, &self.rpath, ahead)?;
         private_dir(&self.nbd_dir)?;
-        for (disk, file) in self.disks.iter().zip(&files) {
-            graph::create_fleece_file(&mut self.record, &self.rpath, disk, file).await?;
-            self.cancel.check()?;
+        // qemu-ga from just before the freeze to the confirmed thaw (only
+        // when the guest runs: a paused guest cannot answer), connected
+        // while the monitor is let go (it may take its 2 s deadline) and
+        // while the fleece files are made (its first answer takes a guest
+        // round trip: under TCG, tens of ms every backup).
+        let qga = (self.opts.mode == Mode::Snapshot && self.was_running)
+            .then(|| connect_qga(self.opts.qga.clone(), self.opts.freeze_timeout));
+        let qga = async move {
+            match qga {
+                Some(f) => Some(f.await),
+                None => None,
+            }
+        };
+        let fleece = async {
+            for (disk, file) in self.disks.iter().zip(&files) {
+                graph::create_fleece_file(&mut self.record, &self.rpath, disk, file).await?;
+                self.cancel.check()?;
+            }
+            Ok::<(), JobError>(())
+        };
+        let (agent, fleece) = tokio::join!(qga, fleece);
+        if let Some(agent) = agent {
+            self.set_agent(agent);
         }
+        fleece?;
         self.fleece_files.clone_from(&files);
-        self.mark("prepare: fleece files");
+        self.mark("prepare: fleece files, qemu-ga");
         self.watchdog = Some(
             Watchdog::spawn(
                 &self.opts.qmp,
@@ -356,14 +377,6 @@ impl BackupRun {
             .map_err(|e| JobError::io("starting the thaw watchdog", e))?,
         );
         self.mark("prepare: watchdog");
-
-        // qemu-ga from just before the freeze to the confirmed thaw (only
-        // when the guest runs: a paused guest cannot answer), connected
-        // while the monitor is let go (it may take its 2 s deadline).
-        if self.opts.mode == Mode::Snapshot && self.was_running {
-            self.connect_agent().await;
-        }
-        self.mark("prepare: qemu-ga");
         // The monitor again, from here through the exports.
         self.reconnect_for_setup().await?;
         self.mark("prepare: reconnect");
@@ -384,30 +397,13 @@ impl BackupRun {
         Ok(())
     }
 
-    pub(super) async fn connect_agent(&mut self) {
-        let warning = match self.opts.qga.clone() {
-            Some(path) if path.exists() => {
-                let mut cfg = guest_agent::Config::default();
-                cfg.connect_timeout = QGA_CONNECT_TIMEOUT;
-                cfg.freeze_timeout = self.opts.freeze_timeout;
-                match guest_agent::GuestAgent::connect(&path, cfg).await {
-                    Ok(a) => {
-                        self.agent = Some(a);
-                        return;
-                    }
-                    Err(e) => format!(
-                        "qemu-ga not answering ({}); backup is crash-consistent",
-                        chain(&e)
-                    ),
-                }
-            }
-            Some(path) => format!(
-                "no qemu-ga socket at {}; backup is crash-consistent",
-                path.display()
-            ),
-            None => "no qemu-ga socket configured; backup is crash-consistent".into(),
-        };
-        self.warn(warning);
+    /// Takes the outcome of [`connect_qga`]: the agent, or the warning
+    /// that the backup is crash-consistent.
+    fn set_agent(&mut self, agent: Result<guest_agent::GuestAgent, String>) {
+        match agent {
+            Ok(a) => self.agent = Some(a),
+            Err(w) => self.warn(w),
+        }
     }
 
     /// Phase `insert`: filters on every disk at the same instant, then the
@@ -871,6 +867,34 @@ fn check_fleecing(opts: &BackupOptions, disks: &[VmDisk]) -> Result<Option<Strin
 }
 
 /// The VM's name (`query-name`), or empty.
+/// Connects to qemu-ga at `path` (greeting and sync within
+/// [`QGA_CONNECT_TIMEOUT`]); the error is the warning to print.
+async fn connect_qga(
+    path: Option<PathBuf>,
+    freeze_timeout: Duration,
+) -> Result<guest_agent::GuestAgent, String> {
+    match path {
+        Some(path) if path.exists() => {
+            let mut cfg = guest_agent::Config::default();
+            cfg.connect_timeout = QGA_CONNECT_TIMEOUT;
+            cfg.freeze_timeout = freeze_timeout;
+            guest_agent::GuestAgent::connect(&path, cfg)
+                .await
+                .map_err(|e| {
+                    format!(
+                        "qemu-ga not answering ({}); backup is crash-consistent",
+                        chain(&e)
+                    )
+                })
+        }
+        Some(path) => Err(format!(
+            "no qemu-ga socket at {}; backup is crash-consistent",
+            path.display()
+        )),
+        None => Err("no qemu-ga socket configured; backup is crash-consistent".into()),
+    }
+}
+
 async fn qmp_vm_name(qmp: &qmp::Qmp) -> String {
     qmp.execute_value("query-name", serde_json::Value::Null)
         .await

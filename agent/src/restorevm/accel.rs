@@ -11,7 +11,9 @@
 //! "makes progress" when either shows up: any byte on the serial console
 //! or the guest's driver starting the virtio-serial device (which carries
 //! qemu-ga, so every guest a restore test or `shear files` can use starts
-//! it, console or not). A KVM guest with neither within the deadline is
+//! it, console or not). A KVM guest with neither within the deadline, and
+//! not reading its disks in the last [`DISK_QUIET`] (a slow boot with no
+//! console, e.g. Windows before its virtio-serial driver loads), is
 //! killed and the VM restarted under TCG. TCG guests are never judged
 //! (a slow TCG boot is only slow).
 
@@ -28,7 +30,15 @@ pub struct Progress {
     pub console_bytes: u64,
     /// The guest's driver started the virtio-serial device.
     pub virtio_serial_started: bool,
+    /// When (time since QEMU started) the guest's disks were last seen
+    /// read: a guest with no console whose virtio-serial driver loads late
+    /// (e.g. Windows) keeps reading its disk while it boots; a stuck one
+    /// stops after the firmware and boot loader.
+    pub last_disk_read: Option<Duration>,
 }
+
+/// Disk reads within this long of a look count as booting.
+pub const DISK_QUIET: Duration = Duration::from_secs(10);
 
 /// The judgement of a KVM guest at one look.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,9 +53,12 @@ pub enum Verdict {
 
 /// Judges a KVM guest `elapsed` after QEMU started, given `limit`.
 pub fn kvm_verdict(p: Progress, elapsed: Duration, limit: Duration) -> Verdict {
+    let reading = p
+        .last_disk_read
+        .is_some_and(|t| elapsed.saturating_sub(t) < DISK_QUIET);
     if p.console_bytes > 0 || p.virtio_serial_started {
         Verdict::Progressing
-    } else if elapsed >= limit {
+    } else if elapsed >= limit && !reading {
         Verdict::Stuck
     } else {
         Verdict::Waiting
@@ -56,9 +69,11 @@ pub fn kvm_verdict(p: Progress, elapsed: Duration, limit: Duration) -> Verdict {
 pub fn fallback_reason(limit: Duration) -> String {
     format!(
         "KVM guest showed no progress within {} s (no serial console output, virtio-serial \
-         never started: a KVM that cannot run guests, e.g. broken nested virtualisation); \
-         restarting the VM under TCG (--accel tcg skips the KVM attempt)",
-        limit.as_secs()
+         never started, no disk reads in the last {} s: a KVM that cannot run guests, e.g. \
+         broken nested virtualisation); restarting the VM under TCG (--accel tcg skips the \
+         KVM attempt)",
+        limit.as_secs(),
+        DISK_QUIET.as_secs()
     )
 }
 
@@ -112,9 +127,27 @@ async fn watch_kvm(vm: &RestoreVm, limit: Duration) -> bool {
     if !kvm {
         return false;
     }
+    let mut reads = 0u64;
+    let mut last_disk_read = None;
     loop {
         if vm.exited() {
             return false;
+        }
+        let now_reads = qmp
+            .execute_value("query-blockstats", serde_json::Value::Null)
+            .await
+            .ok()
+            .and_then(|v| {
+                v.as_array().map(|a| {
+                    a.iter()
+                        .filter_map(|d| d["stats"]["rd_operations"].as_u64())
+                        .sum::<u64>()
+                })
+            })
+            .unwrap_or(reads);
+        if now_reads > reads {
+            reads = now_reads;
+            last_disk_read = Some(vm.started.elapsed());
         }
         // Unknown (an older QEMU without the command): the console alone.
         let started = qmp
@@ -127,6 +160,7 @@ async fn watch_kvm(vm: &RestoreVm, limit: Duration) -> bool {
         let p = Progress {
             console_bytes: std::fs::metadata(vm.dir.join("console.log")).map_or(0, |m| m.len()),
             virtio_serial_started: started,
+            last_disk_read,
         };
         match kvm_verdict(p, vm.started.elapsed(), limit) {
             Verdict::Progressing => return false,
@@ -166,6 +200,19 @@ mod tests {
         assert_eq!(
             kvm_verdict(vser, Duration::from_secs(300), limit),
             Verdict::Progressing
+        );
+        // Still reading its disk (a slow boot with no console): not yet;
+        // reads that stopped (firmware and boot loader, then a hang): stuck.
+        let reading = |t: u64| Progress {
+            last_disk_read: Some(Duration::from_secs(t)),
+            ..Progress::default()
+        };
+        let at = Duration::from_secs(45);
+        assert_eq!(kvm_verdict(reading(40), at, limit), Verdict::Waiting);
+        assert_eq!(kvm_verdict(reading(2), at, limit), Verdict::Stuck);
+        assert_eq!(
+            kvm_verdict(reading(2), Duration::from_secs(20), limit),
+            Verdict::Waiting
         );
     }
 
