@@ -711,6 +711,11 @@ struct Worker {
     bs_ahead: u64,
     /// A data chunk was planned (or stopped a claim) since the last reply.
     data_seen: bool,
+    /// The block status request in flight reaches past the current range.
+    bs_past_range: bool,
+    /// The server refused a block status request reaching past the range:
+    /// ask only within this worker's own ranges from then on.
+    bs_own_range_only: bool,
     /// Extents from the first unplanned chunk on, per context index.
     known: Vec<VecDeque<Extent>>,
     /// Data chunks planned, waiting for budget.
@@ -741,6 +746,8 @@ impl Worker {
             bs_in_flight: false,
             bs_ahead: tuning::WORK_RANGE_LEN,
             data_seen: false,
+            bs_past_range: false,
+            bs_own_range_only: false,
             ready: VecDeque::new(),
             active: BTreeMap::new(),
             no_more_ranges: false,
@@ -931,8 +938,17 @@ impl Worker {
         // MAX_EXTENTS_PER_CHUNK per context, whatever the length asked.
         let min = u64::from(self.link.conn.info().min_block());
         let max = u64::from(tuning::BLOCK_STATUS_MAX_LEN) / min * min;
-        let want = (end - self.bs_pos).max(self.bs_ahead);
+        let rest = end - self.bs_pos;
+        let mut want = rest.max(self.bs_ahead);
+        // Past our range, chunks another worker claimed may be read and
+        // released already, and QEMU's snapshot-access fails block status
+        // over any released byte (EACCES): look ahead only while nobody has
+        // claimed past our range (unclaimed chunks are never released).
+        if self.bs_own_range_only || shared.next_chunk.load(Ordering::Relaxed) > self.range_end {
+            want = rest;
+        }
         let len = wire::sat_u32(want.min(max).min(shared.size - self.bs_pos));
+        self.bs_past_range = u64::from(len) > rest;
         self.link
             .conn
             .submit_block_status(BS_TAG, self.bs_pos, len)?;
@@ -1092,6 +1108,14 @@ impl Worker {
             Ok(DoneOk::BlockStatus(c)) => c,
             Ok(DoneOk::Read | DoneOk::Trim) => {
                 return Err(Error::Internal("read result for status".into()))
+            }
+            // A look-ahead the server refused: another worker claimed and
+            // released chunks there after we looked (a race the check in
+            // `issue_block_status` narrows but cannot close). Ask again
+            // within our own range.
+            Err(Error::Command { .. }) if self.bs_past_range && !self.bs_own_range_only => {
+                self.bs_own_range_only = true;
+                return Ok(());
             }
             Err(e) => {
                 let index = d.offset / shared.chunk_size;

@@ -178,6 +178,10 @@ pub struct Behavior {
     pub tamper_handshake: Option<HandshakeTamper>,
     /// Export size per connection index (F-20: a size that changes).
     pub size_override: Option<Arc<dyn Fn(usize) -> u64 + Send + Sync>>,
+    /// Like QEMU's snapshot-access with released ranges: block status over
+    /// any byte some connection has already read fails (EINVAL, QEMU's
+    /// mapping of its EACCES), as the reader's user releases what it read.
+    pub released_after_read: bool,
 }
 
 impl Default for Behavior {
@@ -203,6 +207,7 @@ impl Default for Behavior {
             tamper: None,
             tamper_handshake: None,
             size_override: None,
+            released_after_read: false,
         }
     }
 }
@@ -605,6 +610,20 @@ fn status_reply(req: &Req, st: &State, contexts: &[(u32, String)]) -> Vec<u8> {
     let b = &st.behavior;
     let mut out = Vec::new();
     let (off, len) = (req.offset, u64::from(req.len));
+    if b.released_after_read
+        && st.log.lock().unwrap().iter().any(|r| {
+            r.command == NBD_CMD_READ && r.offset < off + len && off < r.offset + u64::from(r.len)
+        })
+    {
+        encode_chunk(
+            &mut out,
+            NBD_REPLY_FLAG_DONE,
+            NBD_REPLY_TYPE_ERROR,
+            req.cookie,
+            &encode_error(NBD_EINVAL, "range partly released", None),
+        );
+        return out;
+    }
     let n = contexts.len();
     for (i, (id, name)) in contexts.iter().enumerate() {
         let map = if name == CONTEXT_BASE_ALLOCATION {
