@@ -24,6 +24,45 @@ pub fn chunk_digest(key: Option<&Key>, data: &[u8]) -> Digest {
     }
 }
 
+/// What the pre-store check (F-45) compares an encoded chunk against: the
+/// digest the chunk is stored under and an XXH3-128 fingerprint of the
+/// same bytes, taken in one pass ([`chunk_hash`]).
+///
+/// The check decodes the blob and fingerprints the result instead of
+/// hashing it with BLAKE3 again: XXH3 costs about a tenth of BLAKE3 here
+/// (0.07-0.12 against 0.60-0.71 CPU s per GiB, one core). Equal
+/// fingerprints mean the decoded bytes are the bytes that were hashed, so
+/// they have the digest; a bit flipped in the plaintext after the pass, or
+/// a compressor that emits another frame, goes unseen with probability
+/// 2^-128 (the faults F-45 guards against are not chosen by an attacker).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkHash {
+    /// BLAKE3 of the plaintext (keyed when encrypted): the chunk's name.
+    pub digest: Digest,
+    /// XXH3-128 of the same plaintext.
+    fingerprint: u128,
+}
+
+/// Bytes fed to both hashes in turn, so the second reads them from cache.
+const HASH_SLICE: usize = 64 << 10;
+
+/// [`chunk_digest`] of `data` and its pre-store fingerprint, in one pass.
+pub fn chunk_hash(key: Option<&Key>, data: &[u8]) -> ChunkHash {
+    let mut digest = match key {
+        Some(k) => k.digest_hasher(),
+        None => blake3::Hasher::new(),
+    };
+    let mut fingerprint = xxhash_rust::xxh3::Xxh3::new();
+    for slice in data.chunks(HASH_SLICE) {
+        digest.update(slice);
+        fingerprint.update(slice);
+    }
+    ChunkHash {
+        digest: *digest.finalize().as_bytes(),
+        fingerprint: fingerprint.digest128(),
+    }
+}
+
 thread_local! {
     static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
         const { RefCell::new(None) };
@@ -241,6 +280,65 @@ fn decode_into(
     out: &mut Vec<u8>,
     scratch: &mut Vec<u8>,
 ) -> Result<()> {
+    out.clear();
+    let opened = open_blob(bytes, expected_type, key, aad_ctx, limits, what, scratch)?;
+    match opened.compression {
+        Compression::None => out.extend_from_slice(opened.body),
+        Compression::Zstd => zstd_decompress_into(opened.body, opened.raw, what, out)?,
+    }
+    opened.check_size(what, out)
+}
+
+/// A blob whose header, length, CRC and tag were checked: its declared
+/// plaintext size, compression, and (decrypted) payload.
+struct OpenedBlob<'a> {
+    raw: usize,
+    compression: Compression,
+    body: &'a [u8],
+}
+
+impl<'a> OpenedBlob<'a> {
+    /// The plaintext: the body itself when it is stored uncompressed (no
+    /// copy), otherwise decompressed into `out`. Checked to be exactly the
+    /// declared size.
+    fn plaintext<'b>(&self, what: &str, out: &'b mut Vec<u8>) -> Result<&'b [u8]>
+    where
+        'a: 'b,
+    {
+        let plain: &'b [u8] = match self.compression {
+            Compression::None => self.body,
+            Compression::Zstd => {
+                zstd_decompress_into(self.body, self.raw, what, out)?;
+                out
+            }
+        };
+        self.check_size(what, plain)?;
+        Ok(plain)
+    }
+
+    fn check_size(&self, what: &str, plain: &[u8]) -> Result<()> {
+        if plain.len() == self.raw {
+            return Ok(());
+        }
+        Err(RepoError::corrupt(
+            what,
+            format!("decoded to {} bytes, header says {}", plain.len(), self.raw),
+        ))
+    }
+}
+
+/// The checks of [`decode_into`] before decompression: header (magic,
+/// version, type, limits), payload length, CRC, then decryption into
+/// `scratch` (the tag).
+fn open_blob<'a>(
+    bytes: &'a [u8],
+    expected_type: ObjectType,
+    key: Option<&Key>,
+    aad_ctx: &[u8],
+    limits: Limits,
+    what: &str,
+    scratch: &'a mut Vec<u8>,
+) -> Result<OpenedBlob<'a>> {
     let Limits { max_raw, exact_raw } = limits;
     let h = BlobHeader::decode(bytes, what)?;
     if h.object_type != expected_type {
@@ -300,20 +398,11 @@ fn decode_into(
         }
         (Encryption::Aes256Gcm, None) => return Err(RepoError::KeyRequired),
     };
-    match h.compression {
-        Compression::None => {
-            out.clear();
-            out.extend_from_slice(body);
-        }
-        Compression::Zstd => zstd_decompress_into(body, raw, what, out)?,
-    }
-    if out.len() != raw {
-        return Err(RepoError::corrupt(
-            what,
-            format!("decoded to {} bytes, header says {raw}", out.len()),
-        ));
-    }
-    Ok(())
+    Ok(OpenedBlob {
+        raw,
+        compression: h.compression,
+        body,
+    })
 }
 
 thread_local! {
@@ -321,57 +410,57 @@ thread_local! {
     static VERIFY_BUFS: RefCell<(Vec<u8>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// Encodes a chunk and proves the result decodes back to `data` with the
-/// same digest before it may be stored (F-45): decrypt, decompress, re-hash.
+/// Encodes a chunk and proves the result decodes back to the bytes that
+/// were hashed before it may be stored (F-45): decrypt, decompress, and
+/// compare the fingerprint taken with the digest ([`ChunkHash`]).
 pub fn encode_chunk_verified(
     data: &[u8],
-    digest: &Digest,
+    hash: &ChunkHash,
     key: Option<&Key>,
     level: i32,
 ) -> Result<Vec<u8>> {
-    encode_chunk_verified_with_hook(data, digest, key, level, &mut |_| {})
+    encode_chunk_verified_with_hook(data, hash, key, level, &mut |_| {})
 }
 
 pub(crate) fn encode_chunk_verified_with_hook(
     data: &[u8],
-    digest: &Digest,
+    hash: &ChunkHash,
     key: Option<&Key>,
     level: i32,
     hook: &mut dyn FnMut(&mut Vec<u8>),
 ) -> Result<Vec<u8>> {
     // Level 0: store uncompressed.
     let level = (level > 0).then_some(level);
+    let digest = &hash.digest;
     let blob = encode_with_hook(ObjectType::Chunk, data, level, key, digest, hook)?;
     let what = hex::encode(digest);
     let limits = Limits {
         max_raw: MAX_CHUNK_SIZE,
         exact_raw: Some(data.len()),
     };
+    let refused = |reason: String| RepoError::PreStoreVerification {
+        digest: what.clone(),
+        reason,
+    };
     charge(Stage::Verify, data.len() as u64, || {
         VERIFY_BUFS.with(|bufs| {
             let (out, scratch) = &mut *bufs.borrow_mut();
-            let checked = decode_into(
+            let checked = open_blob(
                 &blob,
                 ObjectType::Chunk,
                 key,
                 digest,
                 limits,
                 &what,
-                out,
                 scratch,
             )
-            .map_err(|e| RepoError::PreStoreVerification {
-                digest: what.clone(),
-                reason: e.to_string(),
-            })
-            .and_then(|()| {
-                if chunk_digest(key, out) == *digest {
+            .and_then(|opened| opened.plaintext(&what, out).map(fingerprint))
+            .map_err(|e| refused(e.to_string()))
+            .and_then(|seen| {
+                if seen == hash.fingerprint {
                     Ok(())
                 } else {
-                    Err(RepoError::PreStoreVerification {
-                        digest: what.clone(),
-                        reason: "decoded data hashes differently".into(),
-                    })
+                    Err(refused("decoded data differs from the bytes hashed".into()))
                 }
             });
             // Plaintext does not linger in the reused buffers.
@@ -381,6 +470,11 @@ pub(crate) fn encode_chunk_verified_with_hook(
         })
     })?;
     Ok(blob)
+}
+
+/// XXH3-128 of `data`: the [`ChunkHash`] fingerprint.
+fn fingerprint(data: &[u8]) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(data)
 }
 
 /// Decodes a stored chunk and checks its digest.
@@ -457,8 +551,9 @@ mod tests {
             (&tail_text, Compression::Zstd),
             (&half, Compression::Zstd),
         ] {
-            let d = chunk_digest(None, data);
-            let blob = encode_chunk_verified(data, &d, None, 3).unwrap();
+            let h = chunk_hash(None, data);
+            let d = h.digest;
+            let blob = encode_chunk_verified(data, &h, None, 3).unwrap();
             assert_eq!(stored_compression(&blob), want);
             let back = decode(
                 &blob,
@@ -478,8 +573,9 @@ mod tests {
     fn chunk_round_trip_plain_and_encrypted() {
         let data = sample(1, 1 << 16);
         for key in [None, Some(Key::generate())] {
-            let d = chunk_digest(key.as_ref(), &data);
-            let blob = encode_chunk_verified(&data, &d, key.as_ref(), 1).unwrap();
+            let h = chunk_hash(key.as_ref(), &data);
+            let d = h.digest;
+            let blob = encode_chunk_verified(&data, &h, key.as_ref(), 1).unwrap();
             assert!(blob.len() < data.len());
             assert_eq!(
                 decode_chunk(&blob, &d, key.as_ref(), data.len()).unwrap(),
@@ -577,7 +673,7 @@ mod tests {
         for t in 0..trials {
             let data = sample(t, 1 << 16);
             let k = if t % 2 == 0 { None } else { Some(&key) };
-            let d = chunk_digest(k, &data);
+            let d = chunk_hash(k, &data);
             let bit: usize = rng.random_range(0..8);
             let pos_seed: usize = rng.random_range(0..usize::MAX);
             let mut hook = |p: &mut Vec<u8>| {
@@ -597,6 +693,65 @@ mod tests {
             }
         }
         assert_eq!(caught, trials, "every injected flip must be caught");
+    }
+
+    #[test]
+    fn f45_compressor_emitting_a_valid_frame_of_other_bytes_never_stored() {
+        // A faulty compressor whose frame is well formed (it decodes, to
+        // the right length, under a CRC and tag made after it) but holds
+        // other bytes: only the fingerprint comparison can refuse it.
+        let key = Key::generate();
+        for k in [None, Some(&key)] {
+            let data = sample(7, 1 << 16);
+            let h = chunk_hash(k, &data);
+            let mut other = data.clone();
+            other[1234] ^= 0x01;
+            let frame = zstd_compress(&other, 1).unwrap();
+            let mut hook = |p: &mut Vec<u8>| *p = frame.clone();
+            let e = encode_chunk_verified_with_hook(&data, &h, k, 1, &mut hook).unwrap_err();
+            assert!(
+                matches!(&e, RepoError::PreStoreVerification { reason, .. } if reason.contains("differs")),
+                "{e:?}"
+            );
+            // The same frame of the right bytes passes.
+            let good = zstd_compress(&data, 1).unwrap();
+            let mut hook = |p: &mut Vec<u8>| *p = good.clone();
+            encode_chunk_verified_with_hook(&data, &h, k, 1, &mut hook).unwrap();
+        }
+    }
+
+    #[test]
+    fn chunk_hash_is_the_digest_and_the_one_shot_fingerprint() {
+        // One streamed pass gives what the one-shot functions give, at
+        // every size around XXH3's and the slice's boundaries.
+        let key = Key::generate();
+        for len in [
+            0,
+            1,
+            16,
+            17,
+            128,
+            129,
+            240,
+            241,
+            1023,
+            1025,
+            65535,
+            65536,
+            65537,
+            (1 << 20) + 3,
+        ] {
+            let data = sample(len as u64, len);
+            for k in [None, Some(&key)] {
+                let h = chunk_hash(k, &data);
+                assert_eq!(h.digest, chunk_digest(k, &data), "digest, {len} bytes");
+                assert_eq!(
+                    h.fingerprint,
+                    fingerprint(&data),
+                    "fingerprint, {len} bytes"
+                );
+            }
+        }
     }
 }
 
@@ -629,8 +784,9 @@ mod proptests {
         ) {
             let key = Key::generate();
             let k = encrypted.then_some(&key);
-            let d = chunk_digest(k, &data);
-            let blob = encode_chunk_verified(&data, &d, k, 1).unwrap();
+            let h = chunk_hash(k, &data);
+            let d = h.digest;
+            let blob = encode_chunk_verified(&data, &h, k, 1).unwrap();
             let mut bad = blob.clone();
             let p = pos % bad.len();
             bad[p] ^= 1 << bit;

@@ -176,6 +176,11 @@ impl Key {
         *blake3::keyed_hash(&self.digest_key, data).as_bytes()
     }
 
+    /// A hasher that gives [`Key::digest`] of what it is fed.
+    pub(crate) fn digest_hasher(&self) -> blake3::Hasher {
+        blake3::Hasher::new_keyed(&self.digest_key)
+    }
+
     /// Encrypts `buf` in place and appends the tag; returns the nonce.
     pub(crate) fn seal(&self, aad: &[u8], buf: &mut Vec<u8>) -> Result<[u8; NONCE_LEN]> {
         let mut nonce = [0u8; NONCE_LEN];

@@ -58,8 +58,9 @@ pub fn chunk(data: &[u8]) {
         return;
     }
     let content = &rest[..rest.len() / 2];
-    let digest = blob::chunk_digest(key, content);
-    let Ok(mut obj) = blob::encode_chunk_verified(content, &digest, key, 1) else {
+    let hash = blob::chunk_hash(key, content);
+    let digest = hash.digest;
+    let Ok(mut obj) = blob::encode_chunk_verified(content, &hash, key, 1) else {
         return;
     };
     let clean = obj.clone();

@@ -18,11 +18,13 @@
 //! - `read`: the NBD reader threads (whole lifetime: connect, block status,
 //!   reads, closing) and the thread that hands chunks to the pipeline;
 //!   bytes received from the server.
-//! - `hash`: the all-zero check and the chunk digest (BLAKE3); bytes of
+//! - `hash`: the all-zero check and the chunk digest (BLAKE3, with the
+//!   fingerprint of F-45's check in the same pass); bytes of
 //!   the data chunks hashed.
 //! - `compress`: the incompressibility probe, zstd, and the blob framing
 //!   (CRC-32, the copy into the blob); plaintext bytes of new chunks.
-//! - `verify`: the pre-store check of F-45 (decrypt, decompress, re-hash);
+//! - `verify`: the pre-store check of F-45 (decrypt, decompress, compare
+//!   the XXH3-128 fingerprint taken with the digest);
 //!   plaintext bytes checked.
 //! - `encrypt`: AES-256-GCM of the payload (encrypted repositories only);
 //!   payload bytes.
@@ -44,7 +46,7 @@ pub enum Stage {
     Hash,
     /// Probe, zstd, blob framing.
     Compress,
-    /// Pre-store decode and re-hash (F-45).
+    /// Pre-store decode and fingerprint check (F-45).
     Verify,
     /// AES-256-GCM.
     Encrypt,
@@ -122,7 +124,7 @@ pub struct StageFigures {
     pub hash: StageFigure,
     /// Probe, zstd, blob framing.
     pub compress: StageFigure,
-    /// Pre-store decode and re-hash (F-45).
+    /// Pre-store decode and fingerprint check (F-45).
     pub verify: StageFigure,
     /// AES-256-GCM (0 without encryption).
     pub encrypt: StageFigure,

@@ -639,13 +639,14 @@ impl DiskWriter {
         }
         let repo = &self.shared.repo;
         let key = repo.key_for_data()?;
-        let digest = charge(Stage::Hash, 0, || blob::chunk_digest(key, data));
+        let hash = charge(Stage::Hash, 0, || blob::chunk_hash(key, data));
+        let digest = hash.digest;
         // The lookup asks the store: charged to write, with no bytes.
         let present = charge(Stage::Write, 0, || self.shared.chunk_present(&digest))?;
         let kind = if present {
             Prepared::Present(digest)
         } else {
-            let encoded = blob::encode_chunk_verified(data, &digest, key, self.shared.level)?;
+            let encoded = blob::encode_chunk_verified(data, &hash, key, self.shared.level)?;
             Prepared::Store(digest, encoded)
         };
         Ok(PreparedChunk { i, len, kind })
