@@ -188,6 +188,19 @@ pub fn assert_graph_clean(vm: &mut TestVm, env: &ShearEnv, disks: &[&str]) {
         .filter(|n| n.starts_with("shear-"))
         .collect();
     assert!(ours.is_empty(), "leftover nodes: {ours:?}");
+    // Change tracking outlives every run, failed or not: each bitmap of
+    // ours left on a disk records and is free (a disabled one would miss
+    // every write after that run's freeze; a busy one is still exported).
+    for n in nodes.as_array().unwrap() {
+        let bitmaps = n["dirty-bitmaps"].as_array().into_iter().flatten();
+        for b in bitmaps.filter(|b| b["name"].as_str().is_some_and(|s| s.starts_with("shear-"))) {
+            assert!(
+                b["recording"] == json!(true) && b["busy"] != json!(true),
+                "bitmap left not recording or busy on {}: {b}",
+                n["node-name"]
+            );
+        }
+    }
     let exports = vm.harness_qmp("query-block-exports", json!({})).unwrap();
     assert_eq!(exports, json!([]), "leftover exports");
     for d in disks {
