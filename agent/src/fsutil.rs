@@ -202,8 +202,8 @@ pub enum WriteMode {
 /// `data.len()`: a backup's chunks neither pass through nor evict the
 /// host's page cache, and the copy into fresh page-cache pages (77 % of
 /// the store threads' CPU in the bench's profile) is gone. A filesystem
-/// that refuses `O_DIRECT` (tmpfs, some network filesystems: `EINVAL`)
-/// gets the buffered write.
+/// that refuses `O_DIRECT` (`EINVAL`: tmpfs before Linux 6.6, some
+/// network filesystems) gets the buffered write.
 pub fn write_contents(f: &mut File, data: &[u8]) -> io::Result<WriteMode> {
     if data.len() >= DIRECT_MIN_LEN && write_direct(f, data)? {
         return Ok(WriteMode::Direct);

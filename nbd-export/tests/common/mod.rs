@@ -514,13 +514,7 @@ fn transmission(
             NBD_CMD_BLOCK_STATUS => status_reply(&req, st, contexts),
             _ => {
                 let mut v = Vec::new();
-                encode_chunk(
-                    &mut v,
-                    NBD_REPLY_FLAG_DONE,
-                    NBD_REPLY_TYPE_ERROR,
-                    req.cookie,
-                    &encode_error(NBD_EINVAL, "unsupported", None),
-                );
+                final_einval(&mut v, &req, "unsupported");
                 v
             }
         };
@@ -534,19 +528,24 @@ fn transmission(
     }
 }
 
+/// Appends the final reply chunk of `req`: an `NBD_EINVAL` error saying `msg`.
+fn final_einval(out: &mut Vec<u8>, req: &Req, msg: &str) {
+    encode_chunk(
+        out,
+        NBD_REPLY_FLAG_DONE,
+        NBD_REPLY_TYPE_ERROR,
+        req.cookie,
+        &encode_error(NBD_EINVAL, msg, None),
+    );
+}
+
 fn read_reply(req: &Req, st: &State) -> Vec<u8> {
     let b = &st.behavior;
     let mut out = Vec::new();
     let (off, len) = (req.offset, u64::from(req.len));
     let end = off + len;
     if end > st.image.size() {
-        encode_chunk(
-            &mut out,
-            NBD_REPLY_FLAG_DONE,
-            NBD_REPLY_TYPE_ERROR,
-            req.cookie,
-            &encode_error(NBD_EINVAL, "beyond end", None),
-        );
+        final_einval(&mut out, req, "beyond end");
         return out;
     }
     for &(bo, bl) in &b.bad_ranges {
@@ -615,13 +614,7 @@ fn status_reply(req: &Req, st: &State, contexts: &[(u32, String)]) -> Vec<u8> {
             r.command == NBD_CMD_READ && r.offset < off + len && off < r.offset + u64::from(r.len)
         })
     {
-        encode_chunk(
-            &mut out,
-            NBD_REPLY_FLAG_DONE,
-            NBD_REPLY_TYPE_ERROR,
-            req.cookie,
-            &encode_error(NBD_EINVAL, "range partly released", None),
-        );
+        final_einval(&mut out, req, "range partly released");
         return out;
     }
     let n = contexts.len();
@@ -664,13 +657,7 @@ fn status_reply(req: &Req, st: &State, contexts: &[(u32, String)]) -> Vec<u8> {
         );
     }
     if n == 0 {
-        encode_chunk(
-            &mut out,
-            NBD_REPLY_FLAG_DONE,
-            NBD_REPLY_TYPE_ERROR,
-            req.cookie,
-            &encode_error(NBD_EINVAL, "no contexts", None),
-        );
+        final_einval(&mut out, req, "no contexts");
     }
     out
 }
