@@ -50,6 +50,17 @@ impl fmt::Display for HarnessError {
 
 impl std::error::Error for HarnessError {}
 
+/// The text of the error a line read gets when the peer closed the
+/// connection before a full line arrived.
+pub(crate) const PEER_CLOSED: &str = "connection closed";
+
+impl HarnessError {
+    /// The peer closed the connection (EOF) before its reply.
+    pub fn is_peer_closed(&self) -> bool {
+        self.0 == PEER_CLOSED
+    }
+}
+
 impl From<std::io::Error> for HarnessError {
     fn from(e: std::io::Error) -> Self {
         HarnessError(format!("io: {e}"))

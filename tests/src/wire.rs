@@ -61,7 +61,7 @@ impl LineConn {
                 .read_until(b'\n', &mut buf)
                 .map_err(|e| herr!("read: {e}"))?;
             if n == 0 {
-                return Err(herr!("connection closed"));
+                return Err(crate::HarnessError(crate::PEER_CLOSED.to_owned()));
             }
             if buf.last() == Some(&b'\n') {
                 buf.pop();
