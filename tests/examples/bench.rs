@@ -3237,7 +3237,9 @@ fn render(b: &Bench, r: &Results) -> (String, Value) {
          image). The writes start once the backup's export exists (its read phase); \"inside\" is the share \
          of the writes' duration before the backup ended. The fleece image holds only what the guest \
          overwrote before shear read and released it, so its peak must stay at or below the bytes written \
-         during the backup (a bound: which of them hit not-yet-read ranges is not observable from outside)."
+         during the backup (a bound: which of them hit not-yet-read ranges is not observable from outside). \
+         The peak is shear's `fleece_peak_bytes`: guest data held, without the fleece qcow2's own metadata \
+         (header, refcount and L1 tables, and the L2 tables QEMU adds)."
     );
 
     if r.guest.contains_key("guest_cpu_idle") {

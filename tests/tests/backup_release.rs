@@ -176,8 +176,8 @@ fn disk_report(r: &Value) -> &Value {
 /// - Once shear has stored and released chunk 0 (a read of it through the
 ///   export fails now), the "guest" rewrites 0..4 MiB: the fleece image
 ///   does not grow for it.
-/// - `fleece_peak_bytes` (JSON and manifest) covers the 4 MiB copied and
-///   not much more; every byte read was released.
+/// - `fleece_peak_bytes` (JSON and manifest) is the 4 MiB copied, without
+///   the fleece qcow2's metadata; every byte read was released.
 /// - An incremental backup right after reads and releases only the dirty
 ///   chunks, and restores the disk as it is now.
 #[test]
@@ -260,9 +260,12 @@ fn qemu_released_ranges_cost_no_copy_and_fleece_holds_only_unread_rewrites() {
     let d = disk_report(&r);
     let peak = d["fleece_peak_bytes"].as_u64().expect("fleece_peak_bytes");
     eprintln!("report: {d}");
+    // The data held: the 4 MiB copied, not the qcow2 metadata (0.7 MiB
+    // in the empty image, one more 64 KiB L2 table for the copies). A
+    // table QEMU adds between two reads of a sample may count once.
     assert!(
-        (4 * MIB..7 * MIB).contains(&peak),
-        "peak {peak}: 4 MiB were copied, plus qcow2 metadata"
+        (4 * MIB..=4 * MIB + 64 * 1024).contains(&peak),
+        "peak {peak}: 4 MiB were copied"
     );
     // What was read, not the hole at the end (see job::release).
     assert_eq!(d["bytes_released"].as_u64(), Some(20 * MIB), "{d}");

@@ -117,7 +117,7 @@ pub(super) struct BackupRun {
     pub(super) agent: Option<guest_agent::GuestAgent>,
     pub(super) nbd_dir: PathBuf,
     /// The fleece image of each disk (same order as `disks`).
-    pub(super) fleece_files: Vec<PathBuf>,
+    pub(super) fleece_files: Vec<super::fleece::FleeceImage>,
     // hold / release
     pub(super) hold: Hold,
     pub(super) hold_start: Instant,
@@ -354,18 +354,20 @@ impl BackupRun {
             }
         };
         let fleece = async {
+            let mut made = Vec::with_capacity(files.len());
             for (disk, file) in self.disks.iter().zip(&files) {
-                graph::create_fleece_file(&mut self.record, &self.rpath, disk, file).await?;
+                made.push(
+                    graph::create_fleece_file(&mut self.record, &self.rpath, disk, file).await?,
+                );
                 self.cancel.check()?;
             }
-            Ok::<(), JobError>(())
+            Ok::<_, JobError>(made)
         };
         let (agent, fleece) = tokio::join!(qga, fleece);
         if let Some(agent) = agent {
             self.set_agent(agent);
         }
-        fleece?;
-        self.fleece_files.clone_from(&files);
+        self.fleece_files = fleece?;
         self.mark("prepare: fleece files, qemu-ga");
         self.watchdog = Some(
             Watchdog::spawn(

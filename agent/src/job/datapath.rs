@@ -94,7 +94,7 @@ pub(crate) struct DiskJob {
     pub read: repo::DiskRead,
     /// The disk's fleece image, whose allocation is sampled (`None` for
     /// `--nbd`: no fleece of ours).
-    pub fleece: Option<std::path::PathBuf>,
+    pub fleece: Option<super::fleece::FleeceImage>,
     /// Where to discard each range once stored: a writable export of our
     /// `snapshot-access` node (see `release`); `None`: nothing is released.
     pub release: Option<nbd_export::ExportSource>,

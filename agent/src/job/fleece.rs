@@ -12,10 +12,76 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::repo::qcow2;
+
 /// Default fleecing directory: on the host's disk, next to the other
 /// persistent state of a PVE host (`/var/lib/vz`, `/var/lib/pve-manager`),
 /// never in RAM.
 pub const DEFAULT_FLEECING_DIR: &str = "/var/lib/shear/fleece";
+
+/// A disk's fleece image, as the data path samples it.
+#[derive(Debug, Clone)]
+pub struct FleeceImage {
+    /// The image file.
+    pub path: PathBuf,
+    /// shear's own image as it was empty; `None` for a file shear did not
+    /// make (libvirt's scratch file), counted whole.
+    empty: Option<EmptyFleece>,
+}
+
+/// A fresh fleece image of shear's own, before QEMU opened it.
+#[derive(Debug, Clone, Copy)]
+struct EmptyFleece {
+    /// Bytes allocated on the host (header, L1 and refcount tables).
+    allocated: u64,
+    /// Its L2 tables and refcount blocks (see `qcow2::metadata_clusters`).
+    metadata_clusters: u64,
+}
+
+impl FleeceImage {
+    /// shear's fleece image at `path`, right after it was made empty.
+    pub fn created(path: PathBuf) -> FleeceImage {
+        let empty = std::fs::File::open(&path).ok().and_then(|f| {
+            Some(EmptyFleece {
+                allocated: allocated_bytes(&f)?,
+                metadata_clusters: qcow2::metadata_clusters(&f).ok()?,
+            })
+        });
+        FleeceImage { path, empty }
+    }
+
+    /// A fleece image made by someone else: its whole allocation counts.
+    pub fn foreign(path: PathBuf) -> FleeceImage {
+        FleeceImage { path, empty: None }
+    }
+
+    /// The guest data the image holds now: what it allocated beyond the
+    /// empty image, less the L2 tables and refcount blocks QEMU added to
+    /// map that data (64 KiB each). The metadata is counted before the
+    /// allocation, so a table added in between is counted as data: the
+    /// figure errs high, never low. `None` if the file cannot be read.
+    pub fn held_bytes(&self) -> Option<u64> {
+        let f = std::fs::File::open(&self.path).ok()?;
+        let Some(empty) = self.empty else {
+            return allocated_bytes(&f);
+        };
+        let added = qcow2::metadata_clusters(&f)
+            .map(|n| n.saturating_sub(empty.metadata_clusters) * qcow2::CLUSTER_SIZE)
+            .unwrap_or(0);
+        let allocated = allocated_bytes(&f)?;
+        Some(
+            allocated
+                .saturating_sub(empty.allocated)
+                .saturating_sub(added),
+        )
+    }
+}
+
+/// Bytes `file` has allocated on its filesystem (`st_blocks`).
+fn allocated_bytes(file: &std::fs::File) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    file.metadata().ok().map(|m| m.blocks() * 512)
+}
 
 /// `statfs` magic of tmpfs (also `/dev/shm`).
 const TMPFS_MAGIC: i128 = 0x0102_1994;

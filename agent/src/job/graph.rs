@@ -403,14 +403,14 @@ pub fn log_ahead(
 }
 
 /// Create the fleece image of `disk` (qcow2, exact virtual size) at `path`,
-/// recorded first. Needs no QMP connection (the monitor is let go while
-/// `qemu-img` runs).
+/// recorded first; the empty image as the data path samples it. Needs no
+/// QMP connection (the monitor is let go meanwhile).
 pub async fn create_fleece_file(
     record: &mut RunRecord,
     record_path: &Path,
     disk: &VmDisk,
     path: &Path,
-) -> Result<(), JobError> {
+) -> Result<super::fleece::FleeceImage, JobError> {
     let step = Step::FleeceFile {
         path: path.to_path_buf(),
     };
@@ -419,7 +419,8 @@ pub async fn create_fleece_file(
         record.save(record_path).map_err(JobError::Record)?;
     }
     create_qcow2(path, disk.virtual_size).await?;
-    failpoint("fleece-file", &disk.name)
+    failpoint("fleece-file", &disk.name)?;
+    Ok(super::fleece::FleeceImage::created(path.to_path_buf()))
 }
 
 /// Test-only failpoint (F-14; honoured only when [`TEST_HOOKS`]): with

@@ -38,13 +38,13 @@
 //! before it hands the chunk out, and the only later reads (F-35 re-reads)
 //! are of chunks never released.
 
-use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
+
+use super::fleece::FleeceImage;
 
 /// How often the fleece images' allocation is sampled. A stat per image
 /// per interval costs nothing measurable; at the fleece write rates seen
@@ -190,45 +190,41 @@ fn trim_loop(mut client: nbd_export::Client, rx: &Receiver<(u64, u64)>) -> TrimS
 /// keeps each one's peak.
 pub(super) struct FleeceWatch {
     peaks: Arc<Vec<AtomicU64>>,
-    paths: Arc<Vec<Option<PathBuf>>>,
+    images: Arc<Vec<Option<FleeceImage>>>,
     stop: Option<Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
 
-fn allocated(path: &PathBuf) -> Option<u64> {
-    std::fs::metadata(path).ok().map(|m| m.blocks() * 512)
-}
-
-fn sample(paths: &[Option<PathBuf>], peaks: &[AtomicU64]) {
-    for (p, peak) in paths.iter().zip(peaks) {
-        if let Some(b) = p.as_ref().and_then(allocated) {
+fn sample(images: &[Option<FleeceImage>], peaks: &[AtomicU64]) {
+    for (image, peak) in images.iter().zip(peaks) {
+        if let Some(b) = image.as_ref().and_then(FleeceImage::held_bytes) {
             peak.fetch_max(b, Ordering::Relaxed);
         }
     }
 }
 
 impl FleeceWatch {
-    /// Starts sampling `paths` (one per disk; `None`: no fleece image).
-    pub fn start(paths: Vec<Option<PathBuf>>) -> FleeceWatch {
+    /// Starts sampling `images` (one per disk; `None`: no fleece image).
+    pub fn start(images: Vec<Option<FleeceImage>>) -> FleeceWatch {
         let peaks: Arc<Vec<AtomicU64>> =
-            Arc::new(paths.iter().map(|_| AtomicU64::new(0)).collect());
-        let paths = Arc::new(paths);
+            Arc::new(images.iter().map(|_| AtomicU64::new(0)).collect());
+        let images = Arc::new(images);
         let mut w = FleeceWatch {
             peaks: Arc::clone(&peaks),
-            paths: Arc::clone(&paths),
+            images: Arc::clone(&images),
             stop: None,
             thread: None,
         };
-        if paths.iter().all(Option::is_none) {
+        if images.iter().all(Option::is_none) {
             return w;
         }
-        sample(&paths, &peaks);
+        sample(&images, &peaks);
         let (tx, rx) = mpsc::channel::<()>();
         let t = std::thread::Builder::new()
             .name("shear-fleece-watch".into())
             .spawn(move || loop {
                 match rx.recv_timeout(FLEECE_SAMPLE_INTERVAL) {
-                    Err(RecvTimeoutError::Timeout) => sample(&paths, &peaks),
+                    Err(RecvTimeoutError::Timeout) => sample(&images, &peaks),
                     _ => return,
                 }
             });
@@ -239,12 +235,13 @@ impl FleeceWatch {
         w
     }
 
-    /// Disk `i`'s peak so far (sampled once more now); `None` if it has no
-    /// fleece image.
+    /// Disk `i`'s peak so far of the data its fleece image held (sampled
+    /// once more now; see [`FleeceImage::held_bytes`]). `None` if it has
+    /// no fleece image.
     pub fn peak(&self, i: usize) -> Option<u64> {
-        let p = self.paths.get(i)?.as_ref()?;
+        let image = self.images.get(i)?.as_ref()?;
         let peak = self.peaks.get(i)?;
-        if let Some(b) = allocated(p) {
+        if let Some(b) = image.held_bytes() {
             peak.fetch_max(b, Ordering::Relaxed);
         }
         Some(peak.load(Ordering::Relaxed))
@@ -263,6 +260,7 @@ impl Drop for FleeceWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileExt;
 
     #[test]
     fn ranges_merge_when_touching_or_overlapping_only() {
@@ -279,11 +277,47 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let f = d.path().join("fleece");
         std::fs::write(&f, vec![1u8; 1 << 20]).unwrap();
-        let w = FleeceWatch::start(vec![Some(f.clone()), None]);
+        let w = FleeceWatch::start(vec![Some(FleeceImage::foreign(f.clone())), None]);
         std::fs::write(&f, b"x").unwrap();
         let peak = w.peak(0).unwrap();
         assert!(peak >= 1 << 20, "{peak}");
         assert_eq!(w.peak(1), None);
         assert_eq!(w.peak(7), None);
+    }
+
+    /// shear's own fresh qcow2 holds 0 bytes until QEMU copies into it;
+    /// data then counts, the L2 tables QEMU adds to map it do not.
+    #[test]
+    fn fleece_peak_counts_data_not_the_qcow2_metadata() {
+        use crate::repo::qcow2::{Qcow2Writer, CLUSTER_SIZE};
+        const MIB: u64 = 1 << 20;
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("fleece.qcow2");
+        let file = std::fs::File::create(&f).unwrap();
+        Qcow2Writer::new(file, 4 << 30).finish_unsynced().unwrap();
+        let image = FleeceImage::created(f.clone());
+        let w = FleeceWatch::start(vec![Some(image.clone())]);
+        assert_eq!(w.peak(0), Some(0));
+
+        // What QEMU does for copies to two places 1 GiB apart: data
+        // clusters appended, one new L2 table for each, linked from L1.
+        let header = std::fs::read(&f).unwrap();
+        let l1_offset = u64::from_be_bytes(header[40..48].try_into().unwrap());
+        let file = std::fs::OpenOptions::new().write(true).open(&f).unwrap();
+        let mut end = file.metadata().unwrap().len();
+        for l1_index in [0u64, 2] {
+            let l2 = end;
+            file.write_all_at(&vec![0u8; CLUSTER_SIZE as usize], l2)
+                .unwrap();
+            file.write_all_at(&(l2 | 1 << 63).to_be_bytes(), l1_offset + l1_index * 8)
+                .unwrap();
+            file.write_all_at(&vec![9u8; MIB as usize], l2 + CLUSTER_SIZE)
+                .unwrap();
+            end = l2 + CLUSTER_SIZE + MIB;
+        }
+        assert_eq!(w.peak(0), Some(2 * MIB));
+        // Counted whole when it is not shear's own image.
+        let foreign = FleeceWatch::start(vec![Some(FleeceImage::foreign(f.clone()))]);
+        assert!(foreign.peak(0).unwrap() > 2 * MIB + 2 * CLUSTER_SIZE);
     }
 }

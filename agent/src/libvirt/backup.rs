@@ -922,7 +922,9 @@ pub async fn run_libvirt_backup(
                     read_only: false,
                 },
                 source: src,
-                fleece: Some(p.scratch.clone()),
+                // libvirt makes and fills its scratch file before shear
+                // sees it: no empty size to count from.
+                fleece: Some(fleece::FleeceImage::foreign(p.scratch.clone())),
                 release: None,
                 read: repo::DiskRead {
                     kind: if incremental.is_some() {

@@ -168,3 +168,45 @@ impl Qcow2Writer {
         Ok(self.file)
     }
 }
+
+/// Most L1 table bytes [`metadata_clusters`] reads (1 Mi L2 tables: 512 TiB
+/// of virtual disk).
+const MAX_L1_BYTES: u64 = 8 << 20;
+/// Most refcount table clusters [`metadata_clusters`] reads.
+const MAX_REFCOUNT_TABLE_CLUSTERS: u64 = 256;
+/// The host-offset bits of an L1 or refcount table entry.
+const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+
+/// How many metadata clusters a qcow2 image with 64 KiB clusters has
+/// beyond its header, L1 table and refcount table: its allocated L2
+/// tables and refcount blocks, counted from the L1 and refcount tables.
+/// For a fleece image that QEMU is filling, so the bytes it holds can be
+/// told from the L2 tables that map them. Reads at most a few MiB; an
+/// image it cannot vouch for is an `InvalidData` error.
+pub fn metadata_clusters(file: &File) -> io::Result<u64> {
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("qcow2: {what}"));
+    let mut h = [0u8; 64];
+    file.read_exact_at(&mut h, 0)?;
+    let be32 = |at: usize| u32::from_be_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]);
+    let be64 = |at: usize| (u64::from(be32(at)) << 32) | u64::from(be32(at + 4));
+    if &h[0..4] != b"QFI\xfb" || be32(20) != CLUSTER_BITS {
+        return Err(bad("not a qcow2 image with 64 KiB clusters"));
+    }
+    let l1_bytes = u64::from(be32(36)) * 8;
+    let rc_bytes = u64::from(be32(56)) * CLUSTER_SIZE;
+    if l1_bytes > MAX_L1_BYTES || rc_bytes > MAX_REFCOUNT_TABLE_CLUSTERS * CLUSTER_SIZE {
+        return Err(bad("L1 or refcount table too large"));
+    }
+    let count = |offset: u64, len: u64| -> io::Result<u64> {
+        let mut table = vec![0u8; to_usize(len)];
+        file.read_exact_at(&mut table, offset)?;
+        Ok(table
+            .chunks_exact(8)
+            .filter(|e| {
+                let v = u64::from_be_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
+                v & OFFSET_MASK != 0
+            })
+            .count() as u64)
+    };
+    Ok(count(be64(40), l1_bytes)? + count(be64(48), rc_bytes)?)
+}
