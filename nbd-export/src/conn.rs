@@ -184,8 +184,13 @@ impl Pending {
 
 #[derive(Debug)]
 struct Slot {
-    /// `None` while lent to the engine.
+    /// `None` while lent to the engine (a reply's data is being received
+    /// into it) and once taken back.
     data: Option<Vec<u8>>,
+    /// The buffer's length while it is registered (lent or not); 0 once
+    /// taken back. More reads into it may be queued while it is lent:
+    /// their replies come after the one being received.
+    len: usize,
     /// Reads in flight into this buffer.
     refs: usize,
 }
@@ -322,6 +327,7 @@ impl Conn {
     /// Takes ownership of a destination buffer for reads.
     pub fn add_buf(&mut self, data: Vec<u8>) -> BufId {
         let slot = Slot {
+            len: data.len(),
             data: Some(data),
             refs: 0,
         };
@@ -344,6 +350,7 @@ impl Conn {
             return None;
         }
         let data = slot.data.take()?;
+        slot.len = 0;
         self.free_slots.push(id.0);
         Some(data)
     }
@@ -398,11 +405,7 @@ impl Conn {
         let slot = self
             .slots
             .get_mut(buf.0)
-            .filter(|s| {
-                s.data
-                    .as_ref()
-                    .is_some_and(|d| buf_off + len as usize <= d.len())
-            })
+            .filter(|s| buf_off.saturating_add(len as usize) <= s.len)
             .ok_or_else(|| Error::InvalidArgument("read destination out of bounds".into()))?;
         slot.refs += 1;
         self.enqueue(
@@ -1162,6 +1165,65 @@ mod tests {
             assert_eq!(c2.in_flight(), 0);
         }
         let _ = buf;
+    }
+
+    /// The second read of a chunk may be queued while the buffer is lent
+    /// to the engine for the first one's reply data (a rate limit or the
+    /// bytes-in-flight bound held it back). Before the fix this failed
+    /// with "read destination out of bounds" and broke `--bwlimit`
+    /// backups under io_uring.
+    #[test]
+    fn read_queued_while_its_buffer_is_lent_lands_in_place() {
+        let mut c = Conn::new(info(&[]));
+        let buf = c.add_buf(vec![0xee; 8192]);
+        c.submit_read(1, 0, 4096, buf, 0).unwrap();
+        let ck1 = cookies(&mut c)[0];
+        let mut first = Vec::new();
+        let mut d = 0u64.to_be_bytes().to_vec();
+        d.extend_from_slice(&[9u8; 4096]);
+        wire::encode_chunk(
+            &mut first,
+            wire::NBD_REPLY_FLAG_DONE,
+            wire::NBD_REPLY_TYPE_OFFSET_DATA,
+            ck1,
+            &d,
+        );
+        // Header and offset first (staged), then the data part is due and
+        // the chunk buffer itself is lent for it.
+        let head = HDR_LEN + 8;
+        feed(&mut c, &first[..head], 1 << 20).unwrap();
+        let lent = c.rx_begin().unwrap();
+        assert!(
+            lent.exact,
+            "the data part goes straight into the chunk buffer"
+        );
+        c.submit_read(2, 4096, 4096, buf, 4096).unwrap();
+        // A buffer taken back, or a range past its end, is still refused.
+        assert!(c.submit_read(3, 0, 8192, buf, 4096).is_err());
+        let n = lent.len();
+        let mut lent = lent;
+        let start = lent.start;
+        lent.data[start..start + n].copy_from_slice(&first[head..head + n]);
+        c.rx_end(lent, n).unwrap();
+        let ck2 = cookies(&mut c)[0];
+        let mut second = Vec::new();
+        let mut d = 4096u64.to_be_bytes().to_vec();
+        d.extend_from_slice(&[7u8; 4096]);
+        wire::encode_chunk(
+            &mut second,
+            wire::NBD_REPLY_FLAG_DONE,
+            wire::NBD_REPLY_TYPE_OFFSET_DATA,
+            ck2,
+            &d,
+        );
+        feed(&mut c, &second, 1 << 20).unwrap();
+        let done: Vec<_> = c.take_done().collect();
+        assert_eq!(done.iter().map(|d| d.tag).collect::<Vec<_>>(), vec![1, 2]);
+        assert!(done.iter().all(|d| d.result.is_ok()));
+        let data = c.take_buf(buf).unwrap();
+        assert!(data[..4096].iter().all(|&b| b == 9));
+        assert!(data[4096..].iter().all(|&b| b == 7));
+        assert!(c.submit_read(4, 0, 4096, buf, 0).is_err(), "taken back");
     }
 
     #[test]

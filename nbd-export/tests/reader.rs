@@ -138,6 +138,32 @@ fn full_read_equals_image_both_engines() {
     }
 }
 
+/// A rate limit holds some of a chunk's reads back while others are in
+/// flight: every chunk still comes back whole and exact, on both engines,
+/// with one and several connections. (The queueing of a held-back read
+/// while its buffer is lent to io_uring is pinned by the unit test
+/// `conn::tests::read_queued_while_its_buffer_is_lent_lands_in_place`.)
+#[test]
+fn rate_limited_reads_deliver_every_chunk_exactly() {
+    let image = Image::new(&[
+        (3 * MIB, Seg::Data(7)),
+        (MIB, Seg::Hole),
+        (MIB, Seg::Data(9)),
+    ]);
+    for engine in engines() {
+        for conns in [1, 3] {
+            let srv = FakeServer::start(image.clone(), Behavior::default());
+            let c = ReaderConfig {
+                connections: conns,
+                rate_limit: 16 * MIB,
+                ..cfg(engine)
+            };
+            let chunks = read_all(&srv, &c).unwrap();
+            check_against(&image, &chunks, c.chunk_size.into());
+        }
+    }
+}
+
 /// Block status never asks over chunks another connection has read: the
 /// backup releases what it has read, and QEMU's snapshot-access fails block
 /// status over any released byte. Short replies (few extents per reply)

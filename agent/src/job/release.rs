@@ -307,11 +307,10 @@ mod tests {
         let mut end = file.metadata().unwrap().len();
         for l1_index in [0u64, 2] {
             let l2 = end;
-            file.write_all_at(&vec![0u8; CLUSTER_SIZE as usize], l2)
-                .unwrap();
+            file.write_all_at(&[0u8; 1 << 16], l2).unwrap();
             file.write_all_at(&(l2 | 1 << 63).to_be_bytes(), l1_offset + l1_index * 8)
                 .unwrap();
-            file.write_all_at(&vec![9u8; MIB as usize], l2 + CLUSTER_SIZE)
+            file.write_all_at(&vec![9u8; 1 << 20], l2 + CLUSTER_SIZE)
                 .unwrap();
             end = l2 + CLUSTER_SIZE + MIB;
         }
