@@ -3713,6 +3713,7 @@ fn goals(r: &Results) -> Vec<Value> {
         "guest_write_backup",
         "guest_write_backup_w1",
         "guest_write_backup_nice",
+        "guest_write_backup_bw",
     ]
     .iter()
     .filter_map(|k| r.guest.get(*k))
