@@ -1101,6 +1101,19 @@ mod tests {
         Ok(())
     }
 
+    /// Appends an `NBD_REPLY_TYPE_OFFSET_DATA` chunk of `data` at `offset`.
+    fn offset_data(out: &mut Vec<u8>, flags: u16, cookie: u64, offset: u64, data: &[u8]) {
+        let mut payload = offset.to_be_bytes().to_vec();
+        payload.extend_from_slice(data);
+        wire::encode_chunk(
+            out,
+            flags,
+            wire::NBD_REPLY_TYPE_OFFSET_DATA,
+            cookie,
+            &payload,
+        );
+    }
+
     fn cookies(c: &mut Conn) -> Vec<u64> {
         let b = c.tx_begin().unwrap();
         let mut out = Vec::new();
@@ -1128,18 +1141,8 @@ mod tests {
             ck[1],
             &wire::encode_hole(4096, 1024),
         );
-        let mut d = 5120u64.to_be_bytes().to_vec();
-        d.extend_from_slice(&[7u8; 3072]);
-        wire::encode_chunk(
-            &mut s,
-            wire::NBD_REPLY_FLAG_DONE,
-            wire::NBD_REPLY_TYPE_OFFSET_DATA,
-            ck[1],
-            &d,
-        );
-        let mut d = 0u64.to_be_bytes().to_vec();
-        d.extend_from_slice(&[9u8; 4096]);
-        wire::encode_chunk(&mut s, 0, wire::NBD_REPLY_TYPE_OFFSET_DATA, ck[0], &d);
+        offset_data(&mut s, wire::NBD_REPLY_FLAG_DONE, ck[1], 5120, &[7u8; 3072]);
+        offset_data(&mut s, 0, ck[0], 0, &[9u8; 4096]);
         wire::encode_chunk(
             &mut s,
             wire::NBD_REPLY_FLAG_DONE,
@@ -1179,15 +1182,7 @@ mod tests {
         c.submit_read(1, 0, 4096, buf, 0).unwrap();
         let ck1 = cookies(&mut c)[0];
         let mut first = Vec::new();
-        let mut d = 0u64.to_be_bytes().to_vec();
-        d.extend_from_slice(&[9u8; 4096]);
-        wire::encode_chunk(
-            &mut first,
-            wire::NBD_REPLY_FLAG_DONE,
-            wire::NBD_REPLY_TYPE_OFFSET_DATA,
-            ck1,
-            &d,
-        );
+        offset_data(&mut first, wire::NBD_REPLY_FLAG_DONE, ck1, 0, &[9u8; 4096]);
         // Header and offset first (staged), then the data part is due and
         // the chunk buffer itself is lent for it.
         let head = HDR_LEN + 8;
@@ -1207,14 +1202,12 @@ mod tests {
         c.rx_end(lent, n).unwrap();
         let ck2 = cookies(&mut c)[0];
         let mut second = Vec::new();
-        let mut d = 4096u64.to_be_bytes().to_vec();
-        d.extend_from_slice(&[7u8; 4096]);
-        wire::encode_chunk(
+        offset_data(
             &mut second,
             wire::NBD_REPLY_FLAG_DONE,
-            wire::NBD_REPLY_TYPE_OFFSET_DATA,
             ck2,
-            &d,
+            4096,
+            &[7u8; 4096],
         );
         feed(&mut c, &second, 1 << 20).unwrap();
         let done: Vec<_> = c.take_done().collect();

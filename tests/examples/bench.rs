@@ -2358,7 +2358,7 @@ fn guest_write_phase(b: &Bench, vm: &mut TestVm, r: &mut Results) -> Res<()> {
             json!({}),
         );
     }
-    // During backups: as a user runs it, then two ways of leaving the
+    // During backups: as a user runs it, then three ways of leaving the
     // guest more of the machine (what a fix could do automatically).
     let variants: [(&'static str, &str, &[&str], &[&str]); 4] = [
         (
@@ -2512,6 +2512,22 @@ fn during_backup(
                "backup_total_ms": report["total_ms"],
                "fleece_peak_bytes": sum_disks(&report, "fleece_peak_bytes"),
                "written_since_freeze_bytes": written_since_freeze}),
+    ))
+}
+
+/// The guest-write phase's rows with a backup running (`guest_write_phase`).
+const GUEST_WRITE_BACKUPS: [&str; 4] = [
+    "guest_write_backup",
+    "guest_write_backup_w1",
+    "guest_write_backup_nice",
+    "guest_write_backup_bw",
+];
+
+/// A guest-write backup run's (fleece peak, guest writes since the freeze).
+fn fleece_vs_written(d: &Value) -> Option<(f64, f64)> {
+    Some((
+        d["fleece_peak_bytes"].as_f64()?,
+        d["written_since_freeze_bytes"].as_f64()?,
     ))
 }
 
@@ -3226,14 +3242,10 @@ fn render(b: &Bench, r: &Results) -> (String, Value) {
         "| condition | MiB/s | vs idle | writes inside the backup's run | backup wall s | fleece peak MiB (guest data held) | guest writes since the freeze MiB (dirty bitmap) | peak above its run's writes |"
     );
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
-    for key in [
-        "guest_write_idle",
-        "guest_write_cbw",
-        "guest_write_backup",
-        "guest_write_backup_w1",
-        "guest_write_backup_nice",
-        "guest_write_backup_bw",
-    ] {
+    for key in ["guest_write_idle", "guest_write_cbw"]
+        .into_iter()
+        .chain(GUEST_WRITE_BACKUPS)
+    {
         let Some(x) = r.guest.get(key) else { continue };
         let values =
             |f: &str| -> Vec<f64> { x.detail.iter().filter_map(|d| d[f].as_f64()).collect() };
@@ -3260,17 +3272,8 @@ fn render(b: &Bench, r: &Results) -> (String, Value) {
             // What the guest wrote since the freeze, by the change
             // tracking the backup started (64 KiB clusters, journal and
             // inode writes included): the most the fleece could have had
-            // to hold. Older reports: the dd's bytes before the backup
-            // ended.
-            let bound: Vec<f64> = x
-                .detail
-                .iter()
-                .filter_map(|d| {
-                    d["written_since_freeze_bytes"]
-                        .as_f64()
-                        .or_else(|| Some(d["bytes"].as_f64()? * d["overlap"].as_f64()?))
-                })
-                .collect();
+            // to hold.
+            let bound = values("written_since_freeze_bytes");
             let peak_max = peaks.iter().copied().fold(0.0, f64::max);
             let bound_min = bound.iter().copied().fold(f64::INFINITY, f64::min);
             // Each run against its own bound, not the largest peak against
@@ -3278,11 +3281,8 @@ fn render(b: &Bench, r: &Results) -> (String, Value) {
             let over = x
                 .detail
                 .iter()
-                .filter(|d| {
-                    let peak = d["fleece_peak_bytes"].as_f64();
-                    let bound = d["written_since_freeze_bytes"].as_f64();
-                    matches!((peak, bound), (Some(p), Some(b)) if p > b)
-                })
+                .filter_map(fleece_vs_written)
+                .filter(|(peak, bound)| peak > bound)
                 .count();
             format!(
                 "{:.2} max | {:.2} min | {}",
@@ -3709,22 +3709,12 @@ fn goals(r: &Results) -> Vec<Value> {
     }));
     // Issue 17: the fleece holds at most what the guest overwrote, in every
     // backup run of the guest-write phase.
-    let fleece_runs: Vec<(f64, f64)> = [
-        "guest_write_backup",
-        "guest_write_backup_w1",
-        "guest_write_backup_nice",
-        "guest_write_backup_bw",
-    ]
-    .iter()
-    .filter_map(|k| r.guest.get(*k))
-    .flat_map(|x| x.detail.iter())
-    .filter_map(|d| {
-        Some((
-            d["fleece_peak_bytes"].as_f64()?,
-            d["written_since_freeze_bytes"].as_f64()?,
-        ))
-    })
-    .collect();
+    let fleece_runs: Vec<(f64, f64)> = GUEST_WRITE_BACKUPS
+        .iter()
+        .filter_map(|k| r.guest.get(*k))
+        .flat_map(|x| x.detail.iter())
+        .filter_map(fleece_vs_written)
+        .collect();
     if !fleece_runs.is_empty() {
         let within = fleece_runs.iter().filter(|(p, b)| p <= b).count();
         let worst = fleece_runs.iter().map(|(p, b)| p / b).fold(0.0, f64::max);
