@@ -265,6 +265,25 @@ impl BackupRun {
     /// Phase `prepare`: disks, VM facts, qemu-ga, fleece images, watchdog.
     /// Nothing the guest sees changes here.
     async fn prepare(&mut self) -> Result<(), JobError> {
+        let status = self
+            .monitor
+            .get()?
+            .query_status()
+            .await
+            .map_err(JobError::qmp("query-status"))?;
+        self.was_running = status.running;
+        // qemu-ga from here to the confirmed thaw (only when the guest
+        // runs: a paused guest cannot answer). Its first answer on a new
+        // connection takes a guest round trip (under TCG 20-60 ms), so it
+        // connects while everything else of this phase is done; joined
+        // before the hold. Dropped (aborted) if the phase fails first:
+        // nothing is frozen before the hold.
+        let qga = (self.opts.mode == Mode::Snapshot && self.was_running).then(|| {
+            AbortOnDrop(tokio::spawn(connect_qga(
+                self.opts.qga.clone(),
+                self.opts.freeze_timeout,
+            )))
+        });
         let mut skipped = Vec::new();
         let all = graph::discover_disks(self.monitor.get()?, &mut skipped, self.opts.include_cdrom)
             .await?;
@@ -281,13 +300,6 @@ impl BackupRun {
         if let Some(w) = check_fleecing(&self.opts, &self.disks)? {
             self.warn(w);
         }
-        let status = self
-            .monitor
-            .get()?
-            .query_status()
-            .await
-            .map_err(JobError::qmp("query-status"))?;
-        self.was_running = status.running;
         self.vm_name = qmp_vm_name(self.monitor.get()?).await;
         self.mark("prepare: disks, status, name");
         self.vm_config =
@@ -340,35 +352,13 @@ impl BackupRun {
         });
         graph::log_ahead(&mut self.record, &self.rpath, ahead)?;
         private_dir(&self.nbd_dir)?;
-        // qemu-ga from just before the freeze to the confirmed thaw (only
-        // when the guest runs: a paused guest cannot answer), connected
-        // while the monitor is let go (it may take its 2 s deadline) and
-        // while the fleece files are made (its first answer takes a guest
-        // round trip: under TCG, tens of ms every backup).
-        let qga = (self.opts.mode == Mode::Snapshot && self.was_running)
-            .then(|| connect_qga(self.opts.qga.clone(), self.opts.freeze_timeout));
-        let qga = async move {
-            match qga {
-                Some(f) => Some(f.await),
-                None => None,
-            }
-        };
-        let fleece = async {
-            let mut made = Vec::with_capacity(files.len());
-            for (disk, file) in self.disks.iter().zip(&files) {
-                made.push(
-                    graph::create_fleece_file(&mut self.record, &self.rpath, disk, file).await?,
-                );
-                self.cancel.check()?;
-            }
-            Ok::<_, JobError>(made)
-        };
-        let (agent, fleece) = tokio::join!(qga, fleece);
-        if let Some(agent) = agent {
-            self.set_agent(agent);
+        let mut made = Vec::with_capacity(files.len());
+        for (disk, file) in self.disks.iter().zip(&files) {
+            made.push(graph::create_fleece_file(&mut self.record, &self.rpath, disk, file).await?);
+            self.cancel.check()?;
         }
-        self.fleece_files = fleece?;
-        self.mark("prepare: fleece files, qemu-ga");
+        self.fleece_files = made;
+        self.mark("prepare: fleece files");
         self.watchdog = Some(
             Watchdog::spawn(
                 &self.opts.qmp,
@@ -396,6 +386,15 @@ impl BackupRun {
         g.start_nbd_server(&self.nbd_dir.join("nbd.sock"), max_conn)
             .await?;
         self.mark("prepare: fleece nodes, nbd server");
+        if let Some(qga) = qga {
+            let agent = qga.join().await.unwrap_or_else(|e| {
+                Err(format!(
+                    "qemu-ga connection task failed ({e}); backup is crash-consistent"
+                ))
+            });
+            self.set_agent(agent);
+            self.mark("prepare: qemu-ga");
+        }
         Ok(())
     }
 
@@ -871,6 +870,22 @@ fn check_fleecing(opts: &BackupOptions, disks: &[VmDisk]) -> Result<Option<Strin
 /// The VM's name (`query-name`), or empty.
 /// Connects to qemu-ga at `path` (greeting and sync within
 /// [`QGA_CONNECT_TIMEOUT`]); the error is the warning to print.
+/// A spawned task aborted when dropped (a phase that fails before it
+/// joins the task does not leave it running).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> AbortOnDrop<T> {
+    async fn join(mut self) -> Result<T, tokio::task::JoinError> {
+        (&mut self.0).await
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 async fn connect_qga(
     path: Option<PathBuf>,
     freeze_timeout: Duration,
