@@ -57,6 +57,13 @@ fn random_reads_match_the_image_and_cache_stays_bounded() {
     let mut all = vec![0u8; img.len()];
     d.read_at(0, &mut all).unwrap();
     assert_eq!(all, img);
+    // Evicted chunks' buffers were decoded into again (and every read
+    // above still matched the image, the short tail chunk included).
+    let s = d.cache_stats();
+    assert!(
+        s.reused_buffers > 0 && s.reused_buffers < s.decodes,
+        "{s:?}"
+    );
     // Reading one chunk again and again decodes it once.
     let before = d.cache_stats().decodes;
     for _ in 0..10 {

@@ -484,23 +484,48 @@ pub fn decode_chunk(
     key: Option<&Key>,
     expected_len: usize,
 ) -> Result<Vec<u8>> {
+    let mut data = Vec::new();
+    decode_chunk_into(bytes, digest, key, expected_len, &mut data)?;
+    Ok(data)
+}
+
+/// [`decode_chunk`] into `out` (cleared first; a reused buffer saves the
+/// page faults of a fresh one). On error `out` holds nothing usable.
+pub fn decode_chunk_into(
+    bytes: &[u8],
+    digest: &Digest,
+    key: Option<&Key>,
+    expected_len: usize,
+    out: &mut Vec<u8>,
+) -> Result<()> {
     let what = format!("chunk {}", hex::encode(digest));
-    let data = decode(
+    let limits = Limits {
+        max_raw: MAX_CHUNK_SIZE,
+        exact_raw: Some(expected_len),
+    };
+    let mut scratch = Vec::new();
+    let decoded = decode_into(
         bytes,
         ObjectType::Chunk,
         key,
         digest,
-        MAX_CHUNK_SIZE,
-        Some(expected_len),
+        limits,
         &what,
-    )?;
-    if chunk_digest(key, &data) != *digest {
+        out,
+        &mut scratch,
+    );
+    if let Err(e) = decoded {
+        out.clear();
+        return Err(e);
+    }
+    if chunk_digest(key, out) != *digest {
+        out.clear();
         return Err(RepoError::corrupt(
             what,
             "content does not match its digest",
         ));
     }
-    Ok(data)
+    Ok(())
 }
 
 #[cfg(test)]

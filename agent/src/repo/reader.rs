@@ -511,6 +511,19 @@ pub(super) fn read_chunk_of(
     index: &FixedIndex,
     i: u64,
 ) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    read_chunk_into(repo, entry, index, i, &mut out)?;
+    Ok(out)
+}
+
+/// [`read_chunk_of`] into `out` (cleared first; its allocation is reused).
+pub(super) fn read_chunk_into(
+    repo: &Repository,
+    entry: &DiskEntry,
+    index: &FixedIndex,
+    i: u64,
+    out: &mut Vec<u8>,
+) -> Result<()> {
     let Some(digest) = usize::try_from(i).ok().and_then(|n| index.entries.get(n)) else {
         return Err(RepoError::invalid(
             "chunk index",
@@ -519,7 +532,9 @@ pub(super) fn read_chunk_of(
     };
     let len = chunk_len(index.virtual_size, index.chunk_size, i);
     if *digest == ZERO_ENTRY {
-        return Ok(vec![0u8; len]);
+        out.clear();
+        out.resize(len, 0);
+        return Ok(());
     }
     let key = repo.key_for_data()?;
     let bytes = repo
@@ -532,7 +547,7 @@ pub(super) fn read_chunk_of(
             },
             _ => e,
         })?;
-    blob::decode_chunk(&bytes, digest, key, len).map_err(|e| match e {
+    blob::decode_chunk_into(&bytes, digest, key, len, out).map_err(|e| match e {
         RepoError::Corrupt { what, reason } => RepoError::Corrupt {
             what: format!(
                 "{what} (disk {} offset {})",
