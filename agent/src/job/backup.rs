@@ -867,9 +867,6 @@ fn check_fleecing(opts: &BackupOptions, disks: &[VmDisk]) -> Result<Option<Strin
     }))
 }
 
-/// The VM's name (`query-name`), or empty.
-/// Connects to qemu-ga at `path` (greeting and sync within
-/// [`QGA_CONNECT_TIMEOUT`]); the error is the warning to print.
 /// A spawned task aborted when dropped (a phase that fails before it
 /// joins the task does not leave it running).
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
@@ -886,6 +883,8 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
+/// Connects to qemu-ga at `path` (greeting and sync within
+/// [`QGA_CONNECT_TIMEOUT`]); the error is the warning to print.
 async fn connect_qga(
     path: Option<PathBuf>,
     freeze_timeout: Duration,
@@ -912,6 +911,7 @@ async fn connect_qga(
     }
 }
 
+/// The VM's name (`query-name`), or empty.
 async fn qmp_vm_name(qmp: &qmp::Qmp) -> String {
     qmp.execute_value("query-name", serde_json::Value::Null)
         .await
