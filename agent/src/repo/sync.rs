@@ -92,7 +92,7 @@ fn copy_chunks(
         }
         let blob_bytes = from.backend().get(&ck, MAX_CHUNK_BLOB)?;
         if verify {
-            blob::decode_chunk(&blob_bytes, digest, key, len)?;
+            blob::check_chunk(&blob_bytes, digest, key, len)?;
         }
         tb.put(&ck, &blob_bytes)?;
         copied.fetch_add(1, Ordering::Relaxed);

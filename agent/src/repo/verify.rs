@@ -215,7 +215,7 @@ impl Repository {
                                 .get_or_insert(e);
                             return;
                         }
-                        Ok(bytes) => match blob::decode_chunk(&bytes, digest, key, *len) {
+                        Ok(bytes) => match blob::check_chunk(&bytes, digest, key, *len) {
                             Ok(_) => None,
                             Err(RepoError::Corrupt { reason, .. }) => Some((reason, true)),
                             Err(e) => Some((e.to_string(), true)),
