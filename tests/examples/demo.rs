@@ -126,7 +126,21 @@ fn run() -> Result<(), String> {
         "booting VM 100 under TCG: 128 MiB RAM, 1 GiB qcow2 data disk with {} host files + 32 MiB random",
         files.len()
     );
-    let vm = TestVm::start(VmConfig::guest().disk(disk)).map_err(|e| e.to_string())?;
+    // Named and with a pidfile where qemu-server keeps them, as on a
+    // Proxmox host: shear checks the socket is VM 100's and the notes get
+    // the guest's name.
+    let pid_dir = demo.join("qemu-server");
+    std::fs::create_dir_all(&pid_dir).map_err(|e| e.to_string())?;
+    let pidfile = pid_dir.join("100.pid").display().to_string();
+    let vm = TestVm::start(
+        VmConfig::guest()
+            .disk(disk)
+            .arg("-name")
+            .arg("demo")
+            .arg("-pidfile")
+            .arg(&pidfile),
+    )
+    .map_err(|e| e.to_string())?;
     println!(
         "qemu-ga answered {:.2} s after QEMU started; sockets: {} {}",
         vm.boot_time().unwrap_or_default().as_secs_f64(),
