@@ -137,19 +137,28 @@ impl DataPathConfig {
 
 /// Starts the repository session of a backup. Backup ids have one-second
 /// resolution: a second backup of the same VM within a second waits for
-/// the next one.
+/// the next one (just past its start, not a whole second more).
 pub(crate) async fn begin_session(
     repo: &repo::Repository,
     meta: &repo::BackupMeta,
 ) -> Result<repo::BackupSession, JobError> {
     match repo.begin_backup(meta) {
         Err(e) if e.kind() == repo::ErrorKind::AlreadyExists => {
-            tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+            tokio::time::sleep(until_next_second(std::time::SystemTime::now())).await;
             repo.begin_backup(meta)
         }
         r => r,
     }
     .map_err(JobError::repo("starting the backup"))
+}
+
+/// From `now` to 5 ms past the next whole second of the wall clock.
+fn until_next_second(now: std::time::SystemTime) -> std::time::Duration {
+    let into = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    std::time::Duration::from_nanos(u64::from(1_000_000_000 - into) + 5_000_000)
 }
 
 /// [`read_all`] from async code, on a blocking thread. If the read fails
@@ -453,4 +462,23 @@ fn read_missing(
     }
     let _ = client.disconnect();
     Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::until_next_second;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn a_backup_id_clash_waits_just_past_the_next_second() {
+        let at = |ms: u64| UNIX_EPOCH + Duration::from_millis(1_764_590_000_000 + ms);
+        assert_eq!(until_next_second(at(0)), Duration::from_millis(1005));
+        assert_eq!(until_next_second(at(250)), Duration::from_millis(755));
+        assert_eq!(until_next_second(at(999)), Duration::from_millis(6));
+        for ms in [0, 1, 500, 998, 999] {
+            let next = at(ms) + until_next_second(at(ms));
+            let secs = |t: std::time::SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_secs();
+            assert_eq!(secs(next), secs(at(ms)) + 1, "from {ms} ms");
+        }
+    }
 }
