@@ -78,6 +78,45 @@ fn random_reads_match_the_image_and_cache_stays_bounded() {
     d.extents(u64::MAX - 2, 10).unwrap_err();
 }
 
+/// What the server's reader thread answers by itself: only chunks already
+/// decoded and held, never a read, a decode, a zero chunk, a range across
+/// chunks or out of bounds; the bytes equal the image's.
+#[test]
+fn cached_slice_only_hands_over_decoded_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = init_repo(&dir.path().join("repo"), None);
+    let c = CHUNK as usize;
+    // Data everywhere (no byte is zero) but in chunk 2, a hole.
+    let mut img: Vec<u8> = (0..4 * c + 100).map(|i| (i % 251) as u8 + 1).collect();
+    img[2 * c..3 * c].fill(0);
+    let id = backup(&repo, "100", 1, &[("scsi0", &img)]);
+    let d = open_shared(&repo, &id, 2 * u64::from(CHUNK));
+    assert!(d.cached_slice(10, 100).is_none(), "nothing decoded yet");
+    assert_eq!(d.cache_stats().decodes, 0, "cached_slice never decodes");
+    let mut b = vec![0u8; 100];
+    d.read_at(10, &mut b).unwrap();
+    let (chunk, start) = d.cached_slice(10, 100).unwrap();
+    assert_eq!(&chunk[start..start + 100], &img[10..110]);
+    assert!(d.cached_slice(c as u64 - 10, 20).is_none(), "across chunks");
+    assert!(d.cached_slice(0, 0).is_none());
+    assert!(d.cached_slice(u64::MAX - 5, 10).is_none());
+    // A hole is never cached; the short tail chunk once decoded is.
+    d.read_at(2 * c as u64, &mut b).unwrap();
+    assert!(d.cached_slice(2 * c as u64, 100).is_none());
+    d.read_at(4 * c as u64, &mut b).unwrap();
+    let (tail, start) = d.cached_slice(4 * c as u64 + 50, 50).unwrap();
+    assert_eq!(&tail[start..start + 50], &img[4 * c + 50..4 * c + 100]);
+    assert!(
+        d.cached_slice(4 * c as u64 + 50, 51).is_none(),
+        "past the end"
+    );
+    // Evicted (the cache holds two chunks): gone from the fast path too.
+    d.read_at(c as u64, &mut b).unwrap();
+    d.read_at(3 * c as u64, &mut b).unwrap();
+    assert!(d.cached_slice(10, 100).is_none());
+    assert_eq!(d.cache_stats().decodes, 4);
+}
+
 #[test]
 fn zero_chunks_are_holes_and_extents_cover_the_range() {
     let dir = tempfile::tempdir().unwrap();

@@ -298,6 +298,29 @@ impl SharedDisk {
         Ok(Some((self.chunk(i)?, within)))
     }
 
+    /// Like [`SharedDisk::chunk_slice`], but only from the cache: the
+    /// decoded chunk if it is held and done decoding, else `None` (also
+    /// for a range out of bounds, across chunks or in a zero chunk).
+    /// Never reads, decodes or waits for a decode.
+    pub fn cached_slice(&self, offset: u64, len: usize) -> Option<(Arc<Vec<u8>>, usize)> {
+        self.check_range(offset, len as u64).ok()?;
+        let cs = u64::from(self.index.chunk_size);
+        let i = offset / cs;
+        let within = super::format::to_usize(offset % cs);
+        let clen = chunk_len(self.index.virtual_size, self.index.chunk_size, i);
+        if len == 0 || within + len > clen || self.is_zero(i) {
+            return None;
+        }
+        let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        c.tick += 1;
+        let tick = c.tick;
+        let e = c.map.get_mut(&i)?;
+        let data = Arc::clone(e.0.get()?.as_ref()?);
+        e.1 = tick;
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        Some((data, within))
+    }
+
     /// Extents of `len` bytes at `offset`: runs of data chunks and of zero
     /// chunks, merged, clipped to the range.
     pub fn extents(&self, offset: u64, len: u64) -> Result<Vec<DiskExtent>> {

@@ -48,6 +48,11 @@ impl BlockSource for BackupSource {
             .and_then(|(chunk, start)| SharedBytes::new(chunk, start, len)))
     }
 
+    fn read_ready(&self, offset: u64, len: usize) -> Option<SharedBytes> {
+        let (chunk, start) = self.0.cached_slice(offset, len)?;
+        SharedBytes::new(chunk, start, len)
+    }
+
     fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<SourceExtent>> {
         Ok(self
             .0

@@ -73,6 +73,16 @@ pub trait BlockSource: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// The `len` bytes at `offset` only if the source holds them already,
+    /// all data, and can hand them over at once (no I/O, no decoding, no
+    /// waiting for another reader): the connection's reader thread then
+    /// answers the read itself instead of waking a worker. `None` (the
+    /// default, and for any range out of bounds): the read goes to a
+    /// worker as usual.
+    fn read_ready(&self, _offset: u64, _len: usize) -> Option<SharedBytes> {
+        None
+    }
+
     /// Preferred I/O size (a power of two ≥ 512).
     fn preferred_block_size(&self) -> u32 {
         4096

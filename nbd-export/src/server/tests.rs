@@ -227,6 +227,9 @@ struct Chunked {
     bad_chunk: usize,
     shared: std::sync::atomic::AtomicU64,
     copied: std::sync::atomic::AtomicU64,
+    /// Chunks `read_ready` hands over (even ones when set), and how often.
+    ready_even: bool,
+    ready: std::sync::atomic::AtomicU64,
 }
 
 const CHUNKED: usize = 64 << 10;
@@ -241,6 +244,8 @@ impl Chunked {
             bad_chunk: 40,
             shared: Default::default(),
             copied: Default::default(),
+            ready_even: false,
+            ready: Default::default(),
         }
     }
     fn chunk(&self, i: usize) -> io::Result<&Arc<Vec<u8>>> {
@@ -263,6 +268,15 @@ impl BlockSource for Chunked {
             *b = self.chunk(pos / CHUNKED)?[pos % CHUNKED];
         }
         Ok(())
+    }
+    fn read_ready(&self, offset: u64, len: usize) -> Option<SharedBytes> {
+        let (i, within) = (offset as usize / CHUNKED, offset as usize % CHUNKED);
+        if !self.ready_even || i % 2 == 1 || within + len > CHUNKED {
+            return None;
+        }
+        self.ready
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        SharedBytes::new(Arc::clone(self.chunk(i).ok()?), within, len)
     }
     fn read_shared(&self, offset: u64, len: usize) -> io::Result<Option<SharedBytes>> {
         let (i, within) = (offset as usize / CHUNKED, offset as usize % CHUNKED);
@@ -331,6 +345,67 @@ fn shared_reads_go_out_uncopied_and_match_copied_ones() {
     assert_eq!(raw.simple(), (0, 5));
     raw.0.read_exact(&mut d[..16]).unwrap();
     assert_eq!(d[..16], want[..16]);
+}
+
+/// Reads the source holds ready are answered by the connection's reader
+/// thread (no worker), in simple and structured replies, with the same
+/// bytes as the worker path; everything else still goes to a worker:
+/// reads not ready, across chunks, past the end (an error), of length 0.
+#[test]
+fn ready_reads_are_answered_inline_and_match_the_worker_path() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let src = Arc::new(Chunked {
+        ready_even: true,
+        ..Chunked::new()
+    });
+    let r = start_source(
+        Arc::clone(&src) as Arc<dyn BlockSource>,
+        ServerConfig::default(),
+    );
+    let want = pattern();
+    let mut own = client(&r);
+    let ready = || src.ready.load(Relaxed);
+    let worker = || src.shared.load(Relaxed) + src.copied.load(Relaxed);
+    // Chunk 2 is ready, chunk 3 is not: same bytes, different paths.
+    let (r0, w0) = (ready(), worker());
+    let two = 2 * CHUNKED;
+    assert_eq!(
+        own.read(two as u64 + 7, 5000).unwrap(),
+        want[two + 7..two + 5007]
+    );
+    assert_eq!((ready() - r0, worker() - w0), (1, 0), "ready chunk: inline");
+    let three = 3 * CHUNKED;
+    assert_eq!(
+        own.read(three as u64, 4096).unwrap(),
+        want[three..three + 4096]
+    );
+    assert_eq!(
+        (ready() - r0, worker() - w0),
+        (1, 1),
+        "chunk not ready: worker"
+    );
+    // Across chunks 2 and 3: a worker copies it.
+    assert_eq!(
+        own.read(three as u64 - 10, 20).unwrap(),
+        want[three - 10..three + 10]
+    );
+    assert_eq!(ready() - r0, 1);
+    // Simple replies, a zero-length read and one past the end.
+    let mut raw = Raw::connect(&r);
+    raw.go(false);
+    raw.request(wire::NBD_CMD_READ, 9, 4 * CHUNKED as u64 + 1, 1000);
+    assert_eq!(raw.simple(), (0, 9));
+    let mut d = vec![0u8; 1000];
+    raw.0.read_exact(&mut d).unwrap();
+    assert_eq!(d, want[4 * CHUNKED + 1..4 * CHUNKED + 1001]);
+    assert_eq!(ready() - r0, 2);
+    raw.request(wire::NBD_CMD_READ, 10, SIZE as u64 - 100, 200);
+    assert_ne!(raw.simple().0, 0, "a read past the end is refused");
+    raw.request(wire::NBD_CMD_READ, 11, 0, 16);
+    assert_eq!(raw.simple(), (0, 11));
+    raw.0.read_exact(&mut d[..16]).unwrap();
+    assert_eq!(d[..16], want[..16]);
+    assert_eq!(ready() - r0, 3);
 }
 
 #[test]
