@@ -1,5 +1,6 @@
 //! Server transmission phase: a reader thread parses requests and hands
-//! them to workers; replies are written whole under one lock.
+//! them to workers (or answers a read whose bytes the source holds ready
+//! itself); replies are written whole under one lock.
 //!
 //! Every `u64` narrowed here is bounded by a request length (a `u32`, at
 //! most the maximum payload once checked), hence the module-wide allow.

@@ -28,7 +28,9 @@
 //! client that stops reading frees its worker. Reply buffers are taken
 //! from a byte budget shared by all connections ([`ServerConfig::buffer_budget`]).
 //! Each connection has a reader thread and [`ServerConfig::workers_per_connection`]
-//! workers: decoding never runs on an async executor.
+//! workers: decoding never runs on an async executor. A read the source
+//! holds ready ([`BlockSource::read_ready`]) is answered by the reader
+//! thread itself, without waking a worker.
 
 mod conn;
 mod handshake;
