@@ -211,19 +211,31 @@ fn reply_ready(
     else {
         return Ok(false);
     };
+    reply_data(neg, writer, cookie, offset, bytes.as_slice())?;
+    Ok(true)
+}
+
+/// The whole successful reply to a read of `data` at `offset`: one data
+/// chunk (structured) or a simple reply and the data.
+fn reply_data(
+    neg: &Negotiated,
+    writer: &Mutex<Box<dyn Stream>>,
+    cookie: u64,
+    offset: u64,
+    data: &[u8],
+) -> io::Result<()> {
     let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
     if neg.structured {
         w.write_all(&data_chunk_header(
             wire::NBD_REPLY_FLAG_DONE,
             cookie,
             offset,
-            length,
+            wire::sat_u32(data.len() as u64),
         ))?;
     } else {
         reply_ok_simple(&mut *w, cookie)?;
     }
-    w.write_all(bytes.as_slice())?;
-    Ok(true)
+    w.write_all(data)
 }
 
 /// Maps an I/O error of the source to an NBD errno.
@@ -463,18 +475,7 @@ fn read_reply(neg: &Negotiated, writer: &Mutex<Box<dyn Stream>>, job: &Job<'_>) 
             Err(e) => return reply_read_error(neg, writer, job, errno_of(&e), &e.to_string(), 0),
         };
         if let Some(bytes) = shared {
-            let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
-            if neg.structured {
-                w.write_all(&data_chunk_header(
-                    wire::NBD_REPLY_FLAG_DONE,
-                    job.cookie,
-                    job.offset,
-                    job.length,
-                ))?;
-            } else {
-                reply_ok_simple(&mut *w, job.cookie)?;
-            }
-            return w.write_all(bytes.as_slice());
+            return reply_data(neg, writer, job.cookie, job.offset, bytes.as_slice());
         }
     }
     let mut buf = vec![0u8; job.length as usize];
