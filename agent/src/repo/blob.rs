@@ -499,11 +499,7 @@ pub fn check_chunk(
     key: Option<&Key>,
     expected_len: usize,
 ) -> Result<()> {
-    let what = format!("chunk {}", hex::encode(digest));
-    let limits = Limits {
-        max_raw: MAX_CHUNK_SIZE,
-        exact_raw: Some(expected_len),
-    };
+    let (what, limits) = stored_chunk(digest, expected_len);
     VERIFY_BUFS.with(|bufs| {
         let (out, scratch) = &mut *bufs.borrow_mut();
         let checked = open_blob(
@@ -515,17 +511,8 @@ pub fn check_chunk(
             &what,
             scratch,
         )
-        .and_then(|opened| opened.plaintext(&what, out).map(|p| chunk_digest(key, p)))
-        .and_then(|seen| {
-            if seen == *digest {
-                Ok(())
-            } else {
-                Err(RepoError::corrupt(
-                    what.clone(),
-                    "content does not match its digest",
-                ))
-            }
-        });
+        .and_then(|opened| opened.plaintext(&what, out))
+        .and_then(|plain| check_digest(key, plain, digest, &what));
         // Plaintext does not linger in the reused buffers.
         out.clear();
         scratch.clear();
@@ -542,11 +529,7 @@ pub fn decode_chunk_into(
     expected_len: usize,
     out: &mut Vec<u8>,
 ) -> Result<()> {
-    let what = format!("chunk {}", hex::encode(digest));
-    let limits = Limits {
-        max_raw: MAX_CHUNK_SIZE,
-        exact_raw: Some(expected_len),
-    };
+    let (what, limits) = stored_chunk(digest, expected_len);
     let mut scratch = Vec::new();
     let decoded = decode_into(
         bytes,
@@ -557,19 +540,35 @@ pub fn decode_chunk_into(
         &what,
         out,
         &mut scratch,
-    );
-    if let Err(e) = decoded {
+    )
+    .and_then(|()| check_digest(key, out, digest, &what));
+    if decoded.is_err() {
         out.clear();
-        return Err(e);
     }
-    if chunk_digest(key, out) != *digest {
-        out.clear();
-        return Err(RepoError::corrupt(
+    decoded
+}
+
+/// The name in errors and the size limits of the stored chunk `digest`,
+/// `expected_len` bytes by its index.
+fn stored_chunk(digest: &Digest, expected_len: usize) -> (String, Limits) {
+    let what = format!("chunk {}", hex::encode(digest));
+    let limits = Limits {
+        max_raw: MAX_CHUNK_SIZE,
+        exact_raw: Some(expected_len),
+    };
+    (what, limits)
+}
+
+/// The decoded chunk `plain` is the content its digest names.
+fn check_digest(key: Option<&Key>, plain: &[u8], digest: &Digest, what: &str) -> Result<()> {
+    if chunk_digest(key, plain) == *digest {
+        Ok(())
+    } else {
+        Err(RepoError::corrupt(
             what,
             "content does not match its digest",
-        ));
+        ))
     }
-    Ok(())
 }
 
 #[cfg(test)]
