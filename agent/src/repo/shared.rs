@@ -287,6 +287,16 @@ impl SharedDisk {
     /// start of the range in it: what a server sends without copying.
     /// `None` when the range crosses a chunk boundary or is in a zero chunk.
     pub fn chunk_slice(&self, offset: u64, len: usize) -> Result<Option<(Arc<Vec<u8>>, usize)>> {
+        let Some((i, within)) = self.data_chunk_of(offset, len)? else {
+            return Ok(None);
+        };
+        Ok(Some((self.chunk(i)?, within)))
+    }
+
+    /// The data chunk holding all `len` bytes at `offset` and the start of
+    /// the range in it; `None` for an empty range, one across a chunk
+    /// boundary or in a zero chunk; an error past the end of the disk.
+    fn data_chunk_of(&self, offset: u64, len: usize) -> Result<Option<(u64, usize)>> {
         self.check_range(offset, len as u64)?;
         let cs = u64::from(self.index.chunk_size);
         let i = offset / cs;
@@ -295,7 +305,7 @@ impl SharedDisk {
         if len == 0 || within + len > clen || self.is_zero(i) {
             return Ok(None);
         }
-        Ok(Some((self.chunk(i)?, within)))
+        Ok(Some((i, within)))
     }
 
     /// Like [`SharedDisk::chunk_slice`], but only from the cache: the
@@ -303,14 +313,7 @@ impl SharedDisk {
     /// for a range out of bounds, across chunks or in a zero chunk).
     /// Never reads, decodes or waits for a decode.
     pub fn cached_slice(&self, offset: u64, len: usize) -> Option<(Arc<Vec<u8>>, usize)> {
-        self.check_range(offset, len as u64).ok()?;
-        let cs = u64::from(self.index.chunk_size);
-        let i = offset / cs;
-        let within = super::format::to_usize(offset % cs);
-        let clen = chunk_len(self.index.virtual_size, self.index.chunk_size, i);
-        if len == 0 || within + len > clen || self.is_zero(i) {
-            return None;
-        }
+        let (i, within) = self.data_chunk_of(offset, len).ok()??;
         let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         c.tick += 1;
         let tick = c.tick;

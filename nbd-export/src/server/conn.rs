@@ -199,10 +199,7 @@ fn reply_ready(
     length: u32,
 ) -> io::Result<bool> {
     let src = &neg.export.source;
-    let in_range = offset
-        .checked_add(u64::from(length))
-        .is_some_and(|end| end <= src.size());
-    if length == 0 || !in_range {
+    if check_range(src.size(), offset, length, false).is_err() {
         return Ok(false);
     }
     let Some(bytes) = src
